@@ -1,0 +1,205 @@
+"""The command line: flags from typed options, validation up front, one run directory out."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from clsim import config, engine
+from clsim.checkpoint import Checkpointer
+from clsim.errors import UserError
+from clsim.loggers import JsonlLogger, ProgressLogger, TensorBoardLogger, to_json
+from clsim.privacy.ledger import Ledger
+from clsim.privacy.mechanism import Mechanism
+from clsim.registry import MECHANISMS, SCENARIOS, STRATEGIES
+
+DEFAULT_SCENARIO, DEFAULT_STRATEGY = "split_digits", "naive"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def _load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of option names to values")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def listing() -> str:
+    lines = ["scenarios:"]
+    lines += [f"  {e.name:16s} {e.description}" for e in SCENARIOS.entries()]
+    lines += ["strategies:"]
+    lines += [f"  {e.name:16s} {e.description}" for e in STRATEGIES.entries()]
+    lines += ["privacy mechanisms (--privacy):"]
+    lines += [f"  {e.name:16s} {e.description}" for e in MECHANISMS.entries()]
+    return "\n".join(lines)
+
+
+def parse(argv: list[str]) -> dict:
+    """Resolve every option from the CLI and the optional YAML file; raise UserError on bad input."""
+    pre = _Parser(add_help=False)
+    pre.add_argument("--scenario")
+    pre.add_argument("--strategy")
+    pre.add_argument("--config")
+    pre.add_argument("--list", action="store_true")
+    known, _ = pre.parse_known_args(argv)
+    yaml_values = _load_yaml(known.config) if known.config else {}
+    scenario_name = known.scenario or yaml_values.get("scenario") or DEFAULT_SCENARIO
+    strategy_name = known.strategy or yaml_values.get("strategy") or DEFAULT_STRATEGY
+    scenario, strategy = SCENARIOS.get(scenario_name), STRATEGIES.get(strategy_name)
+
+    parser = _Parser(prog="run_scenario.py", description="Run a continual-learning scenario.",
+                     epilog="Use --list to see every scenario, strategy and privacy mechanism.")
+    parser.add_argument("--scenario", default=scenario_name, help=f"one of: {', '.join(SCENARIOS.names())}")
+    parser.add_argument("--strategy", default=strategy_name, help=f"one of: {', '.join(STRATEGIES.names())}")
+    parser.add_argument("--config", help="YAML file of option: value pairs (flags override it)")
+    parser.add_argument("--list", action="store_true", help="list scenarios, strategies and mechanisms")
+    taken: dict[str, str] = {}
+    config.add_arguments(parser, config.RunOptions, "run options", taken)
+    config.add_arguments(parser, scenario.options, f"scenario {scenario.name}", taken)
+    config.add_arguments(parser, strategy.target.Options, f"strategy {strategy.name}", taken)
+    privacy_name = (_peek(argv, "--privacy") or yaml_values.get("privacy") or strategy.target.privacy)
+    mechanism = MECHANISMS.get(privacy_name) if privacy_name else None
+    if mechanism is not None and mechanism.options is not None:
+        config.add_arguments(parser, mechanism.options, f"privacy {mechanism.name}", taken)
+    unknown = set(yaml_values) - {a.dest for a in parser._actions}
+    if unknown:
+        raise UserError(f"unknown key(s) in {known.config}: {', '.join(sorted(unknown))}; "
+                        f"see --help for the options of this scenario and strategy")
+    parser.set_defaults(**yaml_values)
+    args = vars(parser.parse_args(argv))
+    return {"args": args, "scenario": scenario, "strategy": strategy, "mechanism": mechanism,
+            "run": config.build(config.RunOptions, args),
+            "scenario_options": config.build(scenario.options, args),
+            "strategy_options": config.build(strategy.target.Options, args),
+            "mechanism_options": config.build(mechanism.options, args)
+            if mechanism is not None and mechanism.options is not None else None}
+
+
+def _peek(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def run_dir_for(out: str, name: str) -> Path:
+    base = Path(out) / name
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    return candidate
+
+
+def execute(resolved: dict) -> tuple[Path, dict]:
+    """Build everything, then run; the run directory appears only when the run succeeds."""
+    run, sc_entry, st_entry = resolved["run"], resolved["scenario"], resolved["strategy"]
+    generator = seed_everything(run.seed)
+    device = torch.device(run.device)
+    scenario = sc_entry.target(resolved["scenario_options"], run)
+    strategy = st_entry.target(resolved["strategy_options"])
+    epochs = run.epochs or scenario.defaults.get("epochs", 1)
+    from clsim.learners.supervised import SupervisedLearner
+    learner_cls = scenario.learner_cls or SupervisedLearner
+    learner = learner_cls(scenario.make_model(), lr=run.lr or scenario.defaults.get("lr", 0.01),
+                          momentum=run.momentum,
+                          batch_size=run.batch_size or scenario.defaults.get("batch_size", 32),
+                          device=device, generator=generator, **scenario.learner_kwargs)
+    mechanism_entry, mech_opts = resolved["mechanism"], resolved["mechanism_options"]
+    mechanism = mechanism_entry.target(mech_opts) if mechanism_entry else Mechanism()
+    ledger = Ledger(**mechanism.ledger_options())
+    mechanism.check(learner, scenario, epochs)
+
+    name = f"{sc_entry.name}-{st_entry.name}-seed{run.seed}"
+    final = run_dir_for(run.out, name)
+    partial = final.with_name("." + final.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        hparams = {"scenario": sc_entry.name, "strategy": st_entry.name, "setting": scenario.setting,
+                   "seed": run.seed, "epochs": epochs, "lr": learner.lr, "batch_size": learner.batch_size,
+                   "privacy": mechanism.name,
+                   **dataclasses.asdict(resolved["scenario_options"]),
+                   **dataclasses.asdict(resolved["strategy_options"])}
+        if mech_opts is not None:
+            hparams.update(dataclasses.asdict(mech_opts))
+        (partial / "config.json").write_text(json.dumps(to_json({
+            **hparams, "run": dataclasses.asdict(run), "versions": versions(),
+            "scenario_info": scenario.info}), indent=2))
+        loggers = [TensorBoardLogger(partial / "tb", hparams), JsonlLogger(partial / "log.jsonl"),
+                   ProgressLogger(None, run.progress)]
+        if run.checkpoint:
+            loggers.append(Checkpointer(partial / "checkpoint.pt", learner, strategy))
+        result = engine.run(scenario, strategy, learner, mechanism, ledger, loggers, epochs)
+        summary = {"scenario": sc_entry.name, "strategy": st_entry.name, "setting": scenario.setting,
+                   "seed": run.seed, "privacy_mechanism": mechanism.name, "hparams": hparams,
+                   "scenario_info": scenario.info, **result}
+        for logger in loggers:
+            logger.close(summary)
+        (partial / "summary.json").write_text(json.dumps(to_json(summary), indent=2))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    os.replace(partial, final)
+    return final, summary
+
+
+def versions() -> dict:
+    import clsim
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+           "clsim": clsim.__version__}
+    for pkg in ("opacus", "gymnasium", "avalanche-lib"):
+        try:
+            from importlib.metadata import version
+            out[pkg] = version(pkg)
+        except Exception:
+            pass
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if "--list" in argv:
+            print(listing())
+            return 0
+        run_dir, summary = execute(parse(argv))
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no run directory written", file=sys.stderr)
+        return 130
+    print(f"ACC {summary['acc']:.2f}  BWT {summary['bwt']:.2f}  FWT {summary['fwt']:.2f}  "
+          f"forgetting {summary['forgetting']:.2f}")
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+    return 0

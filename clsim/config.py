@@ -1,0 +1,101 @@
+"""Typed options: dataclass fields carry their documentation and bounds.
+
+Every strategy and scenario owns one small dataclass built from `opt(...)` fields; the CLI
+flags, `--help`, YAML configs, validation and the TensorBoard hparams table all come from it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from clsim.errors import UserError
+
+
+def opt(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+        low_open: bool = False, choices: tuple | None = None):
+    """A documented option. `low`/`high` bound numbers (`low_open` excludes `low` itself)."""
+    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(options) -> None:
+    """Check every field of an options dataclass against its bounds; raise UserError."""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        meta = f.metadata
+        if value is None:
+            continue
+        if meta.get("choices") and value not in meta["choices"]:
+            raise UserError(f"{flag(f.name)} {value!r} is not one of: {', '.join(map(str, meta['choices']))}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{flag(f.name)} must be a finite number, got {value}")
+            low, high = meta.get("low"), meta.get("high")
+            if low is not None and (value < low or (meta.get("low_open") and value == low)):
+                rel = ">" if meta.get("low_open") else ">="
+                raise UserError(f"{flag(f.name)} must be {rel} {low}, got {value}")
+            if high is not None and value > high:
+                raise UserError(f"{flag(f.name)} must be <= {high}, got {value}")
+
+
+def add_arguments(parser, options_cls, group_title: str, taken: dict[str, str]) -> None:
+    """Add one CLI flag per field of `options_cls`; defaults stay None so we can tell what was given."""
+    group = parser.add_argument_group(group_title)
+    for f in dataclasses.fields(options_cls):
+        if f.name in taken:
+            raise UserError(f"option {flag(f.name)} is defined by both {taken[f.name]} and {group_title}")
+        taken[f.name] = group_title
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = type(default)
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if kind is bool:
+            group.add_argument(flag(f.name), dest=f.name, default=None, type=parse_bool,
+                               metavar="BOOL", help=help_text)
+        elif default is None:
+            group.add_argument(flag(f.name), dest=f.name, default=None, help=help_text)
+        else:
+            group.add_argument(flag(f.name), dest=f.name, default=None, type=kind,
+                               choices=f.metadata.get("choices"), help=help_text)
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def build(options_cls, values: dict):
+    """Instantiate `options_cls` from the given values (None means 'not given'), then validate."""
+    names = {f.name for f in dataclasses.fields(options_cls)}
+    given = {k: v for k, v in values.items() if k in names and v is not None}
+    options = options_cls(**given)
+    validate(options)
+    return options
+
+
+@dataclass
+class RunOptions:
+    """Options every run has, whatever the scenario and strategy."""
+    epochs: int = opt(None, "training epochs per task (default: the scenario's)", low=1)
+    lr: float = opt(None, "learning rate (default: the scenario's)", low=0.0, low_open=True)
+    batch_size: int = opt(None, "mini-batch size (default: the scenario's)", low=1)
+    momentum: float = opt(0.0, "SGD momentum", low=0.0, high=0.999)
+    seed: int = opt(0, "one seed for everything: data order, initialisation, sampling", low=0)
+    setting: str = opt(None, "class_il, task_il or domain_il (default: the scenario's)",
+                       choices=("class_il", "task_il", "domain_il"))
+    data_root: str = opt("data", "directory holding the datasets (cifar-10-batches-py/, MNIST IDX files)")
+    out: str = opt("runs", "directory under which the run directory is created")
+    privacy: str = opt(None, "train any strategy under a privacy mechanism (e.g. dpsgd, dplis)")
+    device: str = opt("cpu", "torch device, e.g. cpu or cuda")
+    progress: bool = opt(None, "show a progress bar (default: only when attached to a terminal)")
+    checkpoint: bool = opt(True, "write a checkpoint at every task boundary")

@@ -1,0 +1,100 @@
+"""The engine loop: streams a scenario's tasks through a strategy and emits records."""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from clsim import metrics
+from clsim.errors import UserError
+
+
+class Timer:
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - since
+        return now
+
+
+def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int) -> dict:
+    """Train on every task in order; evaluate on all tasks after each.
+
+        strategy.setup, mechanism.setup; b = initial scores
+        for task:
+            strategy.before_task; optimizer = mechanism.before_task(fresh optimizer)
+            for epoch: for batch in strategy.train_batches(mechanism.batches(...)):
+                losses = strategy.loss(batch, *learner.forward(batch))
+                mechanism.backward(losses, strategy.penalty()); strategy.after_backward()
+                mechanism.step(optimizer); strategy.after_step(); loggers.step(record)
+            strategy.after_task; mechanism.after_task
+            R row = [learner.evaluate(t) for t in tasks]; loggers.task_end(record)
+        returns the summary (matrix, ACC, BWT, FWT, forgetting, memory, wall time, privacy)
+    """
+    strategy.setup(learner, scenario, ledger)
+    mechanism.setup(learner, scenario, ledger)
+    emit = _Emitter(loggers)
+    initial = [learner.evaluate(t) for t in scenario.tasks]
+    R: list[list[float]] = []
+    timer = Timer()
+    step = examples = 0
+    start = time.perf_counter()
+    for task in scenario.tasks:
+        t0 = time.perf_counter()
+        strategy.before_task(task)
+        optimizer = mechanism.before_task(task, learner.make_optimizer())
+        learner.model.train()
+        for epoch in range(epochs):
+            subset = strategy.select_examples(task, epoch)
+            for batch in strategy.train_batches(task, mechanism.batches(task, epoch, subset)):
+                losses, outputs = learner.forward(batch)
+                losses = strategy.loss(batch, losses, outputs)
+                optimizer.zero_grad(set_to_none=True)
+                mechanism.backward(losses, strategy.penalty())
+                strategy.after_backward()
+                mechanism.step(optimizer)
+                strategy.after_step()
+                step, examples = step + 1, examples + len(batch[0])
+                loss = losses.detach().mean().item()
+                if not math.isfinite(loss):
+                    raise UserError(f"the loss became {loss} at task {task.index} epoch {epoch} step {step}; "
+                                    f"lower --lr or change the strategy's options")
+                emit("step", {"step": step, "task": task.index, "epoch": epoch, "loss": loss,
+                              "lr": optimizer.param_groups[0]["lr"], "examples_seen": examples,
+                              "wall_time": time.perf_counter() - start,
+                              **strategy.step_metrics(), **mechanism.step_metrics()})
+        t1 = timer.add("train", t0)
+        strategy.after_task(task)
+        mechanism.after_task(task)
+        t2 = timer.add("strategy", t1)
+        R.append([learner.evaluate(t) for t in scenario.tasks])
+        timer.add("eval", t2)
+        i = task.index
+        emit("task", {"task": i, "step": step, "row": R[-1], "acc": metrics.acc(R, i),
+                      "bwt": metrics.bwt(R, i), "fwt": metrics.fwt(R, initial, i),
+                      "forgetting": metrics.forgetting(R, i),
+                      "memory": memory(learner, strategy), "wall_time": dict(timer.totals),
+                      "strategy": strategy.task_metrics(), "privacy": ledger.report()})
+    return {"accuracy_matrix": R, "initial_scores": initial, **metrics.summary(R, initial),
+            "memory": memory(learner, strategy),
+            "wall_time": {**timer.totals, "total": time.perf_counter() - start},
+            "privacy": ledger.report(), "steps": step, "examples_seen": examples}
+
+
+def memory(learner, strategy) -> dict:
+    params = list(learner.model.parameters()) + list(learner.model.buffers())
+    return {"parameter_bytes": metrics.tensor_bytes(params),
+            "strategy_state_bytes": metrics.tensor_bytes(strategy.state_tensors()),
+            "peak_rss_bytes": metrics.peak_rss_bytes()}
+
+
+class _Emitter:
+    def __init__(self, loggers):
+        self.loggers = loggers
+
+    def __call__(self, kind: str, record: dict) -> None:
+        for logger in self.loggers:
+            getattr(logger, kind)(record)

@@ -1,0 +1,12 @@
+"""Learners: the model and its objective, the only part that differs between supervised and RL.
+
+A learner offers what strategies need, and nothing else:
+  make_optimizer()                 a fresh optimiser for a task
+  batches(task, epoch, subset)     the training batches of one epoch (subset: example indices)
+  forward(batch) -> (losses, out)  per-example losses and the model's outputs
+  evaluate(task) -> float          accuracy in % (supervised) or mean return (RL)
+  fisher_batches(task, n, empirical) and log_likelihood(x, y, t)
+                                   data and per-example log p(y|x) for Fisher-based strategies
+  is_head(name)                    whether a parameter belongs to a task head
+"""
+from clsim.learners.base import Batch, Learner  # noqa: F401

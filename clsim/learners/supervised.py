@@ -1,0 +1,64 @@
+"""Supervised learner: backbone + head(s), cross-entropy, mini-batches sliced from tensors."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from clsim.learners.base import Batch, Learner
+
+
+class SupervisedLearner(Learner):
+    def __init__(self, *args, augment=None, eval_batch_size: int = 1000, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.augment = augment
+        self.eval_batch_size = eval_batch_size
+
+    def batches(self, task, epoch: int, subset: torch.Tensor | None = None) -> Iterator[Batch]:
+        """One shuffled pass over the task's training set (or `subset` of it); keeps the last
+        partial batch."""
+        data = task.train
+        index = torch.arange(len(data)) if subset is None else subset
+        order = index[torch.randperm(len(index), generator=self.generator)]
+        for chunk in order.split(self.batch_size):
+            x = data.x[chunk]
+            if self.augment is not None:
+                x = self.augment(x, self.generator)
+            t = torch.full((len(chunk),), task.index, dtype=torch.long)
+            yield Batch(x.to(self.device), data.y[chunk].to(self.device), t.to(self.device), chunk)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(batch.x, batch.t)
+        return F.cross_entropy(out, batch.y, reduction="none"), out
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, task_index: int) -> torch.Tensor:
+        was_training = self.model.training
+        self.model.eval()
+        preds = torch.cat([self.model(chunk.to(self.device), task_index).argmax(1).cpu()
+                           for chunk in x.split(self.eval_batch_size)])
+        self.model.train(was_training)
+        return preds
+
+    def evaluate(self, task) -> float:
+        preds = self.predict(task.test.x, task.index)
+        return 100.0 * (preds == task.test.y).float().mean().item()
+
+    def fisher_batches(self, task, n: int, empirical: bool) -> Iterator[tuple]:
+        """Up to `n` training examples of `task` with targets sampled from the model's own
+        predictive distribution (true Fisher) or the labels (empirical Fisher)."""
+        data = task.train
+        pick = torch.randperm(len(data), generator=self.generator)[:n]
+        for chunk in pick.split(self.eval_batch_size):
+            x = data.x[chunk].to(self.device)
+            if empirical:
+                y = data.y[chunk].to(self.device)
+            else:
+                with torch.no_grad():
+                    probs = F.softmax(self.model(x, task.index), dim=1)
+                y = torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(1).to(self.device)
+            yield x, y, task.index
+
+    def log_likelihood(self, x, y, t) -> torch.Tensor:
+        return -F.cross_entropy(self.model(x, t), y, reduction="none")

@@ -1,0 +1,142 @@
+"""Observers of the engine's records: TensorBoard, a JSONL file, a progress bar.
+
+Each logger has step(record), task(record) and close(summary); none changes training.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+
+def _numbers(d: dict, prefix: str = ""):
+    """Flatten nested dicts into (tag, number) pairs; skips lists, tensors and None."""
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _numbers(v, f"{prefix}{k}/")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            yield prefix + k, v
+
+
+def to_json(value):
+    """JSON-safe copy: tensors become lists, non-finite floats become None."""
+    if isinstance(value, dict):
+        return {k: to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return to_json(value.tolist())
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+class JsonlLogger:
+    def __init__(self, path):
+        self.file = open(path, "w")
+
+    def _write(self, kind, record):
+        self.file.write(json.dumps({"kind": kind, **to_json(record)}) + "\n")
+
+    def step(self, record):
+        self._write("step", record)
+
+    def task(self, record):
+        self._write("task", record)
+        self.file.flush()
+
+    def close(self, summary):
+        self.file.close()
+
+
+class TensorBoardLogger:
+    """Tags: train/*, eval/acc_task_j, summary/*, memory/*, time/*, privacy/*, strategy/*."""
+
+    STEP_KEYS = ("loss", "lr", "examples_seen", "steps_per_sec")
+
+    def __init__(self, log_dir, hparams: dict):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(log_dir=str(log_dir))
+        self.hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                        for k, v in hparams.items()}
+        self.last = None
+
+    def step(self, record):
+        s, w = record["step"], self.writer
+        now = time.perf_counter()
+        if self.last is not None:
+            w.add_scalar("train/steps_per_sec", (s - self.last[0]) / max(now - self.last[1], 1e-9), s)
+        self.last = (s, now)
+        for key, value in record.items():
+            if key in ("step", "task", "epoch", "wall_time"):
+                continue
+            if key.startswith("privacy/") or key.startswith("strategy/"):
+                w.add_scalar(key, value, s)
+            elif isinstance(value, (int, float)):
+                w.add_scalar(f"train/{key}", value, s)
+
+    def task(self, record):
+        w, i = self.writer, record["task"]
+        for j, score in enumerate(record["row"]):
+            w.add_scalar(f"eval/acc_task_{j}", score, i)
+        for key in ("acc", "bwt", "fwt", "forgetting"):
+            w.add_scalar(f"summary/{key.upper()}", record[key], i)
+        for tag, value in _numbers(record["memory"], "memory/"):
+            w.add_scalar(tag, value, i)
+        for tag, value in _numbers(record["wall_time"], "time/"):
+            w.add_scalar(tag, value, i)
+        for key, value in record["strategy"].items():
+            if isinstance(value, torch.Tensor) and value.numel() > 1:
+                w.add_histogram(f"strategy/{key}", value, i)
+            elif isinstance(value, (int, float, torch.Tensor)):
+                w.add_scalar(f"strategy/{key}", float(value), i)
+        privacy = record["privacy"]
+        if privacy.get("datasets"):
+            eps = privacy["epsilon_worst"]
+            w.add_scalar("privacy/epsilon", float("inf") if eps is None else eps, i)
+            for name, d in privacy["datasets"].items():
+                w.add_scalar(f"privacy/epsilon_{name}", float("inf") if d["epsilon"] is None else d["epsilon"], i)
+
+    def close(self, summary):
+        R = summary["accuracy_matrix"]
+        self.writer.add_image("summary/accuracy_matrix", matrix_image(R), len(R) - 1, dataformats="HWC")
+        metrics = {f"hparam/{k}": summary[k] for k in ("acc", "bwt", "fwt", "forgetting")}
+        self.writer.add_hparams(self.hparams, metrics, run_name=".")
+        self.writer.close()
+
+
+def matrix_image(R, cell: int = 24) -> np.ndarray:
+    """The score matrix as an RGB heat map (white = 0, dark blue = 100), one square per cell;
+    cells not yet meaningful (j > i) still show their score."""
+    a = np.clip(np.asarray(R, dtype=np.float32) / 100.0, 0, 1)
+    low, high = np.array([1.0, 1.0, 1.0]), np.array([0.03, 0.19, 0.42])
+    rgb = low + a[..., None] * (high - low)
+    img = np.kron(rgb, np.ones((cell, cell, 1)))
+    img[::cell, :, :] = 0.6
+    img[:, ::cell, :] = 0.6
+    return (img * 255).astype(np.uint8)
+
+
+class ProgressLogger:
+    """A progress bar on the terminal; silent when stderr is not a terminal (CI)."""
+
+    def __init__(self, total_steps: int | None, enabled: bool | None = None):
+        from tqdm import tqdm
+        enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.enabled = enabled
+        self.bar = tqdm(total=total_steps, disable=not enabled, unit="step", dynamic_ncols=True)
+
+    def step(self, record):
+        self.bar.update(1)
+        if record["step"] % 20 == 0:
+            self.bar.set_postfix(task=record["task"], loss=f"{record['loss']:.3f}", refresh=False)
+
+    def task(self, record):
+        (self.bar.write if self.enabled else print)(f"task {record['task']}: ACC {record['acc']:.2f}  BWT {record['bwt']:.2f}  "
+                       f"row {' '.join(f'{x:.1f}' for x in record['row'])}")
+
+    def close(self, summary):
+        self.bar.close()

@@ -1,0 +1,55 @@
+"""The privacy ledger: every access to every task's dataset, and the ε it costs.
+
+A raw access (training without a mechanism, a Fisher pass on raw samples, a replay buffer of
+raw examples) makes that dataset's ε infinite; Gaussian-mechanism accesses are accounted.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+
+class Ledger:
+    def __init__(self, delta: float = 1e-5, accountant: str = "rdp"):
+        self.delta, self.accountant = delta, accountant
+        self.accesses: dict[str, list[dict]] = defaultdict(list)
+
+    def raw(self, dataset: str, purpose: str) -> None:
+        """Record a non-private touch of `dataset` (once per purpose)."""
+        entry = {"mechanism": "raw", "purpose": purpose}
+        if entry not in self.accesses[dataset]:
+            self.accesses[dataset].append(entry)
+
+    def gaussian(self, dataset: str, purpose: str, sample_rate: float, noise_multiplier: float,
+                 steps: int = 1) -> None:
+        """Record `steps` subsampled-Gaussian releases on `dataset`; consecutive identical ones merge."""
+        log = self.accesses[dataset]
+        last = log[-1] if log else None
+        if last and last["mechanism"] == "gaussian" and last["purpose"] == purpose and \
+                last["sample_rate"] == sample_rate and last["noise_multiplier"] == noise_multiplier:
+            last["steps"] += steps
+        else:
+            log.append({"mechanism": "gaussian", "purpose": purpose, "sample_rate": sample_rate,
+                        "noise_multiplier": noise_multiplier, "steps": steps})
+
+    def epsilon(self, dataset: str) -> float:
+        log = self.accesses.get(dataset, [])
+        if any(a["mechanism"] == "raw" for a in log):
+            return math.inf
+        mechanisms = [(a["noise_multiplier"], a["sample_rate"], a["steps"]) for a in log]
+        if not mechanisms:
+            return 0.0
+        from clsim.privacy.accounting import epsilon
+        return epsilon(mechanisms, self.delta, self.accountant)
+
+    def worst_epsilon(self) -> float:
+        return max((self.epsilon(d) for d in self.accesses), default=0.0)
+
+    def report(self) -> dict:
+        """The summary.json `privacy` section: accesses and ε per dataset (null means ∞)."""
+        def num(x):
+            return x if math.isfinite(x) else None
+        return {"delta": self.delta, "accountant": self.accountant,
+                "epsilon_worst": num(self.worst_epsilon()),
+                "datasets": {d: {"accesses": [dict(a) for a in log], "epsilon": num(self.epsilon(d))}
+                             for d, log in self.accesses.items()}}

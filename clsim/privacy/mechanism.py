@@ -1,0 +1,46 @@
+"""How gradients are made from a batch. The base class is no privacy at all."""
+from __future__ import annotations
+
+import torch
+
+
+class Mechanism:
+    """Plain back-propagation: every training pass is a raw access to the task's data."""
+
+    name = "none"
+
+    def __init__(self, options=None):
+        self.options = options
+
+    def ledger_options(self) -> dict:
+        """Keyword arguments for the run's Ledger (δ, accountant)."""
+        return {}
+
+    def check(self, learner, scenario, epochs: int) -> None:
+        """Raise UserError before anything runs if the settings cannot work."""
+
+    def setup(self, learner, scenario, ledger) -> None:
+        self.learner, self.scenario, self.ledger = learner, scenario, ledger
+
+    def before_task(self, task, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Returns the optimizer to train `task` with (a private one may wrap it)."""
+        self.ledger.raw(task.dataset_id, "training")
+        return optimizer
+
+    def batches(self, task, epoch: int, subset):
+        return self.learner.batches(task, epoch, subset)
+
+    def backward(self, losses: torch.Tensor, penalty: torch.Tensor | None) -> None:
+        loss = losses.mean()
+        if penalty is not None:
+            loss = loss + penalty
+        loss.backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        optimizer.step()
+
+    def after_task(self, task) -> None:
+        pass
+
+    def step_metrics(self) -> dict:
+        return {}

@@ -1,0 +1,80 @@
+"""Tasks and scenarios: what the engine streams to a strategy."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+SETTINGS = ("class_il", "task_il", "domain_il")
+
+
+@dataclass
+class TaskData:
+    """Supervised data of one split of a task: inputs and targets (as the task's head expects them)."""
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Task:
+    """One unit of the stream. Supervised tasks carry `train`/`test`; RL tasks carry `env`."""
+    index: int
+    name: str
+    classes: tuple[int, ...] = ()
+    train: TaskData | None = None
+    test: TaskData | None = None
+    env: Any = None                       # RL: an env description the RL learner understands
+    n_outputs: int = 0                    # outputs of this task's head in task_il
+
+    @property
+    def dataset_id(self) -> str:
+        """The name under which the privacy ledger accounts for this task's data."""
+        return f"task{self.index}:{self.name}"
+
+
+@dataclass
+class Scenario:
+    """A named, seeded, ordered list of tasks plus its setting and what to learn them with."""
+    name: str
+    setting: str
+    tasks: list[Task]
+    make_model: Callable[[], torch.nn.Module]   # backbone + head(s) for this setting
+    defaults: dict = field(default_factory=dict)  # epochs, lr, batch_size suited to the scenario
+    learner_cls: type | None = None               # None: SupervisedLearner
+    learner_kwargs: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)      # recorded in summary.json (protocol, sizes)
+
+    def __iter__(self):
+        return iter(self.tasks)
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+
+def class_split(x_train, y_train, x_test, y_test, class_order, n_tasks: int, setting: str,
+                names: list[str] | None = None) -> list[Task]:
+    """Split labelled data into `n_tasks` tasks of consecutive classes from `class_order`.
+
+    class_il keeps global labels (one shared head); task_il relabels each task's classes
+    0..k-1 (the task id selects the head)."""
+    class_order = [int(c) for c in class_order]
+    if n_tasks < 1 or n_tasks > len(class_order):
+        from clsim.errors import UserError
+        raise UserError(f"--n-tasks must be between 1 and {len(class_order)}, got {n_tasks}")
+    groups = [list(map(int, g)) for g in torch.tensor(class_order).tensor_split(n_tasks)]
+    tasks = []
+    for i, classes in enumerate(groups):
+        local = torch.full((max(class_order) + 1,), -1, dtype=torch.long)
+        local[classes] = torch.arange(len(classes))
+        parts = []
+        for x, y in ((x_train, y_train), (x_test, y_test)):
+            keep = torch.isin(y, torch.tensor(classes))
+            target = local[y[keep]] if setting == "task_il" else y[keep]
+            parts.append(TaskData(x[keep], target))
+        label = names[i] if names else "-".join(map(str, classes))
+        tasks.append(Task(i, label, tuple(classes), parts[0], parts[1], n_outputs=len(classes)))
+    return tasks

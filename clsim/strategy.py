@@ -1,0 +1,96 @@
+"""The strategy base class: do-nothing hooks a method overrides as it needs.
+
+Call order within one task (drawn from clsim/engine.py):
+
+    before_task(task)
+    for each epoch:
+        subset = select_examples(task, epoch)            # data removal drops examples
+        for batch in train_batches(task, batches):       # replay mixes in its buffer
+            losses = loss(batch, losses, outputs)        # extra data terms
+            total  = losses.mean() + penalty()           # data-independent regulariser
+            backward; after_backward()                   # gradient masks
+            optimizer.step(); after_step()               # clamps, weight masks
+            step_metrics()
+    after_task(task)                                     # Fisher, bit allocation, buffers
+    task_metrics(); state_tensors()                      # figures and memory
+
+A new strategy is one file in strategies/ with a subclass registered by name:
+
+    @register_strategy("mine")
+    class Mine(Strategy):
+        '''One line for the listing.'''
+        @dataclass
+        class Options:
+            strength: float = opt(1.0, "how strong", low=0)
+        def penalty(self): ...
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+
+class Strategy:
+    """Naive fine-tuning: trains on each task in turn and keeps nothing."""
+
+    @dataclass
+    class Options:
+        pass
+
+    #: a privacy mechanism this strategy always trains under (e.g. "dpsgd"), else None
+    privacy: str | None = None
+
+    def __init__(self, options=None):
+        self.options = options if options is not None else self.Options()
+        self.learner = self.scenario = self.ledger = None
+
+    def setup(self, learner, scenario, ledger) -> None:
+        """Called once before the first task. `ledger` records every access to task data."""
+        self.learner, self.scenario, self.ledger = learner, scenario, ledger
+
+    def before_task(self, task) -> None:
+        pass
+
+    def select_examples(self, task, epoch: int) -> torch.Tensor | None:
+        """Indices of the task's training examples to use this epoch (None: all)."""
+        return None
+
+    def train_batches(self, task, batches: Iterable) -> Iterable:
+        return batches
+
+    def loss(self, batch, losses: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        """Per-example losses (or a scalar) of the data terms; add replay terms here."""
+        return losses
+
+    def penalty(self) -> torch.Tensor | None:
+        """A regulariser that does not read training data (e.g. EWC's), or None."""
+        return None
+
+    def after_backward(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    def after_task(self, task) -> None:
+        pass
+
+    def step_metrics(self) -> dict:
+        """Strategy-specific figures for the step just taken (numbers)."""
+        return {}
+
+    def task_metrics(self) -> dict:
+        """Strategy-specific figures at a task end (numbers, or tensors logged as histograms)."""
+        return {}
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Everything kept between tasks, for the memory metric."""
+        return []
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
