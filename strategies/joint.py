@@ -1,0 +1,47 @@
+"""Joint training: the upper bound that may revisit every task seen so far."""
+from __future__ import annotations
+
+import torch
+
+from clsim.learners import Batch
+from clsim.registry import register_strategy
+from clsim.strategy import Strategy
+
+
+@register_strategy("joint")
+class Joint(Strategy):
+    """Joint training on all tasks seen so far (the upper bound; keeps every example)."""
+
+    def setup(self, learner, scenario, ledger):
+        super().setup(learner, scenario, ledger)
+        self.seen = []
+
+    def before_task(self, task):
+        self.seen.append(task)
+        for earlier in self.seen[:-1]:
+            self.ledger.raw(earlier.dataset_id, "joint: retrained on")
+
+    def train_batches(self, task, batches):
+        """Each epoch is one shuffled pass over the union of the seen tasks' training sets,
+        with as many examples per batch as the learner's batch size."""
+        if len(self.seen) == 1:
+            yield from batches
+            return
+        sizes = [len(t.train) for t in self.seen]
+        owner = torch.repeat_interleave(torch.arange(len(self.seen)), torch.tensor(sizes))
+        local = torch.cat([torch.arange(n) for n in sizes])
+        order = torch.randperm(len(owner), generator=self.learner.generator)
+        device = self.learner.device
+        for chunk in order.split(self.learner.batch_size):
+            xs, ys, ts = [], [], []
+            for k in owner[chunk].unique().tolist():
+                rows = local[chunk[owner[chunk] == k]]
+                data = self.seen[k].train
+                xs.append(data.x[rows])
+                ys.append(data.y[rows])
+                ts.append(torch.full((len(rows),), self.seen[k].index, dtype=torch.long))
+            yield Batch(torch.cat(xs).to(device), torch.cat(ys).to(device), torch.cat(ts).to(device),
+                        torch.full((len(chunk),), -1))
+
+    def state_tensors(self):
+        return [t for task in self.seen[:-1] for t in (task.train.x, task.train.y)]
