@@ -23,7 +23,7 @@ class Timer:
 def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int) -> dict:
     """Train on every task in order; evaluate on all tasks after each.
 
-        strategy.setup, mechanism.setup; b = initial scores
+        mechanism.setup, strategy.setup; b = initial scores
         for task:
             strategy.before_task; optimizer = mechanism.before_task(fresh optimizer)
             for epoch: for batch in strategy.train_batches(mechanism.batches(...)):
@@ -34,8 +34,8 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int) ->
             R row = [learner.evaluate(t) for t in tasks]; loggers.task_end(record)
         returns the summary (matrix, ACC, BWT, FWT, forgetting, memory, wall time, privacy)
     """
-    strategy.setup(learner, scenario, ledger)
     mechanism.setup(learner, scenario, ledger)
+    strategy.setup(learner, scenario, mechanism)
     emit = _Emitter(loggers)
     initial = [learner.evaluate(t) for t in scenario.tasks]
     R: list[list[float]] = []

@@ -44,11 +44,14 @@ class Strategy:
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
-        self.learner = self.scenario = self.ledger = None
+        self.learner = self.scenario = self.mechanism = self.ledger = None
 
-    def setup(self, learner, scenario, ledger) -> None:
-        """Called once before the first task. `ledger` records every access to task data."""
-        self.learner, self.scenario, self.ledger = learner, scenario, ledger
+    def setup(self, learner, scenario, mechanism) -> None:
+        """Called once before the first task. `mechanism` makes gradients (private or not) and
+        computes Fisher information (`self.mechanism.fisher`); `self.ledger` records every
+        access to task data that does not go through it (e.g. a raw replay buffer)."""
+        self.learner, self.scenario = learner, scenario
+        self.mechanism, self.ledger = mechanism, mechanism.ledger
 
     def before_task(self, task) -> None:
         pass

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 import torch
 
 from clsim.config import opt
-from clsim.fisher import diagonal_fisher
 from clsim.registry import register_strategy
 from clsim.strategy import Strategy
 
@@ -25,8 +24,8 @@ class EWC(Strategy):
                           choices=("true", "empirical"))
         fisher_samples: int = opt(1000, "training examples used for each task's Fisher", low=1)
 
-    def setup(self, learner, scenario, ledger):
-        super().setup(learner, scenario, ledger)
+    def setup(self, learner, scenario, mechanism):
+        super().setup(learner, scenario, mechanism)
         self.names = list(learner.shared_parameters())
         self.pairs: list[tuple[dict, dict]] = []   # (Fisher, anchor θ*) per task, or one online
 
@@ -41,14 +40,9 @@ class EWC(Strategy):
         self._last_penalty = float(penalty.detach())
         return penalty
 
-    def fisher(self, task) -> dict[str, torch.Tensor]:
-        """Diagonal Fisher of `task`; a raw access to its data (a private run overrides this)."""
-        self.ledger.raw(task.dataset_id, "ewc fisher")
-        return diagonal_fisher(self.learner, task, self.names, self.options.fisher_samples,
-                               empirical=self.options.fisher == "empirical")
-
     def after_task(self, task):
-        fisher = self.fisher(task)
+        fisher = self.mechanism.fisher(task, self.names, self.options.fisher_samples,
+                                       self.options.fisher == "empirical", "ewc fisher")
         anchor = {n: p.detach().clone() for n, p in self.learner.shared_parameters().items()}
         if self.options.mode == "separate" or not self.pairs:
             self.pairs.append((fisher, anchor))

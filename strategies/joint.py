@@ -12,8 +12,8 @@ from clsim.strategy import Strategy
 class Joint(Strategy):
     """Joint training on all tasks seen so far (the upper bound; keeps every example)."""
 
-    def setup(self, learner, scenario, ledger):
-        super().setup(learner, scenario, ledger)
+    def setup(self, learner, scenario, mechanism):
+        super().setup(learner, scenario, mechanism)
         self.seen = []
 
     def before_task(self, task):
