@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,21 +50,28 @@ def validate(options) -> None:
 def add_arguments(parser, options_cls, group_title: str, taken: dict[str, str]) -> None:
     """Add one CLI flag per field of `options_cls`; defaults stay None so we can tell what was given."""
     group = parser.add_argument_group(group_title)
+    hints = typing.get_type_hints(options_cls)
     for f in dataclasses.fields(options_cls):
         if f.name in taken:
             raise UserError(f"option {flag(f.name)} is defined by both {taken[f.name]} and {group_title}")
         taken[f.name] = group_title
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = type(default)
+        kind = _scalar_type(hints[f.name])
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
         if kind is bool:
             group.add_argument(flag(f.name), dest=f.name, default=None, type=parse_bool,
                                metavar="BOOL", help=help_text)
-        elif default is None:
-            group.add_argument(flag(f.name), dest=f.name, default=None, help=help_text)
         else:
             group.add_argument(flag(f.name), dest=f.name, default=None, type=kind,
                                choices=f.metadata.get("choices"), help=help_text)
+
+
+def _scalar_type(hint) -> type:
+    """int, float, str or bool from an annotation such as `float` or `int | None`."""
+    for kind in (bool, int, float, str):
+        if hint is kind or kind in typing.get_args(hint):
+            return kind
+    raise TypeError(f"unsupported option type {hint}")
 
 
 def parse_bool(text: str) -> bool:
@@ -86,16 +94,16 @@ def build(options_cls, values: dict):
 @dataclass
 class RunOptions:
     """Options every run has, whatever the scenario and strategy."""
-    epochs: int = opt(None, "training epochs per task (default: the scenario's)", low=1)
-    lr: float = opt(None, "learning rate (default: the scenario's)", low=0.0, low_open=True)
-    batch_size: int = opt(None, "mini-batch size (default: the scenario's)", low=1)
+    epochs: int | None = opt(None, "training epochs per task (default: the scenario's)", low=1)
+    lr: float | None = opt(None, "learning rate (default: the scenario's)", low=0.0, low_open=True)
+    batch_size: int | None = opt(None, "mini-batch size (default: the scenario's)", low=1)
     momentum: float = opt(0.0, "SGD momentum", low=0.0, high=0.999)
     seed: int = opt(0, "one seed for everything: data order, initialisation, sampling", low=0)
-    setting: str = opt(None, "class_il, task_il or domain_il (default: the scenario's)",
+    setting: str | None = opt(None, "class_il, task_il or domain_il (default: the scenario's)",
                        choices=("class_il", "task_il", "domain_il"))
     data_root: str = opt("data", "directory holding the datasets (cifar-10-batches-py/, MNIST IDX files)")
     out: str = opt("runs", "directory under which the run directory is created")
-    privacy: str = opt(None, "train any strategy under a privacy mechanism (e.g. dpsgd, dplis)")
+    privacy: str | None = opt(None, "train any strategy under a privacy mechanism (e.g. dpsgd, dplis)")
     device: str = opt("cpu", "torch device, e.g. cpu or cuda")
-    progress: bool = opt(None, "show a progress bar (default: only when attached to a terminal)")
+    progress: bool | None = opt(None, "show a progress bar (default: only when attached to a terminal)")
     checkpoint: bool = opt(True, "write a checkpoint at every task boundary")
