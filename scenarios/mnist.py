@@ -1,0 +1,106 @@
+"""split_mnist and permuted_mnist: MNIST from the official IDX files under --data-root."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from clsim.config import opt
+from clsim.data import load_mnist
+from clsim.errors import UserError
+from clsim.models import make_model
+from clsim.registry import register_scenario
+from clsim.scenario import Scenario, Task, TaskData, class_split
+from scenarios.split_cifar import first_per_class
+from scenarios.split_digits import class_order
+
+# Protocols: MLP hidden sizes and the defaults of --epochs/--lr/--batch-size (flags still win).
+# "blip" is the MNIST-5 protocol of BLIP (Shi et al. 2021): 784-1200-1200, SGD lr 0.01, batch 64.
+PROTOCOLS = {
+    "standard": {"hidden": (400, 400), "defaults": {"epochs": 1, "lr": 0.1, "batch_size": 128}},
+    "blip": {"hidden": (1200, 1200), "defaults": {"epochs": 1, "lr": 0.01, "batch_size": 64}},
+}
+
+
+@dataclass
+class MnistOptions:
+    mnist_protocol: str = opt("standard", "standard: MLP 784-400-400, lr 0.1, batch 128; blip: MLP "
+                              "784-1200-1200, lr 0.01, batch 64", choices=tuple(PROTOCOLS))
+    mnist_hidden: str = opt("", "MLP hidden sizes, comma-separated, e.g. 256,256 (empty: the protocol's)")
+    train_per_class: int = opt(0, "training images per class, the first ones in file order (0: all)", low=0)
+    test_per_class: int = opt(0, "test images per class, the first ones in file order (0: all)", low=0)
+
+
+@dataclass
+class SplitMnistOptions(MnistOptions):
+    n_tasks: int = opt(5, "number of tasks (the 10 digits are split evenly)", low=1, high=10)
+    class_order_seed: int = opt(-1, "seed of a random class order (-1: natural order 0..9)", low=-1)
+
+
+@dataclass
+class PermutedMnistOptions(MnistOptions):
+    n_permutations: int = opt(10, "number of tasks, each a fixed pixel permutation of all of MNIST", low=1)
+    permutation_seed: int = opt(0, "seed of the pixel permutations (independent of --seed)", low=0)
+
+
+@lru_cache(maxsize=2)
+def _load(root: str):
+    return load_mnist(root)
+
+
+def _subset(o: MnistOptions, run):
+    x_train, y_train, x_test, y_test = _load(str(Path(run.data_root).resolve()))
+    tr, te = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
+    return x_train[tr], y_train[tr], x_test[te], y_test[te]
+
+
+def _hidden(o: MnistOptions) -> tuple[int, ...]:
+    if not o.mnist_hidden:
+        return PROTOCOLS[o.mnist_protocol]["hidden"]
+    try:
+        sizes = tuple(int(s) for s in o.mnist_hidden.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--mnist-hidden {o.mnist_hidden!r} must be positive integers separated by commas, e.g. 400,400")
+    return sizes
+
+
+def _scenario(name, o, setting, tasks, n_classes, shape, info) -> Scenario:
+    hidden, heads = _hidden(o), [t.n_outputs for t in tasks]
+    return Scenario(name, setting, tasks,
+                    make_model=lambda: make_model("mlp", shape, setting, heads, n_classes, hidden=hidden),
+                    defaults=dict(PROTOCOLS[o.mnist_protocol]["defaults"]),
+                    info={**info, "hidden": list(hidden), "protocol": o.mnist_protocol})
+
+
+@register_scenario("split_mnist", SplitMnistOptions)
+def split_mnist(o: SplitMnistOptions, run) -> Scenario:
+    """MNIST from the IDX files under --data-root, 5 tasks x 2 digits (class_il or task_il)."""
+    x_train, y_train, x_test, y_test = _subset(o, run)
+    setting = run.setting or "class_il"
+    tasks = class_split(x_train, y_train, x_test, y_test, class_order(10, o.class_order_seed), o.n_tasks, setting)
+    return _scenario("split_mnist", o, setting, tasks, 10, tuple(x_train.shape[1:]),
+                     {"train_size": len(y_train), "test_size": len(y_test)})
+
+
+@register_scenario("permuted_mnist", PermutedMnistOptions)
+def permuted_mnist(o: PermutedMnistOptions, run) -> Scenario:
+    """MNIST under 10 fixed pixel permutations, one task each (domain_il: one shared 10-way head)."""
+    x_train, y_train, x_test, y_test = _subset(o, run)
+    setting = run.setting or "domain_il"
+    shape, pixels = tuple(x_train.shape[1:]), x_train[0].numel()
+    g = torch.Generator().manual_seed(o.permutation_seed)
+    tasks = []
+    for i in range(o.n_permutations):
+        perm = torch.randperm(pixels, generator=g)
+        # class_il tells the permutations apart by label: task i owns labels 10i..10i+9.
+        offset = 10 * i if setting == "class_il" else 0
+        parts = [TaskData(x.flatten(1)[:, perm].view(-1, *shape), y + offset)
+                 for x, y in ((x_train, y_train), (x_test, y_test))]
+        tasks.append(Task(i, f"perm{i}", tuple(range(offset, offset + 10)), parts[0], parts[1], n_outputs=10))
+    n_classes = 10 * o.n_permutations if setting == "class_il" else 10
+    return _scenario("permuted_mnist", o, setting, tasks, n_classes, shape,
+                     {"train_size": len(y_train), "test_size": len(y_test), "permutation_seed": o.permutation_seed})

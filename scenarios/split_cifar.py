@@ -1,0 +1,78 @@
+"""split_cifar: real CIFAR-10 (official python pickle layout) split into groups of classes."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clsim.config import opt
+from clsim.data import load_cifar10
+from clsim.models import make_model
+from clsim.registry import register_scenario
+from clsim.scenario import Scenario, class_split
+from scenarios.split_digits import class_order
+
+
+@dataclass
+class SplitCifarOptions:
+    n_tasks: int = opt(5, "number of tasks (the 10 classes are split evenly)", low=1, high=10)
+    class_order_seed: int = opt(-1, "seed of a random class order (-1: natural order 0..9)", low=-1)
+    train_per_class: int = opt(0, "training images per class, the first ones in file order (0: all 5000)", low=0)
+    test_per_class: int = opt(0, "test images per class, the first ones in file order (0: all 1000)", low=0)
+    backbone: str = opt("cnn", "cnn: four 3x3 convolutions; resnet18: reduced ResNet-18",
+                        choices=("cnn", "resnet18"))
+    backbone_width: int = opt(0, "channels of the first layer (0: 32 for cnn, 20 for resnet18)", low=0)
+    augment: bool = opt(False, "random 32x32 crops of the 4-pixel zero-padded image and horizontal flips")
+
+
+@lru_cache(maxsize=2)
+def _load(root: str):
+    """The decoded dataset, kept per process: decoding the pickles takes seconds."""
+    return load_cifar10(root)
+
+
+def first_per_class(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the first `k` examples of every class, in file order (all when k == 0)."""
+    if k == 0:
+        return torch.arange(len(y))
+    rank = torch.zeros_like(y)
+    for c in y.unique().tolist():
+        rows = y == c
+        rank[rows] = torch.arange(int(rows.sum()))
+    return torch.nonzero(rank < k).squeeze(1)
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crops of the zero-padded images and random horizontal flips, one gather for the
+    whole batch (no loop over images)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    flip = torch.rand(n, 1, generator=generator) < 0.5
+    cols = torch.arange(w).expand(n, w)
+    cols = torch.where(flip, w - 1 - cols, cols) + dx            # flipped columns read right to left
+    rows = torch.arange(h).expand(n, h) + dy
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+
+
+@register_scenario("split_cifar", SplitCifarOptions)
+def split_cifar(o: SplitCifarOptions, run) -> Scenario:
+    """Real CIFAR-10 from --data-root/cifar-10-batches-py, 5 tasks x 2 classes (class_il or task_il)."""
+    x_train, y_train, x_test, y_test = _load(str(Path(run.data_root).resolve()))
+    keep_train, keep_test = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
+    setting = run.setting or "class_il"
+    tasks = class_split(x_train[keep_train], y_train[keep_train], x_test[keep_test], y_test[keep_test],
+                        class_order(10, o.class_order_seed), o.n_tasks, setting)
+    heads = [t.n_outputs for t in tasks]
+    return Scenario("split_cifar", setting, tasks,
+                    make_model=lambda: make_model(o.backbone, (3, 32, 32), setting, heads, 10,
+                                                  width=o.backbone_width or None),
+                    defaults={"epochs": 1, "lr": 0.05, "batch_size": 32},
+                    learner_kwargs={"augment": crop_flip} if o.augment else {},
+                    info={"train_size": len(keep_train), "test_size": len(keep_test),
+                          "class_order": [c for t in tasks for c in t.classes]})
