@@ -1,0 +1,243 @@
+"""BLIP: bit-level information preserving (Shi et al., CVPR 2021; ../shared/design/blip.md).
+
+After each task the Fisher information of every quantised parameter is turned into a number of
+bits; that many leading bits of the parameter's quantised value are frozen, and later tasks may
+only move the parameter inside the interval the frozen bits leave open. The state is one uint8
+bit count, one frozen value and one running Fisher per parameter: its size never grows with the
+number of tasks.
+
+What is quantised: the weight and bias of every linear and convolution layer among the learner's
+shared parameters (`learner.shared_parameters()`), so the same code serves MLPs, CNNs, ResNets
+and policy networks. task_il heads are float and free (each task owns its head). In class_il and
+domain_il the single head is shared by every task, so it is quantised too (option
+`blip_quantise_head`); class_il still forgets more, because the old classes' logits compete with
+the new ones in one softmax whatever the frozen bits.
+
+Other shared parameters (batch-norm / layer-norm affine weights) cannot be quantised by the rule
+above; they are frozen whole after task 0, and batch-norm modules keep the running statistics of
+task 0 and normalise with them from then on (the note asks for statistics frozen after task 0).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from clsim.config import opt
+from clsim.errors import UserError
+from clsim.registry import register_strategy
+from clsim.strategy import Strategy
+
+#: F_prior per kind of input when --blip-f-prior is 0 (the paper's values, blip.md)
+F_PRIOR_DEFAULTS = {"digits": 1e-15, "natural_images": 5e-16, "rl": 5e-18}
+HISTOGRAM_POINTS = 1000
+
+
+def quantise(w: torch.Tensor, bits: torch.Tensor, bound: float) -> torch.Tensor:
+    """round(w / bound · 2^bits) / 2^bits · bound, and 0 where bits = 0 (nothing frozen)."""
+    scale = torch.exp2(bits.to(w.dtype))
+    q = torch.round(w / bound * scale) / scale * bound
+    return torch.where(bits == 0, torch.zeros_like(q), q)
+
+
+def information_gain(f_new: torch.Tensor, f_old: torch.Tensor, t: int) -> torch.Tensor:
+    """Bits of information task t (0-based) added: (0.5/ln 2)·ln((F_new + (t+1)F_old) / ((t+2)F_old))."""
+    return 0.5 / math.log(2) * torch.log((f_new + (t + 1) * f_old) / ((t + 2) * f_old))
+
+
+def fans(weight: torch.Tensor) -> tuple[int, int]:
+    """fan_in and fan_out of a linear (out, in) or convolution (out, in/groups, *kernel) weight."""
+    receptive = weight[0][0].numel()
+    return weight[0].numel(), weight.shape[0] * receptive
+
+
+@register_strategy("blip")
+class BLIP(Strategy):
+    """BLIP: freeze Fisher-allocated leading bits of every weight (constant memory, plain SGD)."""
+
+    @dataclass
+    class Options:
+        blip_max_bits: int = opt(20, "most bits a parameter can have frozen", low=1, high=23)
+        blip_f_prior: float = opt(0.0, "F_prior, the Fisher prior per unit of fan-in (0: the "
+                                  "scenario's default: 1e-15 digits/MNIST, 5e-16 CIFAR and other "
+                                  "colour images, 5e-18 RL)", low=0.0)
+        blip_fisher_samples: int = opt(8000, "examples (or RL states) of the true Fisher after each "
+                                       "task; fewer if the task has fewer", low=1)
+        blip_bound_rule: str = opt("auto", "range bound 6/sqrt(fan): fan_in, max_fan "
+                                   "(max(fan_in, fan_out), the RL variant) or auto (max_fan for RL)",
+                                   choices=("auto", "fan_in", "max_fan"))
+        blip_quantise_head: bool = opt(True, "class_il/domain_il: quantise the single head shared "
+                                       "by all tasks too (task_il heads are always float and free)")
+
+    def setup(self, learner, scenario, mechanism):
+        super().setup(learner, scenario, mechanism)
+        if learner.momentum:
+            raise UserError(f"BLIP needs plain SGD (momentum would keep pushing weights against "
+                            f"their frozen intervals); drop --momentum {learner.momentum} or set it to 0")
+        o = self.options
+        self.is_rl = scenario.tasks[0].train is None
+        self.f_prior = o.blip_f_prior or self.default_f_prior(scenario)
+        rule = o.blip_bound_rule if o.blip_bound_rule != "auto" else ("max_fan" if self.is_rl else "fan_in")
+        shared = dict(learner.shared_parameters())
+        if o.blip_quantise_head and scenario.setting != "task_il":
+            shared.update({n: p for n, p in learner.model.named_parameters() if learner.is_head(n)})
+
+        self.params: dict[str, nn.Parameter] = {}
+        self.bound: dict[str, float] = {}
+        self.fan_in: dict[str, int] = {}
+        for mname, module in learner.model.named_modules():
+            if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                continue
+            fan_in, fan_out = fans(module.weight)
+            bound = 6.0 / math.sqrt(fan_in if rule == "fan_in" else max(fan_in, fan_out))
+            for kind in ("weight", "bias"):
+                p, name = getattr(module, kind), f"{mname}.{kind}" if mname else kind
+                if p is None or name not in shared:
+                    continue
+                self.params[name], self.fan_in[name] = p, fan_in
+                self.bound[name] = bound if kind == "weight" else 1.0
+        if not self.params:
+            raise UserError("BLIP found no linear or convolution layer outside the task heads to quantise")
+        self._initialise(rule)
+        # State (blip.md): bits, the frozen quantised value, the running Fisher F_old.
+        self.bits = {n: torch.zeros_like(p, dtype=torch.uint8) for n, p in self.params.items()}
+        self.prev = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.f_old = {n: torch.full_like(p, self.f_prior * self.fan_in[n]) for n, p in self.params.items()}
+        # Shared parameters BLIP cannot quantise (normalisation affine): frozen whole after task 0.
+        # Allocated now so the state has one size from the start.
+        self.others = {n: p for n, p in shared.items() if n not in self.params}
+        self.frozen = {n: p.detach().clone() for n, p in self.others.items()}
+        self.norms = [m for n, m in learner.model.named_modules()
+                      if isinstance(m, nn.modules.batchnorm._NormBase) and not learner.is_head(n + ".")]
+        self.tasks_done = 0
+        self._hooks: list = []
+        self._limits = None
+
+    def default_f_prior(self, scenario) -> float:
+        if self.is_rl:
+            return F_PRIOR_DEFAULTS["rl"]
+        x = scenario.tasks[0].train.x
+        colour = "cifar" in scenario.name.lower() or (x.dim() == 4 and x.shape[1] == 3)
+        return F_PRIOR_DEFAULTS["natural_images" if colour else "digits"]
+
+    @torch.no_grad()
+    def _initialise(self, rule: str) -> None:
+        """Weights ~ normal(0, 1/sqrt(fan)) kept inside ±bound; biases keep torch's init (|b| ≤ 1)."""
+        gen = self.learner.generator
+        for n, p in self.params.items():
+            if n.endswith("weight"):
+                std = self.bound[n] / 6.0
+                w = torch.randn(p.shape, generator=gen, dtype=p.dtype) * std
+                p.copy_(w.to(p.device))
+            p.clamp_(-self.edge(n), self.edge(n))
+
+    def edge(self, name: str) -> float:
+        """Largest magnitude a parameter may take: bound·(1 − 2^−max_bits)."""
+        return self.bound[name] * (1.0 - 2.0 ** -self.options.blip_max_bits)
+
+    def limits(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """[prev − bound·2^−bits, prev + bound·2^−bits] ∩ ±edge per parameter. Derived from bits and
+        prev (recomputed whenever they change), so not part of the state."""
+        if self._limits is None:
+            self._limits = {}
+            for n, prev in self.prev.items():
+                width = self.bound[n] * torch.exp2(-self.bits[n].to(prev.dtype))
+                self._limits[n] = ((prev - width).clamp_(min=-self.edge(n)),
+                                   (prev + width).clamp_(max=self.edge(n)))
+        return self._limits
+
+    @torch.no_grad()
+    def after_step(self):
+        for n, (low, high) in self.limits().items():
+            p = self.params[n]
+            torch.clamp(p, low, high, out=p)
+        if self.tasks_done:
+            for n, p in self.others.items():
+                p.copy_(self.frozen[n])
+
+    @torch.no_grad()
+    def after_task(self, task):
+        t, max_bits = self.tasks_done, self.options.blip_max_bits
+        names = list(self.params)
+        fisher = self.mechanism.fisher(task, names, self.options.blip_fisher_samples, False, "blip fisher")
+        for n in names:
+            f_new = fisher[n].to(self.f_old[n].dtype)
+            gain = information_gain(f_new, self.f_old[n], t).nan_to_num(nan=0.0)
+            self.f_old[n] = ((t + 1) * self.f_old[n] + f_new) / (t + 2)
+            added = gain.ceil().clamp(0, max_bits)
+            bits = (self.bits[n].float() + added).clamp(max=max_bits)
+            self.bits[n] = bits.to(torch.uint8)
+            self.prev[n] = quantise(self.params[n].detach(), self.bits[n], self.bound[n])
+            self.params[n].copy_(self.prev[n])
+        self._limits = None
+        if t == 0:
+            for n, p in self.others.items():
+                self.frozen[n].copy_(p)
+            self._freeze_norm_statistics()
+        self.tasks_done += 1
+
+    def _freeze_norm_statistics(self) -> None:
+        """Keep the shared batch-norm layers in eval mode for good: they normalise with task 0's
+        running statistics and never update them (the engine puts the model in train mode at each
+        task start, hence a pre-forward hook rather than one .eval())."""
+        if self._hooks:
+            return
+        for m in self.norms:
+            self._hooks.append(m.register_forward_pre_hook(_stay_in_eval_mode))
+
+    # Figures -------------------------------------------------------------------------------
+
+    def _all_bits(self) -> torch.Tensor:
+        return torch.cat([b.flatten() for b in self.bits.values()])
+
+    def capacity(self) -> float:
+        """Σ bits / (max_bits · number of quantised parameters)."""
+        bits = self._all_bits()
+        return float(bits.sum(dtype=torch.float64)) / (self.options.blip_max_bits * bits.numel())
+
+    def step_metrics(self):
+        if not hasattr(self, "_bits_mean") or self._bits_mean[0] != self.tasks_done:
+            self._bits_mean = (self.tasks_done, float(self._all_bits().float().mean()))
+        return {"strategy/blip_bits_mean": self._bits_mean[1]}
+
+    def task_metrics(self):
+        bits = self._all_bits()
+        ordered = bits.float().sort().values
+        # Evenly spaced quantiles of the bits: the same histogram shape in TensorBoard at a fixed
+        # size (the full tensor would put millions of numbers into log.jsonl for a ResNet).
+        picks = torch.linspace(0, len(ordered) - 1, min(len(ordered), HISTOGRAM_POINTS)).round().long()
+        return {"blip_bits_mean": float(bits.float().mean()),
+                "blip_capacity": self.capacity(),
+                "blip_frozen_share": float((bits > 0).float().mean()),
+                "blip_bits_histogram": ordered[picks],
+                "blip_bits_counts": torch.bincount(bits.long(), minlength=self.options.blip_max_bits + 1).tolist(),
+                "blip_parameters": bits.numel()}
+
+    # State ---------------------------------------------------------------------------------
+
+    def state_tensors(self):
+        return [*self.bits.values(), *self.prev.values(), *self.f_old.values(), *self.frozen.values()]
+
+    def state_dict(self):
+        return {"tasks_done": self.tasks_done,
+                **{key: {n: v.clone() for n, v in getattr(self, key).items()}
+                   for key in ("bits", "prev", "f_old", "frozen")}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state):
+        for key in ("bits", "prev", "f_old", "frozen"):
+            mine = getattr(self, key)
+            if set(state[key]) != set(mine):
+                raise UserError(f"the BLIP checkpoint does not match this model ({key} names differ)")
+            for n, v in state[key].items():
+                mine[n] = v.to(device=mine[n].device, dtype=mine[n].dtype).clone()
+        self.tasks_done = state["tasks_done"]
+        self._limits = None
+        if self.tasks_done:
+            self._freeze_norm_statistics()
+
+
+def _stay_in_eval_mode(module, args):
+    module.training = False

@@ -1,0 +1,320 @@
+"""BLIP (strategies/blip.py, ../shared/design/blip.md): hand-computed formulas, and the promises
+of the note checked on real split_digits runs through the engine."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from clsim import config, engine
+from clsim.errors import UserError
+from clsim.learners.supervised import SupervisedLearner
+from clsim.models import MultiHeadNet, ResNet18
+from clsim.privacy.ledger import Ledger
+from clsim.privacy.mechanism import Mechanism
+from clsim.registry import SCENARIOS, STRATEGIES
+from clsim.scenario import Scenario
+from strategies.blip import BLIP, information_gain, quantise
+from conftest import read_summary, run_cli
+
+# Settings where naive fine-tuning visibly forgets on split_digits task_il (BWT about -10).
+EPOCHS, LR = 10, 0.2
+
+
+def build(strategy: str, setting="task_il", seed=0, strategy_values=None, make_model=None, n_tasks=5):
+    run = config.build(config.RunOptions, {"setting": setting, "seed": seed})
+    entry = SCENARIOS.get("split_digits")
+    scenario = entry.target(config.build(entry.options, {"n_tasks": n_tasks}), run)
+    if make_model is not None:
+        scenario.make_model = make_model
+    st = STRATEGIES.get(strategy)
+    strat = st.target(config.build(st.target.Options, strategy_values or {}))
+    torch.manual_seed(seed)
+    learner = SupervisedLearner(scenario.make_model(), lr=LR, momentum=0.0, batch_size=32,
+                                device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
+    return scenario, strat, learner
+
+
+def run(scenario, strat, learner, loggers=(), epochs=EPOCHS):
+    return engine.run(scenario, strat, learner, Mechanism(), Ledger(), list(loggers), epochs)
+
+
+class IntervalWatch:
+    """An observer: after every step, checks each quantised parameter against the interval left
+    open by the bits and frozen values in force since the last task end (its own snapshot)."""
+
+    def __init__(self, strategy, learner):
+        self.strategy, self.learner = strategy, learner
+        self.snapshots, self.tasks, self.steps, self.worst = [], [], 0, 0.0
+
+    def snapshot(self):
+        s = self.strategy
+        return {n: (s.bits[n].clone(), s.prev[n].clone()) for n in s.params}
+
+    def step(self, record):
+        s = self.strategy
+        if not self.snapshots:
+            self.snapshots.append(self.snapshot())
+            assert all(int(b.max()) == 0 and float(p.abs().max()) == 0.0
+                       for b, p in self.snapshots[0].values())
+        max_bits = s.options.blip_max_bits
+        for n, (bits, prev) in self.snapshots[-1].items():
+            bound = s.bound[n]
+            edge = bound * (1 - 2.0 ** -max_bits)
+            width = bound * torch.pow(2.0, -bits.double())
+            low = torch.clamp(prev.double() - width, min=-edge)
+            high = torch.clamp(prev.double() + width, max=edge)
+            w = s.params[n].detach().double()
+            outside = torch.maximum(low - w, w - high).max().item()
+            self.worst = max(self.worst, outside / bound)
+        self.steps += 1
+
+    def task(self, record):
+        snap = self.snapshot()
+        for n, (bits, prev) in snap.items():   # quantise-and-freeze set each weight to its frozen value
+            assert torch.equal(self.strategy.params[n].detach(), prev), n
+        self.snapshots.append(snap)
+        self.tasks.append(record)
+
+    def close(self, summary):
+        pass
+
+
+@pytest.fixture(scope="module")
+def blip_run():
+    scenario, strat, learner = build("blip")
+    watch = IntervalWatch(strat, learner)
+    summary = run(scenario, strat, learner, [watch])
+    return summary, watch, strat, learner, scenario
+
+
+@pytest.fixture(scope="module")
+def naive_run():
+    scenario, strat, learner = build("naive")
+    return run(scenario, strat, learner)
+
+
+# Formulas on hand-computed numbers -----------------------------------------------------------
+
+def test_quantise_maps_hand_picked_values():
+    w = torch.tensor([0.3, -0.7, 0.3, 0.9, 0.2, -0.26, 0.99])
+    bits = torch.tensor([2, 2, 0, 0, 3, 1, 20], dtype=torch.uint8)
+    # bound 1: round(0.3·4)/4 = 0.25; round(-2.8)/4 = -0.75; bits 0 -> 0 (even where |w| > bound/2);
+    # round(0.2·8)/8 = 0.25; round(-0.52)/2 = -0.5; round(0.99·2^20)/2^20.
+    expected = [0.25, -0.75, 0.0, 0.0, 0.25, -0.5, round(0.99 * 2 ** 20) / 2 ** 20]
+    assert quantise(w, bits, 1.0).tolist() == pytest.approx(expected, abs=1e-7)
+    # The bound scales the grid: bound 0.5, 3 bits: 0.2/0.5·8 = 3.2 -> 3/8·0.5 = 0.1875.
+    assert quantise(torch.tensor([0.2, -0.2]), torch.tensor([3, 3], dtype=torch.uint8), 0.5).tolist() \
+        == [0.1875, -0.1875]
+
+
+def test_information_gain_matches_formula_by_hand():
+    f_old = torch.tensor([1.0, 1.0, 1.0, 2.0])
+    # t = 0: 0.5·log2((F_new + F_old) / (2 F_old)); F_new 3 -> 0.5·log2(2) = 0.5; 15 -> 0.5·log2(8)
+    # = 1.5; 0 -> 0.5·log2(1/2) = -0.5; F_old 2, F_new 30 -> 0.5·log2(32/4) = 1.5.
+    got = information_gain(torch.tensor([3.0, 15.0, 0.0, 30.0]), f_old, 0)
+    assert got.tolist() == pytest.approx([0.5, 1.5, -0.5, 1.5], abs=1e-6)
+    # t = 2: 0.5·log2((F_new + 3 F_old) / (4 F_old)); F_new 13, F_old 1 -> 0.5·log2(4) = 1.
+    assert information_gain(torch.tensor([13.0]), torch.tensor([1.0]), 2).item() == pytest.approx(1.0)
+    assert information_gain(torch.tensor([5.0]), torch.tensor([1.0]), 1).item() == \
+        pytest.approx(0.5 / math.log(2) * math.log(7 / 3))
+
+
+class FixedFisher(Mechanism):
+    """The plain mechanism with a chosen Fisher, to follow bits through after_task by hand."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = values
+
+    def fisher(self, task, names, n_samples, empirical, purpose):
+        return {n: torch.full_like(dict(self.learner.model.named_parameters())[n], self.values[n])
+                for n in names}
+
+
+def test_after_task_allocates_ceil_of_gain_and_caps_at_max_bits():
+    scenario, strat, learner = build("blip", strategy_values={"blip_f_prior": 1e-3, "blip_max_bits": 6})
+    names = ["backbone.body.1.weight", "backbone.body.1.bias", "backbone.body.3.weight"]
+    mech = FixedFisher({})
+    mech.setup(learner, scenario, Ledger())
+    strat.setup(learner, scenario, mech)
+    assert sorted(strat.params) == sorted(names + ["backbone.body.3.bias"])  # heads stay out (task_il)
+    f0 = {n: 1e-3 * strat.fan_in[n] for n in strat.params}        # F_old at the start
+    # gains at t=0: 0.5·log2((F+F0)/(2F0)): F=15F0 -> 1.5 (2 bits); F=0 -> -0.5 (0 bits);
+    # F=1e9 F0 -> ~14.5 (capped at 6); F=3F0 -> 0.5 (1 bit).
+    mech.values = {names[0]: 15 * f0[names[0]], names[1]: 0.0, names[2]: 1e9 * f0[names[2]],
+                   "backbone.body.3.bias": 3 * f0["backbone.body.3.bias"]}
+    strat.after_task(scenario.tasks[0])
+    assert [int(strat.bits[n].unique().item()) for n in names + ["backbone.body.3.bias"]] == [2, 0, 6, 1]
+    # F_old <- (F_old + F_new) / 2, and at t=1 the gain of F_new = 5·F_old is 0.5·log2(7/3) -> 1 bit.
+    assert strat.f_old[names[0]][0, 0].item() == pytest.approx(8 * f0[names[0]], rel=1e-5)
+    mech.values = {n: 5 * strat.f_old[n].flatten()[0].item() for n in strat.params}
+    strat.after_task(scenario.tasks[1])
+    assert [int(strat.bits[n].unique().item()) for n in names + ["backbone.body.3.bias"]] == [3, 1, 6, 2]
+    # Frozen values are the quantised weights (bits 0 -> 0), and the weights were set to them.
+    w = strat.params[names[0]]
+    assert torch.equal(w.detach(), strat.prev[names[0]])
+    assert torch.equal(strat.prev[names[1]], torch.zeros_like(strat.prev[names[1]]))
+    assert torch.equal(torch.round(w.detach() / strat.bound[names[0]] * 8) / 8 * strat.bound[names[0]], w.detach())
+
+
+def test_initial_weights_normal_with_std_one_over_sqrt_fan_in_inside_bound():
+    scenario, strat, learner = build("blip")
+    mech = Mechanism()
+    mech.setup(learner, scenario, Ledger())
+    strat.setup(learner, scenario, mech)
+    w = strat.params["backbone.body.1.weight"].detach()     # 64 -> 100
+    assert strat.bound["backbone.body.1.weight"] == pytest.approx(6 / math.sqrt(64))
+    assert w.std().item() == pytest.approx(1 / math.sqrt(64), rel=0.05)
+    assert w.abs().max().item() <= strat.edge("backbone.body.1.weight")
+
+
+# Promises of the note, on a real split_digits task_il run --------------------------------------
+
+def test_no_parameter_ever_leaves_its_frozen_interval(blip_run):
+    summary, watch, strat, *_ = blip_run
+    assert watch.steps == summary["steps"] == 5 * EPOCHS * 8
+    assert watch.worst <= 2.0 ** -21, watch.worst
+    # The check is not vacuous: most parameters carry frozen bits from task 1 on.
+    assert float(torch.cat([b.flatten() for b, _ in watch.snapshots[1].values()]).gt(0).float().mean()) > 0.3
+
+
+def test_bits_never_decrease_and_never_exceed_max_bits(blip_run):
+    _, watch, strat, *_ = blip_run
+    max_bits = strat.options.blip_max_bits
+    for before, after in zip(watch.snapshots, watch.snapshots[1:]):
+        for n in before:
+            assert bool((after[n][0] >= before[n][0]).all()), n
+            assert int(after[n][0].max()) <= max_bits
+    grew = sum(int((watch.snapshots[-1][n][0] > watch.snapshots[1][n][0]).sum()) for n in watch.snapshots[1])
+    assert grew > 0   # later tasks do add bits
+
+
+def test_capacity_grows_with_tasks_and_stays_below_one(blip_run):
+    _, watch, strat, *_ = blip_run
+    caps = [r["strategy"]["blip_capacity"] for r in watch.tasks]
+    assert all(a <= b for a, b in zip(caps, caps[1:])) and caps[-1] > caps[0]
+    assert 0 < caps[0] and caps[-1] < 1
+    final = torch.cat([b.flatten() for b, _ in watch.snapshots[-1].values()]).double()
+    assert caps[-1] == pytest.approx(final.sum().item() / (strat.options.blip_max_bits * final.numel()))
+    counts = watch.tasks[-1]["strategy"]["blip_bits_counts"]
+    assert sum(counts) == final.numel() and len(counts) == strat.options.blip_max_bits + 1
+    hist = watch.tasks[-1]["strategy"]["blip_bits_histogram"]
+    assert hist.numel() == 1000 and hist.mean().item() == pytest.approx(final.mean().item(), abs=0.1)
+
+
+def test_strategy_state_bytes_are_the_same_after_task_2_and_after_the_last(blip_run):
+    _, watch, strat, *_ = blip_run
+    sizes = [r["memory"]["strategy_state_bytes"] for r in watch.tasks]
+    n = sum(p.numel() for p in strat.params.values())
+    assert sizes[1] == sizes[-1] == n * (1 + 4 + 4)   # uint8 bits, float32 frozen value and F_old
+
+
+def test_blip_forgets_much_less_than_naive(blip_run, naive_run):
+    blip = blip_run[0]
+    assert naive_run["bwt"] < -5.0, naive_run["bwt"]          # naive visibly forgets here
+    assert blip["bwt"] > -1.5 and blip["bwt"] > naive_run["bwt"] + 5.0
+    assert blip["acc"] > naive_run["acc"]
+
+
+def test_checkpointed_state_reloads_exactly(blip_run, tmp_path):
+    _, _, strat, learner, scenario = blip_run
+    torch.save({"model": learner.model.state_dict(), "strategy": strat.state_dict()}, tmp_path / "c.pt")
+    saved = torch.load(tmp_path / "c.pt")
+    _, fresh, fresh_learner = build("blip", seed=1)      # a different initialisation ...
+    mech = Mechanism()
+    mech.setup(fresh_learner, scenario, Ledger())
+    fresh.setup(fresh_learner, scenario, mech)
+    fresh_learner.model.load_state_dict(saved["model"])
+    fresh.load_state_dict(saved["strategy"])             # ... replaced exactly by the checkpoint
+    assert fresh.tasks_done == strat.tasks_done == 5
+    for key in ("bits", "prev", "f_old", "frozen"):
+        for n, v in getattr(strat, key).items():
+            assert torch.equal(getattr(fresh, key)[n], v) and getattr(fresh, key)[n].dtype == v.dtype
+    # Same clamp from the reloaded state: push every weight far and compare.
+    with torch.no_grad():
+        for s in (strat, fresh):
+            for p in s.params.values():
+                p.add_(torch.linspace(-1, 1, p.numel()).view_as(p))
+            s.after_step()
+    for n in strat.params:
+        assert torch.equal(strat.params[n], fresh.params[n])
+    assert engine.memory(fresh_learner, fresh)["strategy_state_bytes"] == \
+        engine.memory(learner, strat)["strategy_state_bytes"]
+
+
+# Normalisation layers, CLI, settings ---------------------------------------------------------
+
+def test_batch_norm_statistics_and_affine_frozen_after_task_0():
+    model = lambda: MultiHeadNet(ResNet18(1, width=4), [2, 2])  # noqa: E731 (8x8 digits -> 1x1)
+    scenario, strat, learner = build("blip", make_model=model, n_tasks=5)
+    scenario.tasks = scenario.tasks[:2]
+    bns = {n: m for n, m in learner.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+
+    class Watch:
+        frozen = None
+        changed = 0
+
+        def step(self, record):
+            if self.frozen is None:
+                return
+            for n, m in bns.items():
+                ref = self.frozen[n]
+                self.changed += sum(not torch.equal(a, b) for a, b in
+                                    zip((m.running_mean, m.running_var, m.weight, m.bias), ref))
+
+        def task(self, record):
+            if self.frozen is None:
+                self.frozen = {n: [t.detach().clone() for t in (m.running_mean, m.running_var, m.weight, m.bias)]
+                               for n, m in bns.items()}
+
+        def close(self, summary):
+            pass
+
+    watch = Watch()
+    before = {n: m.running_mean.clone() for n, m in bns.items()}
+    summary = run(scenario, strat, learner, [watch], epochs=2)
+    assert summary["steps"] > 0 and watch.frozen is not None
+    assert watch.changed == 0
+    assert any(not torch.equal(before[n], watch.frozen[n][0]) for n in bns)  # task 0 did learn them
+    # Convolutions are quantised, affine batch-norm parameters are not (frozen whole instead).
+    assert "backbone.conv1.weight" in strat.params and "backbone.bn1.weight" in strat.frozen
+
+
+def test_cli_class_il_quantises_the_shared_head_and_logs_figures(tmp_path):
+    run_cli("--strategy", "blip", "--setting", "class_il", "--epochs", "2", "--blip-fisher-samples", "300",
+            out=tmp_path)
+
+    import json
+    summary = read_summary(tmp_path)
+    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").open()]
+    tasks = [r for r in records if r["kind"] == "task"]
+    # MLP 64-100-100 plus the shared 100 -> 10 head: all quantised in class_il.
+    assert tasks[-1]["strategy"]["blip_parameters"] == 64 * 100 + 100 + 100 * 100 + 100 + 100 * 10 + 10
+    assert all("strategy/blip_bits_mean" in r for r in records if r["kind"] == "step")
+    assert summary["memory"]["strategy_state_bytes"] == tasks[1]["memory"]["strategy_state_bytes"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert "strategy/blip_bits_histogram" in acc.Tags()["histograms"]
+    assert len(acc.Scalars("strategy/blip_capacity")) == 5
+    # The checkpoint holds the state the model was frozen to: weights equal their frozen values.
+    ckpt = torch.load(run_dir / "checkpoint.pt")
+    assert torch.equal(ckpt["model"]["heads.0.weight"], ckpt["strategy"]["prev"]["heads.0.weight"])
+    assert int(ckpt["strategy"]["bits"]["heads.0.weight"].max()) > 0
+
+
+def test_momentum_is_refused_without_a_run_directory(tmp_path):
+    proc = run_cli("--strategy", "blip", "--momentum", "0.9", out=tmp_path, check=False)
+    assert proc.returncode == 2 and "plain SGD" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+def test_option_bounds_are_user_errors():
+    with pytest.raises(UserError):
+        config.build(BLIP.Options, {"blip_max_bits": 40})
+    with pytest.raises(UserError):
+        config.build(BLIP.Options, {"blip_bound_rule": "fan_out"})
