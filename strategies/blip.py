@@ -81,8 +81,11 @@ class BLIP(Strategy):
         self.f_prior = o.blip_f_prior or self.default_f_prior(scenario)
         rule = o.blip_bound_rule if o.blip_bound_rule != "auto" else ("max_fan" if self.is_rl else "fan_in")
         shared = dict(learner.shared_parameters())
-        if o.blip_quantise_head and scenario.setting != "task_il":
-            shared.update({n: p for n, p in learner.model.named_parameters() if learner.is_head(n)})
+        if scenario.setting != "task_il":
+            # The single output head, by name (learner.is_head also names e.g. RL critics).
+            head = {n: p for n, p in learner.model.named_parameters() if n.startswith(learner.HEAD_PREFIXES)}
+            shared = {**shared, **head} if o.blip_quantise_head else \
+                {n: p for n, p in shared.items() if n not in head}
 
         self.params: dict[str, nn.Parameter] = {}
         self.bound: dict[str, float] = {}
@@ -124,7 +127,8 @@ class BLIP(Strategy):
 
     @torch.no_grad()
     def _initialise(self, rule: str) -> None:
-        """Weights ~ normal(0, 1/sqrt(fan)) kept inside ±bound; biases keep torch's init (|b| ≤ 1)."""
+        """Weights ~ normal(0, bound/6), i.e. 1/sqrt(fan_in) (1/sqrt(max fan) under the RL bound
+        rule), kept inside ±bound; biases keep the model's initialisation, clamped to ±1."""
         gen = self.learner.generator
         for n, p in self.params.items():
             if n.endswith("weight"):

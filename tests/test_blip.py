@@ -318,3 +318,15 @@ def test_option_bounds_are_user_errors():
         config.build(BLIP.Options, {"blip_max_bits": 40})
     with pytest.raises(UserError):
         config.build(BLIP.Options, {"blip_bound_rule": "fan_out"})
+
+
+@pytest.mark.parametrize("quantise_head", [True, False])
+def test_class_il_single_head_quantised_unless_disabled(quantise_head):
+    scenario, strat, learner = build("blip", setting="class_il",
+                                     strategy_values={"blip_quantise_head": quantise_head})
+    mech = Mechanism()
+    mech.setup(learner, scenario, Ledger())
+    strat.setup(learner, scenario, mech)
+    assert ("heads.0.weight" in strat.params) == quantise_head
+    assert "heads.0.weight" not in strat.frozen        # never frozen whole either
+    assert strat.f_prior == 1e-15                       # digits: the MNIST default
