@@ -1,0 +1,229 @@
+"""Experience replay (ER) and Dark Experience Replay++ (DER++, Buzzega et al. 2020).
+
+Both keep a reservoir buffer of training examples seen so far (Vitter's algorithm R: the n-th
+example seen enters with probability size/n, replacing a uniformly chosen slot), drawn from the
+learner's seeded generator. Each step draws buffer batches and adds their terms to the current
+batch's per-example losses, from the second task on:
+
+    ER:    CE(current) + er_weight * CE(buffer draw)
+    DER++: CE(current) + alpha * MSE(logits(buffer draw 1), stored logits) + beta * CE(buffer draw 2)
+
+Stored logits are the model's outputs for the example when it entered the buffer (before that
+step's update). The buffer lives on the CPU and keeps examples un-augmented; draws get the
+learner's augmentation, as training batches do. Keeping raw examples
+is a raw touch of every task's data in the privacy ledger. Training FLOPs are counted with
+clsim.flops over every example forwarded, so replay runs compare with sparse ones.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from clsim.config import opt
+from clsim.flops import TrainingFlops
+from clsim.learners import Batch
+from clsim.metrics import tensor_bytes
+from clsim.registry import register_strategy
+from clsim.strategy import Strategy
+
+
+class ReservoirBuffer:
+    """Fixed-size reservoir of (x, y, t, logits); storage is allocated on the first insert."""
+
+    def __init__(self, size: int, generator: torch.Generator):
+        self.size, self.generator = size, generator
+        self.seen = 0          # examples offered so far, across epochs and tasks
+        self.count = 0         # filled slots
+        self.x = self.y = self.t = self.logits = None
+
+    def add(self, x, y, t, logits) -> torch.Tensor:
+        """Offer a batch in order; returns the slot each example went to (-1: not kept)."""
+        n = len(y)
+        position = self.seen + torch.arange(n)                      # 0-based arrival number
+        draw = (torch.rand(n, generator=self.generator) * (position + 1)).long()
+        slot = torch.where(position < self.size, position, draw)
+        slot = torch.where(slot < self.size, slot, torch.full_like(slot, -1))
+        self.seen += n
+        if self.x is None:
+            dev = x.device
+            self.x = torch.zeros((self.size, *x.shape[1:]), dtype=x.dtype, device=dev)
+            self.y = torch.zeros(self.size, dtype=y.dtype, device=dev)
+            self.t = torch.zeros(self.size, dtype=torch.long, device=dev)
+            self.logits = torch.zeros((self.size, logits.shape[1]), dtype=logits.dtype, device=dev)
+        # Within one batch a later example overwrites an earlier one on the same slot, as if
+        # they had been offered one at a time: keep only each slot's last writer.
+        keep = slot >= 0
+        later = (slot.unsqueeze(0) == slot.unsqueeze(1)).triu(1).any(1)
+        keep &= ~later
+        rows, slots = keep.nonzero().squeeze(1), slot[keep]
+        self.x[slots], self.y[slots], self.t[slots] = x[rows], y[rows], t[rows]
+        self.logits[slots] = self._fit(logits[rows])
+        self.count = min(self.size, self.count + int((position < self.size).sum()))
+        return slot
+
+    def _fit(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits padded with -inf to the buffer's width (task heads may differ in size)."""
+        width = self.logits.shape[1]
+        if logits.shape[1] == width:
+            return logits
+        if logits.shape[1] > width:
+            pad = self.logits.new_full((self.size, logits.shape[1] - width), float("-inf"))
+            self.logits = torch.cat([self.logits, pad], 1)
+            return logits
+        return torch.cat([logits, logits.new_full((len(logits), width - logits.shape[1]), float("-inf"))], 1)
+
+    def sample(self, k: int):
+        """k distinct stored examples drawn uniformly (all of them when fewer are stored)."""
+        pick = torch.randperm(self.count, generator=self.generator)[:k]
+        return self.x[pick], self.y[pick], self.t[pick], self.logits[pick]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [] if self.x is None else [self.x, self.y, self.t, self.logits]
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen, "count": self.count, "tensors": self.tensors()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen, self.count = state["seen"], state["count"]
+        if state["tensors"]:
+            self.x, self.y, self.t, self.logits = state["tensors"]
+
+
+@dataclass
+class ReplayOptions:
+    replay_size: int = opt(500, "examples kept in the reservoir buffer", low=1)
+    replay_batch: int = opt(32, "examples in each buffer draw (0: the learner's batch size)", low=0)
+    replay_mask_current: bool = opt(False, "class_il: the current batch's cross-entropy sees only the "
+                                    "current task's classes (SparCL's use_cl_mask; off in standard ER/DER++)")
+
+
+class Replay(Strategy):
+    """Shared machinery of ER and DER++ (not registered: pick er or derpp)."""
+
+    Options = ReplayOptions
+
+    def setup(self, learner, scenario, mechanism):
+        super().setup(learner, scenario, mechanism)
+        self.buffer = ReservoirBuffer(self.options.replay_size, learner.generator)
+        self.flops = TrainingFlops(learner.model, scenario.tasks[0].train.x[:1])
+        self._pending = None
+        self._forwarded = None
+        self._last_terms: dict[str, float] = {}
+        self.tasks_done = 0
+
+    def after_task(self, task):
+        self.tasks_done += 1
+
+    def before_task(self, task):
+        self.task = task
+        self.ledger.raw(task.dataset_id, "replay buffer")
+
+    def current_losses(self, batch, losses, outputs):
+        """Cross-entropy of the current batch, optionally over the current task's classes only."""
+        if not (self.options.replay_mask_current and self.scenario.setting == "class_il"):
+            return losses
+        allowed = torch.zeros(outputs.shape[1], dtype=torch.bool, device=outputs.device)
+        allowed[list(self.task.classes)] = True
+        return F.cross_entropy(outputs.masked_fill(~allowed, float("-inf")), batch.y, reduction="none")
+
+    def loss(self, batch, losses, outputs):
+        losses = self.current_losses(batch, losses, outputs)
+        forwarded = [batch.t]
+        if self.tasks_done > 0:          # replay from the second task on (as SparCL's code does)
+            k = self.options.replay_batch or self.learner.batch_size
+            extra, terms = self.replay_terms(k, forwarded)
+            losses = losses + extra           # a scalar per batch, added to every example's loss
+            self._last_terms = terms
+        self._forwarded = torch.cat([t.cpu() for t in forwarded])
+        self._pending = (batch, outputs.detach())
+        return losses
+
+    def replay_terms(self, k: int, forwarded: list) -> tuple[torch.Tensor, dict]:
+        """The buffer's loss terms (a scalar) and their values; appends the task ids forwarded."""
+        x, y, t, _ = self.draw(k)
+        forwarded.append(t)
+        ce = self.learner.forward(Batch(x, y, t, torch.full((len(y),), -1)))[0].mean()
+        weight = self.options.er_weight
+        return weight * ce, {"replay_ce": float(ce.detach())}
+
+    def after_step(self):
+        self.count_flops()
+        batch, outputs = self._pending
+        x = batch.x
+        if getattr(self.learner, "augment", None) is not None and bool((batch.index >= 0).all()):
+            x = self.task.train.x[batch.index.cpu()]   # keep the example un-augmented; draws augment it
+        self.buffer.add(x.cpu(), batch.y.cpu(), batch.t.cpu(), outputs.cpu())
+
+    def draw(self, k: int):
+        """k buffer examples on the learner's device (augmented like training batches)."""
+        x, y, t, logits = self.buffer.sample(k)
+        if getattr(self.learner, "augment", None) is not None:
+            x = self.learner.augment(x, self.learner.generator)
+        dev = self.learner.device
+        return x.to(dev), y.to(dev), t.to(dev), logits.to(dev)
+
+    # FLOPs: dense here; SparCL overrides the densities.
+    def weight_density(self) -> dict[str, float]:
+        return {}
+
+    def grad_density(self) -> dict[str, float]:
+        return {}
+
+    def count_flops(self) -> None:
+        self.flops.add(self._forwarded, self.weight_density(), self.grad_density())
+
+    def step_metrics(self):
+        return {"strategy/train_flops": self.flops.total, "strategy/buffer_bytes": self.buffer_bytes(),
+                **{f"strategy/{k}": v for k, v in self._last_terms.items()}}
+
+    def task_metrics(self):
+        return {"train_flops": self.flops.total, "buffer_bytes": self.buffer_bytes(),
+                "buffer_count": self.buffer.count, "buffer_seen": self.buffer.seen}
+
+    def buffer_bytes(self) -> int:
+        return tensor_bytes(self.buffer.tensors())
+
+    def state_tensors(self):
+        return self.buffer.tensors()
+
+    def state_dict(self):
+        return {"buffer": self.buffer.state_dict(), "train_flops": self.flops.total, "tasks_done": self.tasks_done}
+
+    def load_state_dict(self, state):
+        self.buffer.load_state_dict(state["buffer"])
+        self.flops.total, self.tasks_done = state["train_flops"], state["tasks_done"]
+
+
+@register_strategy("er")
+class ER(Replay):
+    """Experience replay: a reservoir buffer replayed with a cross-entropy term every step."""
+
+    @dataclass
+    class Options(ReplayOptions):
+        er_weight: float = opt(1.0, "weight of the buffer batch's cross-entropy", low=0.0)
+
+
+@register_strategy("derpp")
+class DERPP(Replay):
+    """DER++: replay of stored logits (MSE, alpha) and labels (CE, beta) from a reservoir buffer."""
+
+    @dataclass
+    class Options(ReplayOptions):
+        derpp_alpha: float = opt(0.1, "α: weight of the MSE between current and stored logits", low=0.0)
+        derpp_beta: float = opt(0.5, "β: weight of the cross-entropy on a second buffer draw", low=0.0)
+
+    def replay_terms(self, k, forwarded):
+        x1, _, t1, stored = self.draw(k)
+        now = self.learner.model(x1, t1)
+        # MSE over the logits each example has (padding of narrower task heads is -inf in both).
+        valid = torch.isfinite(stored)
+        diff = torch.where(valid, now - torch.where(valid, stored, 0.0), 0.0)
+        mse = (diff.pow(2).sum(1) / valid.sum(1).clamp(min=1)).mean()
+        x2, y2, t2, _ = self.draw(k)
+        ce = self.learner.forward(Batch(x2, y2, t2, torch.full((len(y2),), -1)))[0].mean()
+        forwarded += [t1, t2]
+        o = self.options
+        return o.derpp_alpha * mse + o.derpp_beta * ce, {"derpp_mse": float(mse.detach()),
+                                                         "replay_ce": float(ce.detach())}

@@ -1,0 +1,143 @@
+"""ER and DER++: reservoir invariants and uniformity, logits stored at insertion, counted FLOPs,
+and end-to-end runs on real digits through the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from clsim.flops import TrainingFlops, example_flops, forward_flops
+from clsim.models import MultiHeadNet
+from strategies.replay import ReservoirBuffer
+from conftest import read_summary, run_cli
+
+
+def offer_stream(size: int, n: int, batch: int, generator: torch.Generator) -> ReservoirBuffer:
+    buf = ReservoirBuffer(size, generator)
+    ids = torch.arange(n, dtype=torch.float32)
+    for chunk in ids.split(batch):
+        m = len(chunk)
+        buf.add(chunk.view(m, 1), chunk.long(), torch.zeros(m, dtype=torch.long), chunk.view(m, 1))
+    return buf
+
+
+def test_reservoir_invariants_and_logits_travel_with_examples():
+    buf = offer_stream(50, 30, 8, torch.Generator().manual_seed(0))
+    assert buf.count == 30 and buf.seen == 30            # not full yet: everything kept in order
+    assert buf.y[:30].tolist() == list(range(30))
+    buf = offer_stream(50, 1000, 32, torch.Generator().manual_seed(1))
+    assert buf.count == 50 and buf.seen == 1000
+    stored = buf.y.tolist()
+    assert len(set(stored)) == 50                        # a slot holds one example, no duplicates
+    assert torch.equal(buf.x.view(-1).long(), buf.y)     # x, y and logits stay aligned
+    assert torch.equal(buf.logits.view(-1).long(), buf.y)
+
+
+def test_reservoir_inclusion_is_uniform_over_the_stream():
+    """Every one of n offered examples ends in the buffer with probability size/n, whatever its
+    arrival position (batches of 32 with slot collisions inside a batch included)."""
+    size, n, trials = 50, 1000, 150
+    g = torch.Generator().manual_seed(1234)
+    hits = torch.zeros(n)
+    for _ in range(trials):
+        hits[offer_stream(size, n, 32, g).y] += 1
+    assert hits.sum() == size * trials
+    by_position = hits.view(20, 50).sum(1)              # 20 consecutive arrival groups of 50
+    expected = trials * size / 20
+    assert chisquare(by_position).pvalue > 1e-3, by_position
+    # the first 50 examples (guaranteed in at first) are not favoured over the last 50
+    assert abs(by_position[0] - by_position[-1]) < 6 * expected ** 0.5
+
+
+def test_conv_flops_match_hand_count_and_flop_counter():
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    body = nn.Sequential(conv, nn.Flatten())
+    body.out_features = 8 * 8 * 8
+    model = MultiHeadNet(body, [5])
+    x = torch.randn(1, 3, 8, 8)
+    layers = forward_flops(model, x)
+    macs_conv = 8 * 8 * 8 * 3 * 9                        # output positions x channels x (cin x 3 x 3)
+    assert layers == {"backbone.0": 2 * macs_conv, "heads.0": 2 * 512 * 5}
+    # dense training = forward + input gradient + weight gradient; FlopCounterMode agrees on the
+    # conv when its input needs a gradient (conv backward computes both)
+    inp = x.clone().requires_grad_(True)
+    with FlopCounterMode(display=False) as counter:
+        conv(inp).sum().backward()
+    assert example_flops({"c": layers["backbone.0"]}) == counter.get_total_flops() == 3 * 2 * macs_conv
+    # sparse: weight density 0.25, gradient density 0.2 -> (2 * 0.25 + 0.2) x forward
+    assert example_flops({"c": 1000}, {"c": 0.25}, {"c": 0.2}) == pytest.approx(700)
+    counted = TrainingFlops(model, x)
+    step = counted.add(torch.zeros(7, dtype=torch.long), {"backbone.0": 0.5})
+    assert step == pytest.approx(7 * (2 * macs_conv * 1.5 + 3 * 2 * 512 * 5))
+
+
+def test_derpp_stores_the_logits_of_insertion_time(tmp_path):
+    """Run DER++ on real digits in-process for a few steps: stored logits are the outputs the
+    model gave each example before that step's update."""
+    from clsim import cli
+    from clsim.engine import run as engine_run
+    from clsim.privacy.ledger import Ledger
+    from clsim.privacy.mechanism import Mechanism
+    from clsim.learners.supervised import SupervisedLearner
+
+    resolved = cli.parse(["--strategy", "derpp", "--seed", "3"])
+    run = resolved["run"]
+    gen = cli.seed_everything(3)
+    scenario = resolved["scenario"].target(resolved["scenario_options"], run)
+    strategy = resolved["strategy"].target(resolved["strategy_options"])
+    learner = SupervisedLearner(scenario.make_model(), lr=0.05, momentum=0.0, batch_size=32,
+                                device=torch.device("cpu"), generator=gen)
+    seen = []
+
+    class Watch:
+        def step(self, record):
+            if record["step"] <= 3:
+                batch, outputs = strategy._pending
+                slots = torch.arange(32 * (record["step"] - 1), 32 * record["step"])
+                seen.append((strategy.buffer.logits[slots].clone(), outputs.clone(), batch.y.clone(),
+                             strategy.buffer.y[slots].clone()))
+
+        def task(self, record):
+            pass
+
+    scenario.tasks = scenario.tasks[:2]
+    engine_run(scenario, strategy, learner, Mechanism(), Ledger(), [Watch()], epochs=1)
+    for stored, outputs, y, stored_y in seen:
+        assert torch.equal(stored, outputs) and torch.equal(stored_y, y)
+
+
+def test_er_and_derpp_beat_naive_on_digits_and_report_buffer_flops_privacy(tmp_path):
+    acc = {}
+    for name, extra in (("naive", []), ("er", []), ("derpp", ["--derpp-alpha", "0.5", "--derpp-beta", "1.0"])):
+        out = tmp_path / name
+        run_cli("--strategy", name, "--seed", "0", "--progress", "false", *extra, out=out)
+        summary = read_summary(out)
+        acc[name] = summary["acc"]
+        if name == "naive":
+            continue
+        run_dir = next(p for p in out.iterdir() if p.is_dir())
+        records = [json.loads(l) for l in (run_dir / "log.jsonl").read_text().splitlines()]
+        steps = [r for r in records if r["kind"] == "step"]
+        # 500 examples of 1x8x8 float32 + int64 label + int64 task + 10 float32 logits
+        expected_bytes = 500 * (64 * 4 + 8 + 8 + 10 * 4)
+        assert summary["memory"]["strategy_state_bytes"] == expected_bytes
+        assert steps[-1]["strategy/buffer_bytes"] == expected_bytes
+        # dense counted FLOPs: 3 x forward of 64-100-100-10 per example, over current + replayed ones
+        per_example = 3 * 2 * (64 * 100 + 100 * 100 + 100 * 10)
+        draws = 1 if name == "er" else 2
+        first_task = [s for s in steps if s["task"] == 0]
+        assert first_task[-1]["strategy/train_flops"] == pytest.approx(first_task[-1]["examples_seen"] * per_example)
+        forwarded = steps[-1]["examples_seen"] + sum(draws * 32 for s in steps if s["task"] > 0)
+        assert steps[-1]["strategy/train_flops"] == pytest.approx(forwarded * per_example)
+        for ds in summary["privacy"]["datasets"].values():
+            assert {"mechanism": "raw", "purpose": "replay buffer"} in ds["accesses"]
+    assert acc["er"] > acc["naive"] + 20 and acc["derpp"] > acc["naive"] + 20, acc
+
+
+def test_bad_replay_option_is_a_user_error(tmp_path):
+    proc = run_cli("--strategy", "derpp", "--replay-size", "0", out=tmp_path, check=False)
+    assert proc.returncode == 2 and "--replay-size" in proc.stderr and not any(tmp_path.iterdir())
