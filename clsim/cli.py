@@ -19,6 +19,7 @@ from clsim import config, engine
 from clsim.checkpoint import Checkpointer
 from clsim.errors import UserError
 from clsim.loggers import JsonlLogger, ProgressLogger, TensorBoardLogger, to_json
+from clsim.privacy.audit import AuditOptions, mia
 from clsim.privacy.ledger import Ledger
 from clsim.privacy.mechanism import Mechanism
 from clsim.registry import MECHANISMS, SCENARIOS, STRATEGIES
@@ -75,6 +76,7 @@ def parse(argv: list[str]) -> dict:
     parser.add_argument("--list", action="store_true", help="list scenarios, strategies and mechanisms")
     taken: dict[str, str] = {}
     config.add_arguments(parser, config.RunOptions, "run options", taken)
+    config.add_arguments(parser, AuditOptions, "privacy audit", taken)
     config.add_arguments(parser, scenario.options, f"scenario {scenario.name}", taken)
     config.add_arguments(parser, strategy.target.Options, f"strategy {strategy.name}", taken)
     privacy_name = (_peek(argv, "--privacy") or yaml_values.get("privacy") or strategy.target.privacy)
@@ -89,6 +91,7 @@ def parse(argv: list[str]) -> dict:
     args = vars(parser.parse_args(argv))
     return {"args": args, "scenario": scenario, "strategy": strategy, "mechanism": mechanism,
             "run": config.build(config.RunOptions, args),
+            "audit": config.build(AuditOptions, args),
             "scenario_options": config.build(scenario.options, args),
             "strategy_options": config.build(strategy.target.Options, args),
             "mechanism_options": config.build(mechanism.options, args)
@@ -160,6 +163,9 @@ def execute(resolved: dict) -> tuple[Path, dict]:
         if run.checkpoint:
             loggers.append(Checkpointer(partial / "checkpoint.pt", learner, strategy))
         result = engine.run(scenario, strategy, learner, mechanism, ledger, loggers, epochs)
+        audit = resolved.get("audit")
+        if audit is not None and audit.audit == "mia":
+            result["audit"] = mia(learner, scenario, ledger, audit.audit_examples, run.seed)
         summary = {"scenario": sc_entry.name, "strategy": st_entry.name, "setting": scenario.setting,
                    "seed": run.seed, "privacy_mechanism": mechanism.name, "hparams": hparams,
                    "scenario_info": scenario.info, **result}

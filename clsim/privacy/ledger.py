@@ -2,6 +2,8 @@
 
 A raw access (training without a mechanism, a Fisher pass on raw samples, a replay buffer of
 raw examples) makes that dataset's ε infinite; Gaussian-mechanism accesses are accounted.
+The report lists each access with its sample rate, noise multiplier and step count, so anyone
+can recompute ε with their own accountant.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ class Ledger:
     def __init__(self, delta: float = 1e-5, accountant: str = "rdp"):
         self.delta, self.accountant = delta, accountant
         self.accesses: dict[str, list[dict]] = defaultdict(list)
+        self.notes: list[str] = []          # e.g. how δ was chosen, which layers were replaced
+        self._cache: dict[str, tuple[tuple, float]] = {}
 
     def raw(self, dataset: str, purpose: str) -> None:
         """Record a non-private touch of `dataset` (once per purpose)."""
@@ -39,8 +43,15 @@ class Ledger:
         mechanisms = [(a["noise_multiplier"], a["sample_rate"], a["steps"]) for a in log]
         if not mechanisms:
             return 0.0
+        # Called after every step: recompute only when this dataset's accesses changed.
+        key = (tuple(mechanisms), self.delta, self.accountant)
+        cached = self._cache.get(dataset)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         from clsim.privacy.accounting import epsilon
-        return epsilon(mechanisms, self.delta, self.accountant)
+        value = epsilon(mechanisms, self.delta, self.accountant)
+        self._cache[dataset] = (key, value)
+        return value
 
     def worst_epsilon(self) -> float:
         return max((self.epsilon(d) for d in self.accesses), default=0.0)
@@ -50,6 +61,7 @@ class Ledger:
         def num(x):
             return x if math.isfinite(x) else None
         return {"delta": self.delta, "accountant": self.accountant,
-                "epsilon_worst": num(self.worst_epsilon()),
-                "datasets": {d: {"accesses": [dict(a) for a in log], "epsilon": num(self.epsilon(d))}
+                "epsilon_worst": num(self.worst_epsilon()), "notes": list(self.notes),
+                "datasets": {d: {"accesses": [dict(a) for a in log], "epsilon": num(self.epsilon(d)),
+                                 "epsilon_infinite": not math.isfinite(self.epsilon(d))}
                              for d, log in self.accesses.items()}}

@@ -1,0 +1,103 @@
+"""DPlis (Wang et al., PETS 2021): DP-SGD on a loss smoothed by random parameter perturbations.
+
+Each step draws K perturbations u_k ~ N(0, s²I), s = radius·lr·σ·C, shared by the whole batch.
+Example i's gradient is the mean over k of ∇θ ℓ(θ + u_k; x_i) (the paper allows the sum too; the
+mean keeps the scale of C comparable with DP-SGD). It is clipped once and handed to Opacus's
+DPOptimizer as p.grad_sample, so clipping, noise and accounting are exactly DP-SGD's with the
+same (q, σ, steps): the perturbations are data-independent, and each example still contributes
+one clipped vector.
+
+The per-example gradients come from torch.func (functional_call + vmap(grad)), vectorised over
+examples and over chunks of the K copies sized to `dplis_memory_mb`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from clsim.config import opt
+from clsim.errors import UserError
+from clsim.privacy.dpsgd import DPOptions, DPSGD
+from clsim.registry import register_mechanism
+
+
+@dataclass
+class DPlisOptions(DPOptions):
+    dplis_k: int = opt(10, "K: perturbed parameter copies averaged per step", low=1)
+    dplis_radius: float = opt(20.0, "perturbation std in units of lr·σ·C (s = radius·lr·σ·C)", low=0.0)
+    dplis_memory_mb: int = opt(512, "memory for per-example gradients of a chunk of the K copies "
+                               "(more: fewer, larger vectorised chunks)", low=1)
+
+
+class _Loss(nn.Module):
+    """learner.forward as a module of the model, so functional_call can swap its parameters."""
+
+    def __init__(self, learner):
+        super().__init__()
+        self.model = learner.model
+        self._forward = learner.forward
+
+    def forward(self, batch):
+        return self._forward(batch)[0]
+
+
+class DPlis(DPSGD):
+    """DPlis: DP-SGD on a smoothed loss, K parameter perturbations averaged per example."""
+
+    name = "dplis"
+    Options = DPlisOptions
+
+    def prepare(self, learner) -> None:
+        self.wrapper = _Loss(learner)    # no Opacus hooks: gradients come from torch.func
+
+    def per_example_grads(self, losses: torch.Tensor) -> set[nn.Parameter]:
+        batch = self._batch
+        if batch is None or len(batch.y) != len(losses):
+            raise UserError("dplis re-evaluates the loss of the sampled batch at perturbed parameters; "
+                            "strategies that change the batches or add data terms cannot use it")
+        tasks = set(batch.t.unique().tolist())
+        active = self.head_filtered(tasks)
+        free = {n: p for n, p in self.learner.model.named_parameters() if p in active}  # fixed order
+        grads = self.smoothed_grads(batch, free)
+        for n, p in free.items():
+            p.grad_sample = grads[n]
+        return active
+
+    def smoothed_grads(self, batch, free: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+        """Per-example mean over K perturbations of ∇ℓ, for the `free` parameters; rows in batch order."""
+        o, model = self.options, self.learner.model
+        lr = self.optimizer.param_groups[0]["lr"]
+        scale = o.dplis_radius * lr * self.sigma * o.max_grad_norm
+        theta = {n: p.detach() for n, p in free.items()}
+        fixed = {f"model.{n}": t.detach() for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                 if n not in free}
+        K = o.dplis_k
+        # K draws for every parameter, shared across the batch (one stream, seeded from --seed).
+        perturb = {n: scale * torch.randn((K, *t.shape), generator=self.perturb_generator, device=t.device)
+                   for n, t in theta.items()}
+        numel = sum(t.numel() for t in theta.values())
+        chunk = max(1, min(K, (o.dplis_memory_mb << 20) // max(1, 4 * numel * len(batch.y))))
+        total = {n: torch.zeros((len(batch.y), *t.shape), device=t.device) for n, t in theta.items()}
+        for task in batch.t.unique().tolist():
+            rows = torch.nonzero(batch.t == task).squeeze(1)
+            part = type(batch)(batch.x[rows], batch.y[rows], task, batch.index[rows.cpu()])
+
+            def loss_one(params, x, y):
+                one = type(batch)(x[None], y[None], task, part.index[:1])
+                return functional_call(self.wrapper, {**fixed, **{f"model.{n}": v for n, v in params.items()}},
+                                       (one,)).sum()
+
+            per_example = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")
+            per_copy = vmap(per_example, in_dims=(0, None, None), randomness="different")
+            for start in range(0, K, chunk):
+                params = {n: theta[n] + perturb[n][start:start + chunk] for n in theta}
+                g = per_copy(params, part.x, part.y)        # name -> [k, rows, *shape]
+                for n in total:
+                    total[n][rows] += g[n].sum(0)
+        return {n: v / K for n, v in total.items()}
+
+
+register_mechanism("dplis")(DPlis)
