@@ -306,11 +306,13 @@ def test_cli_class_il_quantises_the_shared_head_and_logs_figures(tmp_path):
     assert int(ckpt["strategy"]["bits"]["heads.0.weight"].max()) > 0
 
 
-def test_momentum_is_refused_without_a_run_directory(tmp_path):
-    proc = run_cli("--strategy", "blip", "--momentum", "0.9", out=tmp_path, check=False)
-    assert proc.returncode == 2 and "plain SGD" in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+def test_momentum_is_refused():
+    scenario, strat, learner = build("blip")
+    learner.momentum = 0.9
+    mech = Mechanism()
+    mech.setup(learner, scenario, Ledger())
+    with pytest.raises(UserError, match="plain SGD"):
+        strat.setup(learner, scenario, mech)
 
 
 def test_option_bounds_are_user_errors():
@@ -330,3 +332,43 @@ def test_class_il_single_head_quantised_unless_disabled(quantise_head):
     assert ("heads.0.weight" in strat.params) == quantise_head
     assert "heads.0.weight" not in strat.frozen        # never frozen whole either
     assert strat.f_prior == 1e-15                       # digits: the MNIST default
+
+
+# Policy networks (PPO learner, CartPole) -----------------------------------------------------
+
+def build_cartpole(setting: str):
+    pytest.importorskip("clsim.learners.ppo")
+    if "cartpole" not in SCENARIOS.names():
+        pytest.skip("the cartpole scenario is not in this tree")
+    run_options = config.build(config.RunOptions, {"setting": setting, "seed": 0})
+    entry = SCENARIOS.get("cartpole")
+    scenario = entry.target(config.build(entry.options, {"cartpole_tasks": "conflict", "ppo_timesteps": 1024,
+                                                         "ppo_eval_episodes": 2}), run_options)
+    torch.manual_seed(0)
+    learner = scenario.learner_cls(scenario.make_model(), lr=scenario.defaults.get("lr", 1e-3), momentum=0.0,
+                                   batch_size=scenario.defaults.get("batch_size", 64), device=torch.device("cpu"),
+                                   generator=torch.Generator().manual_seed(0), **scenario.learner_kwargs)
+    return scenario, BLIP(config.build(BLIP.Options, {})), learner
+
+
+def test_blip_on_a_policy_network_keeps_the_trunk_in_its_intervals():
+    scenario, strat, learner = build_cartpole("task_il")
+    watch = IntervalWatch(strat, learner)
+    summary = run(scenario, strat, learner, [watch], epochs=1)
+    # Only the shared trunk is quantised: per-task policy heads and every critic stay float.
+    assert set(strat.params) == {"trunk.1.weight", "trunk.1.bias", "trunk.3.weight", "trunk.3.bias"}
+    assert strat.bound["trunk.1.weight"] == pytest.approx(6 / math.sqrt(max(4, 64)))   # RL bound rule
+    assert strat.f_prior == 5e-18
+    assert watch.steps == summary["steps"] > 0 and watch.worst <= 2.0 ** -21   # clamp holds under Adam
+    assert float(torch.cat([b.flatten() for b, _ in watch.snapshots[1].values()]).gt(0).float().mean()) > 0.5
+    sizes = [r["memory"]["strategy_state_bytes"] for r in watch.tasks]
+    assert sizes[0] == sizes[-1] == sum(p.numel() for p in strat.params.values()) * 9
+
+
+def test_blip_class_il_policy_quantises_the_shared_policy_head_not_the_critic():
+    scenario, strat, learner = build_cartpole("class_il")
+    mech = Mechanism()
+    mech.setup(learner, scenario, Ledger())
+    strat.setup(learner, scenario, mech)
+    assert "heads.0.weight" in strat.params
+    assert not any(n.startswith("critics.") for n in [*strat.params, *strat.frozen])
