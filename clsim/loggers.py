@@ -82,8 +82,11 @@ class TensorBoardLogger:
         w, i = self.writer, record["task"]
         for j, score in enumerate(record["row"]):
             w.add_scalar(f"eval/acc_task_{j}", score, i)
-        for key in ("acc", "bwt", "fwt", "forgetting"):
-            w.add_scalar(f"summary/{key.upper()}", record[key], i)
+        for name, row in record.get("details", {}).items():
+            for j, value in enumerate(row):
+                w.add_scalar(f"eval/{name}_task_{j}", value, i)
+        for key, tag in (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "forgetting")):
+            w.add_scalar(f"summary/{tag}", record[key], i)
         for tag, value in _numbers(record["memory"], "memory/"):
             w.add_scalar(tag, value, i)
         for tag, value in _numbers(record["wall_time"], "time/"):

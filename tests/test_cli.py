@@ -1,0 +1,146 @@
+"""The real CLI on the embedded default scenario: figures, outputs, determinism, bad input."""
+import json
+import math
+
+import pytest
+
+from conftest import read_summary, run_cli
+
+FAST = ("--epochs", "2", "--checkpoint", "false")
+
+
+@pytest.fixture(scope="module")
+def ewc_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ewc")
+    run_cli("--strategy", "ewc", "--setting", "task_il", *FAST, out=out)
+    run_dir = next(p for p in out.iterdir() if p.is_dir())
+    return run_dir, json.loads((run_dir / "summary.json").read_text())
+
+
+def test_summary_holds_the_matrix_and_every_figure(ewc_run):
+    _, s = ewc_run
+    assert (s["scenario"], s["strategy"], s["setting"], s["seed"]) == ("split_digits", "ewc", "task_il", 0)
+    R = s["accuracy_matrix"]
+    assert len(R) == 5 and all(len(row) == 5 for row in R)
+    assert all(0.0 <= x <= 100.0 for row in R for x in row)
+    assert s["acc"] == pytest.approx(sum(R[4]) / 5)
+    assert s["bwt"] == pytest.approx(sum(R[4][j] - R[j][j] for j in range(4)) / 4)
+    for key in ("fwt", "forgetting"):
+        assert math.isfinite(s[key])
+    mem = s["memory"]
+    assert mem["parameter_bytes"] > 0 and mem["peak_rss_bytes"] > mem["parameter_bytes"]
+    # separate-mode EWC keeps a Fisher and an anchor per task: 2 x 5 copies of the shared weights
+    assert mem["strategy_state_bytes"] > 0
+    assert set(s["wall_time"]) >= {"train", "strategy", "eval", "total"}
+    assert s["privacy"]["epsilon_worst"] is None  # no mechanism: raw access, ε = ∞
+
+
+def test_jsonl_has_a_record_per_step_and_per_task(ewc_run):
+    run_dir, s = ewc_run
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
+    tasks = [r for r in records if r["kind"] == "task"]
+    assert len(steps) == s["steps"] and len(tasks) == 5
+    assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
+    assert all(math.isfinite(r["loss"]) for r in steps)
+    assert any("strategy/ewc_penalty" in r for r in steps)
+    assert [t["row"] for t in tasks] == s["accuracy_matrix"]
+
+
+def test_tensorboard_events_read_back_with_their_tags(ewc_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    run_dir, s = ewc_run
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    for tag in ("train/loss", "train/lr", "train/steps_per_sec", "eval/acc_task_0", "eval/acc_task_4",
+                "summary/ACC", "summary/BWT", "summary/FWT", "summary/forgetting",
+                "memory/strategy_state_bytes", "memory/parameter_bytes", "time/train",
+                "strategy/ewc_penalty"):
+        assert tag in tags["scalars"], tag
+    assert "summary/accuracy_matrix" in tags["images"]
+    assert len(acc.Scalars("train/loss")) == s["steps"]
+    final_acc = acc.Scalars("summary/ACC")[-1].value
+    assert final_acc == pytest.approx(s["acc"], rel=1e-5)
+    last_row = [acc.Scalars(f"eval/acc_task_{j}")[-1].value for j in range(5)]
+    assert last_row == pytest.approx(s["accuracy_matrix"][-1], rel=1e-5)
+
+
+def test_ewc_forgets_less_than_naive_and_joint_beats_both(tmp_path):
+    figures = {}
+    for strategy in ("naive", "ewc", "joint"):
+        out = tmp_path / strategy
+        run_cli("--strategy", strategy, "--setting", "task_il", "--epochs", "10", "--lr", "0.1",
+                "--checkpoint", "false", out=out)
+        figures[strategy] = read_summary(out)
+    naive, ewc, joint = figures["naive"], figures["ewc"], figures["joint"]
+    assert naive["forgetting"] > 2 * ewc["forgetting"]
+    assert ewc["bwt"] > naive["bwt"]
+    assert joint["acc"] > max(naive["acc"], ewc["acc"])
+
+
+def test_same_seed_same_figures(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        run_cli("--strategy", "ewc", "--mode", "online", "--seed", "3", *FAST, out=out)
+    sa, sb = read_summary(a), read_summary(b)
+    for key in ("accuracy_matrix", "initial_scores", "acc", "bwt", "fwt", "forgetting", "steps"):
+        assert sa[key] == sb[key], key
+    assert sa["memory"]["strategy_state_bytes"] == sb["memory"]["strategy_state_bytes"]
+    c = tmp_path / "c"
+    run_cli("--strategy", "ewc", "--mode", "online", "--seed", "4", *FAST, out=c)
+    assert read_summary(c)["accuracy_matrix"] != sa["accuracy_matrix"]
+
+
+def test_yaml_config_sets_options_and_flags_override_it(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("strategy: ewc\nmode: online\nepochs: 1\nlr: 0.02\nn-tasks: 2\ncheckpoint: false\n")
+    run_cli("--config", str(cfg), "--lr", "0.03", out=tmp_path / "out")
+    s = read_summary(tmp_path / "out")
+    assert s["strategy"] == "ewc" and len(s["accuracy_matrix"]) == 2
+    assert s["hparams"]["lr"] == 0.03 and s["hparams"]["mode"] == "online"
+
+
+def test_listing_names_every_scenario_and_strategy(tmp_path):
+    proc = run_cli("--list", out=tmp_path)
+    for name in ("split_digits", "naive", "joint", "ewc"):
+        assert f"  {name} " in proc.stdout
+
+
+@pytest.mark.parametrize("args,expected", [
+    (("--scenario", "nope"), "unknown scenario 'nope'; choose one of:"),
+    (("--strategy", "nope"), "unknown strategy 'nope'; choose one of:"),
+    (("--lr", "-0.1"), "--lr must be > 0.0"),
+    (("--epochs", "0"), "--epochs must be >= 1"),
+    (("--lr", "fast"), "--lr: invalid float value"),
+    (("--lr", "nan"), "--lr must be a finite number"),
+    (("--setting", "other"), "--setting: invalid choice"),
+    (("--strategy", "ewc", "--mode", "sometimes"), "--mode: invalid choice"),
+    (("--n-tasks", "11"), "--n-tasks must be <= 10"),
+    (("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
+    (("--config", "missing.yaml"), "cannot read config file missing.yaml"),
+])
+def test_bad_input_is_one_line_exit_2_and_no_run_directory(tmp_path, args, expected):
+    out = tmp_path / "out"
+    proc = run_cli(*args, out=out, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    proc = run_cli("--config", str(cfg), out=tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "unknown key(s)" in proc.stderr and "learning_rate" in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_nan_loss_stops_the_run_with_a_clear_message(tmp_path):
+    proc = run_cli("--lr", "1e6", "--epochs", "1", out=tmp_path / "out", check=False)
+    assert proc.returncode == 2
+    assert "the loss became nan" in proc.stderr and "lower --lr" in proc.stderr
+    assert not any(p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) \
+        if (tmp_path / "out").exists() else True
