@@ -3,9 +3,10 @@
     OMP_NUM_THREADS=1 python bench/blip.py [--parts accuracy,mnist,memory] [--data-root DIR]
 
 accuracy: split_cifar task_il (5 tasks x 2 classes, real CIFAR-10, a per-class subset): final ACC,
-          BWT and forgetting of BLIP, naive and EWC with the same epochs/lr/batch; and the cost of
-          BLIP's Fisher + freeze step as a share of the task's training time (engine timers), plus
-          its clamp overhead (BLIP training time / naive training time).
+          BWT and forgetting of BLIP, naive and EWC with the same epochs/lr/batch (wall times from
+          the engine's timers: noisy on a shared machine).
+cost:     CPU time of one CIFAR task: training with and without BLIP's clamp, and BLIP's Fisher +
+          freeze step as a share of the task's training time.
 mnist:    split_mnist task_il with the paper's MNIST-5 protocol (MLP 784-1200-1200, SGD lr 0.01,
           batch 64). Needs the MNIST IDX files under --data-root; skipped (and said so) without them.
 memory:   strategy state bytes after 5 and after 20 tasks: BLIP, EWC-separate, online EWC, on
@@ -21,6 +22,7 @@ import io
 import json
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +118,51 @@ def memory_table(scenario_args: list[str], label: str) -> None:
     print(flush=True)
 
 
+def cost(data_root: str, per_class: str, epochs: int, repeats: int = 2) -> None:
+    """CPU time (process_time: robust to other processes on the machine) of one task's training
+    under BLIP, of the clamps inside it, and of the Fisher + freeze step after it."""
+    from clsim import config
+    from clsim.learners.supervised import SupervisedLearner
+    from clsim.privacy.ledger import Ledger
+    from clsim.privacy.mechanism import Mechanism
+    from strategies.blip import BLIP
+    resolved = parse(["--scenario", "split_cifar", "--setting", "task_il", "--data-root", data_root,
+                      "--train-per-class", per_class, "--test-per-class", "10"])
+    scenario = resolved["scenario"].target(resolved["scenario_options"], resolved["run"])
+    task = scenario.tasks[0]
+    print(f"## cost of BLIP on split_cifar task 0 ({len(task.train)} images, {epochs} epochs, batch 32, "
+          f"SmallCNN, {len(task.train)} Fisher samples; CPU seconds, 1 thread)")
+    print("| repeat | task training (incl. clamps) | clamps (after_step) | clamps / training | "
+          "Fisher + freeze | Fisher + freeze / training |")
+    print("|---|---|---|---|---|---|")
+    for r in range(repeats):
+        torch.manual_seed(r)
+        learner = SupervisedLearner(scenario.make_model(), lr=0.05, momentum=0.0, batch_size=32,
+                                    device=torch.device("cpu"), generator=torch.Generator().manual_seed(r))
+        mechanism = Mechanism()
+        mechanism.setup(learner, scenario, Ledger())
+        blip = BLIP(config.build(BLIP.Options, {}))
+        blip.setup(learner, scenario, mechanism)
+        optimizer = learner.make_optimizer()
+        clamp, start = 0.0, time.process_time()
+        for epoch in range(epochs):
+            for batch in learner.batches(task, epoch):
+                losses, _ = learner.forward(batch)
+                optimizer.zero_grad(set_to_none=True)
+                losses.mean().backward()
+                optimizer.step()
+                t = time.process_time()
+                blip.after_step()
+                clamp += time.process_time() - t
+        train = time.process_time() - start
+        start = time.process_time()
+        blip.after_task(task)
+        freeze = time.process_time() - start
+        print(f"| {r} | {train:.1f} | {clamp:.2f} | {clamp / train:.2%} | {freeze:.1f} | {freeze / train:.2f} |",
+              flush=True)
+    print(flush=True)
+
+
 def have_mnist(data_root: str) -> bool:
     from clsim.data import load_mnist
     try:
@@ -128,7 +175,7 @@ def have_mnist(data_root: str) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="accuracy,mnist,memory")
+    p.add_argument("--parts", default="accuracy,cost,mnist,memory")
     p.add_argument("--data-root", default="data", help="folder with cifar-10-batches-py and/or the MNIST IDX files")
     p.add_argument("--strategies", default="blip,naive,ewc")
     p.add_argument("--seed", default="0")
@@ -148,6 +195,8 @@ def main() -> None:
                         "--train-per-class", a.cifar_train_per_class, "--test-per-class", a.cifar_test_per_class,
                         "--epochs", a.cifar_epochs, "--lr", a.cifar_lr, "--batch-size", "32", "--seed", a.seed],
                        strategies, extra)
+    if "cost" in parts:
+        cost(cifar_root(a.data_root), a.cifar_train_per_class, int(a.cifar_epochs))
     mnist = ("mnist" in parts or "memory" in parts) and have_mnist(a.data_root)
     if "mnist" in parts and mnist:
         accuracy_table("split_mnist task_il, MNIST-5 protocol of BLIP (MLP 784-1200-1200, SGD lr 0.01, batch 64)",
