@@ -116,7 +116,9 @@ def reference_grads(learner, batch, params, perturbations=None):
     return {n: torch.stack([r[n] for r in rows]) for n in names}
 
 
-@pytest.mark.parametrize("mechanism_cls,extra", [(DPSGD, {}), (DPlis, {"dplis_k": 3, "dplis_radius": 50.0})])
+@pytest.mark.parametrize("mechanism_cls,extra", [
+    (DPSGD, {}), (DPlis, {"dplis_k": 3, "dplis_radius": 50.0}),
+    (DPlis, {"dplis_k": 3, "dplis_radius": 50.0, "dplis_k_chunk": 2})])     # copies vectorised too
 def test_every_per_example_gradient_reaching_the_optimizer_is_clipped(mechanism_cls, extra):
     C = 0.05
     scenario, learner, mechanism, ledger = make(mechanism_cls, noise_multiplier=0.0, max_grad_norm=C, **extra)

@@ -8,7 +8,8 @@ same (q, σ, steps): the perturbations are data-independent, and each example st
 one clipped vector.
 
 The per-example gradients come from torch.func (functional_call + vmap(grad)), vectorised over
-examples and over chunks of the K copies sized to `dplis_memory_mb`.
+examples and over chunks of the K copies (`dplis_k_chunk`); the sum over copies happens inside
+the gradient, so one gradient per example is stored, never K.
 """
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ from clsim.registry import register_mechanism
 class DPlisOptions(DPOptions):
     dplis_k: int = opt(10, "K: perturbed parameter copies averaged per step", low=1)
     dplis_radius: float = opt(20.0, "perturbation std in units of lr·σ·C (s = radius·lr·σ·C)", low=0.0)
-    dplis_memory_mb: int = opt(512, "memory for per-example gradients of a chunk of the K copies "
-                               "(more: fewer, larger vectorised chunks)", low=1)
+    dplis_k_chunk: int = opt(0, "copies vectorised together (0: one at a time on CPU, where measured "
+                             "fastest; on a GPU as many as --dplis-memory-mb allows)", low=0)
+    dplis_memory_mb: int = opt(1024, "GPU: memory a chunk of copies may use (with --dplis-k-chunk 0)", low=1)
 
 
 class _Loss(nn.Module):
@@ -78,26 +80,38 @@ class DPlis(DPSGD):
         # K draws for every parameter, shared across the batch (one stream, seeded from --seed).
         perturb = {n: scale * torch.randn((K, *t.shape), generator=self.perturb_generator, device=t.device)
                    for n, t in theta.items()}
-        numel = sum(t.numel() for t in theta.values())
-        chunk = max(1, min(K, (o.dplis_memory_mb << 20) // max(1, 4 * numel * len(batch.y))))
+        # The K dimension is summed inside the per-example gradient, so one gradient per example
+        # is stored, never K. Vectorising copies costs their activations (and on CPU measured
+        # slower than a loop: bench/privacy_cost.py), so the chunk is a choice.
+        chunk = o.dplis_k_chunk or self.auto_chunk(theta, len(batch.y))
         total = {n: torch.zeros((len(batch.y), *t.shape), device=t.device) for n, t in theta.items()}
         for task in batch.t.unique().tolist():
             rows = torch.nonzero(batch.t == task).squeeze(1)
-            part = type(batch)(batch.x[rows], batch.y[rows], task, batch.index[rows.cpu()])
+            index = batch.index[rows.cpu()]
 
-            def loss_one(params, x, y):
-                one = type(batch)(x[None], y[None], task, part.index[:1])
-                return functional_call(self.wrapper, {**fixed, **{f"model.{n}": v for n, v in params.items()}},
-                                       (one,)).sum()
+            def loss_at(params, shift, x, y):
+                one = type(batch)(x[None], y[None], task, index[:1])
+                moved = {f"model.{n}": params[n] + shift[n] for n in params}
+                return functional_call(self.wrapper, {**fixed, **moved}, (one,)).sum()
 
-            per_example = vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")
-            per_copy = vmap(per_example, in_dims=(0, None, None), randomness="different")
+            def summed_over_copies(params, shifts, x, y):
+                copies = vmap(loss_at, in_dims=(None, 0, None, None), randomness="different")
+                return copies(params, shifts, x, y).sum()
+
+            per_example = vmap(grad(summed_over_copies), in_dims=(None, None, 0, 0), randomness="different")
             for start in range(0, K, chunk):
-                params = {n: theta[n] + perturb[n][start:start + chunk] for n in theta}
-                g = per_copy(params, part.x, part.y)        # name -> [k, rows, *shape]
+                shifts = {n: perturb[n][start:start + chunk] for n in theta}
+                g = per_example(theta, shifts, batch.x[rows], batch.y[rows])   # name -> [rows, *shape]
                 for n in total:
-                    total[n][rows] += g[n].sum(0)
+                    total[n][rows] += g[n]
         return {n: v / K for n, v in total.items()}
+
+    def auto_chunk(self, theta: dict[str, torch.Tensor], batch_size: int) -> int:
+        device = next(iter(theta.values())).device
+        if device.type == "cpu":
+            return 1
+        numel = sum(t.numel() for t in theta.values())   # one copy's per-example work ~ B x numel
+        return max(1, min(self.options.dplis_k, (self.options.dplis_memory_mb << 20) // (4 * numel * batch_size)))
 
 
 register_mechanism("dplis")(DPlis)
