@@ -117,19 +117,20 @@ def reference_grads(learner, batch, params, perturbations=None):
 
 
 @pytest.mark.parametrize("mechanism_cls,extra", [
-    (DPSGD, {}), (DPlis, {"dplis_k": 3, "dplis_radius": 50.0}),
-    (DPlis, {"dplis_k": 3, "dplis_radius": 50.0, "dplis_k_chunk": 2})])     # copies vectorised too
+    (DPSGD, {}), (DPlis, {"dplis_k": 3, "dplis_radius": 500.0}),
+    (DPlis, {"dplis_k": 3, "dplis_radius": 500.0, "dplis_k_chunk": 2})])     # copies vectorised too
 def test_every_per_example_gradient_reaching_the_optimizer_is_clipped(mechanism_cls, extra):
     C = 0.05
-    scenario, learner, mechanism, ledger = make(mechanism_cls, noise_multiplier=0.0, max_grad_norm=C, **extra)
+    scenario, learner, mechanism, ledger = make(mechanism_cls, noise_multiplier=1.0, max_grad_norm=C, **extra)
     task, optimizer, batch = first_batch(scenario, learner, mechanism)
+    optimizer.noise_multiplier = 0.0   # σ = 1 sizes DPlis's perturbations; no noise, so sums are checkable
     used = {n: p for n, p in learner.model.named_parameters() if not n.startswith("heads.") or
             n.startswith("heads.0.")}
     perturbations = None
     if mechanism_cls is DPlis:
         state = mechanism.perturb_generator.get_state()
         g = torch.Generator().set_state(state)
-        s = extra["dplis_radius"] * learner.lr * mechanism.sigma * C
+        s = extra["dplis_radius"] * learner.lr * mechanism.sigma * C / learner.batch_size
         draws = {n: s * torch.randn((extra["dplis_k"], *p.shape), generator=g) for n, p in used.items()}
         perturbations = [{n: d[k] for n, d in draws.items()} for k in range(extra["dplis_k"])]
     snapshot = {n: p.detach().clone() for n, p in learner.model.named_parameters()}
@@ -190,7 +191,7 @@ def test_dplis_with_radius_zero_and_one_copy_is_dpsgd():
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6)
     assert ledger_a.epsilon("task0:0-1") == ledger_b.epsilon("task0:0-1") > 0
-    c, _ = train_steps(DPlis, dplis_k=2, dplis_radius=20.0)    # and smoothing does change the update
+    c, _ = train_steps(DPlis, dplis_k=2, dplis_radius=200.0)    # and smoothing does change the update
     assert max((a[n] - c[n]).abs().max().item() for n in a) > 1e-4
 
 

@@ -1,6 +1,10 @@
 """DPlis (Wang et al., PETS 2021): DP-SGD on a loss smoothed by random parameter perturbations.
 
-Each step draws K perturbations u_k ~ N(0, s²I), s = radius·lr·σ·C, shared by the whole batch.
+Each step draws K perturbations u_k ~ N(0, s²I), shared by the whole batch, with
+s = radius·lr·σ·C/B: `radius` times the std of the noise one DP-SGD step adds to the parameters
+(lr times N(0, σ²C²) on the summed gradient, divided by the batch size B). Without the /B the
+perturbation would be B times that, e.g. a std of 1.5 per weight at lr 0.05, σ 1.5, radius 20,
+which wipes out the model instead of smoothing its loss.
 Example i's gradient is the mean over k of ∇θ ℓ(θ + u_k; x_i) (the paper allows the sum too; the
 mean keeps the scale of C comparable with DP-SGD). It is clipped once and handed to Opacus's
 DPOptimizer as p.grad_sample, so clipping, noise and accounting are exactly DP-SGD's with the
@@ -28,7 +32,8 @@ from clsim.registry import register_mechanism
 @dataclass
 class DPlisOptions(DPOptions):
     dplis_k: int = opt(10, "K: perturbed parameter copies averaged per step", low=1)
-    dplis_radius: float = opt(20.0, "perturbation std in units of lr·σ·C (s = radius·lr·σ·C)", low=0.0)
+    dplis_radius: float = opt(20.0, "perturbation std in units of one DP-SGD step's parameter noise "
+                              "(s = radius·lr·σ·C/B)", low=0.0)
     dplis_k_chunk: int = opt(0, "copies vectorised together (0: one at a time on CPU, where measured "
                              "fastest; on a GPU as many as --dplis-memory-mb allows)", low=0)
     dplis_memory_mb: int = opt(1024, "GPU: memory a chunk of copies may use (with --dplis-k-chunk 0)", low=1)
@@ -72,7 +77,7 @@ class DPlis(DPSGD):
         """Per-example mean over K perturbations of ∇ℓ, for the `free` parameters; rows in batch order."""
         o, model = self.options, self.learner.model
         lr = self.optimizer.param_groups[0]["lr"]
-        scale = o.dplis_radius * lr * self.sigma * o.max_grad_norm
+        scale = o.dplis_radius * lr * self.sigma * o.max_grad_norm / self.learner.batch_size
         theta = {n: p.detach() for n, p in free.items()}
         fixed = {f"model.{n}": t.detach() for n, t in list(model.named_parameters()) + list(model.named_buffers())
                  if n not in free}
