@@ -78,7 +78,7 @@ def cifar_root(data_root: str) -> str:
 
 def accuracy_table(name: str, common: list[str], strategies: list[str], extra: dict[str, list[str]]) -> None:
     print(f"## {name}: {' '.join(common)}")
-    print("| strategy | ACC | BWT | forgetting | train s | Fisher+freeze s | Fisher+freeze / train | "
+    print("| strategy | ACC | BWT | forgetting | train s | after_task s (BLIP: Fisher+freeze, EWC: Fisher) | after_task / train | "
           "state bytes |")
     print("|---|---|---|---|---|---|---|---|")
     train_time = {}

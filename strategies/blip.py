@@ -103,7 +103,7 @@ class BLIP(Strategy):
                 self.bound[name] = bound if kind == "weight" else 1.0
         if not self.params:
             raise UserError("BLIP found no linear or convolution layer outside the task heads to quantise")
-        self._initialise(rule)
+        self._initialise()
         # State (blip.md): bits, the frozen quantised value, the running Fisher F_old.
         self.bits = {n: torch.zeros_like(p, dtype=torch.uint8) for n, p in self.params.items()}
         self.prev = {n: torch.zeros_like(p) for n, p in self.params.items()}
@@ -126,7 +126,7 @@ class BLIP(Strategy):
         return F_PRIOR_DEFAULTS["natural_images" if colour else "digits"]
 
     @torch.no_grad()
-    def _initialise(self, rule: str) -> None:
+    def _initialise(self) -> None:
         """Weights ~ normal(0, bound/6), i.e. 1/sqrt(fan_in) (1/sqrt(max fan) under the RL bound
         rule), kept inside ±bound; biases keep the model's initialisation, clamped to ±1."""
         gen = self.learner.generator

@@ -372,3 +372,20 @@ def test_blip_class_il_policy_quantises_the_shared_policy_head_not_the_critic():
     strat.setup(learner, scenario, mech)
     assert "heads.0.weight" in strat.params
     assert not any(n.startswith("critics.") for n in [*strat.params, *strat.frozen])
+
+
+def test_cli_split_cifar_reduced_resnet18(tmp_path, cifar_root):
+    """The issue's command on real CIFAR-10 with the reduced ResNet-18 (tiny subset and width)."""
+    import json
+    run_cli("--scenario", "split_cifar", "--data-root", str(cifar_root), "--strategy", "blip", "--setting", "task_il",
+            "--backbone", "resnet18", "--backbone-width", "8", "--train-per-class", "20", "--test-per-class", "10",
+            "--blip-fisher-samples", "40", out=tmp_path)
+    run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
+    tasks = [r for r in map(json.loads, (run_dir / "log.jsonl").open()) if r["kind"] == "task"]
+    resnet = ResNet18(3, width=8)
+    convs = sum(m.weight.numel() for m in resnet.modules() if isinstance(m, torch.nn.Conv2d))
+    affine = sum(p.numel() for n, p in resnet.named_parameters() if "bn" in n or "shortcut.1" in n)
+    assert tasks[-1]["strategy"]["blip_parameters"] == convs                 # convolutions have no bias
+    assert tasks[0]["strategy"]["blip_frozen_share"] > 0
+    assert tasks[1]["memory"]["strategy_state_bytes"] == tasks[-1]["memory"]["strategy_state_bytes"] \
+        == 9 * convs + 4 * affine                                            # + batch-norm affine, frozen whole
