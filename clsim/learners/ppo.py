@@ -1,0 +1,433 @@
+"""PPO: an actor-critic learner for streams of gymnasium tasks, readable top to bottom.
+
+A task carries an `EnvTask` (how to build its environment and how to score it). Nothing is
+stored in advance: `batches` collects a rollout with the current policy from a SyncVectorEnv,
+computes GAE advantages, yields `ppo_epochs` shuffled passes of minibatches (the engine takes one
+optimiser step per minibatch, so strategy.loss/penalty/after_step run per minibatch), and repeats
+until the task's timestep budget is spent.
+
+gymnasium 1.x autoreset: the vector envs run in AutoresetMode.SAME_STEP, so the step that ends an
+episode already returns the next episode's first observation and the true last one sits in
+info["final_obs"]; no transition is spurious. On truncation (a time limit) the value of that final
+observation is bootstrapped into the reward, r + γ·V(s_final); on termination it is not.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator, NamedTuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from torch import nn
+
+from clsim.config import opt
+from clsim.errors import UserError
+from clsim.learners.base import Learner
+from clsim.scenario import Scenario, Task
+
+# Training envs are seeded below this from --seed; evaluation seeds are fixed at and above it,
+# so evaluation episodes never coincide with training ones.
+EVAL_SEED_BASE = 10**9
+
+
+@dataclass
+class PPOOptions:
+    """PPO hyper-parameters; an RL scenario's options subclass this with their own defaults.
+    The run options --lr (Adam) and --batch-size (minibatch) apply as well."""
+    ppo_timesteps: int = opt(100_000, "environment steps of training per task (and per --epochs)", low=1)
+    ppo_envs: int = opt(8, "parallel environments in the training SyncVectorEnv", low=1)
+    ppo_steps: int = opt(32, "steps per environment in each rollout", low=1)
+    ppo_epochs: int = opt(20, "passes over each rollout", low=1)
+    ppo_gamma: float = opt(0.98, "discount factor γ", low=0.0, high=1.0)
+    ppo_gae_lambda: float = opt(0.8, "GAE λ", low=0.0, high=1.0)
+    ppo_clip: float = opt(0.2, "clip range ε of the probability ratio", low=0.0, low_open=True)
+    ppo_value_coef: float = opt(0.5, "weight of the value loss (V - return)²", low=0.0)
+    ppo_entropy_coef: float = opt(0.0, "weight of the entropy bonus", low=0.0)
+    ppo_max_grad_norm: float = opt(0.5, "clip the global gradient norm to this (0: off)", low=0.0)
+    ppo_lr_decay: bool = opt(True, "decay the learning rate linearly to 0 over each task")
+    ppo_norm_adv: bool = opt(True, "normalise advantages per minibatch (mixes episodes: turn off "
+                             "under privacy)")
+    ppo_hidden: int = opt(64, "width of the two hidden layers of an MLP trunk", low=1)
+    ppo_eval_episodes: int = opt(10, "evaluation episodes per task, on fixed seeds disjoint from "
+                                 "training", low=1)
+    ppo_eval_policy: str = opt("argmax", "evaluation actions: argmax (deterministic) or sample",
+                               choices=("argmax", "sample"))
+    ppo_fisher_states: int = opt(2048, "most recent rollout states kept per task for Fisher-based "
+                                 "strategies", low=1)
+
+
+@dataclass
+class EnvTask:
+    """What an RL Task carries in `task.env`."""
+    make: Callable[[bool], gym.Env]   # make(train) -> one wrapped env (train=False: evaluation)
+    reference_return: float           # the known ceiling (or a human score) for normalisation
+    random_return: float = math.nan   # mean return of uniform random actions on the eval seeds
+    success_above: float | None = None  # an episode with a larger return counts as a success
+
+
+# ---------------------------------------------------------------- model
+
+def mlp_trunk(in_features: int, hidden: int) -> nn.Sequential:
+    """Two tanh layers (the usual PPO MLP); `out_features` is set for the heads."""
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.Tanh(),
+                          nn.Linear(hidden, hidden), nn.Tanh())
+    trunk.out_features = hidden
+    return trunk
+
+
+def nature_cnn_trunk(in_channels: int = 4) -> nn.Sequential:
+    """The DQN/PPO Atari CNN for 84x84 frames (uint8 scaled in `ActorCritic.forward`)."""
+    trunk = nn.Sequential(nn.Conv2d(in_channels, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
+                          nn.Conv2d(64, 64, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3136, 512), nn.ReLU())
+    trunk.out_features = 512
+    return trunk
+
+
+class ActorCritic(nn.Module):
+    """A shared trunk and, per head slot, a policy head (`heads.k`) and a value head
+    (`critics.k`): one slot per task in task_il, a single shared slot otherwise."""
+
+    def __init__(self, trunk: nn.Module, n_actions: int, n_slots: int, input_scale: float = 1.0):
+        super().__init__()
+        self.trunk, self.input_scale = trunk, input_scale
+        width = trunk.out_features
+        self.heads = nn.ModuleList(nn.Linear(width, n_actions) for _ in range(n_slots))
+        self.critics = nn.ModuleList(nn.Linear(width, 1) for _ in range(n_slots))
+        # Orthogonal init, small policy outputs: a near-uniform initial policy (standard PPO).
+        for m in self.trunk.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.orthogonal_(m.weight, math.sqrt(2))
+                nn.init.zeros_(m.bias)
+        for layer, gain in [(h, 0.01) for h in self.heads] + [(c, 1.0) for c in self.critics]:
+            nn.init.orthogonal_(layer.weight, gain)
+            nn.init.zeros_(layer.bias)
+
+    def _select(self, layers: nn.ModuleList, features, t):
+        if len(layers) == 1:
+            return layers[0](features)
+        if isinstance(t, int):
+            return layers[t](features)
+        if bool((t == t[0]).all()):
+            return layers[int(t[0])](features)
+        every = torch.stack([layer(features) for layer in layers], 1)   # mixed tasks (e.g. replay)
+        return every[torch.arange(len(t)), t]
+
+    def features(self, x):
+        return self.trunk(x.float() * self.input_scale)
+
+    def policy(self, x, t=0) -> torch.Tensor:
+        return self._select(self.heads, self.features(x), t)
+
+    def forward(self, x, t=0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(action logits, state value)."""
+        f = self.features(x)
+        return self._select(self.heads, f, t), self._select(self.critics, f, t).squeeze(-1)
+
+
+# ---------------------------------------------------------------- pure pieces
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
+        gamma: float, lam: float) -> torch.Tensor:
+    """Generalised advantage estimates of a [T, N] rollout. dones[t] = the episode ended at step t,
+    so step t+1 (or `last_value` after the last step) belongs to a new episode."""
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(last_value)
+    for t in reversed(range(len(rewards))):
+        next_value = last_value if t == len(rewards) - 1 else values[t + 1]
+        keep = 1.0 - dones[t].float()
+        delta = rewards[t] + gamma * next_value * keep - values[t]
+        running = delta + gamma * lam * keep * running
+        advantages[t] = running
+    return advantages
+
+
+def make_vector_env(env_task: EnvTask, n: int, train: bool) -> SyncVectorEnv:
+    return SyncVectorEnv([lambda: env_task.make(train) for _ in range(n)],
+                         autoreset_mode=AutoresetMode.SAME_STEP)
+
+
+def run_episodes(env_task: EnvTask, seeds: list[int], act: Callable[[np.ndarray], np.ndarray]
+                 ) -> np.ndarray:
+    """Return of one episode per seed, all run side by side; `act(obs batch) -> actions`."""
+    envs = make_vector_env(env_task, len(seeds), train=False)
+    try:
+        obs, _ = envs.reset(seed=list(seeds))
+        returns = np.zeros(len(seeds))
+        running = np.ones(len(seeds), dtype=bool)
+        while running.any():
+            obs, reward, terminated, truncated, _ = envs.step(act(obs))
+            returns += reward * running
+            running &= ~(terminated | truncated)
+        return returns
+    finally:
+        envs.close()
+
+
+def eval_seeds(task_index: int, episodes: int) -> list[int]:
+    return [EVAL_SEED_BASE + 10_000 * task_index + k for k in range(episodes)]
+
+
+def random_policy_return(env_task: EnvTask, seeds: list[int]) -> float:
+    """Mean return of uniformly random actions (seeded, so the normaliser is reproducible)."""
+    rng = np.random.default_rng(0)
+    space = env_task.make(False).action_space
+    return float(run_episodes(env_task, seeds, lambda obs: rng.integers(0, space.n, len(obs))).mean())
+
+
+def normalised(raw: float, env_task: EnvTask) -> float:
+    return (raw - env_task.random_return) / (env_task.reference_return - env_task.random_return)
+
+
+# ---------------------------------------------------------------- the learner
+
+class PPOBatch(NamedTuple):
+    x: torch.Tensor           # observations
+    y: torch.Tensor           # actions taken
+    t: torch.Tensor           # task index of every transition
+    index: torch.Tensor       # episode id within its rollout: the privacy unit under DP
+    old_logp: torch.Tensor    # log π_old(a|s) at collection
+    advantage: torch.Tensor
+    ret: torch.Tensor         # value target: advantage + V_old(s)
+
+
+class Rollout(NamedTuple):
+    obs: torch.Tensor         # [T, N, ...]
+    actions: torch.Tensor     # [T, N]
+    logp: torch.Tensor
+    values: torch.Tensor
+    rewards: torch.Tensor     # with γ·V(final obs) added on truncation
+    dones: torch.Tensor       # terminated or truncated
+    last_value: torch.Tensor  # V(obs after the last step), [N]
+
+
+class _GradClippedAdam(torch.optim.Adam):
+    """Adam that first clips the global gradient norm (PPO's max_grad_norm)."""
+
+    def __init__(self, params, max_norm: float, **kwargs):
+        super().__init__(params, **kwargs)
+        self.max_norm = max_norm
+
+    def step(self, closure=None):
+        if self.max_norm > 0:
+            nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], self.max_norm)
+        return super().step(closure)
+
+
+class PPOLearner(Learner):
+    """Clipped PPO with GAE, value and entropy terms. `forward` gives per-transition losses
+    whose mean is the usual PPO objective; `evaluate` the normalised mean evaluation return
+    (raw returns come out through `score_details`)."""
+
+    def is_head(self, name: str) -> bool:
+        """Per-task policy heads and every value head. The critic never enters the policy's
+        Fisher; a single policy head (class_il/domain_il) serves every task, so penalties and
+        masks protect it like the trunk."""
+        return name.startswith("critics.") or (name.startswith("heads.") and len(self.model.heads) > 1)
+
+    def __init__(self, model: ActorCritic, *, options: PPOOptions, **kwargs):
+        super().__init__(model, **kwargs)
+        self.o = options
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.fisher_states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.details: dict[str, list[float]] = {}
+        self.recent_returns: deque = deque(maxlen=20)   # finished training episodes
+        self.env_steps = 0
+        self._task_start = (0, time.perf_counter())
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        self.optimizer = _GradClippedAdam(self.model.parameters(), self.o.ppo_max_grad_norm,
+                                          lr=self.lr, eps=1e-5)
+        return self.optimizer
+
+    # -- training data
+    def batches(self, task: Task, epoch: int, subset: torch.Tensor | None = None) -> Iterator[PPOBatch]:
+        if subset is not None:
+            raise UserError("this strategy selects training examples, which RL tasks do not have; "
+                            "use it with a supervised scenario")
+        o = self.o
+        per_rollout = o.ppo_envs * o.ppo_steps
+        n_rollouts = max(1, math.ceil(o.ppo_timesteps / per_rollout))
+        envs = make_vector_env(task.env, o.ppo_envs, train=True)
+        seeds = torch.randint(0, EVAL_SEED_BASE, (o.ppo_envs,), generator=self.generator).tolist()
+        obs, _ = envs.reset(seed=seeds)
+        running_return = np.zeros(o.ppo_envs)
+        self._task_start = (self.env_steps, time.perf_counter())
+        try:
+            for k in range(n_rollouts):
+                if o.ppo_lr_decay and self.optimizer is not None:
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = self.lr * (1.0 - k / n_rollouts)
+                rollout, obs = self.collect(envs, obs, task.index, running_return)
+                self._keep_fisher_states(task.index, rollout)
+                yield from self._minibatches(rollout, task.index)
+        finally:
+            envs.close()
+
+    @torch.no_grad()
+    def collect(self, envs, obs, task_index: int, running_return: np.ndarray):
+        """One rollout of `ppo_steps` steps from every env with the current (sampling) policy.
+        Returns (Rollout, the observation to continue from)."""
+        gamma = self.o.ppo_gamma
+        columns: dict[str, list] = {k: [] for k in ("obs", "actions", "logp", "values", "rewards", "dones")}
+        for _ in range(self.o.ppo_steps):
+            x = torch.as_tensor(obs).to(self.device)
+            logits, value = self.model(x, task_index)
+            logp_all = F.log_softmax(logits, 1).cpu()
+            action = torch.multinomial(logp_all.exp(), 1, generator=self.generator).squeeze(1)
+            obs, reward, terminated, truncated, info = envs.step(action.numpy())
+            running_return += reward
+            done = terminated | truncated
+            for i in np.flatnonzero(done):
+                self.recent_returns.append(float(running_return[i]))
+                running_return[i] = 0.0
+            reward = torch.as_tensor(reward, dtype=torch.float32)
+            cut = np.flatnonzero(truncated & ~terminated)   # time limit: the state still had a future
+            if len(cut):
+                final = torch.as_tensor(np.stack([info["final_obs"][i] for i in cut])).to(self.device)
+                reward[cut] += gamma * self.model(final, task_index)[1].cpu()
+            for key, v in (("obs", x.cpu()), ("actions", action), ("logp", logp_all.gather(1, action[:, None]).squeeze(1)),
+                           ("values", value.cpu()), ("rewards", reward), ("dones", torch.as_tensor(done))):
+                columns[key].append(v)
+        self.env_steps += self.o.ppo_steps * envs.num_envs
+        last_value = self.model(torch.as_tensor(obs).to(self.device), task_index)[1].cpu()
+        return Rollout(*(torch.stack(columns[k]) for k in columns), last_value), obs
+
+    def _minibatches(self, r: Rollout, task_index: int) -> Iterator[PPOBatch]:
+        o = self.o
+        advantages = gae(r.rewards, r.values, r.dones, r.last_value, o.ppo_gamma, o.ppo_gae_lambda)
+        returns = advantages + r.values
+        # Episode ids: a new id after every done in an env's column, distinct across envs.
+        starts = torch.cat([torch.zeros(1, r.dones.shape[1], dtype=torch.long), r.dones[:-1].long()]).cumsum(0)
+        episode = starts + torch.arange(r.dones.shape[1]) * (len(r.dones) + 1)
+        flat = lambda v: v.reshape(-1, *v.shape[2:])   # noqa: E731  [T, N, ...] -> [T*N, ...]
+        x, y, logp, adv, ret, ep = map(flat, (r.obs, r.actions, r.logp, advantages, returns, episode))
+        t = torch.full((len(y),), task_index, dtype=torch.long)
+        for _ in range(o.ppo_epochs):
+            for chunk in torch.randperm(len(y), generator=self.generator).split(self.batch_size):
+                a = adv[chunk]
+                if o.ppo_norm_adv and len(chunk) > 1:
+                    a = (a - a.mean()) / (a.std() + 1e-8)
+                yield PPOBatch(*(v.to(self.device) for v in (x[chunk], y[chunk], t[chunk], ep[chunk],
+                                                             logp[chunk], a, ret[chunk])))
+
+    def _keep_fisher_states(self, task_index: int, r: Rollout) -> None:
+        obs, actions = r.obs.reshape(-1, *r.obs.shape[2:]), r.actions.reshape(-1)
+        if task_index in self.fisher_states:
+            old_obs, old_actions = self.fisher_states[task_index]
+            obs, actions = torch.cat([old_obs, obs]), torch.cat([old_actions, actions])
+        keep = self.o.ppo_fisher_states
+        self.fisher_states[task_index] = (obs[-keep:], actions[-keep:])
+
+    # -- objective
+    def forward(self, batch: PPOBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-transition PPO loss: clipped policy term + c_v·(V - return)² - c_e·entropy."""
+        o = self.o
+        logits, value = self.model(batch.x, batch.t)
+        logp_all = F.log_softmax(logits, 1)
+        logp = logp_all.gather(1, batch.y[:, None]).squeeze(1)
+        ratio = torch.exp(logp - batch.old_logp)
+        policy = -torch.min(ratio * batch.advantage,
+                            ratio.clamp(1 - o.ppo_clip, 1 + o.ppo_clip) * batch.advantage)
+        entropy = -(logp_all.exp() * logp_all).sum(1)
+        return policy + o.ppo_value_coef * (value - batch.ret).pow(2) - o.ppo_entropy_coef * entropy, logits
+
+    def step_metrics(self) -> dict:
+        steps, since = self._task_start
+        out = {"env_steps": self.env_steps,
+               "env_steps_per_sec": (self.env_steps - steps) / max(time.perf_counter() - since, 1e-9)}
+        if self.recent_returns:
+            out["episode_return"] = float(np.mean(self.recent_returns))
+        return out
+
+    def privacy_units(self, task: Task) -> int:
+        """Privacy mechanisms ask how many units a task has. PPO's unit would be the episode
+        (batches carry episode ids in `index`), but per-episode DP accounting for data that
+        arrives online is not implemented yet: say so instead of training without the bound."""
+        raise UserError("--privacy is not supported on RL scenarios yet (the privacy unit would be "
+                        "the episode); run without --privacy")
+
+    # -- evaluation
+    @torch.no_grad()
+    def episode_returns(self, task: Task) -> np.ndarray:
+        """Raw returns of the evaluation episodes of `task` (fixed seeds, no reward clipping)."""
+        was_training = self.model.training
+        self.model.eval()
+        sample = self.o.ppo_eval_policy == "sample"
+        gen = torch.Generator().manual_seed(task.index)   # evaluation never moves training's RNG
+
+        def act(obs):
+            logits = self.model.policy(torch.as_tensor(obs).to(self.device), task.index).cpu()
+            if sample:
+                return torch.multinomial(F.softmax(logits, 1), 1, generator=gen).squeeze(1).numpy()
+            return logits.argmax(1).numpy()
+        try:
+            return run_episodes(task.env, eval_seeds(task.index, self.o.ppo_eval_episodes), act)
+        finally:
+            self.model.train(was_training)
+
+    def evaluate(self, task: Task) -> float:
+        returns = self.episode_returns(task)
+        self.details.setdefault("return_raw", []).append(float(returns.mean()))
+        if task.env.success_above is not None:
+            self.details.setdefault("success_rate", []).append(float((returns > task.env.success_above).mean()))
+        return normalised(float(returns.mean()), task.env)
+
+    def score_details(self) -> dict[str, list[float]]:
+        details, self.details = self.details, {}
+        return details
+
+    # -- Fisher: states from the task's rollouts, actions sampled from the policy
+    def fisher_batches(self, task: Task, n: int, empirical: bool) -> Iterator[tuple]:
+        if task.index not in self.fisher_states:
+            raise RuntimeError(f"no rollout states of task {task.index}: it was not trained yet")
+        states, taken = self.fisher_states[task.index]
+        pick = torch.randperm(len(states), generator=self.generator)[:n]
+        for chunk in pick.split(self.batch_size):
+            x = states[chunk].to(self.device)
+            if empirical:
+                y = taken[chunk]
+            else:
+                with torch.no_grad():
+                    probs = F.softmax(self.model.policy(x, task.index), 1).cpu()
+                y = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+            yield x, y.to(self.device), task.index
+
+    def log_likelihood(self, x, y, t) -> torch.Tensor:
+        return F.log_softmax(self.model.policy(x, t), 1).gather(1, y[:, None]).squeeze(1)
+
+
+# ---------------------------------------------------------------- scenario assembly
+
+def rl_scenario(name: str, setting: str, names: list[str], env_tasks: list[EnvTask],
+                make_trunk: Callable[[], nn.Module], n_actions: int, options: PPOOptions,
+                defaults: dict, info: dict, input_scale: float = 1.0) -> Scenario:
+    """A Scenario of RL tasks learned by PPOLearner, with the random-policy returns measured on
+    the evaluation seeds and the evaluation protocol recorded in `info`."""
+    episodes = options.ppo_eval_episodes
+    for i, env_task in enumerate(env_tasks):
+        if math.isnan(env_task.random_return):
+            env_task.random_return = random_policy_return(env_task, eval_seeds(i, episodes))
+        if env_task.reference_return <= env_task.random_return:
+            raise UserError(f"task {names[i]}: the reference return {env_task.reference_return} is not "
+                            f"above the random policy's {env_task.random_return:.3g}")
+    tasks = [Task(i, n, env=e, n_outputs=n_actions) for i, (n, e) in enumerate(zip(names, env_tasks))]
+    slots = len(tasks) if setting == "task_il" else 1
+    protocol = {"evaluation_episodes": episodes, "evaluation_policy": options.ppo_eval_policy,
+                "evaluation_seeds": f"{EVAL_SEED_BASE} + 10000*task + k, k < {episodes} "
+                                    f"(training seeds < {EVAL_SEED_BASE})",
+                "reward_clipping_in_evaluation": False,
+                "score": "(return - random_return) / (reference_return - random_return); raw returns "
+                         "in score_details.return_raw",
+                "random_return": [e.random_return for e in env_tasks],
+                "reference_return": [e.reference_return for e in env_tasks],
+                "timesteps_per_task": options.ppo_timesteps}
+    return Scenario(name, setting, tasks,
+                    make_model=lambda: ActorCritic(make_trunk(), n_actions, slots, input_scale),
+                    defaults={"epochs": 1, **defaults}, learner_cls=PPOLearner,
+                    learner_kwargs={"options": options}, info={**info, "rl_protocol": protocol})
