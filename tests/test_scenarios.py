@@ -211,7 +211,8 @@ def test_bad_mnist_hidden_exits_2(mnist_root, tmp_path, capsys):
 
 def test_split_cifar_cli_on_real_cifar10(cifar_root, tmp_path):
     run_cli("--scenario", "split_cifar", "--data-root", str(cifar_root), "--train-per-class", "20",
-            "--test-per-class", "10", "--class-order-seed", "3", "--batch-size", "20", out=tmp_path)
+            "--test-per-class", "10", "--class-order-seed", "3", "--batch-size", "20", "--backbone", "cnn",
+            out=tmp_path)
     s = read_summary(tmp_path)
     assert s["scenario"] == "split_cifar" and s["setting"] == "class_il" and s["strategy"] == "naive"
     assert np.array(s["accuracy_matrix"]).shape == (5, 5)
