@@ -38,6 +38,7 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int) ->
     strategy.setup(learner, scenario, mechanism)
     emit = _Emitter(loggers)
     initial = [learner.evaluate(t) for t in scenario.tasks]
+    details = {name: {"initial": row, "matrix": []} for name, row in learner.score_details().items()}
     R: list[list[float]] = []
     timer = Timer()
     step = examples = 0
@@ -64,21 +65,25 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int) ->
                                     f"lower --lr or change the strategy's options")
                 emit("step", {"step": step, "task": task.index, "epoch": epoch, "loss": loss,
                               "lr": optimizer.param_groups[0]["lr"], "examples_seen": examples,
-                              "wall_time": time.perf_counter() - start,
+                              "wall_time": time.perf_counter() - start, **learner.step_metrics(),
                               **strategy.step_metrics(), **mechanism.step_metrics()})
         t1 = timer.add("train", t0)
         strategy.after_task(task)
         mechanism.after_task(task)
         t2 = timer.add("strategy", t1)
         R.append([learner.evaluate(t) for t in scenario.tasks])
+        row_details = learner.score_details()   # e.g. raw RL returns behind normalised scores
+        for name, row in row_details.items():
+            details[name]["matrix"].append(row)
         timer.add("eval", t2)
         i = task.index
         emit("task", {"task": i, "step": step, "row": R[-1], "acc": metrics.acc(R, i),
                       "bwt": metrics.bwt(R, i), "fwt": metrics.fwt(R, initial, i),
-                      "forgetting": metrics.forgetting(R, i),
+                      "forgetting": metrics.forgetting(R, i), "details": row_details,
                       "memory": memory(learner, strategy), "wall_time": dict(timer.totals),
                       "strategy": strategy.task_metrics(), "privacy": ledger.report()})
-    return {"accuracy_matrix": R, "initial_scores": initial, **metrics.summary(R, initial),
+    return {"accuracy_matrix": R, "initial_scores": initial, "score_details": details,
+            **metrics.summary(R, initial),
             "memory": memory(learner, strategy),
             "wall_time": {**timer.totals, "total": time.perf_counter() - start},
             "privacy": ledger.report(), "steps": step, "examples_seen": examples}

@@ -8,5 +8,7 @@ A learner offers what strategies need, and nothing else:
   fisher_batches(task, n, empirical) and log_likelihood(x, y, t)
                                    data and per-example log p(y|x) for Fisher-based strategies
   is_head(name)                    whether a parameter belongs to a task head
+Optional: step_metrics() (figures per step) and score_details() (e.g. raw RL returns recorded
+as extra matrices beside the score matrix).
 """
 from clsim.learners.base import Batch, Learner  # noqa: F401

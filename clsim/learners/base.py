@@ -48,3 +48,13 @@ class Learner:
 
     def log_likelihood(self, x, y, t) -> torch.Tensor:
         raise NotImplementedError
+
+    # Optional figures; the defaults add nothing.
+    def step_metrics(self) -> dict:
+        """Learner figures for the step just taken (e.g. RL episode return, env steps/sec)."""
+        return {}
+
+    def score_details(self) -> dict[str, list[float]]:
+        """Figures behind the scores of the evaluate() calls since the last call, one list per
+        name in call order (e.g. RL raw returns beside normalised scores); then forgets them."""
+        return {}
