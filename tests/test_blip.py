@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clsim import config, engine
+from clsim.cli import execute, parse
 from clsim.errors import UserError
 from clsim.learners.supervised import SupervisedLearner
 from clsim.models import MultiHeadNet, ResNet18
@@ -16,7 +17,7 @@ from clsim.privacy.mechanism import Mechanism
 from clsim.registry import SCENARIOS, STRATEGIES
 from clsim.scenario import Scenario
 from strategies.blip import BLIP, information_gain, quantise
-from conftest import read_summary, run_cli
+from conftest import read_summary
 
 # Settings where naive fine-tuning visibly forgets on split_digits task_il (BWT about -10).
 EPOCHS, LR = 10, 0.2
@@ -34,6 +35,11 @@ def build(strategy: str, setting="task_il", seed=0, strategy_values=None, make_m
     learner = SupervisedLearner(scenario.make_model(), lr=LR, momentum=0.0, batch_size=32,
                                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
     return scenario, strat, learner
+
+
+def cli(out, *args: str) -> None:
+    """The command line in this process (parse + execute: TensorBoard, JSONL, checkpoint)."""
+    execute(parse(["--out", str(out), "--progress", "false", *args]))
 
 
 def run(scenario, strat, learner, loggers=(), epochs=EPOCHS):
@@ -283,8 +289,7 @@ def test_batch_norm_statistics_and_affine_frozen_after_task_0():
 
 
 def test_cli_class_il_quantises_the_shared_head_and_logs_figures(tmp_path):
-    run_cli("--strategy", "blip", "--setting", "class_il", "--epochs", "2", "--blip-fisher-samples", "300",
-            out=tmp_path)
+    cli(tmp_path, "--strategy", "blip", "--setting", "class_il", "--epochs", "2", "--blip-fisher-samples", "300")
 
     import json
     summary = read_summary(tmp_path)
@@ -377,9 +382,9 @@ def test_blip_class_il_policy_quantises_the_shared_policy_head_not_the_critic():
 def test_cli_split_cifar_reduced_resnet18(tmp_path, cifar_root):
     """The issue's command on real CIFAR-10 with the reduced ResNet-18 (tiny subset and width)."""
     import json
-    run_cli("--scenario", "split_cifar", "--data-root", str(cifar_root), "--strategy", "blip", "--setting", "task_il",
-            "--backbone", "resnet18", "--backbone-width", "8", "--train-per-class", "20", "--test-per-class", "10",
-            "--blip-fisher-samples", "40", out=tmp_path)
+    cli(tmp_path, "--scenario", "split_cifar", "--data-root", str(cifar_root), "--strategy", "blip",
+        "--setting", "task_il", "--backbone", "resnet18", "--backbone-width", "8", "--train-per-class", "20",
+        "--test-per-class", "10", "--blip-fisher-samples", "40")
     run_dir = next(p for p in tmp_path.iterdir() if p.is_dir())
     tasks = [r for r in map(json.loads, (run_dir / "log.jsonl").open()) if r["kind"] == "task"]
     resnet = ResNet18(3, width=8)
