@@ -35,6 +35,7 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int) ->
         returns the summary (matrix, ACC, BWT, FWT, forgetting, memory, wall time, privacy)
     """
     mechanism.setup(learner, scenario, ledger)
+    strategy.epochs = epochs   # schedules within a task (e.g. SparCL's mask updates) need it
     strategy.setup(learner, scenario, mechanism)
     emit = _Emitter(loggers)
     initial = [learner.evaluate(t) for t in scenario.tasks]

@@ -45,6 +45,7 @@ class Strategy:
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
         self.learner = self.scenario = self.mechanism = self.ledger = None
+        self.epochs: int | None = None   # training epochs per task; the engine sets it before setup
 
     def setup(self, learner, scenario, mechanism) -> None:
         """Called once before the first task. `mechanism` makes gradients (private or not) and

@@ -1,0 +1,246 @@
+"""SparCL: the design note's acceptance checks (sparcl.md §9), scaled down to real digits and a
+small subset of real CIFAR-10. Runs go through the real engine; an observer (a logger, called
+after every optimizer step) inspects the model, masks and gradients."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clsim import cli, engine
+from clsim.flops import forward_flops
+from clsim.learners.supervised import SupervisedLearner
+from clsim.privacy.ledger import Ledger
+from clsim.privacy.mechanism import Mechanism
+from conftest import read_summary, run_cli
+
+
+def build(argv: list[str]):
+    resolved = cli.parse(argv)
+    run = resolved["run"]
+    generator = cli.seed_everything(run.seed)
+    scenario = resolved["scenario"].target(resolved["scenario_options"], run)
+    strategy = resolved["strategy"].target(resolved["strategy_options"])
+    learner = SupervisedLearner(scenario.make_model(), lr=run.lr or scenario.defaults["lr"],
+                                momentum=run.momentum, batch_size=run.batch_size or 32,
+                                device=torch.device("cpu"), generator=generator, **scenario.learner_kwargs)
+    return scenario, strategy, learner, run.epochs or scenario.defaults["epochs"]
+
+
+def train(argv, observer=None):
+    """Run the engine on `argv`; returns (strategy, learner, summary, observer)."""
+    scenario, strategy, learner, epochs = build(argv)
+    watch = observer(strategy, learner) if observer else None
+    summary = engine.run(scenario, strategy, learner, Mechanism(), Ledger(), [watch] if watch else [], epochs)
+    return strategy, learner, summary, watch
+
+
+class Observer:
+    def __init__(self, strategy, learner):
+        self.strategy, self.learner = strategy, learner
+
+    def step(self, record):
+        pass
+
+    def task(self, record):
+        pass
+
+
+def cifar_args(root, *extra):
+    return ["--scenario", "split_cifar", "--data-root", str(root), "--train-per-class", "24",
+            "--test-per-class", "20", "--n-tasks", "2", "--backbone-width", "8", "--seed", "0",
+            "--batch-size", "16", "--lr", "0.03", "--strategy", "sparcl", *extra]
+
+
+def test_masked_layers_are_the_convolutions_after_the_stem(cifar_root):
+    from strategies.sparcl import masked_layers
+    from clsim.models import make_model
+    cnn = make_model("cnn", (3, 32, 32), "class_il", [2] * 5, 10, width=8)
+    assert list(masked_layers(cnn)) == ["backbone.body.2", "backbone.body.5", "backbone.body.7"]
+    resnet = make_model("resnet18", (3, 32, 32), "class_il", [2] * 5, 10, width=4)
+    names = list(masked_layers(resnet))
+    assert len(names) == 16 and all(n.split(".")[-1] in ("conv1", "conv2") and ".layers." in "." + n
+                                    for n in names)      # 3x3 block convs: no stem, shortcuts or head
+    mlp = make_model("mlp", (1, 8, 8), "class_il", [2] * 5, 10, hidden=(20, 20))
+    assert list(masked_layers(mlp)) == ["backbone.body.3"]
+
+
+def test_weight_masks_density_swaps_and_zeros_after_every_step(cifar_root):
+    """A1/A2: densities 1-U after each update and 1-s at task end (within 0.5 pp), pruned
+    weights exactly 0 after every step, the support changes only at mask updates, and a
+    mid-task update prunes and regrows (L-U)*numel entries."""
+    s, swap = 0.9, 0.02
+
+    class Check(Observer):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.last, self.epoch, self.densities, self.steps = None, None, [], 0
+
+        def step(self, record):
+            st = self.strategy
+            self.steps += 1
+            for name, layer in st.layers.items():
+                assert torch.all(layer.weight[st.masks[name] == 0] == 0), (name, record["step"])
+            masks = {n: m.clone() for n, m in st.masks.items()}
+            if (record["task"], record["epoch"]) == self.epoch:
+                assert all(torch.equal(masks[n], self.last[n]) for n in masks)   # no change mid-epoch
+            else:
+                self.densities.append((record["task"], record["epoch"], st.weight_density()))
+            self.last, self.epoch = masks, (record["task"], record["epoch"])
+
+    strategy, _, _, check = train(cifar_args(cifar_root, "--epochs", "4", "--sparcl-sparsity", str(s),
+                                             "--sparcl-swap", str(swap), "--sparcl-update-every", "1",
+                                             "--sparcl-remove", "0"), Check)
+    upper = {0: s - swap, 1: s, 2: s, 3: s}      # U per epoch; epoch 3 is the task's last update (s, s)
+    assert len(check.densities) == 2 * 4 and check.steps > 0
+    for task, epoch, density in check.densities:
+        for name, d in density.items():
+            assert abs(d - (1 - upper[epoch])) < 0.005, (task, epoch, name, d)
+    assert all(abs(d - (1 - s)) < 0.005 for d in strategy.weight_density().values())   # task end
+    # updates per task at epochs 0..3: (s, s-swap), (s+swap, s), (s+swap, s), (s, s)
+    assert len(strategy.swaps) == 8
+    for update, pruned, grown in ((1, 2, 1), (2, 1, 1), (5, 2, 1), (6, 1, 1), (3, 0, 0), (7, 0, 0)):
+        for name, counts in strategy.swaps[update].items():
+            n = strategy.masks[name].numel()
+            assert abs(counts["pruned"] - pruned * swap * n) <= 1, (update, name, counts)
+            assert 0.7 * grown * swap * n - 1 <= counts["regrown"] <= grown * swap * n + 1, (update, name, counts)
+
+
+def test_gradient_masks_after_refresh_and_between(cifar_root):
+    """A3: on a refresh step each masked layer's gradient is non-zero on about (1-s)*keep of the
+    tensor, inside the weight mask; other steps reuse the stored gradient mask; the refresh
+    happens every `refresh` steps and on each epoch's first; unmasked layers stay dense."""
+    s, keep, refresh = 0.75, 0.8, 2
+
+    class Check(Observer):
+        def __init__(self, *a):
+            super().__init__(*a)
+            self.refreshes, self.previous = 0, None
+
+        def step(self, record):
+            st = self.strategy
+            fresh = st.step_in_epoch % refresh == 0      # the index of the batch just trained on
+            for name, layer in st.layers.items():
+                g, gmask, wmask = layer.weight.grad, st.grad_masks[name], st.masks[name]
+                assert torch.all(gmask <= wmask) and torch.all(g[gmask == 0] == 0)
+                if fresh:
+                    assert abs(float(gmask.mean()) - (1 - s) * keep) < 0.005, (name, float(gmask.mean()))
+                    # entries of exactly-zero gradient (dead units) cannot count as non-zero
+                    assert 0.5 * (1 - s) * keep < float((g != 0).float().mean()) <= float(gmask.mean())
+                else:
+                    assert torch.equal(gmask, self.previous[name])
+            stem = self.learner.model.backbone.body[0].weight.grad     # unmasked: left dense
+            assert float((stem != 0).float().mean()) > 0.9
+            self.refreshes += fresh
+            self.previous = {n: m.clone() for n, m in st.grad_masks.items()}
+
+    strategy, _, _, check = train(cifar_args(cifar_root, "--epochs", "2", "--sparcl-sparsity", str(s),
+                                             "--sparcl-grad-keep", str(keep), "--sparcl-grad-refresh",
+                                             str(refresh), "--sparcl-remove", "0"), Check)
+    # 2 tasks of 5 classes x 24 images in batches of 16: 8 steps per epoch, refreshes on 0, 2, 4, 6
+    assert check.refreshes == 4 * 2 * 2
+
+
+def test_data_removal_round_sizes_and_order():
+    """A4 on real digits: the training set shrinks by exactly floor(R*N/K)/… per round, removed
+    examples score no higher than any kept one in their window, never come back within the
+    task, and the buffer is not pruned."""
+    epochs, rounds, share = 6, 4, 0.3
+    removed_sets, seen_per_epoch = [], {}
+
+    class Check(Observer):
+        def step(self, record):
+            key = (record["task"], record["epoch"])
+            index = self.strategy._pending[0].index
+            seen_per_epoch[key] = seen_per_epoch.get(key, 0) + len(index)
+            gone = self.strategy.removed_in_task
+            assert not torch.isin(index, gone).any()
+
+    scenario, strategy, learner, _ = build(["--strategy", "sparcl", "--seed", "1", "--epochs", str(epochs),
+                                            "--sparcl-remove", str(share), "--sparcl-remove-rounds", str(rounds),
+                                            "--sparcl-remove-every", "1", "--sparcl-update-every", "2"])
+    original = strategy.select_examples
+
+    def select_and_check(task, epoch):
+        scores, before = strategy.forgetting_scores().clone(), strategy.kept.clone()
+        buffered = strategy.buffer.count
+        kept = original(task, epoch)
+        if len(kept) < len(before):
+            removed = before[~torch.isin(before, kept)]
+            assert scores[removed].max() <= scores[kept].min()
+            removed_sets.append(removed)
+            assert strategy.buffer.count == buffered
+        return kept
+    strategy.select_examples = select_and_check
+    watch = Check(strategy, learner)
+    summary = engine.run(scenario, strategy, learner, Mechanism(), Ledger(), [watch], epochs)
+    for task in scenario.tasks:
+        n = len(task.train)
+        step = int(share * n) // rounds
+        expected = [n, n - step, n - 2 * step, n - 3 * step, n - 4 * step, n - 4 * step]
+        assert [seen_per_epoch[(task.index, e)] for e in range(epochs)] == expected
+    assert len(removed_sets) == 4 * len(scenario.tasks)
+    for ds in summary["privacy"]["datasets"].values():
+        assert {"mechanism": "raw", "purpose": "sparcl data-removal statistics"} in ds["accesses"]
+
+
+def test_same_seed_same_masks_and_removed_sets_other_seed_differs():
+    """A8: two runs with one seed give identical masks and removed-index sets."""
+    def run(seed):
+        removed = []
+
+        class Record(Observer):
+            def task(self, record):
+                removed.append(self.strategy.removed_in_task.clone())
+        strategy, _, summary, _ = train(["--strategy", "sparcl", "--seed", str(seed), "--epochs", "4",
+                                         "--sparcl-remove-every", "1", "--sparcl-update-every", "1",
+                                         "--sparcl-swap", "0.05"], Record)
+        return strategy.masks, removed, summary["acc"]
+
+    (m1, r1, a1), (m2, r2, a2), (m3, r3, _) = run(5), run(5), run(6)
+    assert all(torch.equal(m1[n], m2[n]) for n in m1) and a1 == a2
+    assert all(torch.equal(a, b) for a, b in zip(r1, r2)) and len(r1) == 5 and all(len(r) > 0 for r in r1)
+    assert not all(torch.equal(m1[n], m3[n]) for n in m1)
+    assert not all(torch.equal(a, b) for a, b in zip(r1, r3))
+
+
+def test_counted_flops_follow_one_formula_for_dense_and_sparse(cifar_root):
+    """A5: with the same batches, dense DER++ and SparCL (fixed densities, no data removal)
+    differ in counted FLOPs exactly by sum F_l(2d_l + g_l) / sum 3F_l, F_l from FlopCounterMode."""
+    s, keep = 0.9, 0.8
+    common = cifar_args(cifar_root, "--epochs", "2")[:-2]
+    dense, learner, _, _ = train(common + ["--strategy", "derpp"])
+    sparse, _, _, _ = train(common + ["--strategy", "sparcl", "--sparcl-sparsity", str(s), "--sparcl-swap", "0",
+                                      "--sparcl-remove", "0", "--sparcl-grad-keep", str(keep)])
+    layers = forward_flops(learner.model, torch.zeros(1, 3, 32, 32))
+    masked = set(sparse.layers)
+    assert masked and masked < set(layers)
+    size = {n: sparse.masks[n].numel() for n in masked}
+    active = {n: size[n] - round(s * size[n]) for n in masked}          # exact counts per layer
+    d = {n: active[n] / size[n] if n in masked else 1.0 for n in layers}
+    g = {n: round(keep * active[n]) / size[n] if n in masked else 1.0 for n in layers}
+    ratio = sum(f * (2 * d[n] + g[n]) for n, f in layers.items()) / sum(3 * f for f in layers.values())
+    assert sparse.flops.total / dense.flops.total == pytest.approx(ratio, rel=1e-6)
+    assert ratio < 0.3
+
+
+def test_cli_records_sparsity_figures_and_rejects_bad_bounds(tmp_path):
+    """Through the CLI on real digits (MLP 64-100-100-10: the middle layer is masked)."""
+    run_cli("--strategy", "sparcl", "--epochs", "2", "--sparcl-sparsity", "0.9", "--sparcl-remove-every", "1",
+            "--progress", "false", out=tmp_path / "ok")
+    summary = read_summary(tmp_path / "ok")
+    run_dir = next(p for p in (tmp_path / "ok").iterdir() if p.is_dir())
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    tasks = [r["strategy"] for r in records if r["kind"] == "task"]
+    assert all(t["sparcl_density/backbone.body.3"] == 0.1 for t in tasks)
+    assert tasks[-1]["sparcl_model_density"] == pytest.approx((64 * 100 + 1000 + 100 * 10) / 17400)
+    assert all(t["sparcl_examples_removed"] > 0 for t in tasks)    # one DDR round (epoch 1) per task
+    steps = [r for r in records if r["kind"] == "step"]
+    assert {r["strategy/sparcl_grad_density"] for r in steps} == {0.08}
+    flops = [r["strategy/train_flops"] for r in steps]
+    assert flops == sorted(flops) and flops[0] > 0 and tasks[-1]["train_flops"] == flops[-1]
+    # reservoir buffer (500 x (64 float32 + 2 int64 + 10 float32)) + one float32 100x100 mask
+    assert summary["memory"]["strategy_state_bytes"] == 500 * (64 * 4 + 16 + 40) + 100 * 100 * 4
+    bad = run_cli("--strategy", "sparcl", "--sparcl-sparsity", "0.995", out=tmp_path / "bad", check=False)
+    assert bad.returncode == 2 and "--sparcl-swap" in bad.stderr and not (tmp_path / "bad").exists()
