@@ -118,7 +118,7 @@ def memory_table(scenario_args: list[str], label: str) -> None:
     print(flush=True)
 
 
-def cost(data_root: str, per_class: str, epochs: int, repeats: int = 2) -> None:
+def cost(data_root: str, backbone: str, per_class: str, epochs: int, repeats: int = 2) -> None:
     """CPU time (process_time: robust to other processes on the machine) of one task's training
     under BLIP, of the clamps inside it, and of the Fisher + freeze step after it."""
     from clsim import config
@@ -127,11 +127,11 @@ def cost(data_root: str, per_class: str, epochs: int, repeats: int = 2) -> None:
     from clsim.privacy.mechanism import Mechanism
     from strategies.blip import BLIP
     resolved = parse(["--scenario", "split_cifar", "--setting", "task_il", "--data-root", data_root,
-                      "--train-per-class", per_class, "--test-per-class", "10"])
+                      "--backbone", backbone, "--train-per-class", per_class, "--test-per-class", "10"])
     scenario = resolved["scenario"].target(resolved["scenario_options"], resolved["run"])
     task = scenario.tasks[0]
     print(f"## cost of BLIP on split_cifar task 0 ({len(task.train)} images, {epochs} epochs, batch 32, "
-          f"SmallCNN, {len(task.train)} Fisher samples; CPU seconds, 1 thread)")
+          f"backbone {backbone}, {len(task.train)} Fisher samples; CPU seconds, 1 thread)")
     print("| repeat | task training (incl. clamps) | clamps (after_step) | clamps / training | "
           "Fisher + freeze | Fisher + freeze / training |")
     print("|---|---|---|---|---|---|")
@@ -182,6 +182,7 @@ def main() -> None:
     p.add_argument("--cifar-train-per-class", default="500")
     p.add_argument("--cifar-test-per-class", default="500")
     p.add_argument("--cifar-epochs", default="5")
+    p.add_argument("--cifar-backbone", default="cnn", help="cnn (SmallCNN) or resnet18 (reduced ResNet-18)")
     p.add_argument("--cifar-lr", default="0.05")
     p.add_argument("--ewc-lambda", default="100")
     p.add_argument("--mnist-epochs", default="5")
@@ -192,11 +193,12 @@ def main() -> None:
     if "accuracy" in parts:
         accuracy_table("split_cifar task_il, 5 tasks x 2 classes",
                        ["--scenario", "split_cifar", "--setting", "task_il", "--data-root", cifar_root(a.data_root),
-                        "--train-per-class", a.cifar_train_per_class, "--test-per-class", a.cifar_test_per_class,
+                        "--backbone", a.cifar_backbone, "--train-per-class", a.cifar_train_per_class,
+                        "--test-per-class", a.cifar_test_per_class,
                         "--epochs", a.cifar_epochs, "--lr", a.cifar_lr, "--batch-size", "32", "--seed", a.seed],
                        strategies, extra)
     if "cost" in parts:
-        cost(cifar_root(a.data_root), a.cifar_train_per_class, int(a.cifar_epochs))
+        cost(cifar_root(a.data_root), a.cifar_backbone, a.cifar_train_per_class, int(a.cifar_epochs))
     mnist = ("mnist" in parts or "memory" in parts) and have_mnist(a.data_root)
     if "mnist" in parts and mnist:
         accuracy_table("split_mnist task_il, MNIST-5 protocol of BLIP (MLP 784-1200-1200, SGD lr 0.01, batch 64)",
