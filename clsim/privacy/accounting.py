@@ -44,7 +44,8 @@ def noise_for_target(target: float, delta: float, uses: dict[str, tuple[float, i
     with the most steps (or the highest sample rate) is the worst case and sets it."""
     from opacus.accountants.utils import get_noise_multiplier
     sigma = 0.0
-    for dataset, (rate, steps) in uses.items():
+    distinct = {use: dataset for dataset, use in uses.items()}    # equal-sized tasks: one search
+    for (rate, steps), dataset in distinct.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
