@@ -36,7 +36,7 @@ def main():
     args = parser.parse_args()
     import torch
     torch.set_num_threads(1)
-    common = ["--scenario", "split_cifar", "--n-tasks", "1", "--data-root", args.data_root,
+    common = ["--scenario", "split_cifar", "--n-tasks", "1", "--data-root", args.data_root, "--backbone", "cnn",
               "--train-per-class", str(args.train_per_class), "--test-per-class", str(args.test_per_class),
               "--backbone-width", str(args.width), "--epochs", str(args.epochs),
               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--momentum", str(args.momentum),

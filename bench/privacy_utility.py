@@ -67,7 +67,7 @@ def main():
         for eps in map(float, args.epsilons.split(",")):
             for mechanism in args.mechanisms.split(","):
                 argv = ["--scenario", "split_cifar", "--strategy", mechanism, "--n-tasks", str(n_tasks),
-                        "--setting", setting, "--data-root", args.data_root,
+                        "--setting", setting, "--data-root", args.data_root, "--backbone", "cnn",
                         "--train-per-class", str(args.train_per_class), "--test-per-class", str(args.test_per_class),
                         "--backbone-width", str(args.width), "--epochs", str(args.epochs),
                         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--momentum", str(args.momentum),
