@@ -300,3 +300,17 @@ def test_bad_privacy_options_exit_2_with_one_clear_line(args, message, tmp_path,
 def test_bad_option_exit_status_from_a_real_process(tmp_path):
     proc = run_cli("--strategy", "dpsgd", "--delta", "0.5", out=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--delta" in proc.stderr
+
+
+def test_empty_poisson_draws_still_take_an_accounted_noise_step():
+    scenario, learner, mechanism, ledger = make(DPSGD, batch_size=1, noise_multiplier=1.0)
+    task = scenario.tasks[0]
+    optimizer = mechanism.before_task(task, learner.make_optimizer())
+    before = learner.model.backbone.body[1].weight.detach().clone()
+    yielded = 0
+    for batch in mechanism.batches(task, 0, None):            # q = 1/N: about 1/e of draws are empty
+        yielded += 1
+        assert len(batch.y) > 0
+    steps = ledger.accesses[task.dataset_id][-1]["steps"]
+    assert steps == mechanism.steps_per_epoch[task.dataset_id] - yielded > 0
+    assert not torch.equal(before, learner.model.backbone.body[1].weight)   # the noise moved it
