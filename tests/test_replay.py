@@ -1,5 +1,5 @@
 """ER and DER++: reservoir invariants and uniformity, logits stored at insertion, counted FLOPs,
-and end-to-end runs on real digits through the CLI."""
+and end-to-end runs on real digits through the CLI's parse/execute (in-process, for speed)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from clsim.flops import TrainingFlops, example_flops, forward_flops
 from clsim.models import MultiHeadNet
 from strategies.replay import ReservoirBuffer
-from conftest import read_summary, run_cli
+from clsim.cli import execute, main, parse
+from conftest import read_summary
 
 
 def offer_stream(size: int, n: int, batch: int, generator: torch.Generator) -> ReservoirBuffer:
@@ -114,7 +115,7 @@ def test_er_and_derpp_beat_naive_on_digits_and_report_buffer_flops_privacy(tmp_p
     acc = {}
     for name, extra in (("naive", []), ("er", []), ("derpp", ["--derpp-alpha", "0.5", "--derpp-beta", "1.0"])):
         out = tmp_path / name
-        run_cli("--strategy", name, "--seed", "0", "--progress", "false", *extra, out=out)
+        execute(parse(["--out", str(out), "--strategy", name, "--seed", "0", "--progress", "false", *extra]))
         summary = read_summary(out)
         acc[name] = summary["acc"]
         if name == "naive":
@@ -138,6 +139,6 @@ def test_er_and_derpp_beat_naive_on_digits_and_report_buffer_flops_privacy(tmp_p
     assert acc["er"] > acc["naive"] + 20 and acc["derpp"] > acc["naive"] + 20, acc
 
 
-def test_bad_replay_option_is_a_user_error(tmp_path):
-    proc = run_cli("--strategy", "derpp", "--replay-size", "0", out=tmp_path, check=False)
-    assert proc.returncode == 2 and "--replay-size" in proc.stderr and not any(tmp_path.iterdir())
+def test_bad_replay_option_is_a_user_error(tmp_path, capsys):
+    assert main(["--out", str(tmp_path), "--strategy", "derpp", "--replay-size", "0"]) == 2
+    assert "--replay-size" in capsys.readouterr().err and not any(tmp_path.iterdir())

@@ -13,7 +13,8 @@ from clsim.flops import forward_flops
 from clsim.learners.supervised import SupervisedLearner
 from clsim.privacy.ledger import Ledger
 from clsim.privacy.mechanism import Mechanism
-from conftest import read_summary, run_cli
+from clsim.cli import execute, main, parse
+from conftest import read_summary
 
 
 def build(argv: list[str]):
@@ -49,7 +50,7 @@ class Observer:
 
 def cifar_args(root, *extra):
     return ["--scenario", "split_cifar", "--data-root", str(root), "--train-per-class", "24",
-            "--test-per-class", "20", "--n-tasks", "2", "--backbone-width", "8", "--seed", "0",
+            "--test-per-class", "20", "--n-tasks", "2", "--backbone", "cnn", "--backbone-width", "8", "--seed", "0",
             "--batch-size", "16", "--lr", "0.03", "--strategy", "sparcl", *extra]
 
 
@@ -193,7 +194,7 @@ def test_same_seed_same_masks_and_removed_sets_other_seed_differs():
         class Record(Observer):
             def task(self, record):
                 removed.append(self.strategy.removed_in_task.clone())
-        strategy, _, summary, _ = train(["--strategy", "sparcl", "--seed", str(seed), "--epochs", "4",
+        strategy, _, summary, _ = train(["--strategy", "sparcl", "--seed", str(seed), "--epochs", "3",
                                          "--sparcl-remove-every", "1", "--sparcl-update-every", "1",
                                          "--sparcl-swap", "0.05"], Record)
         return strategy.masks, removed, summary["acc"]
@@ -225,10 +226,10 @@ def test_counted_flops_follow_one_formula_for_dense_and_sparse(cifar_root):
     assert ratio < 0.3
 
 
-def test_cli_records_sparsity_figures_and_rejects_bad_bounds(tmp_path):
-    """Through the CLI on real digits (MLP 64-100-100-10: the middle layer is masked)."""
-    run_cli("--strategy", "sparcl", "--epochs", "2", "--sparcl-sparsity", "0.9", "--sparcl-remove-every", "1",
-            "--progress", "false", out=tmp_path / "ok")
+def test_cli_records_sparsity_figures_and_rejects_bad_bounds(tmp_path, capsys):
+    """Through the CLI's parse/execute on real digits (MLP 64-100-100-10: the middle layer is masked)."""
+    execute(parse(["--out", str(tmp_path / "ok"), "--strategy", "sparcl", "--epochs", "2", "--sparcl-sparsity",
+                   "0.9", "--sparcl-remove-every", "1", "--progress", "false"]))
     summary = read_summary(tmp_path / "ok")
     run_dir = next(p for p in (tmp_path / "ok").iterdir() if p.is_dir())
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -242,5 +243,5 @@ def test_cli_records_sparsity_figures_and_rejects_bad_bounds(tmp_path):
     assert flops == sorted(flops) and flops[0] > 0 and tasks[-1]["train_flops"] == flops[-1]
     # reservoir buffer (500 x (64 float32 + 2 int64 + 10 float32)) + one float32 100x100 mask
     assert summary["memory"]["strategy_state_bytes"] == 500 * (64 * 4 + 16 + 40) + 100 * 100 * 4
-    bad = run_cli("--strategy", "sparcl", "--sparcl-sparsity", "0.995", out=tmp_path / "bad", check=False)
-    assert bad.returncode == 2 and "--sparcl-swap" in bad.stderr and not (tmp_path / "bad").exists()
+    assert main(["--out", str(tmp_path / "bad"), "--strategy", "sparcl", "--sparcl-sparsity", "0.995"]) == 2
+    assert "--sparcl-swap" in capsys.readouterr().err and not (tmp_path / "bad").exists()
