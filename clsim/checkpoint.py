@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from clsim.errors import UserError
+
 
 def save_atomic(obj, path: Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -13,18 +15,11 @@ def save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class Checkpointer:
-    """Observer that saves model and strategy state after every task."""
-
-    def __init__(self, path: Path, learner, strategy):
-        self.path, self.learner, self.strategy = path, learner, strategy
-
-    def step(self, record):
-        pass
-
-    def task(self, record):
-        save_atomic({"task": record["task"], "model": self.learner.model.state_dict(),
-                     "strategy": self.strategy.state_dict()}, self.path)
-
-    def close(self, summary):
-        pass
+def load(path: Path) -> dict:
+    try:
+        return torch.load(path, weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}: the run stopped before its first task ended; "
+                        f"start it again") from None
+    except Exception as exc:
+        raise UserError(f"corrupt checkpoint {path} ({type(exc).__name__}); start the run again") from None

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 import yaml
 
-from clsim import config, engine
-from clsim.checkpoint import Checkpointer
+from clsim import checkpoint, config, engine
 from clsim.errors import UserError
 from clsim.loggers import JsonlLogger, ProgressLogger, TensorBoardLogger, to_json
 from clsim.privacy.audit import AuditOptions, mia
@@ -25,6 +24,13 @@ from clsim.privacy.mechanism import Mechanism
 from clsim.registry import MECHANISMS, SCENARIOS, STRATEGIES
 
 DEFAULT_SCENARIO, DEFAULT_STRATEGY = "split_digits", "naive"
+
+
+class Interrupted(Exception):
+    """The user stopped a run that has a checkpoint: it can be resumed."""
+
+    def __init__(self, partial: Path):
+        self.partial = partial
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,12 +96,21 @@ def parse(argv: list[str]) -> dict:
     parser.set_defaults(**yaml_values)
     args = vars(parser.parse_args(argv))
     return {"args": args, "scenario": scenario, "strategy": strategy, "mechanism": mechanism,
-            "run": config.build(config.RunOptions, args),
+            "argv": _as_argv(args), "run": config.build(config.RunOptions, args),
             "audit": config.build(AuditOptions, args),
             "scenario_options": config.build(scenario.options, args),
             "strategy_options": config.build(strategy.target.Options, args),
             "mechanism_options": config.build(mechanism.options, args)
             if mechanism is not None and mechanism.options is not None else None}
+
+
+def _as_argv(args: dict) -> list[str]:
+    """The resolved options as flags (YAML folded in), so a resumed run rebuilds the same run."""
+    out = []
+    for key, value in args.items():
+        if value is not None and key not in ("config", "list"):
+            out += [config.flag(key), str(value)]
+    return out
 
 
 def _peek(argv: list[str], name: str) -> str | None:
@@ -123,8 +138,9 @@ def run_dir_for(out: str, name: str) -> Path:
     return candidate
 
 
-def execute(resolved: dict) -> tuple[Path, dict]:
-    """Build everything, then run; the run directory appears only when the run succeeds."""
+def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]:
+    """Build everything, then run; the run directory appears only when the run succeeds.
+    With `resume_dir` (an interrupted run's hidden .partial directory) continue that run."""
     run, sc_entry, st_entry = resolved["run"], resolved["scenario"], resolved["strategy"]
     generator = seed_everything(run.seed)
     device = torch.device(run.device)
@@ -142,11 +158,17 @@ def execute(resolved: dict) -> tuple[Path, dict]:
     ledger = Ledger(**mechanism.ledger_options())
     mechanism.check(learner, scenario, epochs)
 
-    name = f"{sc_entry.name}-{st_entry.name}-seed{run.seed}"
-    final = run_dir_for(run.out, name)
-    partial = final.with_name("." + final.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    if resume_dir is None:
+        final = run_dir_for(run.out, f"{sc_entry.name}-{st_entry.name}-seed{run.seed}")
+        partial = final.with_name("." + final.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        state = None
+    else:
+        partial = resume_dir
+        final = run_dir_for(str(partial.parent), partial.name[1:-len(".partial")])
+        state = checkpoint.load(partial / "checkpoint.pt")
+    resume_step = None if state is None else state["step"]
     try:
         hparams = {"scenario": sc_entry.name, "strategy": st_entry.name, "setting": scenario.setting,
                    "seed": run.seed, "epochs": epochs, "lr": learner.lr, "batch_size": learner.batch_size,
@@ -155,14 +177,15 @@ def execute(resolved: dict) -> tuple[Path, dict]:
                    **dataclasses.asdict(resolved["strategy_options"])}
         if mech_opts is not None:
             hparams.update(dataclasses.asdict(mech_opts))
-        (partial / "config.json").write_text(json.dumps(to_json({
-            **hparams, "run": dataclasses.asdict(run), "versions": versions(),
-            "scenario_info": scenario.info}), indent=2))
-        loggers = [TensorBoardLogger(partial / "tb", hparams), JsonlLogger(partial / "log.jsonl"),
-                   ProgressLogger(None, run.progress)]
-        if run.checkpoint:
-            loggers.append(Checkpointer(partial / "checkpoint.pt", learner, strategy))
-        result = engine.run(scenario, strategy, learner, mechanism, ledger, loggers, epochs)
+        if state is None:
+            (partial / "config.json").write_text(json.dumps(to_json({
+                **hparams, "argv": resolved["argv"], "run": dataclasses.asdict(run), "versions": versions(),
+                "scenario_info": scenario.info}), indent=2))
+        loggers = [TensorBoardLogger(partial / "tb", hparams, resume_step),
+                   JsonlLogger(partial / "log.jsonl", resume_step), ProgressLogger(None, run.progress)]
+        save = (lambda s: checkpoint.save_atomic(s, partial / "checkpoint.pt")) if run.checkpoint else None
+        result = engine.run(scenario, strategy, learner, mechanism, ledger, loggers, epochs,
+                            checkpoint=save, resume=state)
         audit = resolved.get("audit")
         if audit is not None and audit.audit == "mia":
             result["audit"] = mia(learner, scenario, ledger, audit.audit_examples, run.seed)
@@ -172,11 +195,32 @@ def execute(resolved: dict) -> tuple[Path, dict]:
         for logger in loggers:
             logger.close(summary)
         (partial / "summary.json").write_text(json.dumps(to_json(summary), indent=2))
+    except KeyboardInterrupt:
+        if not (partial / "checkpoint.pt").is_file():
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        raise Interrupted(partial) from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     os.replace(partial, final)
     return final, summary
+
+
+def resume(argv: list[str]) -> tuple[Path, dict]:
+    """`--resume DIR`: continue an interrupted run from its last finished task, with its own options."""
+    if len(argv) != 1:
+        raise UserError("--resume takes exactly one argument, the interrupted run's .partial directory, "
+                        "and no other options")
+    partial = Path(argv[0])
+    if not (partial.name.startswith(".") and partial.name.endswith(".partial")):
+        raise UserError(f"{partial} is not an interrupted run: pass the hidden .<name>.partial directory "
+                        f"that the interruption message named")
+    try:
+        saved = json.loads((partial / "config.json").read_text())["argv"]
+    except (OSError, ValueError, KeyError):
+        raise UserError(f"{partial} holds no readable config.json; start the run again") from None
+    return execute(parse(saved), resume_dir=partial)
 
 
 def versions() -> dict:
@@ -198,10 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         if "--list" in argv:
             print(listing())
             return 0
-        run_dir, summary = execute(parse(argv))
+        if argv and argv[0] == "--resume":
+            run_dir, summary = resume(argv[1:])
+        else:
+            run_dir, summary = execute(parse(argv))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"interrupted; continue with: python run_scenario.py --resume {exc.partial}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted; no run directory written", file=sys.stderr)
         return 130

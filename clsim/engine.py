@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import random
 import time
 
+import numpy as np
 import torch
 
 from clsim import metrics
@@ -20,7 +22,8 @@ class Timer:
         return now
 
 
-def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int) -> dict:
+def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
+        checkpoint=None, resume: dict | None = None) -> dict:
     """Train on every task in order; evaluate on all tasks after each.
 
         mechanism.setup, strategy.setup; b = initial scores
@@ -33,18 +36,28 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int) ->
             strategy.after_task; mechanism.after_task
             R row = [learner.evaluate(t) for t in tasks]; loggers.task_end(record)
         returns the summary (matrix, ACC, BWT, FWT, forgetting, memory, wall time, privacy)
+
+    `checkpoint(state)` is called after every task with everything needed to continue; passing
+    that state back as `resume` continues the run exactly where it stopped.
     """
     mechanism.setup(learner, scenario, ledger)
     strategy.epochs = epochs   # schedules within a task (e.g. SparCL's mask updates) need it
     strategy.setup(learner, scenario, mechanism)
     emit = _Emitter(loggers)
-    initial = [learner.evaluate(t) for t in scenario.tasks]
-    details = {name: {"initial": row, "matrix": []} for name, row in learner.score_details().items()}
-    R: list[list[float]] = []
     timer = Timer()
-    step = examples = 0
-    start = time.perf_counter()
-    for task in scenario.tasks:
+    if resume is None:
+        initial = [learner.evaluate(t) for t in scenario.tasks]
+        details = {name: {"initial": row, "matrix": []} for name, row in learner.score_details().items()}
+        R: list[list[float]] = []
+        step = examples = 0
+        elapsed = 0.0
+    else:
+        initial, details, R = resume["initial"], resume["details"], resume["R"]
+        step, examples, elapsed = resume["step"], resume["examples"], resume["elapsed"]
+        timer.totals = dict(resume["wall_time"])
+        restore(resume, learner, strategy, ledger)
+    start = time.perf_counter() - elapsed
+    for task in scenario.tasks[len(R):]:
         t0 = time.perf_counter()
         strategy.before_task(task)
         optimizer = mechanism.before_task(task, learner.make_optimizer())
@@ -77,6 +90,10 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int) ->
         for name, row in row_details.items():
             details[name]["matrix"].append(row)
         timer.add("eval", t2)
+        if checkpoint is not None:
+            checkpoint(snapshot(learner, strategy, ledger, initial=initial, details=details, R=R, step=step,
+                                examples=examples, elapsed=time.perf_counter() - start,
+                                wall_time=dict(timer.totals)))
         i = task.index
         emit("task", {"task": i, "step": step, "row": R[-1], "acc": metrics.acc(R, i),
                       "bwt": metrics.bwt(R, i), "fwt": metrics.fwt(R, initial, i),
@@ -88,6 +105,25 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int) ->
             "memory": memory(learner, strategy),
             "wall_time": {**timer.totals, "total": time.perf_counter() - start},
             "privacy": ledger.report(), "steps": step, "examples_seen": examples}
+
+
+def snapshot(learner, strategy, ledger, **progress) -> dict:
+    """The state a run continues from: progress figures, model, strategy, ledger and every RNG."""
+    return {**progress, "model": learner.model.state_dict(), "strategy": strategy.state_dict(),
+            "ledger": ledger.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "python": random.getstate(), "learner": learner.generator.get_state()}}
+
+
+def restore(state: dict, learner, strategy, ledger) -> None:
+    learner.model.load_state_dict(state["model"])
+    strategy.load_state_dict(state["strategy"])
+    ledger.load_state_dict(state["ledger"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    learner.generator.set_state(rng["learner"])
 
 
 def memory(learner, strategy) -> dict:

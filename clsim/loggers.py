@@ -35,8 +35,13 @@ def to_json(value):
 
 
 class JsonlLogger:
-    def __init__(self, path):
+    def __init__(self, path, resume_step: int | None = None):
+        kept = []
+        if resume_step is not None:  # drop what an interrupted run logged after its checkpoint
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
         self.file = open(path, "w")
+        self.file.writelines(kept)
 
     def _write(self, kind, record):
         self.file.write(json.dumps({"kind": kind, **to_json(record)}) + "\n")
@@ -57,9 +62,11 @@ class TensorBoardLogger:
 
     STEP_KEYS = ("loss", "lr", "examples_seen", "steps_per_sec")
 
-    def __init__(self, log_dir, hparams: dict):
+    def __init__(self, log_dir, hparams: dict, resume_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+        # On resume, TensorBoard discards events an interrupted run wrote after its checkpoint.
+        self.writer = SummaryWriter(log_dir=str(log_dir),
+                                    purge_step=None if resume_step is None else resume_step + 1)
         self.hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                         for k, v in hparams.items()}
         self.last = None
@@ -124,13 +131,14 @@ def matrix_image(R, cell: int = 24) -> np.ndarray:
 
 
 class ProgressLogger:
-    """A progress bar on the terminal; silent when stderr is not a terminal (CI)."""
+    """A progress bar on a terminal and one line per finished task. `enabled` None: the bar only
+    when stderr is a terminal (quiet in CI), task lines always; False: nothing at all."""
 
     def __init__(self, total_steps: int | None, enabled: bool | None = None):
         from tqdm import tqdm
-        enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.enabled = enabled
-        self.bar = tqdm(total=total_steps, disable=not enabled, unit="step", dynamic_ncols=True)
+        self.silent = enabled is False
+        self.bar = tqdm(total=total_steps, disable=not (enabled or (enabled is None and sys.stderr.isatty())),
+                        unit="step", dynamic_ncols=True)
 
     def step(self, record):
         self.bar.update(1)
@@ -138,8 +146,9 @@ class ProgressLogger:
             self.bar.set_postfix(task=record["task"], loss=f"{record['loss']:.3f}", refresh=False)
 
     def task(self, record):
-        (self.bar.write if self.enabled else print)(f"task {record['task']}: ACC {record['acc']:.2f}  BWT {record['bwt']:.2f}  "
-                       f"row {' '.join(f'{x:.1f}' for x in record['row'])}")
+        if not self.silent:
+            self.bar.write(f"task {record['task']}: ACC {record['acc']:.2f}  BWT {record['bwt']:.2f}  "
+                           f"row {' '.join(f'{x:.1f}' for x in record['row'])}")
 
     def close(self, summary):
         self.bar.close()

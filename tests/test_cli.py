@@ -144,3 +144,35 @@ def test_nan_loss_stops_the_run_with_a_clear_message(tmp_path):
     assert "the loss became nan" in proc.stderr and "lower --lr" in proc.stderr
     assert not any(p for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")) \
         if (tmp_path / "out").exists() else True
+
+
+def test_interrupted_run_resumes_to_the_same_figures(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    args = ("--strategy", "ewc", "--setting", "task_il", "--epochs", "15", "--lr", "0.1", "--seed", "5")
+    run_cli(*args, out=tmp_path / "whole")
+    out = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_scenario.py"), "--out", str(out), *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = out / ".split_digits-ewc-seed5.partial"
+    while proc.poll() is None and not (partial / "checkpoint.pt").exists():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert f"--resume {partial}" in err
+    done = subprocess.run([sys.executable, str(REPO / "run_scenario.py"), "--resume", str(partial)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not partial.exists()
+    whole, resumed = read_summary(tmp_path / "whole"), read_summary(out)
+    for key in ("accuracy_matrix", "initial_scores", "acc", "bwt", "fwt", "forgetting", "steps"):
+        assert resumed[key] == whole[key], key
+    lines = (next(out.iterdir()) / "log.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in lines if '"kind": "step"' in line]
+    assert steps == list(range(1, whole["steps"] + 1))

@@ -53,6 +53,16 @@ class Ledger:
         self._cache[dataset] = (key, value)
         return value
 
+    def state_dict(self) -> dict:
+        return {"accesses": {d: [dict(a) for a in log] for d, log in self.accesses.items()},
+                "notes": list(self.notes)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.accesses.clear()
+        self.accesses.update({d: [dict(a) for a in log] for d, log in state["accesses"].items()})
+        self.notes[:] = state["notes"]
+        self._cache.clear()
+
     def worst_epsilon(self) -> float:
         return max((self.epsilon(d) for d in self.accesses), default=0.0)
 
