@@ -10,10 +10,14 @@ from clsim.learners.base import Batch, Learner
 
 
 class SupervisedLearner(Learner):
-    def __init__(self, *args, augment=None, eval_batch_size: int = 1000, **kwargs):
+    def __init__(self, *args, augment=None, eval_batch_size: int = 1000, fisher_batch_size: int = 128,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.augment = augment
         self.eval_batch_size = eval_batch_size
+        # Per-example gradients hold one copy of the parameters per example: moderate chunks keep
+        # that memory small and were 1.6x faster than chunks of 1000 for the CIFAR CNN on CPU.
+        self.fisher_batch_size = fisher_batch_size
 
     def batches(self, task, epoch: int, subset: torch.Tensor | None = None) -> Iterator[Batch]:
         """One shuffled pass over the task's training set (or `subset` of it); keeps the last
@@ -50,7 +54,7 @@ class SupervisedLearner(Learner):
         predictive distribution (true Fisher) or the labels (empirical Fisher)."""
         data = task.train
         pick = torch.randperm(len(data), generator=self.generator)[:n]
-        for chunk in pick.split(self.eval_batch_size):
+        for chunk in pick.split(self.fisher_batch_size):
             x = data.x[chunk].to(self.device)
             if empirical:
                 y = data.y[chunk].to(self.device)
