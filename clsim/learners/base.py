@@ -27,7 +27,9 @@ class Learner:
         return torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
 
     def is_head(self, name: str) -> bool:
-        return name.startswith(self.HEAD_PREFIXES)
+        """Whether a parameter belongs to a task-specific head; a single head serves every task
+        (class_il/domain_il), so penalties and masks protect it like the trunk."""
+        return name.startswith(self.HEAD_PREFIXES) and len(self.model.heads) > 1
 
     def shared_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters outside the task heads: what Fisher-based penalties protect."""
