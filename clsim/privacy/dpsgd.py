@@ -145,15 +145,18 @@ class DPSGD(Mechanism):
         super().setup(learner, scenario, ledger)
         ledger.delta = self.delta
         ledger.notes.extend(self.notes)
-        # Noise and perturbations get their own streams, seeded from --seed through the learner.
-        seed = int(torch.randint(0, 2 ** 62, (1,), generator=learner.generator))
-        self.noise_generator = torch.Generator(learner.device).manual_seed(seed)
-        self.perturb_generator = torch.Generator(learner.device).manual_seed(seed + 1)
+        # Noise and perturbations get their own streams, seeded from --seed through the learner
+        # and reseeded at every task, so a run resumed at a task boundary draws the same noise.
+        self.seed = int(torch.randint(0, 2 ** 60, (1,), generator=learner.generator))
+        self.noise_generator = torch.Generator(learner.device).manual_seed(self.seed)
+        self.perturb_generator = torch.Generator(learner.device).manual_seed(self.seed + 1)
 
     # --- one task ---------------------------------------------------------------------------
     def before_task(self, task, optimizer):
         from opacus.optimizers import DPOptimizer
         self.task = task
+        self.noise_generator.manual_seed(self.seed + 2 * task.index)
+        self.perturb_generator.manual_seed(self.seed + 2 * task.index + 1)
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.sigma,
                                      max_grad_norm=self.options.max_grad_norm,
                                      expected_batch_size=self.learner.batch_size,
