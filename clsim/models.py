@@ -103,11 +103,6 @@ class MultiHeadNet(nn.Module):
         return out
 
 
-def head_parameter_prefix() -> str:
-    """Parameter names starting with this belong to task heads (excluded from penalties)."""
-    return "heads."
-
-
 BACKBONES = ("mlp", "cnn", "resnet18")
 
 

@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import torch
 
+from clsim.errors import UserError
+
 SETTINGS = ("class_il", "task_il", "domain_il")
 
 
@@ -63,7 +65,6 @@ def class_split(x_train, y_train, x_test, y_test, class_order, n_tasks: int, set
     0..k-1 (the task id selects the head)."""
     class_order = [int(c) for c in class_order]
     if n_tasks < 1 or n_tasks > len(class_order):
-        from clsim.errors import UserError
         raise UserError(f"--n-tasks must be between 1 and {len(class_order)}, got {n_tasks}")
     groups = [list(map(int, g)) for g in torch.tensor(class_order).tensor_split(n_tasks)]
     tasks = []
