@@ -34,7 +34,7 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
                 mechanism.backward(losses, strategy.penalty()); strategy.after_backward()
                 mechanism.step(optimizer); strategy.after_step(); loggers.step(record)
             strategy.after_task; mechanism.after_task
-            R row = [learner.evaluate(t) for t in tasks]; loggers.task_end(record)
+            R row = [learner.evaluate(t) for t in tasks]; loggers.task(record)
         returns the summary (matrix, ACC, BWT, FWT, forgetting, memory, wall time, privacy)
 
     `checkpoint(state)` is called after every task with everything needed to continue; passing

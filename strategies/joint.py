@@ -45,3 +45,9 @@ class Joint(Strategy):
 
     def state_tensors(self):
         return [t for task in self.seen[:-1] for t in (task.train.x, task.train.y)]
+
+    def state_dict(self):
+        return {"seen": [task.index for task in self.seen]}
+
+    def load_state_dict(self, state):
+        self.seen = [self.scenario.tasks[i] for i in state["seen"]]

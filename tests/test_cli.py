@@ -146,7 +146,8 @@ def test_nan_loss_stops_the_run_with_a_clear_message(tmp_path):
         if (tmp_path / "out").exists() else True
 
 
-def test_interrupted_run_resumes_to_the_same_figures(tmp_path):
+@pytest.mark.parametrize("strategy", ["ewc", "joint", "derpp"])
+def test_interrupted_run_resumes_to_the_same_figures(tmp_path, strategy):
     import signal
     import subprocess
     import sys
@@ -154,12 +155,12 @@ def test_interrupted_run_resumes_to_the_same_figures(tmp_path):
 
     from conftest import REPO
 
-    args = ("--strategy", "ewc", "--setting", "task_il", "--epochs", "15", "--lr", "0.1", "--seed", "5")
+    args = ("--strategy", strategy, "--setting", "task_il", "--epochs", "15", "--lr", "0.1", "--seed", "5")
     run_cli(*args, out=tmp_path / "whole")
     out = tmp_path / "cut"
     proc = subprocess.Popen([sys.executable, str(REPO / "run_scenario.py"), "--out", str(out), *args],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    partial = out / ".split_digits-ewc-seed5.partial"
+    partial = out / f".split_digits-{strategy}-seed5.partial"
     while proc.poll() is None and not (partial / "checkpoint.pt").exists():
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)
