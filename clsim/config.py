@@ -23,6 +23,12 @@ def opt(default: Any, help: str, *, low: float | None = None, high: float | None
     return field(default=default, metadata=meta)
 
 
+def redefault(base, name: str, default: Any):
+    """A field for a subclass of options class `base`: `name` keeps its documentation and bounds
+    (documented once) and takes a new default."""
+    return field(default=default, metadata=base.__dataclass_fields__[name].metadata)
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

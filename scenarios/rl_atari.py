@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from clsim.config import opt
+from clsim.config import opt, redefault
 from clsim.errors import UserError
 from clsim.learners.ppo import EnvTask, PPOOptions, nature_cnn_trunk, rl_scenario
 from clsim.registry import register_scenario
@@ -31,13 +31,12 @@ class AtariOptions(PPOOptions):
     atari_max_steps: int = opt(2_000, "cap on an episode's agent steps (4 frames each; 27000 = the "
                                "usual 30 minutes)", low=1)
     ppo_timesteps: int = opt(4_096, "environment steps of training per task (blip preset: 10_000_000)", low=1)
-    ppo_envs: int = opt(8, "parallel environments in the training SyncVectorEnv", low=1)
-    ppo_steps: int = opt(128, "steps per environment in each rollout", low=1)
-    ppo_epochs: int = opt(4, "passes over each rollout", low=1)
-    ppo_gamma: float = opt(0.99, "discount factor γ", low=0.0, high=1.0)
-    ppo_gae_lambda: float = opt(0.95, "GAE λ", low=0.0, high=1.0)
-    ppo_clip: float = opt(0.1, "clip range ε of the probability ratio", low=0.0, low_open=True)
-    ppo_entropy_coef: float = opt(0.01, "weight of the entropy bonus", low=0.0)
+    ppo_steps: int = redefault(PPOOptions, "ppo_steps", 128)
+    ppo_epochs: int = redefault(PPOOptions, "ppo_epochs", 4)
+    ppo_gamma: float = redefault(PPOOptions, "ppo_gamma", 0.99)
+    ppo_gae_lambda: float = redefault(PPOOptions, "ppo_gae_lambda", 0.95)
+    ppo_clip: float = redefault(PPOOptions, "ppo_clip", 0.1)
+    ppo_entropy_coef: float = redefault(PPOOptions, "ppo_entropy_coef", 0.01)
     ppo_eval_episodes: int = opt(3, "evaluation episodes per task (blip preset: use >= 10)", low=1)
 
 

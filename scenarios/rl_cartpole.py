@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.wrappers import TransformAction, TransformObservation
 
-from clsim.config import opt
+from clsim.config import opt, redefault
 from clsim.errors import UserError
 from clsim.learners.ppo import EnvTask, PPOOptions, mlp_trunk, rl_scenario
 from clsim.registry import register_scenario
@@ -29,7 +29,7 @@ HELP = ("a preset (" + ", ".join(f"{k}: {v}" for k, v in PRESETS.items()) + ") o
 @dataclass
 class CartPoleOptions(PPOOptions):
     cartpole_tasks: str = opt("conflict", HELP)
-    ppo_timesteps: int = opt(50_000, "environment steps of training per task (and per --epochs)", low=1)
+    ppo_timesteps: int = redefault(PPOOptions, "ppo_timesteps", 50_000)
 
 
 def parse_task(text: str) -> tuple[set[str], dict[str, float]]:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import gymnasium as gym
 
-from clsim.config import opt
+from clsim.config import opt, redefault
 from clsim.errors import UserError
 from clsim.learners.ppo import EnvTask, PPOOptions, mlp_trunk, rl_scenario
 from clsim.registry import register_scenario
@@ -19,14 +19,13 @@ VIEW = 7 * 7 * 20   # one-hot partial view: 7x7 cells x (11 objects + 6 colours 
 class MiniGridOptions(PPOOptions):
     minigrid_tasks: str = opt(SEQUENCE, "comma-separated MiniGrid env names without the 'MiniGrid-' "
                               "prefix and '-v0' suffix; all must share the 7 MiniGrid actions")
-    ppo_timesteps: int = opt(100_000, "environment steps of training per task (and per --epochs)", low=1)
-    ppo_steps: int = opt(128, "steps per environment in each rollout", low=1)
-    ppo_epochs: int = opt(4, "passes over each rollout", low=1)
-    ppo_gamma: float = opt(0.99, "discount factor γ", low=0.0, high=1.0)
-    ppo_gae_lambda: float = opt(0.95, "GAE λ", low=0.0, high=1.0)
-    ppo_entropy_coef: float = opt(0.01, "weight of the entropy bonus", low=0.0)
-    ppo_eval_episodes: int = opt(20, "evaluation episodes per task, on fixed seeds disjoint from "
-                                 "training", low=1)
+    ppo_timesteps: int = redefault(PPOOptions, "ppo_timesteps", 100_000)
+    ppo_steps: int = redefault(PPOOptions, "ppo_steps", 128)
+    ppo_epochs: int = redefault(PPOOptions, "ppo_epochs", 4)
+    ppo_gamma: float = redefault(PPOOptions, "ppo_gamma", 0.99)
+    ppo_gae_lambda: float = redefault(PPOOptions, "ppo_gae_lambda", 0.95)
+    ppo_entropy_coef: float = redefault(PPOOptions, "ppo_entropy_coef", 0.01)
+    ppo_eval_episodes: int = redefault(PPOOptions, "ppo_eval_episodes", 20)
 
 
 def env_id(name: str) -> str:
