@@ -164,7 +164,7 @@ def test_cartpole_stream_through_cli_records_return_matrices_and_is_deterministi
     (("--cartpole-tasks", "default,length=-1"), "length must be a positive number"),
     (("--cartpole-tasks", "default,,swap"), "empty task"),
     (("--ppo-envs", "0"), "--ppo-envs must be >= 1"),
-    (("--privacy", "dpsgd"), "--privacy is not supported on RL scenarios"),
+    (("--privacy", "dplis"), "use --privacy dpsgd"),
 ])
 def test_bad_env_options_exit_2_with_one_line(tmp_path, capsys, flags, message):
     assert main(["--scenario", "cartpole", *flags, "--out", str(tmp_path / "out")]) == 2   # the CLI's entry

@@ -14,8 +14,20 @@ class Batch(NamedTuple):
     index: torch.Tensor    # example index in its task's training set (-1 when not applicable)
 
 
+class PrivacyPlan(NamedTuple):
+    """How a privacy mechanism samples a task's privacy units (clsim/privacy/dpsgd.py)."""
+    units: int               # N: units in the task (δ must stay below 1/N)
+    sample_rate: float       # q: each unit's chance to be in one release's Poisson batch
+    releases_per_epoch: int  # releases any one unit can take part in, per epoch: what is accounted
+    expected_batch: int      # the public divisor of each noisy sum (q times the units sampled from)
+    note: str = ""           # how the plan bounds a unit's participation, for the ledger
+
+
 class Learner:
     HEAD_PREFIXES: tuple[str, ...] = ("heads.",)
+    # A private mechanism clips one gradient per unit: per row of a batch ("example"), or per
+    # group of rows sharing `batch.index` (e.g. "episode": the sum of its transitions' gradients).
+    privacy_unit = "example"
 
     def __init__(self, model: nn.Module, lr: float, momentum: float, batch_size: int,
                  device: torch.device, generator: torch.Generator):
@@ -34,6 +46,15 @@ class Learner:
     def shared_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters outside the task heads: what Fisher-based penalties protect."""
         return {n: p for n, p in self.model.named_parameters() if not self.is_head(n)}
+
+    def privacy_plan(self, task) -> PrivacyPlan:
+        """Examples: Poisson batches of expected size B from the task's N examples, N/B per epoch."""
+        n = len(task.train)
+        return PrivacyPlan(n, self.batch_size / n, max(1, round(n / self.batch_size)), self.batch_size)
+
+    def fisher_pool(self, task) -> int:
+        """How many units `fisher_batches` draws from (a public count: the DP-Fisher divides by it)."""
+        return len(task.train)
 
     # Subclasses implement these.
     def batches(self, task, epoch: int, subset: torch.Tensor | None = None) -> Iterator[Batch]:

@@ -28,7 +28,7 @@ from torch import nn
 
 from clsim.config import opt
 from clsim.errors import UserError
-from clsim.learners.base import Learner
+from clsim.learners.base import Learner, PrivacyPlan
 from clsim.scenario import Scenario, Task
 
 # Training envs are seeded below this from --seed; evaluation seeds are fixed at and above it,
@@ -51,13 +51,16 @@ class PPOOptions:
     ppo_entropy_coef: float = opt(0.0, "weight of the entropy bonus", low=0.0)
     ppo_max_grad_norm: float = opt(0.5, "clip the global gradient norm to this (0: off)", low=0.0)
     ppo_lr_decay: bool = opt(True, "decay the learning rate linearly to 0 over each task")
-    ppo_norm_adv: bool = opt(True, "normalise advantages per minibatch (mixes episodes: turn off "
-                             "under privacy)")
+    ppo_norm_adv: bool = opt(True, "normalise advantages per minibatch (never under --privacy: it "
+                             "mixes episodes)")
     ppo_hidden: int = opt(64, "width of the two hidden layers of an MLP trunk", low=1)
     ppo_eval_episodes: int = opt(10, "evaluation episodes per task, on fixed seeds disjoint from "
                                  "training", low=1)
     ppo_eval_policy: str = opt("argmax", "evaluation actions: argmax (deterministic) or sample",
                                choices=("argmax", "sample"))
+    ppo_dp_sample_rate: float = opt(1.0, "under --privacy: each update Poisson-samples the rollout's "
+                                    "episodes with this rate, round(1/rate) updates per PPO epoch",
+                                    low=0.0, low_open=True, high=1.0)
     ppo_fisher_states: int = opt(2048, "most recent rollout states kept per task for Fisher-based "
                                  "strategies", low=1)
 
@@ -251,31 +254,43 @@ class PPOLearner(Learner):
             raise UserError("this strategy selects training examples, which RL tasks do not have; "
                             "use it with a supervised scenario")
         o = self.o
-        per_rollout = o.ppo_envs * o.ppo_steps
-        n_rollouts = max(1, math.ceil(o.ppo_timesteps / per_rollout))
         envs = make_vector_env(task.env, o.ppo_envs, train=True)
-        seeds = torch.randint(0, EVAL_SEED_BASE, (o.ppo_envs,), generator=self.generator).tolist()
-        obs, _ = envs.reset(seed=seeds)
+        obs, _ = envs.reset(seed=self._fresh_seeds())
         running_return = np.zeros(o.ppo_envs)
         self._task_start = (self.env_steps, time.perf_counter())
         try:
-            for k in range(n_rollouts):
-                if o.ppo_lr_decay and self.optimizer is not None:
-                    for group in self.optimizer.param_groups:
-                        group["lr"] = self.lr * (1.0 - k / n_rollouts)
+            for k in range(self.n_rollouts()):
+                self._decay_lr(k)
                 rollout, obs = self.collect(envs, obs, task.index, running_return)
-                self._keep_fisher_states(task.index, rollout)
+                self._keep_fisher_states(task.index, self._flat(rollout.obs), self._flat(rollout.actions))
                 yield from self._minibatches(rollout, task.index)
         finally:
             envs.close()
 
+    def n_rollouts(self) -> int:
+        return max(1, math.ceil(self.o.ppo_timesteps / (self.o.ppo_envs * self.o.ppo_steps)))
+
+    def _fresh_seeds(self) -> list[int]:
+        return torch.randint(0, EVAL_SEED_BASE, (self.o.ppo_envs,), generator=self.generator).tolist()
+
+    def _decay_lr(self, k: int) -> None:
+        if self.o.ppo_lr_decay and self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr * (1.0 - k / self.n_rollouts())
+
+    @staticmethod
+    def _flat(v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(-1, *v.shape[2:])   # [T, N, ...] -> [T*N, ...]
+
     @torch.no_grad()
-    def collect(self, envs, obs, task_index: int, running_return: np.ndarray):
-        """One rollout of `ppo_steps` steps from every env with the current (sampling) policy.
-        Returns (Rollout, the observation to continue from)."""
+    def collect(self, envs, obs, task_index: int, running_return: np.ndarray, until_done: bool = False):
+        """One rollout of `ppo_steps` steps from every env with the current (sampling) policy, or
+        fewer when `until_done` and every env has ended an episode. Returns (Rollout, the
+        observation to continue from)."""
         gamma = self.o.ppo_gamma
         columns: dict[str, list] = {k: [] for k in ("obs", "actions", "logp", "values", "rewards", "dones")}
-        for _ in range(self.o.ppo_steps):
+        ended = np.zeros(envs.num_envs, dtype=bool)
+        while len(columns["obs"]) < self.o.ppo_steps and not (until_done and ended.all()):
             x = torch.as_tensor(obs).to(self.device)
             logits, value = self.model(x, task_index)
             logp_all = F.log_softmax(logits, 1).cpu()
@@ -283,6 +298,7 @@ class PPOLearner(Learner):
             obs, reward, terminated, truncated, info = envs.step(action.numpy())
             running_return += reward
             done = terminated | truncated
+            ended |= done
             for i in np.flatnonzero(done):
                 self.recent_returns.append(float(running_return[i]))
                 running_return[i] = 0.0
@@ -294,7 +310,7 @@ class PPOLearner(Learner):
             for key, v in (("obs", x.cpu()), ("actions", action), ("logp", logp_all.gather(1, action[:, None]).squeeze(1)),
                            ("values", value.cpu()), ("rewards", reward), ("dones", torch.as_tensor(done))):
                 columns[key].append(v)
-        self.env_steps += self.o.ppo_steps * envs.num_envs
+        self.env_steps += len(columns["obs"]) * envs.num_envs
         last_value = self.model(torch.as_tensor(obs).to(self.device), task_index)[1].cpu()
         return Rollout(*(torch.stack(columns[k]) for k in columns), last_value), obs
 
@@ -305,8 +321,7 @@ class PPOLearner(Learner):
         # Episode ids: a new id after every done in an env's column, distinct across envs.
         starts = torch.cat([torch.zeros(1, r.dones.shape[1], dtype=torch.long), r.dones[:-1].long()]).cumsum(0)
         episode = starts + torch.arange(r.dones.shape[1]) * (len(r.dones) + 1)
-        flat = lambda v: v.reshape(-1, *v.shape[2:])   # noqa: E731  [T, N, ...] -> [T*N, ...]
-        x, y, logp, adv, ret, ep = map(flat, (r.obs, r.actions, r.logp, advantages, returns, episode))
+        x, y, logp, adv, ret, ep = map(self._flat, (r.obs, r.actions, r.logp, advantages, returns, episode))
         t = torch.full((len(y),), task_index, dtype=torch.long)
         for _ in range(o.ppo_epochs):
             for chunk in torch.randperm(len(y), generator=self.generator).split(self.batch_size):
@@ -316,8 +331,7 @@ class PPOLearner(Learner):
                 yield PPOBatch(*(v.to(self.device) for v in (x[chunk], y[chunk], t[chunk], ep[chunk],
                                                              logp[chunk], a, ret[chunk])))
 
-    def _keep_fisher_states(self, task_index: int, r: Rollout) -> None:
-        obs, actions = r.obs.reshape(-1, *r.obs.shape[2:]), r.actions.reshape(-1)
+    def _keep_fisher_states(self, task_index: int, obs: torch.Tensor, actions: torch.Tensor) -> None:
         if task_index in self.fisher_states:
             old_obs, old_actions = self.fisher_states[task_index]
             obs, actions = torch.cat([old_obs, obs]), torch.cat([old_actions, actions])
@@ -345,12 +359,59 @@ class PPOLearner(Learner):
             out["episode_return"] = float(np.mean(self.recent_returns))
         return out
 
-    def privacy_units(self, task: Task) -> int:
-        """Privacy mechanisms ask how many units a task has. PPO's unit would be the episode
-        (batches carry episode ids in `index`), but per-episode DP accounting for data that
-        arrives online is not implemented yet: say so instead of training without the bound."""
-        raise UserError("--privacy is not supported on RL scenarios yet (the privacy unit would be "
-                        "the episode); run without --privacy")
+    # -- privacy: the unit is the episode
+    privacy_unit = "episode"
+
+    def privacy_plan(self, task: Task) -> PrivacyPlan:
+        o = self.o
+        q = o.ppo_dp_sample_rate
+        return PrivacyPlan(
+            units=self.n_rollouts() * o.ppo_envs, sample_rate=q,
+            releases_per_epoch=o.ppo_epochs * max(1, round(1 / q)),
+            expected_batch=max(1, round(q * o.ppo_envs)),
+            note=f"the privacy unit is the episode; each rollout holds one episode per "
+                 f"env (cut after {o.ppo_steps} steps), used only by that rollout's updates, so ε counts "
+                 f"one rollout's releases (parallel composition over rollouts); advantages not normalised")
+
+    def private_batches(self, task: Task, epoch: int) -> Iterator[PPOBatch | None]:
+        """Batches for a privacy mechanism, with the episode as the unit. Every rollout starts
+        from a fresh reset and keeps exactly one episode per env, cut after `ppo_steps` steps (a cut
+        bootstraps V like a time limit), so each episode belongs to one rollout and every rollout
+        has the same, public, number of episodes. Each PPO epoch makes round(1/q) updates on a
+        Poisson sample of those episodes (rate q = ppo_dp_sample_rate); an empty draw yields None
+        (the mechanism then takes a noise-only step). Advantages are left unnormalised: batch
+        statistics would mix episodes."""
+        o = self.o
+        envs = make_vector_env(task.env, o.ppo_envs, train=True)
+        self._task_start = (self.env_steps, time.perf_counter())
+        updates = max(1, round(1 / o.ppo_dp_sample_rate))
+        try:
+            for k in range(self.n_rollouts()):
+                self._decay_lr(k)
+                obs, _ = envs.reset(seed=self._fresh_seeds())
+                r, _ = self.collect(envs, obs, task.index, np.zeros(o.ppo_envs), until_done=True)
+                first = (r.dones.long().cumsum(0) - r.dones.long()) == 0   # [T, N]: the first episode
+                advantages = gae(r.rewards, r.values, r.dones, r.last_value, o.ppo_gamma, o.ppo_gae_lambda)
+                episode = torch.arange(o.ppo_envs).expand_as(first)
+                x, y, logp, adv, ret, ep, keep = map(self._flat, (r.obs, r.actions, r.logp, advantages,
+                                                                  advantages + r.values, episode, first))
+                # For the Fisher: one state of each episode, so a Fisher row is an episode too.
+                step = (torch.rand(o.ppo_envs, generator=self.generator) * first.sum(0)).long()
+                one_each = step * o.ppo_envs + torch.arange(o.ppo_envs)   # row-major [T, N] -> flat
+                self._keep_fisher_states(task.index, x[one_each], y[one_each])
+                t = torch.full((len(y),), task.index, dtype=torch.long)
+                for _ in range(o.ppo_epochs * updates):
+                    picked = torch.rand(o.ppo_envs, generator=self.generator) < o.ppo_dp_sample_rate
+                    rows = torch.nonzero(keep & picked[ep]).squeeze(1)
+                    if len(rows) == 0:
+                        yield None
+                        continue
+                    yield PPOBatch(*(v[rows].to(self.device) for v in (x, y, t, ep, logp, adv, ret)))
+        finally:
+            envs.close()
+
+    def fisher_pool(self, task: Task) -> int:
+        return len(self.fisher_states[task.index][0])
 
     # -- evaluation
     @torch.no_grad()

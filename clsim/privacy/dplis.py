@@ -57,6 +57,12 @@ class DPlis(DPSGD):
     name = "dplis"
     Options = DPlisOptions
 
+    def check(self, learner, scenario, epochs: int) -> None:
+        if learner.privacy_unit != "example":
+            raise UserError(f"dplis smooths per-example losses; this scenario's privacy unit is the "
+                            f"{learner.privacy_unit}: use --privacy dpsgd")
+        super().check(learner, scenario, epochs)
+
     def prepare(self, learner) -> None:
         self.wrapper = _Loss(learner)    # no Opacus hooks: gradients come from torch.func
 

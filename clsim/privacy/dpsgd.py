@@ -7,9 +7,11 @@ penalty (EWC's) has its gradient added after the noise: post-processing, no priv
 All of that happens in `backward`, so gradient masks applied afterwards (after_backward) are
 post-processing too. Each step is one subsampled-Gaussian release on the task's dataset.
 
-The privacy unit is what the learner's `batches(task, epoch, subset)` indexes: one training
-example for supervised learners. A learner whose unit is something else (an RL episode) says
-how many units a task has with `privacy_units(task)`.
+The privacy unit is the learner's: one training example for supervised learners (Poisson
+batches drawn here), the episode for PPO (the learner draws them in `private_batches` and rows
+of one episode share `batch.index`: their gradients are summed before clipping). The learner's
+`privacy_plan(task)` says how units are sampled and how many releases one unit can take part in
+per epoch; only those are accounted.
 """
 from __future__ import annotations
 
@@ -88,23 +90,20 @@ class DPSGD(Mechanism):
         self.optimizer = self.task = self._batch = None
 
     # --- before anything runs -------------------------------------------------------------
-    def units(self, learner, task) -> int:
-        count = getattr(learner, "privacy_units", None)
-        return count(task) if count is not None else len(task.train)
-
     def check(self, learner, scenario, epochs: int) -> None:
         o = self.options
         if o.noise_multiplier is not None and o.epsilon is not None:
             raise UserError("give either --noise-multiplier or --epsilon, not both")
-        sizes = {t.dataset_id: self.units(learner, t) for t in scenario.tasks}
-        batch = learner.batch_size
-        for dataset, n in sizes.items():
-            if batch > n:
-                raise UserError(f"--batch-size {batch} exceeds the {n} examples of {dataset}: Poisson "
-                                f"sampling needs a sample rate B/N <= 1; lower --batch-size")
-        self.sample_rate = {d: batch / n for d, n in sizes.items()}
-        self.steps_per_epoch = {d: max(1, round(n / batch)) for d, n in sizes.items()}
-        largest = max(sizes.values())
+        self.plans = {t.dataset_id: learner.privacy_plan(t) for t in scenario.tasks}
+        for dataset, plan in self.plans.items():
+            if plan.sample_rate > 1:
+                raise UserError(f"--batch-size {learner.batch_size} exceeds the {plan.units} examples of "
+                                f"{dataset}: Poisson sampling needs a sample rate B/N <= 1; lower --batch-size")
+            if plan.note and plan.note not in self.notes:
+                self.notes.append(plan.note)
+        self.sample_rate = {d: plan.sample_rate for d, plan in self.plans.items()}
+        self.steps_per_epoch = {d: plan.releases_per_epoch for d, plan in self.plans.items()}
+        largest = max(plan.units for plan in self.plans.values())
         if o.delta is None:
             self.delta = min(DEFAULT_DELTA, 1.0 / (10 * largest))
             rule = "1e-5" if self.delta == DEFAULT_DELTA else f"1/(10·N) with N={largest}"
@@ -116,7 +115,7 @@ class DPSGD(Mechanism):
             raise UserError(f"--delta {self.delta:g} must be < 1/N = {1.0 / largest:.3g} (N = {largest}, the "
                             f"largest task): δ ≥ 1/N allows releasing an example outright")
         if o.epsilon is not None:
-            uses = {d: (self.sample_rate[d], epochs * self.steps_per_epoch[d]) for d in sizes}
+            uses = {d: (self.sample_rate[d], epochs * self.steps_per_epoch[d]) for d in self.plans}
             self.sigma = accounting.noise_for_target(o.epsilon, self.delta, uses, o.accountant)
             self.notes.append(f"noise_multiplier={self.sigma:.4g} chosen so every task's dataset meets "
                               f"epsilon={o.epsilon:g} over {epochs} epoch(s) of training (DP-Fisher releases, "
@@ -159,30 +158,41 @@ class DPSGD(Mechanism):
         self.perturb_generator.manual_seed(self.seed + 2 * task.index + 1)
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.sigma,
                                      max_grad_norm=self.options.max_grad_norm,
-                                     expected_batch_size=self.learner.batch_size,
+                                     expected_batch_size=self.plans[task.dataset_id].expected_batch,
                                      loss_reduction="mean", generator=self.noise_generator)
         return self.optimizer
 
     def batches(self, task, epoch: int, subset):
-        """Poisson batches (Opacus's sampler), as many per epoch as N/B. An empty draw still
-        makes a noise-only step: skipping it would reveal that the batch was empty."""
+        """Poisson batches of the learner's units. An empty draw still makes a noise-only step:
+        skipping it would reveal that the batch was empty."""
+        self._released = 0
+        own = getattr(self.learner, "private_batches", None)
+        if own is not None and subset is not None:
+            raise UserError("this strategy selects training examples, which this scenario's privacy "
+                            "units (episodes) are not; use it with a supervised scenario")
+        for batch in own(task, epoch) if own is not None else self._example_batches(task, epoch, subset):
+            if batch is None:
+                self._noise_only_step()
+                continue
+            self._batch = batch
+            yield batch
+
+    def _example_batches(self, task, epoch: int, subset):
+        """Poisson batches of examples (Opacus's sampler), as many per epoch as N/B."""
         from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-        dataset = task.dataset_id
-        sampler = UniformWithReplacementSampler(num_samples=self.units(self.learner, task),
-                                                sample_rate=self.sample_rate[dataset],
+        plan = self.plans[task.dataset_id]
+        sampler = UniformWithReplacementSampler(num_samples=plan.units, sample_rate=plan.sample_rate,
                                                 generator=self.learner.generator,
-                                                steps=self.steps_per_epoch[dataset])
+                                                steps=plan.releases_per_epoch)
         for picked in sampler:
             index = torch.tensor(picked, dtype=torch.long)
             if subset is not None:
                 index = index[torch.isin(index, torch.as_tensor(subset))]
             if len(index) == 0:
-                self._noise_only_step()
+                yield None
                 continue
             chunks = list(self.learner.batches(task, epoch, index))
-            batch = chunks[0] if len(chunks) == 1 else type(chunks[0])(*map(torch.cat, zip(*chunks)))
-            self._batch = batch
-            yield batch
+            yield chunks[0] if len(chunks) == 1 else type(chunks[0])(*map(torch.cat, zip(*chunks)))
 
     def backward(self, losses: torch.Tensor, penalty: torch.Tensor | None) -> None:
         """Leaves the private gradient (+ the penalty's) in p.grad and accounts one step."""
@@ -194,6 +204,11 @@ class DPSGD(Mechanism):
         if penalty is not None and torch.is_tensor(penalty) and penalty.requires_grad:
             penalty_grads = torch.autograd.grad(penalty, trainable, allow_unused=True)
         active = self.per_example_grads(losses)
+        if self.learner.privacy_unit != "example":
+            if self._batch is None or len(self._batch.index) != len(losses):
+                raise UserError(f"the privacy unit here is the {self.learner.privacy_unit}: the strategy must "
+                                f"keep the mechanism's batches as they are")
+            self._sum_rows_per_unit(active, self._batch.index)
         self._release(active, len(losses))
         if penalty_grads is not None:
             for p, g in zip(trainable, penalty_grads):
@@ -209,6 +224,16 @@ class DPSGD(Mechanism):
             losses.sum().backward()
         return {p for p in self.optimizer.params if getattr(p, "grad_sample", None) is not None}
 
+    @staticmethod
+    def _sum_rows_per_unit(active: set[nn.Parameter], unit: torch.Tensor) -> None:
+        """One gradient per unit (e.g. an episode): the sum of its rows' gradients, then clipped."""
+        _, group = torch.unique(unit, return_inverse=True)
+        group = group.to(next(iter(active)).device)
+        n = int(group.max()) + 1
+        for p in active:
+            rows = p.grad_sample
+            p.grad_sample = rows.new_zeros((n, *rows.shape[1:])).index_add_(0, group, rows)
+
     def _release(self, active: set[nn.Parameter], batch_size: int) -> None:
         """Opacus's clipping, noise and scaling over the active parameters; one ledger step."""
         idle = [p for p in self.optimizer.params if p not in active]
@@ -220,9 +245,12 @@ class DPSGD(Mechanism):
         finally:
             for p in idle:
                 p.requires_grad_(True)
-        task = self.task
-        self.ledger.gaussian(task.dataset_id, f"{self.name} training", self.sample_rate[task.dataset_id],
-                             self.sigma)
+        # Account the releases any one unit can take part in: all of an epoch's for examples,
+        # one rollout's for episodes (later rollouts touch other episodes only).
+        dataset = self.task.dataset_id
+        if self._released < self.steps_per_epoch[dataset]:
+            self.ledger.gaussian(dataset, f"{self.name} training", self.sample_rate[dataset], self.sigma)
+        self._released += 1
 
     def _noise_only_step(self) -> None:
         opt_ = self.optimizer
@@ -288,7 +316,7 @@ class DPSGD(Mechanism):
             return {n: torch.einsum("i,i...->...", factor, s) for n, s in squared.items()}
 
         fisher = diagonal_fisher(self.learner, task, names, n_samples, empirical, reduce=clip_and_sum)
-        count = min(n_samples, self.units(self.learner, task))   # a public size, like B
+        count = min(n_samples, self.learner.fisher_pool(task))   # a public size, like B
         std = o.fisher_noise_multiplier * bound / count
         for n, f in fisher.items():
             noise = torch.randn(f.shape, generator=self.noise_generator, device=f.device)
