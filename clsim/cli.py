@@ -181,7 +181,7 @@ def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]
             (partial / "config.json").write_text(json.dumps(to_json({
                 **hparams, "argv": resolved["argv"], "run": dataclasses.asdict(run), "versions": versions(),
                 "scenario_info": scenario.info}), indent=2))
-        loggers = [TensorBoardLogger(partial / "tb", hparams, resume_step),
+        loggers = [TensorBoardLogger(partial / "tb", hparams, resume_step, scenario.score_scale),
                    JsonlLogger(partial / "log.jsonl", resume_step), ProgressLogger(None, run.progress)]
         save = (lambda s: checkpoint.save_atomic(s, partial / "checkpoint.pt")) if run.checkpoint else None
         result = engine.run(scenario, strategy, learner, mechanism, ledger, loggers, epochs,

@@ -62,7 +62,7 @@ class TensorBoardLogger:
 
     STEP_KEYS = ("loss", "lr", "examples_seen", "steps_per_sec")
 
-    def __init__(self, log_dir, hparams: dict, resume_step: int | None = None):
+    def __init__(self, log_dir, hparams: dict, resume_step: int | None = None, score_scale: float = 100.0):
         from torch.utils.tensorboard import SummaryWriter
         # On resume, TensorBoard discards events an interrupted run wrote after its checkpoint.
         self.writer = SummaryWriter(log_dir=str(log_dir),
@@ -70,6 +70,7 @@ class TensorBoardLogger:
         self.hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
                         for k, v in hparams.items()}
         self.last = None
+        self.score_scale = score_scale
 
     def step(self, record):
         s, w = record["step"], self.writer
@@ -112,16 +113,16 @@ class TensorBoardLogger:
 
     def close(self, summary):
         R = summary["accuracy_matrix"]
-        self.writer.add_image("summary/accuracy_matrix", matrix_image(R), len(R) - 1, dataformats="HWC")
+        self.writer.add_image("summary/accuracy_matrix", matrix_image(R, self.score_scale), len(R) - 1, dataformats="HWC")
         metrics = {f"hparam/{k}": summary[k] for k in ("acc", "bwt", "fwt", "forgetting")}
         self.writer.add_hparams(self.hparams, metrics, run_name=".")
         self.writer.close()
 
 
-def matrix_image(R, cell: int = 24) -> np.ndarray:
-    """The score matrix as an RGB heat map (white = 0, dark blue = 100), one square per cell;
-    cells not yet meaningful (j > i) still show their score."""
-    a = np.clip(np.asarray(R, dtype=np.float32) / 100.0, 0, 1)
+def matrix_image(R, score_scale: float = 100.0, cell: int = 24) -> np.ndarray:
+    """The score matrix as an RGB heat map (white = 0, dark blue = `score_scale`, a perfect
+    score), one square per cell; cells not yet meaningful (j > i) still show their score."""
+    a = np.clip(np.asarray(R, dtype=np.float32) / score_scale, 0, 1)
     low, high = np.array([1.0, 1.0, 1.0]), np.array([0.03, 0.19, 0.42])
     rgb = low + a[..., None] * (high - low)
     img = np.kron(rgb, np.ones((cell, cell, 1)))

@@ -49,6 +49,7 @@ class Scenario:
     learner_cls: type | None = None               # None: SupervisedLearner
     learner_kwargs: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)      # recorded in summary.json (protocol, sizes)
+    score_scale: float = 100.0                    # a perfect score: accuracy in %, 1 for normalised returns
 
     def __iter__(self):
         return iter(self.tasks)

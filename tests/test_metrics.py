@@ -47,3 +47,13 @@ def test_tensor_bytes_counts_shared_storage_once():
     b = torch.zeros(3, dtype=torch.uint8)
     assert metrics.tensor_bytes([a, b]) == 43
     assert metrics.tensor_bytes([a, a]) == 40
+
+
+def test_matrix_image_shades_scores_relative_to_a_perfect_score():
+    from clsim.loggers import matrix_image
+    for scale in (100.0, 1.0):                         # accuracy in %, normalised RL return
+        img = matrix_image([[scale, 0.0, scale / 2]], scale, cell=4)
+        centre = img[2, 2::4].astype(int)               # the middle pixel row of each cell
+        assert centre[0].tolist() == [7, 48, 107]       # full score: the darkest blue
+        assert centre[1].tolist() == [255, 255, 255]    # zero: white
+        assert (centre[2] < 255).all() and (centre[2] > centre[0]).all()

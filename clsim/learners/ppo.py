@@ -491,4 +491,5 @@ def rl_scenario(name: str, setting: str, names: list[str], env_tasks: list[EnvTa
     return Scenario(name, setting, tasks,
                     make_model=lambda: ActorCritic(make_trunk(), n_actions, slots, input_scale),
                     defaults={"epochs": 1, **defaults}, learner_cls=PPOLearner,
-                    learner_kwargs={"options": options}, info={**info, "rl_protocol": protocol})
+                    learner_kwargs={"options": options}, info={**info, "rl_protocol": protocol},
+                    score_scale=1.0)
