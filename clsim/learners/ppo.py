@@ -10,6 +10,9 @@ gymnasium 1.x autoreset: the vector envs run in AutoresetMode.SAME_STEP, so the 
 episode already returns the next episode's first observation and the true last one sits in
 info["final_obs"]; no transition is spurious. On truncation (a time limit) the value of that final
 observation is bootstrapped into the reward, r + γ·V(s_final); on termination it is not.
+
+Under a privacy mechanism the unit is the episode and `private_batches` replaces `batches`: whole-
+episode rollouts, Poisson samples of episodes, no advantage normalisation (see its docstring).
 """
 from __future__ import annotations
 
