@@ -31,12 +31,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=10, help="PPO epochs: releases per episode (q = 1)")
     p.add_argument("--clip", type=float, default=1.0, help="C: per-episode gradient norm bound")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--hidden", type=int, default=64, help="MLP width: fewer weights, less noise per weight")
     a = p.parse_args()
     common = ["--scenario", "cartpole", "--cartpole-tasks", "default", "--ppo-timesteps", str(a.timesteps),
               "--ppo-envs", str(a.envs), "--ppo-steps", str(a.steps), "--ppo-epochs", str(a.epochs),
-              "--lr", str(a.lr), "--batch-size", str(a.envs * a.steps)]
+              "--lr", str(a.lr), "--batch-size", str(a.envs * a.steps), "--ppo-hidden", str(a.hidden)]
     print(f"## CartPole-v1, {a.envs} envs x {a.steps} steps, {a.timesteps} timesteps "
-          f"({a.timesteps // (a.envs * a.steps)} rollouts), {a.epochs} PPO epochs, C {a.clip}, lr {a.lr}")
+          f"({a.timesteps // (a.envs * a.steps)} rollouts), {a.epochs} PPO epochs, C {a.clip}, lr {a.lr}, MLP {a.hidden}x{a.hidden}")
     for eps in a.epsilons.split(","):
         for seed in a.seeds.split(","):
             private = [] if eps == "inf" else ["--privacy", "dpsgd", "--max-grad-norm", str(a.clip),
