@@ -1,12 +1,26 @@
-"""Diagonal Fisher information from per-example gradients (torch.func), shared by EWC, BLIP and
-the DP-Fisher of the privacy mechanisms."""
+"""Diagonal Fisher information from per-example gradients, shared by EWC, BLIP, the DP-Fisher of
+the privacy mechanisms and the RL learners.
+
+Per-example gradients come layer by layer from one batched backward pass where every wanted
+parameter sits in a layer of a known kind (Linear, Conv2d, BatchNorm with running statistics,
+GroupNorm): a layer's weight gradient for example i is a product of its input and its output
+gradient at row i, so one backward to the layer outputs gives them all, like Opacus's grad
+samplers. Any other model goes through torch.func (vmap over single-example gradients), which is
+also the check: the layer-wise rows of the first examples of every pass must match it, else the
+pass falls back to torch.func (e.g. a weight also used outside its layer, or examples that
+interact).
+"""
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
+
+CHECKED_EXAMPLES = 2   # rows of each pass recomputed with torch.func to validate the layer-wise path
 
 
 class _LogLikelihood(nn.Module):
@@ -21,8 +35,9 @@ class _LogLikelihood(nn.Module):
         return self._fn(x, y, t)
 
 
-def per_example_grads(learner, names: list[str], x, y, t) -> dict[str, torch.Tensor]:
-    """Gradient of log p(y_i | x_i) w.r.t. the named parameters, one row per example."""
+def vmap_grads(learner, names: list[str], x, y, t) -> dict[str, torch.Tensor]:
+    """Gradient of log p(y_i | x_i) w.r.t. the named parameters, one row per example, for any
+    model: torch.func's gradient of each single example, vectorised with vmap."""
     wrapper = _LogLikelihood(learner)
     params = {f"model.{n}": p.detach() for n, p in learner.model.named_parameters()}
     buffers = {f"model.{n}": b for n, b in learner.model.named_buffers()}
@@ -36,6 +51,135 @@ def per_example_grads(learner, names: list[str], x, y, t) -> dict[str, torch.Ten
     free = {k: params[k] for k in wanted}
     grads = vmap(grad(one), in_dims=(None, 0, 0))(free, x, y)
     return {k[len("model."):]: g for k, g in grads.items()}
+
+
+# ---------------------------------------------------------------- layer by layer
+
+def _normalised(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The normalisation layer's input before its affine transform (per example: eval-mode
+    BatchNorm uses its running statistics, GroupNorm each example's own)."""
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(a, layer.num_groups, eps=layer.eps)
+    shape = (1, -1) + (1,) * (a.dim() - 2)
+    return (a - layer.running_mean.view(shape)) * torch.rsqrt(layer.running_var.view(shape) + layer.eps)
+
+
+def _layer_rows(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example gradients of the layer's own parameters from its input `a` and the gradient
+    `g` of the summed log-likelihood w.r.t. its output (row i of `g` only depends on example i)."""
+    n = len(a)
+    if isinstance(layer, nn.Linear):
+        rows = {"weight": torch.einsum("n...o,n...i->noi", g, a)}
+        bias = g.reshape(n, -1, g.shape[-1]).sum(1)
+    elif isinstance(layer, nn.Conv2d):
+        # dW_i = g_i (Cout x positions) @ patches_i (positions x Cin/groups·kh·kw), per group. The
+        # patches come from a strided view of the padded input (one copy): faster than F.unfold.
+        (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+        windows = F.pad(a, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # n, c, h', w', kh, kw
+        groups = layer.groups
+        patches = windows.permute(0, 1, 4, 5, 2, 3).reshape(n, groups, -1, g.shape[2] * g.shape[3])
+        g_flat = g.reshape(n, groups, -1, patches.shape[-1])
+        rows = {"weight": torch.matmul(g_flat, patches.transpose(2, 3)).reshape(n, *layer.weight.shape)}
+        bias = g.sum((2, 3))
+    else:   # BatchNorm (eval) / GroupNorm: weight scales the normalised input, per channel
+        dims = tuple(range(2, g.dim()))
+        rows = {"weight": (g * _normalised(layer, a)).sum(dims) if dims else g * _normalised(layer, a)}
+        bias = g.sum(dims) if dims else g
+    if layer.bias is not None:
+        rows["bias"] = bias
+    return rows
+
+
+def _supported(layer: nn.Module) -> bool:
+    """Layers whose per-example gradients `_layer_rows` computes (exact types: a subclass may
+    change forward)."""
+    kind = type(layer)
+    if kind is nn.Linear:
+        return True
+    if kind is nn.Conv2d:
+        return (layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+                and layer.dilation == (1, 1))
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d):
+        return not layer.training and layer.running_mean is not None
+    return kind is nn.GroupNorm
+
+
+def layers_of(model: nn.Module, names: list[str]) -> dict[nn.Module, list[tuple[str, str]]] | None:
+    """The layers holding the named parameters, each with its (full name, own name) pairs; None
+    if one of them is not in a supported layer (then only torch.func applies)."""
+    owner = {}
+    for prefix, module in model.named_modules():
+        for own, _ in module.named_parameters(recurse=False):
+            owner[f"{prefix}.{own}" if prefix else own] = (module, own)
+    layers: dict[nn.Module, list[tuple[str, str]]] = {}
+    for name in names:
+        module, own = owner[name]
+        if own not in ("weight", "bias") or not _supported(module):
+            return None
+        layers.setdefault(module, []).append((name, own))
+    return layers
+
+
+def layerwise_grads(learner, layers, x, y, t) -> dict[str, torch.Tensor]:
+    """Per-example gradients of the parameters in `layers` (see `layers_of`) from one batched
+    forward and one backward to the layer outputs (no parameter gradients are formed)."""
+    calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in layers}
+
+    def record(module, inputs, output):
+        calls[module].append((inputs[0].detach(), output))
+
+    handles = [m.register_forward_hook(record) for m in layers]
+    try:
+        with torch.enable_grad():
+            # wanted parameters may be frozen (requires_grad False): outputs must still carry gradients
+            frozen = [p for m in layers for p in m.parameters(recurse=False) if not p.requires_grad]
+            for p in frozen:
+                p.requires_grad_(True)
+            try:
+                total = learner.log_likelihood(x, y, t).sum()
+            finally:
+                for p in frozen:
+                    p.requires_grad_(False)
+            outputs = [out for m in layers for _, out in calls[m]]
+            out_grads = iter(torch.autograd.grad(total, outputs, allow_unused=True))
+    finally:
+        for h in handles:
+            h.remove()
+    rows: dict[str, torch.Tensor] = {}
+    for module, pairs in layers.items():
+        for a, _ in calls[module]:
+            g = next(out_grads)
+            if g is None:
+                continue
+            per_layer = _layer_rows(module, a, g)
+            for name, own in pairs:     # a layer called several times adds up its calls
+                rows[name] = rows[name] + per_layer[own] if name in rows else per_layer[own]
+        params = dict(module.named_parameters(recurse=False))
+        for name, own in pairs:         # a layer the log-likelihood never reached
+            if name not in rows:
+                rows[name] = params[own].new_zeros((len(x), *params[own].shape))
+    return rows
+
+
+def per_example_grads(learner, names: list[str], x, y, t, check: bool = False) -> dict[str, torch.Tensor]:
+    """Gradient of log p(y_i | x_i) w.r.t. the named parameters, one row per example; layer by
+    layer where possible, else torch.func. `check`: compare the first rows with torch.func and
+    raise `LayerwiseMismatch` if they differ."""
+    layers = layers_of(learner.model, names)
+    if layers is None:
+        return vmap_grads(learner, names, x, y, t)
+    rows = layerwise_grads(learner, layers, x, y, t)
+    if check:
+        k = min(CHECKED_EXAMPLES, len(x))
+        reference = vmap_grads(learner, names, x[:k], y[:k], t)
+        for n, ref in reference.items():
+            if not torch.allclose(rows[n][:k], ref, rtol=1e-3, atol=1e-5 * float(ref.abs().max()) + 1e-12):
+                raise LayerwiseMismatch(n)
+    return rows
+
+
+class LayerwiseMismatch(RuntimeError):
+    """The layer-wise per-example gradients of a parameter differ from torch.func's."""
 
 
 def sum_rows(squared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -55,9 +199,18 @@ def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: 
     model.eval()
     total = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in names}
     count = 0
+    check, grads_of = True, per_example_grads
     try:
         for x, y, t in learner.fisher_batches(task, n_samples, empirical):
-            squared = {n: g.pow(2) for n, g in per_example_grads(learner, names, x, y, t).items()}
+            try:
+                grads = grads_of(learner, names, x, y, t, check=check)
+            except LayerwiseMismatch as exc:
+                warnings.warn(f"layer-wise per-example gradients of {exc} differ from torch.func's for "
+                              f"this model; the Fisher uses torch.func (slower)")
+                grads_of = lambda learner, names, x, y, t, check: vmap_grads(learner, names, x, y, t)  # noqa: E731
+                grads = grads_of(learner, names, x, y, t, check)
+            check = False
+            squared = {n: g.pow_(2) for n, g in grads.items()}   # the rows are ours: in place
             for n, s in reduce(squared).items():
                 total[n] += s
             count += len(x)

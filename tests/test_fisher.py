@@ -52,3 +52,117 @@ def test_heads_are_not_shared_parameters():
     names = list(learner.shared_parameters())
     assert names and not any(n.startswith("heads.") for n in names)
     assert any(n.startswith("heads.") for n, _ in learner.model.named_parameters())
+
+
+# ------------------------------------------------------------ layer-wise path and its fallbacks
+
+import warnings  # noqa: E402
+
+from torch import nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from clsim.fisher import layers_of, per_example_grads  # noqa: E402
+from clsim.models import MultiHeadNet  # noqa: E402
+
+
+class LastDim(nn.Module):
+    """A Linear over the last axis of a 4-d activation (several positions per example)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+class Tied(nn.Module):
+    """Uses its layer's weight a second time outside the layer: the layer-wise rows miss that."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x) + F.linear(x.flip(1), self.fc.weight))
+
+
+def conv_backbone(kind="layerwise"):
+    """Every layer kind of the layer-wise path on 1x8x8 digits: strides, groups, no-bias and
+    rectangular convolutions, eval-mode BatchNorm, GroupNorm, Linear on 2-d and 4-d inputs."""
+    layers = [nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+              nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False), nn.GroupNorm(2, 8), nn.ReLU(),
+              nn.Conv2d(8, 6, (2, 3), stride=(1, 2), padding=(0, 1)), LastDim(), nn.Flatten(),
+              nn.Linear(6 * 3 * 4, 16), nn.BatchNorm1d(16), nn.Tanh()]
+    if kind == "unsupported":
+        layers.append(nn.PReLU())       # a parameter outside the supported layers: torch.func only
+    if kind == "tied":
+        layers.append(Tied(16))
+    body = nn.Sequential(*layers)
+    body.out_features = 16
+    return body
+
+
+def conv_learner(kind, setting="task_il"):
+    torch.manual_seed(0)
+    scenario = split_digits(SplitDigitsOptions(), RunOptions(setting=setting))
+    model = MultiHeadNet(conv_backbone(kind), [t.n_outputs for t in scenario.tasks] if setting == "task_il" else [10])
+    with torch.no_grad():               # running statistics away from their initial 0/1
+        for task in scenario.tasks:
+            model(task.train.x[:64])
+    learner = SupervisedLearner(model, lr=0.1, momentum=0.0, batch_size=32, device=torch.device("cpu"),
+                                generator=torch.Generator().manual_seed(0), fisher_batch_size=40)
+    return scenario, learner
+
+
+def reference_rows(learner, names, x, y, t):
+    params = dict(learner.model.named_parameters())
+    rows = {n: [] for n in names}
+    for i in range(len(x)):
+        ll = learner.log_likelihood(x[i:i + 1], y[i:i + 1], t).sum()
+        for n, g in zip(names, torch.autograd.grad(ll, [params[n] for n in names])):
+            rows[n].append(g)
+    return {n: torch.stack(r) for n, r in rows.items()}
+
+
+@pytest.mark.parametrize("setting", ["task_il", "class_il"])
+def test_layerwise_rows_match_per_example_autograd(setting):
+    scenario, learner = conv_learner("layerwise", setting)
+    task = scenario.tasks[2]
+    model = learner.model.eval()
+    names = list(learner.shared_parameters())
+    assert layers_of(model, names) is not None          # the layer-wise path, not torch.func
+    frozen = model.backbone[0].weight
+    frozen.requires_grad_(False)                        # BLIP-style frozen weights still get rows
+    x, y = task.train.x[:24], task.train.y[:24]
+    fast = per_example_grads(learner, names, x, y, task.index, check=True)
+    assert not frozen.requires_grad
+    frozen.requires_grad_(True)
+    slow = reference_rows(learner, names, x, y, task.index)
+    for n in names:
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-6)
+        assert slow[n].abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("kind", ["layerwise", "unsupported", "tied"])
+def test_fisher_of_conv_models_matches_reference(kind):
+    """Layer-wise, torch.func for an unsupported layer, and the fall back to torch.func when the
+    layer-wise rows disagree with it (a weight used outside its layer) all give the exact Fisher."""
+    scenario, learner = conv_learner(kind)
+    task = scenario.tasks[1]
+    names = list(learner.shared_parameters())
+    learner.model.eval()
+    assert (layers_of(learner.model, names) is None) == (kind == "unsupported")
+    learner.generator.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)     # supported models must not fall back
+        if kind == "tied":
+            with pytest.warns(UserWarning, match="torch.func"):
+                fast = diagonal_fisher(learner, task, names, 100, empirical=False)
+        else:
+            fast = diagonal_fisher(learner, task, names, 100, empirical=False)
+    learner.generator.manual_seed(3)
+    slow = reference_fisher(learner, task, names, 100, empirical=False)
+    for n in names:
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-9)
+        assert slow[n].abs().sum() > 0, n
