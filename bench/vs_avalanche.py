@@ -7,9 +7,13 @@ models are scored by the same evaluation code.
 
 Differences that remain (and are printed as figures below):
 - Avalanche's importance is the squared gradient of each *mini-batch mean* loss, averaged over
-  batches; clsim's is the mean squared *per-example* gradient (torch.func vmap), the diagonal
-  Fisher proper. The batch version is smaller: up to batch-size times when per-example
-  gradients are uncorrelated (the last line prints the measured ratio).
+  batches; clsim's is the mean squared *per-example* gradient (clsim/fisher.py: layer by layer
+  from one batched backward, torch.func for other layers), the diagonal Fisher proper. The
+  batch version is smaller: up to batch-size times when per-example gradients are uncorrelated
+  (the last line prints the measured ratio). Per-example gradients cost at least what one
+  batched forward and backward cost, so clsim's Fisher pass cannot be much faster than
+  Avalanche's, and neither can its training loop (same model, same steps): with the Fisher on
+  every example the ratio is bounded near 1, and the 2x target needs fewer Fisher examples.
 - Avalanche's penalty is λ·Σ F (θ - θ*)² over every parameter; clsim's is (λ/2)·Σ F (θ - θ*)² over
   the backbone only (heads are excluded).
 - Avalanche shuffles with its DataLoader, clsim with its seeded generator: different batch orders.

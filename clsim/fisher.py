@@ -6,9 +6,9 @@ parameter sits in a layer of a known kind (Linear, Conv2d, BatchNorm with runnin
 GroupNorm): a layer's weight gradient for example i is a product of its input and its output
 gradient at row i, so one backward to the layer outputs gives them all, like Opacus's grad
 samplers. Any other model goes through torch.func (vmap over single-example gradients), which is
-also the check: the layer-wise rows of the first examples of every pass must match it, else the
-pass falls back to torch.func (e.g. a weight also used outside its layer, or examples that
-interact).
+also the check: in every Fisher computation the layer-wise rows of the first examples must match
+it, else that computation falls back to torch.func with a warning (e.g. a weight also used
+outside its layer, or examples that interact).
 """
 from __future__ import annotations
 
@@ -199,17 +199,19 @@ def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: 
     model.eval()
     total = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in names}
     count = 0
-    check, grads_of = True, per_example_grads
+    fallback = False
     try:
-        for x, y, t in learner.fisher_batches(task, n_samples, empirical):
-            try:
-                grads = grads_of(learner, names, x, y, t, check=check)
-            except LayerwiseMismatch as exc:
-                warnings.warn(f"layer-wise per-example gradients of {exc} differ from torch.func's for "
-                              f"this model; the Fisher uses torch.func (slower)")
-                grads_of = lambda learner, names, x, y, t, check: vmap_grads(learner, names, x, y, t)  # noqa: E731
-                grads = grads_of(learner, names, x, y, t, check)
-            check = False
+        for i, (x, y, t) in enumerate(learner.fisher_batches(task, n_samples, empirical)):
+            if fallback:
+                grads = vmap_grads(learner, names, x, y, t)
+            else:
+                try:
+                    grads = per_example_grads(learner, names, x, y, t, check=i == 0)
+                except LayerwiseMismatch as exc:
+                    warnings.warn(f"layer-wise per-example gradients of {exc} differ from torch.func's "
+                                  f"for this model; its Fisher uses torch.func (slower)")
+                    fallback = True
+                    grads = vmap_grads(learner, names, x, y, t)
             squared = {n: g.pow_(2) for n, g in grads.items()}   # the rows are ours: in place
             for n, s in reduce(squared).items():
                 total[n] += s

@@ -106,7 +106,8 @@ def conv_backbone(kind="layerwise"):
 def conv_learner(kind, setting="task_il"):
     torch.manual_seed(0)
     scenario = split_digits(SplitDigitsOptions(), RunOptions(setting=setting))
-    model = MultiHeadNet(conv_backbone(kind), [t.n_outputs for t in scenario.tasks] if setting == "task_il" else [10])
+    heads = [t.n_outputs for t in scenario.tasks] if setting == "task_il" else [10]
+    model = MultiHeadNet(conv_backbone(kind), heads)
     with torch.no_grad():               # running statistics away from their initial 0/1
         for task in scenario.tasks:
             model(task.train.x[:64])

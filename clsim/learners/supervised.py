@@ -10,11 +10,13 @@ from clsim.learners.base import Batch, Learner
 
 
 class SupervisedLearner(Learner):
-    def __init__(self, *args, augment=None, eval_batch_size: int = 1000, fisher_batch_size: int = 32,
+    def __init__(self, *args, augment=None, eval_batch_size: int | None = None, fisher_batch_size: int = 32,
                  **kwargs):
         super().__init__(*args, **kwargs)
         self.augment = augment
-        self.eval_batch_size = eval_batch_size
+        # On CPU small evaluation chunks keep activations in cache: 64 was 1.8-2x faster than 1000
+        # for the CIFAR ResNet-18/CNN (same predictions); accelerators want large ones.
+        self.eval_batch_size = eval_batch_size or (64 if self.device.type == "cpu" else 1000)
         # Per-example gradients hold one copy of the parameters per example: small chunks keep
         # that memory in cache; on CPU 32 was 1.2-1.6x faster than 128 for the CIFAR ResNet-18/CNN.
         self.fisher_batch_size = fisher_batch_size
