@@ -158,8 +158,11 @@ def test_interrupted_run_resumes_to_the_same_figures(tmp_path, strategy):
     args = ("--strategy", strategy, "--setting", "task_il", "--epochs", "15", "--lr", "0.1", "--seed", "5")
     run_cli(*args, out=tmp_path / "whole")
     out = tmp_path / "cut"
+    # A shell that runs pytest in the background ignores SIGINT, and children inherit that: restore
+    # the default so the interrupt reaches the run as a user's Ctrl-C would.
     proc = subprocess.Popen([sys.executable, str(REPO / "run_scenario.py"), "--out", str(out), *args],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     partial = out / f".split_digits-{strategy}-seed5.partial"
     while proc.poll() is None and not (partial / "checkpoint.pt").exists():
         time.sleep(0.02)
