@@ -18,8 +18,9 @@ class Joint(Strategy):
 
     def before_task(self, task):
         self.seen.append(task)
-        for earlier in self.seen[:-1]:
-            self.ledger.raw(earlier.dataset_id, "joint: retrained on")
+        if len(self.seen) > 1:   # its own shuffled batches from then on, never a mechanism's samples
+            for seen in self.seen:
+                self.ledger.raw(seen.dataset_id, "joint: trained on in its own batches")
 
     def train_batches(self, task, batches):
         """Each epoch is one shuffled pass over the union of the seen tasks' training sets,

@@ -314,3 +314,15 @@ def test_empty_poisson_draws_still_take_an_accounted_noise_step():
     steps = ledger.accesses[task.dataset_id][-1]["steps"]
     assert steps == mechanism.steps_per_epoch[task.dataset_id] - yielded > 0
     assert not torch.equal(before, learner.model.backbone.body[1].weight)   # the noise moved it
+
+
+def test_joint_under_dpsgd_marks_every_dataset_it_trains_on_in_its_own_batches_raw():
+    from strategies.joint import Joint
+    scenario, learner, mechanism, ledger = make(DPSGD, noise_multiplier=1.0)
+    strategy = Joint()
+    strategy.setup(learner, scenario, mechanism)
+    first, second = scenario.tasks[:2]
+    strategy.before_task(first)                 # alone: the mechanism's Poisson batches, accounted
+    assert ledger.epsilon(first.dataset_id) == 0.0
+    strategy.before_task(second)                # from now on joint's own shuffled batches
+    assert math.isinf(ledger.epsilon(first.dataset_id)) and math.isinf(ledger.epsilon(second.dataset_id))

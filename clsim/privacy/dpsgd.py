@@ -153,7 +153,7 @@ class DPSGD(Mechanism):
     # --- one task ---------------------------------------------------------------------------
     def before_task(self, task, optimizer):
         from opacus.optimizers import DPOptimizer
-        self.task = task
+        self.task, self._released = task, 0
         self.noise_generator.manual_seed(self.seed + 2 * task.index)
         self.perturb_generator.manual_seed(self.seed + 2 * task.index + 1)
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.sigma,
