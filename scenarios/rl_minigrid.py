@@ -26,7 +26,6 @@ class MiniGridOptions(PPOOptions):
     ppo_epochs: int = redefault(PPOOptions, "ppo_epochs", 10)
     ppo_gamma: float = redefault(PPOOptions, "ppo_gamma", 0.99)
     ppo_gae_lambda: float = redefault(PPOOptions, "ppo_gae_lambda", 0.95)
-    ppo_entropy_coef: float = redefault(PPOOptions, "ppo_entropy_coef", 0.0)
     ppo_eval_episodes: int = redefault(PPOOptions, "ppo_eval_episodes", 20)
 
 
