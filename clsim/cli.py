@@ -129,6 +129,21 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def torch_device(name: str) -> torch.device:
+    """The --device as a torch device, refused when torch cannot use it here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA device on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: clsim runs on cpu or cuda")
+    return device
+
+
 def run_dir_for(out: str, name: str) -> Path:
     base = Path(out) / name
     candidate, n = base, 1
@@ -143,7 +158,7 @@ def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]
     With `resume_dir` (an interrupted run's hidden .partial directory) continue that run."""
     run, sc_entry, st_entry = resolved["run"], resolved["scenario"], resolved["strategy"]
     generator = seed_everything(run.seed)
-    device = torch.device(run.device)
+    device = torch_device(run.device)
     scenario = sc_entry.target(resolved["scenario_options"], run)
     strategy = st_entry.target(resolved["strategy_options"])
     epochs = run.epochs or scenario.defaults.get("epochs", 1)

@@ -13,10 +13,13 @@ from clsim.errors import UserError
 
 
 class Timer:
-    def __init__(self):
+    def __init__(self, device: torch.device):
         self.totals: dict[str, float] = {}
+        self.device = device
 
     def add(self, phase: str, since: float) -> float:
+        if self.device.type == "cuda":   # a phase ends when its queued kernels have run
+            torch.cuda.synchronize(self.device)
         now = time.perf_counter()
         self.totals[phase] = self.totals.get(phase, 0.0) + now - since
         return now
@@ -44,7 +47,7 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
     strategy.epochs = epochs   # schedules within a task (e.g. SparCL's mask updates) need it
     strategy.setup(learner, scenario, mechanism)
     emit = _Emitter(loggers)
-    timer = Timer()
+    timer = Timer(learner.device)
     if resume is None:
         initial = [learner.evaluate(t) for t in scenario.tasks]
         details = {name: {"initial": row, "matrix": []} for name, row in learner.score_details().items()}

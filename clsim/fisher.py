@@ -13,6 +13,7 @@ outside its layer, or examples that interact).
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -168,14 +169,29 @@ def per_example_grads(learner, names: list[str], x, y, t, check: bool = False) -
     layers = layers_of(learner.model, names)
     if layers is None:
         return vmap_grads(learner, names, x, y, t)
-    rows = layerwise_grads(learner, layers, x, y, t)
-    if check:
-        k = min(CHECKED_EXAMPLES, len(x))
-        reference = vmap_grads(learner, names, x[:k], y[:k], t)
-        for n, ref in reference.items():
-            if not torch.allclose(rows[n][:k], ref, rtol=1e-3, atol=1e-5 * float(ref.abs().max()) + 1e-12):
-                raise LayerwiseMismatch(n)
+    with full_float32() if check else nullcontext():
+        rows = layerwise_grads(learner, layers, x, y, t)
+        if check:
+            k = min(CHECKED_EXAMPLES, len(x))
+            reference = vmap_grads(learner, names, x[:k], y[:k], t)
+            for n, ref in reference.items():
+                if not torch.allclose(rows[n][:k], ref, rtol=1e-3, atol=1e-5 * float(ref.abs().max()) + 1e-12):
+                    raise LayerwiseMismatch(n)
     return rows
+
+
+@contextmanager
+def full_float32():
+    """float32 products without TF32 (cuDNN's default for convolutions on CUDA), so the check
+    compares the two algorithms, not two rounding modes."""
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.set_float32_matmul_precision(matmul)
 
 
 class LayerwiseMismatch(RuntimeError):

@@ -1,4 +1,11 @@
-"""EWC and online EWC (Kirkpatrick et al. 2017; Schwarz et al. 2018)."""
+"""EWC and online EWC (Kirkpatrick et al. 2017; Schwarz et al. 2018).
+
+Both modes keep the penalty as one quadratic over the flattened shared weights,
+(λ/2)·[Σ A (θ - μ)² + c]. Separate mode's sum over tasks, Σ_t F_t (θ - θ*_t)², is exactly such a
+quadratic: A = Σ_t F_t, μ = Σ_t F_t θ*_t / A, and c the constant that keeps its value (merging
+A(θ-μ)² with F(θ-θ*)² adds A·F/(A+F)·(μ-θ*)² to c). So every step costs the same few kernels and
+the state is two vectors whatever the number of tasks; same value and gradient as one term per task.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +24,9 @@ class EWC(Strategy):
     @dataclass
     class Options:
         ewc_lambda: float = opt(100.0, "λ: strength of the penalty (λ/2)·Σ F (θ - θ*)²", low=0.0)
-        mode: str = opt("separate", "separate: one (F, θ*) per task (memory grows); "
-                        "online: one running pair (constant memory)", choices=("separate", "online"))
+        mode: str = opt("separate", "separate: every task's (F, θ*) term, Σ_t F_t (θ - θ*_t)²; "
+                        "online: one running pair, F ← γ·F + F_t and θ* ← θ*_t",
+                        choices=("separate", "online"))
         gamma: float = opt(1.0, "online mode: decay γ of the running Fisher, F ← γ·F + F_t", low=0.0, high=1.0)
         fisher: str = opt("true", "true: labels sampled from the model; empirical: the data's labels",
                           choices=("true", "empirical"))
@@ -27,37 +35,55 @@ class EWC(Strategy):
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
         self.names = list(learner.shared_parameters())
-        self.pairs: list[tuple[dict, dict]] = []   # (Fisher, anchor θ*) per task, or one online
+        self.importance: torch.Tensor | None = None   # A: the summed (or running) Fisher
+        self.anchor: torch.Tensor | None = None       # μ: the A-weighted mean of the θ*
+        self.offset = 0.0                             # c: what separate mode's terms add beyond A(θ-μ)²
+        self.fishers: list[float] = []                # each task's Fisher summed over the weights
+
+    def _flat(self) -> torch.Tensor:
+        params = self.learner.shared_parameters()
+        return torch.cat([params[n].reshape(-1) for n in self.names])
 
     def penalty(self):
-        if not self.pairs:
+        if self.importance is None:
             return None
-        params = self.learner.shared_parameters()
-        total = 0.0
-        for fisher, anchor in self.pairs:
-            total = total + sum((fisher[n] * (params[n] - anchor[n]).pow(2)).sum() for n in self.names)
-        penalty = 0.5 * self.options.ewc_lambda * total
-        self._last_penalty = float(penalty.detach())
+        quadratic = torch.dot(self.importance, (self._flat() - self.anchor).square())
+        penalty = 0.5 * self.options.ewc_lambda * (quadratic + self.offset)
+        self._last_penalty = penalty.detach()     # read in step_metrics, after the step: no extra sync
         return penalty
 
     def after_task(self, task):
         fisher = self.mechanism.fisher(task, self.names, self.options.fisher_samples,
                                        self.options.fisher == "empirical", "ewc fisher")
-        anchor = {n: p.detach().clone() for n, p in self.learner.shared_parameters().items()}
-        if self.options.mode == "separate" or not self.pairs:
-            self.pairs.append((fisher, anchor))
+        fisher = torch.cat([fisher[n].reshape(-1) for n in self.names])
+        theta = self._flat().detach()
+        self.fishers.append(float(fisher.sum()))
+        if self.importance is None:
+            self.importance, self.anchor = fisher, theta
+        elif self.options.mode == "online":
+            self.importance, self.anchor = self.options.gamma * self.importance + fisher, theta
         else:
-            old, _ = self.pairs[0]
-            self.pairs[0] = ({n: self.options.gamma * old[n] + fisher[n] for n in self.names}, anchor)
+            a, f = self.importance.double(), fisher.double()
+            total = a + f
+            safe = torch.where(total > 0, total, torch.ones_like(total))
+            gap = self.anchor.double() - theta.double()
+            self.offset += float((a * f / safe * gap.square()).sum())
+            self.anchor = torch.where(total > 0, (a * self.anchor + f * theta) / safe, theta).float()
+            self.importance = total.float()
 
     def step_metrics(self):
-        return {"strategy/ewc_penalty": self._last_penalty} if self.pairs else {}
+        return {"strategy/ewc_penalty": float(self._last_penalty)} if self.importance is not None else {}
+
+    def task_metrics(self):
+        return {"fisher_sum": self.fishers[-1]} if self.fishers else {}
 
     def state_tensors(self):
-        return [t for fisher, anchor in self.pairs for d in (fisher, anchor) for t in d.values()]
+        return [] if self.importance is None else [self.importance, self.anchor]
 
     def state_dict(self):
-        return {"pairs": self.pairs}
+        return {"importance": self.importance, "anchor": self.anchor, "offset": self.offset,
+                "fishers": self.fishers}
 
     def load_state_dict(self, state):
-        self.pairs = state["pairs"]
+        self.importance, self.anchor = state["importance"], state["anchor"]
+        self.offset, self.fishers = state["offset"], state["fishers"]

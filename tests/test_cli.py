@@ -29,7 +29,7 @@ def test_summary_holds_the_matrix_and_every_figure(ewc_run):
         assert math.isfinite(s[key])
     mem = s["memory"]
     assert mem["parameter_bytes"] > 0 and mem["peak_rss_bytes"] > mem["parameter_bytes"]
-    # separate-mode EWC keeps a Fisher and an anchor per task: 2 x 5 copies of the shared weights
+    # EWC keeps one quadratic: its importance and anchor, two copies of the shared weights
     assert mem["strategy_state_bytes"] > 0
     assert set(s["wall_time"]) >= {"train", "strategy", "eval", "total"}
     assert s["privacy"]["epsilon_worst"] is None  # no mechanism: raw access, ε = ∞
