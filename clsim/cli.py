@@ -122,10 +122,14 @@ def _peek(argv: list[str], name: str) -> str | None:
     return None
 
 
-def seed_everything(seed: int) -> torch.Generator:
+def seed_everything(seed: int, device: torch.device = torch.device("cpu")) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if device.type == "cuda":   # same seed, same figures: no atomics-based or autotuned kernels
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
     return torch.Generator().manual_seed(seed)
 
 
@@ -157,8 +161,8 @@ def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]
     """Build everything, then run; the run directory appears only when the run succeeds.
     With `resume_dir` (an interrupted run's hidden .partial directory) continue that run."""
     run, sc_entry, st_entry = resolved["run"], resolved["scenario"], resolved["strategy"]
-    generator = seed_everything(run.seed)
     device = torch_device(run.device)
+    generator = seed_everything(run.seed, device)
     scenario = sc_entry.target(resolved["scenario_options"], run)
     strategy = st_entry.target(resolved["strategy_options"])
     epochs = run.epochs or scenario.defaults.get("epochs", 1)
