@@ -9,6 +9,7 @@ import platform
 import random
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -255,8 +256,13 @@ def versions() -> dict:
     return out
 
 
+def _warn_in_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    warnings.showwarning = _warn_in_one_line   # users read the message, not our source lines
     try:
         if "--list" in argv:
             print(listing())

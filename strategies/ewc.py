@@ -8,6 +8,7 @@ the state is two vectors whatever the number of tasks; same value and gradient a
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,8 @@ class EWC(Strategy):
 
     @dataclass
     class Options:
-        ewc_lambda: float = opt(100.0, "λ: strength of the penalty (λ/2)·Σ F (θ - θ*)²", low=0.0)
+        ewc_lambda: float = opt(10.0, "λ: strength of the penalty (λ/2)·Σ F (θ - θ*)²; too large a λ makes SGD "
+                                "diverge (a warning names the largest stable one)", low=0.0)
         mode: str = opt("separate", "separate: every task's (F, θ*) term, Σ_t F_t (θ - θ*_t)²; "
                         "online: one running pair, F ← γ·F + F_t and θ* ← θ*_t",
                         choices=("separate", "online"))
@@ -70,6 +72,20 @@ class EWC(Strategy):
             self.offset += float((a * f / safe * gap.square()).sum())
             self.anchor = torch.where(total > 0, (a * self.anchor + f * theta) / safe, theta).float()
             self.importance = total.float()
+        self._check_stable(task)
+
+    def _check_stable(self, task):
+        """The penalty alone pulls its stiffest weight with curvature λ·max A; past what the
+        optimiser survives, that weight oscillates ever wider: say so, with the λ that would do."""
+        limit = self.learner.max_stable_curvature()
+        if limit is None or task is self.scenario.tasks[-1]:   # no more training to diverge
+            return
+        stiffest = self.options.ewc_lambda * float(self.importance.max())
+        if stiffest > limit:
+            warnings.warn(f"EWC after task {task.index}: the penalty's curvature λ·max F = {stiffest:.3g} exceeds "
+                          f"2(1+momentum)/lr = {limit:.3g}, the most SGD survives, so training will likely "
+                          f"diverge; use --ewc-lambda below {self.options.ewc_lambda * limit / stiffest:.3g} "
+                          f"or a smaller --lr")
 
     def step_metrics(self):
         return {"strategy/ewc_penalty": float(self._last_penalty)} if self.importance is not None else {}

@@ -71,12 +71,24 @@ def test_ewc_forgets_less_than_naive_and_joint_beats_both(tmp_path):
     for strategy in ("naive", "ewc", "joint"):
         out = tmp_path / strategy
         run_cli("--strategy", strategy, "--setting", "task_il", "--epochs", "10", "--lr", "0.1",
-                "--checkpoint", "false", out=out)
+                "--checkpoint", "false", *(["--ewc-lambda", "100"] if strategy == "ewc" else []), out=out)
         figures[strategy] = read_summary(out)
     naive, ewc, joint = figures["naive"], figures["ewc"], figures["joint"]
     assert naive["forgetting"] > 2 * ewc["forgetting"]
     assert ewc["bwt"] > naive["bwt"]
     assert joint["acc"] > max(naive["acc"], ewc["acc"])
+
+
+def test_ewc_warns_when_its_penalty_is_too_stiff_for_sgd(tmp_path):
+    """The default λ runs the default scenario; a λ whose curvature SGD cannot take is named with
+    the largest one that it can, before the loss turns NaN."""
+    ok = run_cli("--strategy", "ewc", "--epochs", "1", "--checkpoint", "false", out=tmp_path / "ok")
+    assert "warning" not in ok.stderr
+    stiff = run_cli("--strategy", "ewc", "--ewc-lambda", "1e4", "--epochs", "1", "--checkpoint", "false",
+                    out=tmp_path / "stiff", check=False)
+    warning = next(line for line in stiff.stderr.splitlines() if line.startswith("warning: EWC after task 0"))
+    bound = float(warning.split("use --ewc-lambda below ")[1].split()[0])
+    assert 0 < bound < 1e4 and "Traceback" not in stiff.stderr
 
 
 def test_same_seed_same_figures(tmp_path):

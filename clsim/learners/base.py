@@ -38,6 +38,11 @@ class Learner:
     def make_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
 
+    def max_stable_curvature(self) -> float | None:
+        """The largest curvature along one weight that the optimiser survives: SGD with
+        heavy-ball momentum β diverges past 2(1+β)/lr; None for optimisers without such a bound."""
+        return 2 * (1 + self.momentum) / self.lr
+
     def is_head(self, name: str) -> bool:
         """Whether a parameter belongs to a task-specific head; a single head serves every task
         (class_il/domain_il), so penalties and masks protect it like the trunk."""

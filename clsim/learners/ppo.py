@@ -246,6 +246,9 @@ class PPOLearner(Learner):
         self.env_steps = 0
         self._task_start = (0, time.perf_counter())
 
+    def max_stable_curvature(self) -> None:
+        return None   # Adam rescales every step: no fixed bound
+
     def make_optimizer(self) -> torch.optim.Optimizer:
         self.optimizer = _GradClippedAdam(self.model.parameters(), self.o.ppo_max_grad_norm,
                                           lr=self.lr, eps=1e-5)
