@@ -26,6 +26,7 @@ Differences that remain (and are printed as figures below):
     python bench/vs_avalanche.py                     # 200/100 images per class, reduced ResNet-18
     python bench/vs_avalanche.py --train-per-class 0 --test-per-class 0   # all of CIFAR-10
     python bench/vs_avalanche.py --device cuda                            # on a GPU
+    python bench/vs_avalanche.py --seeds 3                                # mean ± sd over seeds
 Targets: clsim >= 2x faster, final ACC within 1 point.
 """
 from __future__ import annotations
@@ -125,6 +126,7 @@ def main() -> None:
     p.add_argument("--clsim-fisher-samples", type=int, default=0,
                    help="clsim's Fisher examples per task (0: all, as Avalanche; clsim's default is 1000)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, default=1, help="run seeds --seed, --seed+1, ...: single-run class-IL ACC is noisy")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--avalanche-workers", type=int, default=0, help="DataLoader worker processes for Avalanche")
@@ -134,21 +136,37 @@ def main() -> None:
     run = SimpleNamespace(data_root=a.data_root, setting="class_il")
     scenario = split_cifar(SplitCifarOptions(train_per_class=a.train_per_class, test_per_class=a.test_per_class,
                                              backbone=a.backbone), run)
-    torch.manual_seed(a.seed)
-    model = scenario.make_model()
     # Warm-up on a few images: lazy imports and first-call kernel set-up are not what we compare.
     tiny = split_cifar(SplitCifarOptions(n_tasks=2, train_per_class=8, test_per_class=2, backbone=a.backbone), run)
+    model = tiny.make_model()
     run_clsim(tiny, copy.deepcopy(model), a)
     run_avalanche(tiny, copy.deepcopy(model), a)
+    print(f"Split CIFAR-10 class_il, {a.backbone}, {a.train_per_class or 5000}/{a.test_per_class or 1000} "
+          f"images per class, {a.epochs} epoch(s), SGD lr {a.lr} momentum {a.momentum}, batch {a.batch_size}, λ {a.ewc_lambda}, "
+          f"{a.threads} thread(s), {a.device}, Avalanche workers {a.avalanche_workers}, "
+          f"clsim Fisher examples per task: {a.clsim_fisher_samples or 'all'}")
+    runs = [compare(scenario, a, seed) for seed in range(a.seed, a.seed + a.seeds)]
+    if len(runs) > 1:
+        t_av, t_c = sum(r.t_av for r in runs), sum(r.t_clsim for r in runs)
+        acc_a, acc_c = [r.acc_av for r in runs], [r.acc_clsim for r in runs]
+        diff = [c - v for c, v in zip(acc_c, acc_a)]
+        print(f"over {len(runs)} seeds: wall time avalanche {t_av:8.2f} s   clsim {t_c:8.2f} s   "
+              f"speed-up {t_av / t_c:.2f}x (target >= 2)")
+        print(f"  mean final ACC: avalanche {mean_sd(acc_a)}   clsim {mean_sd(acc_c)}   "
+              f"difference {mean_sd(diff, '+.2f')} (target within 1)")
+
+
+def compare(scenario, a, seed: int) -> SimpleNamespace:
+    """Both implementations from the same initial weights drawn with `seed`; prints one block."""
+    a = SimpleNamespace(**{**vars(a), "seed": seed})
+    torch.manual_seed(seed)
+    model = scenario.make_model()
     t_clsim, p_clsim, row_clsim, clsim_ewc = run_clsim(scenario, copy.deepcopy(model), a)
     t_av, p_av, row_av, av_ewc = run_avalanche(scenario, copy.deepcopy(model), a)
     acc_c, acc_a = sum(row_clsim) / len(row_clsim), sum(row_av) / len(row_av)
     ratios = [f / sum(float(av_ewc.importances[t][n].data.sum()) for n in clsim_ewc.names)
               for t, f in enumerate(clsim_ewc.fishers)]
-    print(f"Split CIFAR-10 class_il, {a.backbone}, {a.train_per_class or 5000}/{a.test_per_class or 1000} "
-          f"images per class, {a.epochs} epoch(s), SGD lr {a.lr} momentum {a.momentum}, batch {a.batch_size}, λ {a.ewc_lambda}, "
-          f"{a.threads} thread(s), {a.device}, Avalanche workers {a.avalanche_workers}, "
-          f"clsim Fisher examples per task: {a.clsim_fisher_samples or 'all'}")
+    print(f"seed {seed}")
     print(f"wall time (train + Fisher): avalanche {t_av:8.2f} s   clsim {t_clsim:8.2f} s   "
           f"speed-up {t_av / t_clsim:.2f}x (target >= 2)")
     print(f"  of which Fisher:          avalanche {p_av['fisher']:8.2f} s   clsim {p_clsim['fisher']:8.2f} s")
@@ -162,8 +180,13 @@ def main() -> None:
     k_av = 2 * a.ewc_lambda * float(max(sum(imp[n].data for imp in av_ewc.importances.values()).max()
                                         for n in clsim_ewc.names))
     print(f"lr x stiffest penalty curvature after the last task (SGD diverges past 2): "
-          f"avalanche {a.lr * k_av:.3g}  clsim {a.lr * k_clsim:.3g}")
+          f"avalanche {a.lr * k_av:.3g}  clsim {a.lr * k_clsim:.3g}", flush=True)
+    return SimpleNamespace(t_av=t_av, t_clsim=t_clsim, acc_av=acc_a, acc_clsim=acc_c)
 
+
+def mean_sd(xs: list[float], fmt: str = ".2f") -> str:
+    t = torch.tensor(xs, dtype=torch.float64)
+    return f"{float(t.mean()):{fmt}} ± {float(t.std()):.2f}"
 
 if __name__ == "__main__":
     main()
