@@ -188,5 +188,6 @@ def mean_sd(xs: list[float], fmt: str = ".2f") -> str:
     t = torch.tensor(xs, dtype=torch.float64)
     return f"{float(t.mean()):{fmt}} ± {float(t.std()):.2f}"
 
+
 if __name__ == "__main__":
     main()
