@@ -82,7 +82,8 @@ class Strategy:
         pass
 
     def step_metrics(self) -> dict:
-        """Strategy-specific figures for the step just taken (numbers)."""
+        """Strategy-specific figures for the step just taken: numbers, or 0-dim tensors, which the
+        engine reads one step late so that a GPU need not finish the step first."""
         return {}
 
     def task_metrics(self) -> dict:

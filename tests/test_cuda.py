@@ -60,3 +60,26 @@ def test_conv_fisher_on_cuda_matches_cpu(cifar_root):
     for n, f in fishers["cpu"].items():
         # cuDNN computes the batched pass in TF32 by default: agreement to TF32 rounding
         assert torch.allclose(fishers["cuda"][n], f, rtol=2e-2, atol=1e-3 * float(f.abs().max())), n
+
+
+def test_training_steps_do_not_wait_for_the_device(tmp_path):
+    """The step loop never makes the host wait for the GPU: step figures (loss, EWC penalty) are
+    read one step late, and batches are sliced with an index copied to the device once per epoch.
+    CUDA's sync debug mode counts the host waits; five more epochs add 200 steps but at most a
+    couple of waits per epoch and task (evaluation and the Fisher pass are the same in both)."""
+    from clsim.cli import execute, parse
+    waits, steps = {}, {}
+    for epochs in (1, 6):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                _, summary = execute(parse(["--strategy", "ewc", "--setting", "class_il", "--epochs", str(epochs),
+                                            "--device", "cuda", "--out", str(tmp_path / str(epochs))]))
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        waits[epochs] = sum("synchronizing CUDA operation" in str(w.message) for w in caught)
+        steps[epochs] = summary["steps"]
+    assert waits[1] > 0                                     # the counter sees evaluation's reads
+    assert steps[6] - steps[1] == 5 * steps[1] >= 200
+    assert waits[6] - waits[1] <= 5 * 5 * 2, (waits, steps)   # 5 more epochs x 5 tasks x at most 2
