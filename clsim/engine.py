@@ -119,11 +119,9 @@ class _HostCopy:
 
     def __init__(self, record: dict):
         self.record = record
-        self.keys = [k for k, v in record.items() if isinstance(v, torch.Tensor)]
-        self.event = None
-        if not self.keys:
-            return
+        self.keys = [k for k, v in record.items() if isinstance(v, torch.Tensor)]   # the loss at least
         values = torch.stack([record[k].detach().double().reshape(()) for k in self.keys])
+        self.event = None
         if values.device.type == "cuda":
             self.values = values.to("cpu", non_blocking=True)   # into pinned memory, asynchronously
             self.event = torch.cuda.Event()
@@ -134,8 +132,7 @@ class _HostCopy:
     def wait(self) -> dict:
         if self.event is not None:
             self.event.synchronize()   # only this step's copy; later steps keep running
-        if self.keys:
-            self.record.update(zip(self.keys, self.values.tolist()))
+        self.record.update(zip(self.keys, self.values.tolist()))
         return self.record
 
 
