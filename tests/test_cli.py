@@ -42,7 +42,7 @@ def test_jsonl_has_a_record_per_step_and_per_task(ewc_run):
     tasks = [r for r in records if r["kind"] == "task"]
     assert len(steps) == s["steps"] and len(tasks) == 5
     assert [r["step"] for r in steps] == list(range(1, len(steps) + 1))
-    # step figures are read one step late, yet every step is logged before its task's record
+    # every step is logged before its task's record (on a GPU its figures are read a step late)
     for i, r in enumerate(records):
         if r["kind"] == "task":
             assert records[i - 1] == next(s for s in steps if s["step"] == r["step"])
