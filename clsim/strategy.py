@@ -83,7 +83,7 @@ class Strategy:
 
     def step_metrics(self) -> dict:
         """Strategy-specific figures for the step just taken: numbers, or 0-dim tensors, which the
-        engine reads one step late so that a GPU need not finish the step first."""
+        engine reads without waiting for a GPU to finish the step (a step late there)."""
         return {}
 
     def task_metrics(self) -> dict:

@@ -80,7 +80,7 @@ class Learner:
     # Optional figures; the defaults add nothing.
     def step_metrics(self) -> dict:
         """Learner figures for the step just taken (e.g. RL episode return, env steps/sec):
-        numbers, or 0-dim tensors read one step late (as Strategy.step_metrics)."""
+        numbers, or 0-dim tensors (read as in Strategy.step_metrics)."""
         return {}
 
     def score_details(self) -> dict[str, list[float]]:
