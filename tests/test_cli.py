@@ -45,7 +45,7 @@ def test_jsonl_has_a_record_per_step_and_per_task(ewc_run):
     # every step is logged before its task's record (on a GPU its figures are read a step late)
     for i, r in enumerate(records):
         if r["kind"] == "task":
-            assert records[i - 1] == next(s for s in steps if s["step"] == r["step"])
+            assert records[i - 1] == next(st for st in steps if st["step"] == r["step"])
     assert all(math.isfinite(r["loss"]) for r in steps)
     assert any("strategy/ewc_penalty" in r for r in steps)
     assert [t["row"] for t in tasks] == s["accuracy_matrix"]
