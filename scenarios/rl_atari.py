@@ -9,7 +9,7 @@ import numpy as np
 
 from clsim.config import opt, redefault
 from clsim.errors import UserError
-from clsim.learners.ppo import EnvTask, PPOOptions, nature_cnn_trunk, rl_scenario
+from clsim.rl import EnvTask, PPOOptions, nature_cnn_trunk, rl_scenario
 from clsim.registry import register_scenario
 
 # Human scores used as the normalisation reference (as tabulated in the Atari literature, e.g.

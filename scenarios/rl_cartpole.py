@@ -10,7 +10,7 @@ from gymnasium.wrappers import TransformAction, TransformObservation
 
 from clsim.config import opt, redefault
 from clsim.errors import UserError
-from clsim.learners.ppo import EnvTask, PPOOptions, mlp_trunk, rl_scenario
+from clsim.rl import EnvTask, PPOOptions, mlp_trunk, rl_scenario
 from clsim.registry import register_scenario
 
 PRESETS = {

@@ -8,7 +8,7 @@ import gymnasium as gym
 
 from clsim.config import opt, redefault
 from clsim.errors import UserError
-from clsim.learners.ppo import EnvTask, PPOOptions, mlp_trunk, rl_scenario
+from clsim.rl import EnvTask, PPOOptions, mlp_trunk, rl_scenario
 from clsim.registry import register_scenario
 
 SEQUENCE = "Empty-Random-5x5,DoorKey-5x5,Unlock,LavaGapS5"

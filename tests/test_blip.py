@@ -342,7 +342,7 @@ def test_class_il_single_head_quantised_unless_disabled(quantise_head):
 # Policy networks (PPO learner, CartPole) -----------------------------------------------------
 
 def build_cartpole(setting: str):
-    pytest.importorskip("clsim.learners.ppo")
+    pytest.importorskip("clsim.rl.ppo")
     if "cartpole" not in SCENARIOS.names():
         pytest.skip("the cartpole scenario is not in this tree")
     run_options = config.build(config.RunOptions, {"setting": setting, "seed": 0})

@@ -11,8 +11,9 @@ import torch
 from clsim.cli import main
 from clsim.config import build
 from clsim.fisher import diagonal_fisher
-from clsim.learners.ppo import (ActorCritic, EnvTask, PPOLearner, PPOOptions, gae, make_vector_env,
-                                mlp_trunk)
+from clsim.rl import ActorCritic, EnvTask, PPOLearner, PPOOptions, mlp_trunk
+from clsim.rl.envs import make_vector_env
+from clsim.rl.ppo import gae
 from clsim.scenario import Task
 from conftest import read_summary, run_cli
 

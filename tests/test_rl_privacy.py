@@ -7,7 +7,7 @@ import torch
 
 from clsim import config
 from clsim.config import RunOptions
-from clsim.learners.ppo import ActorCritic, PPOLearner, mlp_trunk
+from clsim.rl import ActorCritic, PPOLearner, mlp_trunk
 from clsim.privacy import accounting
 from clsim.privacy.dpsgd import DPSGD
 from clsim.privacy.ledger import Ledger

@@ -46,7 +46,7 @@ def test_bad_rl_options_exit_2(argv, message, tmp_path, capsys):
 
 def test_minigrid_scenario_one_hot_views_and_success_figures():
     pytest.importorskip("minigrid")
-    from clsim.learners.ppo import PPOLearner
+    from clsim.rl.ppo import PPOLearner
     from scenarios.rl_minigrid import MiniGridOptions, minigrid_sequence
     import torch
     o = build(MiniGridOptions, {"minigrid_tasks": "Empty-Random-5x5,LavaGapS5", "ppo_eval_episodes": 4})

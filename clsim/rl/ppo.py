@@ -20,23 +20,19 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple
+from typing import Iterator, NamedTuple
 
-import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn.functional as F
-from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from torch import nn
 
 from clsim.config import opt
 from clsim.errors import UserError
 from clsim.learners.base import Learner, PrivacyPlan
-from clsim.scenario import Scenario, Task
-
-# Training envs are seeded below this from --seed; evaluation seeds are fixed at and above it,
-# so evaluation episodes never coincide with training ones.
-EVAL_SEED_BASE = 10**9
+from clsim.rl.envs import EVAL_SEED_BASE, eval_seeds, make_vector_env, normalised, run_episodes
+from clsim.rl.models import ActorCritic
+from clsim.scenario import Task
 
 
 @dataclass
@@ -68,74 +64,6 @@ class PPOOptions:
                                  "strategies", low=1)
 
 
-@dataclass
-class EnvTask:
-    """What an RL Task carries in `task.env`."""
-    make: Callable[[bool], gym.Env]   # make(train) -> one wrapped env (train=False: evaluation)
-    reference_return: float           # the known ceiling (or a human score) for normalisation
-    random_return: float = math.nan   # mean return of uniform random actions on the eval seeds
-    success_above: float | None = None  # an episode with a larger return counts as a success
-
-
-# ---------------------------------------------------------------- model
-
-def mlp_trunk(in_features: int, hidden: int) -> nn.Sequential:
-    """Two tanh layers (the usual PPO MLP); `out_features` is set for the heads."""
-    trunk = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.Tanh(),
-                          nn.Linear(hidden, hidden), nn.Tanh())
-    trunk.out_features = hidden
-    return trunk
-
-
-def nature_cnn_trunk(in_channels: int = 4) -> nn.Sequential:
-    """The DQN/PPO Atari CNN for 84x84 frames (uint8 scaled in `ActorCritic.forward`)."""
-    trunk = nn.Sequential(nn.Conv2d(in_channels, 32, 8, 4), nn.ReLU(), nn.Conv2d(32, 64, 4, 2), nn.ReLU(),
-                          nn.Conv2d(64, 64, 3, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3136, 512), nn.ReLU())
-    trunk.out_features = 512
-    return trunk
-
-
-class ActorCritic(nn.Module):
-    """A shared trunk and, per head slot, a policy head (`heads.k`) and a value head
-    (`critics.k`): one slot per task in task_il, a single shared slot otherwise."""
-
-    def __init__(self, trunk: nn.Module, n_actions: int, n_slots: int, input_scale: float = 1.0):
-        super().__init__()
-        self.trunk, self.input_scale = trunk, input_scale
-        width = trunk.out_features
-        self.heads = nn.ModuleList(nn.Linear(width, n_actions) for _ in range(n_slots))
-        self.critics = nn.ModuleList(nn.Linear(width, 1) for _ in range(n_slots))
-        # Orthogonal init, small policy outputs: a near-uniform initial policy (standard PPO).
-        for m in self.trunk.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.orthogonal_(m.weight, math.sqrt(2))
-                nn.init.zeros_(m.bias)
-        for layer, gain in [(h, 0.01) for h in self.heads] + [(c, 1.0) for c in self.critics]:
-            nn.init.orthogonal_(layer.weight, gain)
-            nn.init.zeros_(layer.bias)
-
-    def _select(self, layers: nn.ModuleList, features, t):
-        if len(layers) == 1:
-            return layers[0](features)
-        if isinstance(t, int):
-            return layers[t](features)
-        if bool((t == t[0]).all()):
-            return layers[int(t[0])](features)
-        every = torch.stack([layer(features) for layer in layers], 1)   # mixed tasks (e.g. replay)
-        return every[torch.arange(len(t)), t]
-
-    def features(self, x):
-        return self.trunk(x.float() * self.input_scale)
-
-    def policy(self, x, t=0) -> torch.Tensor:
-        return self._select(self.heads, self.features(x), t)
-
-    def forward(self, x, t=0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(action logits, state value)."""
-        f = self.features(x)
-        return self._select(self.heads, f, t), self._select(self.critics, f, t).squeeze(-1)
-
-
 # ---------------------------------------------------------------- pure pieces
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_value: torch.Tensor,
@@ -151,43 +79,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, dones: torch.Tensor, last_v
         running = delta + gamma * lam * keep * running
         advantages[t] = running
     return advantages
-
-
-def make_vector_env(env_task: EnvTask, n: int, train: bool) -> SyncVectorEnv:
-    return SyncVectorEnv([lambda: env_task.make(train) for _ in range(n)],
-                         autoreset_mode=AutoresetMode.SAME_STEP)
-
-
-def run_episodes(env_task: EnvTask, seeds: list[int], act: Callable[[np.ndarray], np.ndarray]
-                 ) -> np.ndarray:
-    """Return of one episode per seed, all run side by side; `act(obs batch) -> actions`."""
-    envs = make_vector_env(env_task, len(seeds), train=False)
-    try:
-        obs, _ = envs.reset(seed=list(seeds))
-        returns = np.zeros(len(seeds))
-        running = np.ones(len(seeds), dtype=bool)
-        while running.any():
-            obs, reward, terminated, truncated, _ = envs.step(act(obs))
-            returns += reward * running
-            running &= ~(terminated | truncated)
-        return returns
-    finally:
-        envs.close()
-
-
-def eval_seeds(task_index: int, episodes: int) -> list[int]:
-    return [EVAL_SEED_BASE + 10_000 * task_index + k for k in range(episodes)]
-
-
-def random_policy_return(env_task: EnvTask, seeds: list[int]) -> float:
-    """Mean return of uniformly random actions (seeded, so the normaliser is reproducible)."""
-    rng = np.random.default_rng(0)
-    space = env_task.make(False).action_space
-    return float(run_episodes(env_task, seeds, lambda obs: rng.integers(0, space.n, len(obs))).mean())
-
-
-def normalised(raw: float, env_task: EnvTask) -> float:
-    return (raw - env_task.random_return) / (env_task.reference_return - env_task.random_return)
 
 
 # ---------------------------------------------------------------- the learner
@@ -467,35 +358,3 @@ class PPOLearner(Learner):
 
     def log_likelihood(self, x, y, t) -> torch.Tensor:
         return F.log_softmax(self.model.policy(x, t), 1).gather(1, y[:, None]).squeeze(1)
-
-
-# ---------------------------------------------------------------- scenario assembly
-
-def rl_scenario(name: str, setting: str, names: list[str], env_tasks: list[EnvTask],
-                make_trunk: Callable[[], nn.Module], n_actions: int, options: PPOOptions,
-                defaults: dict, info: dict, input_scale: float = 1.0) -> Scenario:
-    """A Scenario of RL tasks learned by PPOLearner, with the random-policy returns measured on
-    the evaluation seeds and the evaluation protocol recorded in `info`."""
-    episodes = options.ppo_eval_episodes
-    for i, env_task in enumerate(env_tasks):
-        if math.isnan(env_task.random_return):
-            env_task.random_return = random_policy_return(env_task, eval_seeds(i, episodes))
-        if env_task.reference_return <= env_task.random_return:
-            raise UserError(f"task {names[i]}: the reference return {env_task.reference_return} is not "
-                            f"above the random policy's {env_task.random_return:.3g}")
-    tasks = [Task(i, n, env=e, n_outputs=n_actions) for i, (n, e) in enumerate(zip(names, env_tasks))]
-    slots = len(tasks) if setting == "task_il" else 1
-    protocol = {"evaluation_episodes": episodes, "evaluation_policy": options.ppo_eval_policy,
-                "evaluation_seeds": f"{EVAL_SEED_BASE} + 10000*task + k, k < {episodes} "
-                                    f"(training seeds < {EVAL_SEED_BASE})",
-                "reward_clipping_in_evaluation": False,
-                "score": "(return - random_return) / (reference_return - random_return); raw returns "
-                         "in score_details.return_raw",
-                "random_return": [e.random_return for e in env_tasks],
-                "reference_return": [e.reference_return for e in env_tasks],
-                "timesteps_per_task": options.ppo_timesteps}
-    return Scenario(name, setting, tasks,
-                    make_model=lambda: ActorCritic(make_trunk(), n_actions, slots, input_scale),
-                    defaults={"epochs": 1, **defaults}, learner_cls=PPOLearner,
-                    learner_kwargs={"options": options}, info={**info, "rl_protocol": protocol},
-                    score_scale=1.0)
