@@ -113,22 +113,12 @@ class TensorBoardLogger:
 
     def close(self, summary):
         R = summary["accuracy_matrix"]
-        self.writer.add_image("summary/accuracy_matrix", matrix_image(R, self.score_scale), len(R) - 1, dataformats="HWC")
+        from clsim.report import figure_rgb, heatmap_figure
+        self.writer.add_image("summary/accuracy_matrix", figure_rgb(heatmap_figure(R, self.score_scale)),
+                              len(R) - 1, dataformats="HWC")
         metrics = {f"hparam/{k}": summary[k] for k in ("acc", "bwt", "fwt", "forgetting")}
         self.writer.add_hparams(self.hparams, metrics, run_name=".")
         self.writer.close()
-
-
-def matrix_image(R, score_scale: float = 100.0, cell: int = 24) -> np.ndarray:
-    """The score matrix as an RGB heat map (white = 0, dark blue = `score_scale`, a perfect
-    score), one square per cell; cells not yet meaningful (j > i) still show their score."""
-    a = np.clip(np.asarray(R, dtype=np.float32) / score_scale, 0, 1)
-    low, high = np.array([1.0, 1.0, 1.0]), np.array([0.03, 0.19, 0.42])
-    rgb = low + a[..., None] * (high - low)
-    img = np.kron(rgb, np.ones((cell, cell, 1)))
-    img[::cell, :, :] = 0.6
-    img[:, ::cell, :] = 0.6
-    return (img * 255).astype(np.uint8)
 
 
 class ProgressLogger:

@@ -49,11 +49,16 @@ def test_tensor_bytes_counts_shared_storage_once():
     assert metrics.tensor_bytes([a, a]) == 40
 
 
-def test_matrix_image_shades_scores_relative_to_a_perfect_score():
-    from clsim.loggers import matrix_image
-    for scale in (100.0, 1.0):                         # accuracy in %, normalised RL return
-        img = matrix_image([[scale, 0.0, scale / 2]], scale, cell=4)
-        centre = img[2, 2::4].astype(int)               # the middle pixel row of each cell
-        assert centre[0].tolist() == [7, 48, 107]       # full score: the darkest blue
-        assert centre[1].tolist() == [255, 255, 255]    # zero: white
-        assert (centre[2] < 255).all() and (centre[2] > centre[0]).all()
+def test_matrix_heatmap_labels_every_cell_and_both_axes():
+    from clsim.report import figure_rgb, heatmap_figure
+    for scale, R in ((100.0, [[91.0, 0.0], [40.0, 88.5]]), (1.0, [[0.75, 0.0], [0.25, 1.0]])):
+        fig = heatmap_figure(R, scale)
+        ax = fig.axes[0]
+        texts = sorted(t.get_text() for t in ax.texts)
+        expected = [f"{x:.0f}" if scale > 1 else f"{x:.2f}" for row in R for x in row]
+        assert texts == sorted(expected)
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("evaluated on task", "after training task")
+        colorbar = fig.axes[1]
+        assert colorbar.get_ylim() == (0.0, scale)      # the colour scale spans 0 to a perfect score
+        img = figure_rgb(fig)
+        assert img.ndim == 3 and img.shape[2] == 3 and img.shape[0] > 150 and img.std() > 10

@@ -1,0 +1,358 @@
+"""`clsim report DIR...`: many runs, one table, the figures a paper needs.
+
+A run is a directory holding `summary.json` (and `log.jsonl`, whose task records give the
+figures after every task). Runs are grouped by everything in their hparams but the seed; each
+group gives one row of mean ± sd over its seeds. Written: `results.csv` (one row per run, every
+summary figure), `summary.csv` (mean, sd, n per group and figure), `report.md` and PNG figures
+(also added to TensorBoard's images under `tb/`).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from clsim.errors import UserError
+
+#: figures of a whole run, in table order: (column, title in the markdown table)
+HEADLINE = (("acc", "ACC"), ("bwt", "BWT"), ("forgetting", "forgetting"), ("fwt", "FWT"),
+            ("epsilon_worst", "ε"), ("strategy_state_bytes", "strategy memory (bytes)"),
+            ("wall_time_total", "time (s)"))
+#: hparams that name where or how fast a run ran, not what it computed
+NOT_A_GROUP_KEY = {"seed"}
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict
+    tasks: list[dict] = field(default_factory=list)   # log.jsonl task records, in order
+
+    @property
+    def group(self) -> tuple:
+        hp = self.summary.get("hparams", {})
+        return tuple(sorted((k, json.dumps(v)) for k, v in hp.items() if k not in NOT_A_GROUP_KEY))
+
+    def figures(self) -> dict[str, float]:
+        """Every number summary.json holds about the run, flattened (`memory_*`, `wall_time_*`)."""
+        s = self.summary
+        out = {k: s[k] for k in ("acc", "bwt", "fwt", "forgetting", "steps", "examples_seen") if k in s}
+        eps = s.get("privacy", {}).get("epsilon_worst")
+        out["epsilon_worst"] = math.inf if eps is None else eps
+        for section in ("memory", "wall_time"):
+            for k, v in s.get(section, {}).items():
+                key = k if section == "memory" else f"wall_time_{k}"
+                out[key] = v
+        if self.tasks:
+            for k, v in self.tasks[-1].get("strategy", {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out[f"strategy_{k}"] = v
+        return out
+
+    def per_task(self, key: str) -> list[float]:
+        """A figure after every task: 'acc', 'epsilon' (worst ε), 'strategy_state_bytes', or a
+        strategy figure such as 'blip_capacity' (NaN where a task record lacks it)."""
+        out = []
+        for t in self.tasks:
+            if key == "acc":
+                out.append(t["acc"])
+            elif key == "epsilon":
+                eps = t.get("privacy", {}).get("epsilon_worst")
+                out.append(math.inf if eps is None else eps)
+            elif key in t.get("memory", {}):
+                out.append(t["memory"][key])
+            else:
+                v = t.get("strategy", {}).get(key)
+                out.append(float(v) if isinstance(v, (int, float)) else math.nan)
+        return out
+
+
+def find_runs(paths: list[str]) -> list[Run]:
+    """Every finished run under `paths` (a run directory, or a tree of them); hidden (partial or
+    failed) directories are skipped."""
+    runs = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise UserError(f"{p} does not exist; pass run directories or sweep directories")
+        candidates = [p] if (p / "summary.json").is_file() else sorted(p.rglob("summary.json"))
+        for c in candidates:
+            run_dir = c if c.is_dir() else c.parent
+            if any(part.startswith(".") for part in run_dir.relative_to(p).parts):
+                continue
+            runs.append(load_run(run_dir))
+    if not runs:
+        raise UserError(f"no finished run (a directory with summary.json) under {', '.join(paths)}")
+    return runs
+
+
+def load_run(run_dir: Path) -> Run:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        tasks = []
+        log = run_dir / "log.jsonl"
+        if log.is_file():
+            tasks = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "task"]
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{run_dir} holds an unreadable summary.json or log.jsonl ({exc})") from None
+    if not isinstance(summary, dict) or "accuracy_matrix" not in summary:
+        raise UserError(f"{run_dir}/summary.json is not a clsim summary (no accuracy_matrix)")
+    return Run(run_dir, summary, tasks)
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs keyed by a readable label: scenario/strategy/setting plus every hparam that differs
+    between groups (the seed never does)."""
+    by_key: dict[tuple, list[Run]] = {}
+    for r in runs:
+        by_key.setdefault(r.group, []).append(r)
+    varying = set()
+    keys = [dict(k) for k in by_key]
+    for name in set().union(*keys):
+        if len({k[name] for k in keys if name in k}) > 1:
+            varying.add(name)
+    labels = {}
+    for key, members in by_key.items():
+        s, hp = members[0].summary, dict(key)
+        base = f"{s['scenario']}/{s['strategy']}/{s['setting']}"
+        extra = [f"{n}={json.loads(hp[n])}" for n in sorted(varying - {"scenario", "strategy", "setting"})
+                 if n in hp]
+        labels[" ".join([base, *extra])] = sorted(members, key=lambda r: r.summary.get("seed", 0))
+    return dict(sorted(labels.items()))
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return math.nan, math.nan
+    if any(math.isinf(v) for v in values):
+        return math.inf, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def write_report(paths: list[str], out: Path) -> Path:
+    """Group the runs under `paths` and write the tables and figures into `out`."""
+    groups = group_runs(find_runs(paths))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_results_csv(groups, out / "results.csv")
+    stats = _write_summary_csv(groups, out / "summary.csv")
+    figures = plot_all(groups, out)
+    _write_markdown(groups, stats, figures, out / "report.md")
+    _figures_to_tensorboard(figures, out / "tb")
+    return out / "report.md"
+
+
+def _write_results_csv(groups, path: Path) -> None:
+    rows = [{"group": label, "seed": r.summary.get("seed"), "run_dir": str(r.path), **r.figures()}
+            for label, runs in groups.items() for r in runs]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, columns)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _write_summary_csv(groups, path: Path) -> dict:
+    stats = {}
+    for label, runs in groups.items():
+        figs = [r.figures() for r in runs]
+        names = list(dict.fromkeys(k for f in figs for k in f))
+        stats[label] = {k: (*mean_sd([f.get(k, math.nan) for f in figs]), len(runs)) for k in names}
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["group", "figure", "mean", "sd", "n"])
+        for label, by_fig in stats.items():
+            for name, (m, sd, n) in by_fig.items():
+                w.writerow([label, name, m, sd, n])
+    return stats
+
+
+def _cell(stat) -> str:
+    m, sd, _ = stat
+    if math.isinf(m):
+        return "∞"
+    if math.isnan(m):
+        return "–"
+    return f"{m:.2f} ± {sd:.2f}" if abs(m) < 1e4 else f"{m:.3g} ± {sd:.2g}"
+
+
+def _write_markdown(groups, stats, figures: dict[str, Path], path: Path) -> None:
+    lines = ["# clsim report", "",
+             f"{sum(len(r) for r in groups.values())} runs in {len(groups)} groups "
+             "(grouped by every option but the seed; mean ± sd over seeds, n runs).", "",
+             "| group | n | " + " | ".join(title for _, title in HEADLINE) + " |",
+             "|---|---|" + "---|" * len(HEADLINE)]
+    for label, by_fig in stats.items():
+        cells = [_cell(by_fig[k]) if k in by_fig else "–" for k, _ in HEADLINE]
+        lines.append(f"| {label} | {len(groups[label])} | " + " | ".join(cells) + " |")
+    lines += ["", "ε is the worst individual's ε at the run's δ (∞: some data was used without a "
+              "privacy mechanism). Per-run figures: results.csv; every figure's mean, sd and n: summary.csv.",
+              "", "## Figures", ""]
+    lines += [f"![{name}]({p.name})" for name, p in figures.items()]
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- figures
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    plt.rcParams.update({"font.size": 8, "axes.titlesize": 9, "axes.labelsize": 8, "legend.fontsize": 7,
+                         "figure.dpi": 100, "savefig.dpi": 200, "savefig.bbox": "tight"})
+    return plt
+
+
+def heatmap_figure(R, score_scale: float = 100.0, title: str = "accuracy matrix"):
+    """The score matrix as a labelled heat map: the score in every cell, trained-on task down,
+    evaluated-on task across, a colour scale from 0 to a perfect score."""
+    plt = _pyplot()
+    a = np.asarray(R, dtype=float)
+    n_rows, n_cols = a.shape
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n_cols, 0.8 + 0.5 * n_rows))
+    im = ax.imshow(a, cmap="Blues", vmin=0, vmax=score_scale)
+    for i in range(n_rows):
+        for j in range(n_cols):
+            ax.text(j, i, f"{a[i, j]:.0f}" if score_scale > 1 else f"{a[i, j]:.2f}", ha="center",
+                    va="center", fontsize=7, color="white" if a[i, j] > 0.6 * score_scale else "black")
+    ax.set_xticks(range(n_cols))
+    ax.set_yticks(range(n_rows))
+    ax.set_xlabel("evaluated on task")
+    ax.set_ylabel("after training task")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04,
+                 label="accuracy (%)" if score_scale == 100.0 else "score")
+    return fig
+
+
+def figure_rgb(fig) -> np.ndarray:
+    """A matplotlib figure as an HxWx3 uint8 array (for TensorBoard), closing the figure."""
+    plt = _pyplot()
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return rgb
+
+
+def _score_scale(runs: list[Run]) -> float:
+    return 100.0 if max(max(row) for r in runs for row in r.summary["accuracy_matrix"]) > 1.5 else 1.0
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
+def _curves(groups, key: str) -> dict[str, np.ndarray]:
+    """Per group, a (seeds x tasks) array of a per-task figure, where every run has it."""
+    out = {}
+    for label, runs in groups.items():
+        rows = [r.per_task(key) for r in runs]
+        if rows and all(rows) and len({len(x) for x in rows}) == 1 and not np.isnan(rows).all():
+            out[label] = np.asarray(rows, dtype=float)
+    return out
+
+
+def _line_plot(curves: dict[str, np.ndarray], ylabel: str, title: str, path: Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 2.8))
+    for label, a in curves.items():
+        x = np.arange(1, a.shape[1] + 1)
+        m, sd = a.mean(0), a.std(0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1])
+        ax.plot(x, m, marker="o", ms=3, label=f"{label} (n={len(a)})")
+        ax.fill_between(x, m - sd, m + sd, alpha=0.2)
+    ax.set_xlabel("tasks trained")
+    ax.set_ylabel(ylabel)
+    ax.set_xticks(np.arange(1, max(a.shape[1] for a in curves.values()) + 1))
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", frameon=False)
+    return _save(fig, path)
+
+
+def plot_all(groups, out: Path) -> dict[str, Path]:
+    """Every figure the runs have data for; returns name -> PNG path."""
+    plt = _pyplot()
+    figures = {}
+    for k, (label, runs) in enumerate(groups.items()):
+        mean_R = np.mean([r.summary["accuracy_matrix"] for r in runs], axis=0)
+        fig = heatmap_figure(mean_R, _score_scale(runs), f"{label}\n(mean of {len(runs)})")
+        figures[f"accuracy matrix: {label}"] = _save(fig, out / f"matrix_{k}.png")
+    acc = _curves(groups, "acc")
+    if acc:
+        scale = "accuracy (%)" if _score_scale([r for g in groups.values() for r in g]) == 100 else "score"
+        figures["ACC after each task"] = _line_plot(acc, f"ACC, {scale}", "ACC after each task (mean ± sd)",
+                                                    out / "acc_per_task.png")
+    figures["forgetting and BWT"] = _bars(groups, out / "forgetting_bwt.png")
+    mem = _curves(groups, "strategy_state_bytes")
+    if mem:
+        figures["strategy memory"] = _line_plot({k: v / 2**20 for k, v in mem.items()},
+                                                "strategy state (MiB)", "memory kept between tasks",
+                                                out / "memory_per_task.png")
+    eps, acc_finite = _curves(groups, "epsilon"), {}
+    eps = {k: v for k, v in eps.items() if np.isfinite(v).all() and k in acc}
+    if eps:
+        fig, ax = plt.subplots(figsize=(4.2, 2.8))
+        for label, e in eps.items():
+            ax.errorbar(e.mean(0), acc[label].mean(0), yerr=acc[label].std(0), marker="o", ms=3,
+                        capsize=2, label=label)
+        ax.set_xlabel("ε spent (worst individual)")
+        ax.set_ylabel("ACC after the task")
+        ax.set_title("privacy–utility, one point per task")
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False)
+        figures["privacy–utility"] = _save(fig, out / "privacy_utility.png")
+    flops = {label: runs for label, runs in groups.items()
+             if all("strategy_train_flops" in r.figures() for r in runs)}
+    if flops:
+        fig, ax = plt.subplots(figsize=(4.2, 2.8))
+        for label, runs in flops.items():
+            x = [r.figures()["strategy_train_flops"] for r in runs]
+            y = [r.summary["acc"] for r in runs]
+            ax.errorbar(np.mean(x), np.mean(y), xerr=np.std(x), yerr=np.std(y), marker="o", capsize=2,
+                        label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (counted, whole stream)")
+        ax.set_ylabel("final ACC")
+        ax.set_title("compute against accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(frameon=False)
+        figures["FLOPs against ACC"] = _save(fig, out / "flops_acc.png")
+    capacity = _curves(groups, "blip_capacity")
+    if capacity:
+        figures["BLIP capacity"] = _line_plot({k: 100 * v for k, v in capacity.items()},
+                                              "capacity used (%)", "BLIP: bits frozen over tasks",
+                                              out / "blip_capacity.png")
+    return figures
+
+
+def _bars(groups, path: Path) -> Path:
+    plt = _pyplot()
+    labels = list(groups)
+    fig, ax = plt.subplots(figsize=(max(3.5, 0.9 * len(labels) + 1.5), 2.8))
+    x, width = np.arange(len(labels)), 0.38
+    for k, (key, name) in enumerate((("forgetting", "forgetting"), ("bwt", "BWT"))):
+        stats = [mean_sd([r.summary[key] for r in groups[label]]) for label in labels]
+        ax.bar(x + (k - 0.5) * width, [m for m, _ in stats], width, yerr=[sd for _, sd in stats],
+               capsize=2, label=name)
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, rotation=20, ha="right")
+    ax.set_ylabel("points (mean ± sd over seeds)")
+    ax.set_title("forgetting and backward transfer")
+    ax.legend(frameon=False)
+    return _save(fig, path)
+
+
+def _figures_to_tensorboard(figures: dict[str, Path], log_dir: Path) -> None:
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(log_dir)) as w:
+        for name, path in figures.items():
+            with Image.open(path) as im:
+                w.add_image(f"report/{name}", np.asarray(im.convert("RGB")), 0, dataformats="HWC")
