@@ -55,11 +55,28 @@ def _load_yaml(path: str) -> dict:
 def listing() -> str:
     lines = ["scenarios:"]
     lines += [f"  {e.name:16s} {e.description}" for e in SCENARIOS.entries()]
-    lines += ["strategies:"]
-    lines += [f"  {e.name:16s} {e.description}" for e in STRATEGIES.entries()]
+    lines += ["strategies (settings; learners; under a privacy mechanism):"]
+    lines += [f"  {e.name:16s} {e.description}\n  {'':16s} [{'; '.join(capabilities(e.target))}]"
+              for e in STRATEGIES.entries()]
     lines += ["privacy mechanisms (--privacy):"]
     lines += [f"  {e.name:16s} {e.description}" for e in MECHANISMS.entries()]
     return "\n".join(lines)
+
+
+def capabilities(strategy) -> tuple[str, str, str]:
+    """What a strategy declares: its settings, its learners, and what a privacy ledger sees."""
+    access = strategy.data_access
+    privacy = "accounted" if access == "accounted" else f"ε = ∞ ({access.removeprefix('raw: ')})"
+    if strategy.privacy:
+        privacy = f"always under {strategy.privacy}, accounted"
+    return ", ".join(strategy.settings), ", ".join(strategy.learners), privacy
+
+
+def strategy_table() -> str:
+    """The README's table of strategies, generated from the registry (a test keeps it current)."""
+    rows = ["| strategy | settings | learners | under `--privacy` |", "|---|---|---|---|"]
+    rows += [f"| `{e.name}` | " + " | ".join(capabilities(e.target)) + " |" for e in STRATEGIES.entries()]
+    return "\n".join(rows)
 
 
 def parse(argv: list[str]) -> dict:

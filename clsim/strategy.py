@@ -31,6 +31,9 @@ from typing import Iterable
 
 import torch
 
+from clsim.errors import UserError
+from clsim.scenario import SETTINGS
+
 
 class Strategy:
     """Naive fine-tuning: trains on each task in turn and keeps nothing."""
@@ -41,6 +44,12 @@ class Strategy:
 
     #: a privacy mechanism this strategy always trains under (e.g. "dpsgd"), else None
     privacy: str | None = None
+    #: the settings and learners ("supervised", "rl") the method is defined for; setup refuses others
+    settings: tuple[str, ...] = SETTINGS
+    learners: tuple[str, ...] = ("supervised", "rl")
+    #: what a privacy mechanism's ledger sees: "accounted" (task data read only through the
+    #: mechanism) or "raw: <why>" (e.g. examples kept in a buffer: that task's ε = ∞)
+    data_access: str = "accounted"
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
@@ -53,6 +62,19 @@ class Strategy:
         access to task data that does not go through it (e.g. a raw replay buffer)."""
         self.learner, self.scenario = learner, scenario
         self.mechanism, self.ledger = mechanism, mechanism.ledger
+        self.check(scenario)
+
+    def check(self, scenario) -> None:
+        """Refuse a setting or learner the method is not defined for, in one line."""
+        from clsim.registry import STRATEGIES
+        name = next((e.name for e in STRATEGIES.entries() if e.target is type(self)), type(self).__name__)
+        if scenario.setting not in self.settings:
+            raise UserError(f"strategy {name} works in {' and '.join(self.settings)} only, not "
+                            f"{scenario.setting}; pass --setting {self.settings[0]} or pick another strategy")
+        kind = learner_kind(scenario)
+        if kind not in self.learners:
+            raise UserError(f"strategy {name} works with {' and '.join(self.learners)} learners only, and "
+                            f"scenario {scenario.name} is {kind}; pick another strategy or scenario")
 
     def before_task(self, task) -> None:
         pass
@@ -99,3 +121,8 @@ class Strategy:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def learner_kind(scenario) -> str:
+    """"rl" for scenarios of environments, "supervised" for scenarios of datasets."""
+    return "rl" if scenario.tasks and scenario.tasks[0].env is not None else "supervised"

@@ -12,6 +12,9 @@ from clsim.strategy import Strategy
 class Joint(Strategy):
     """Joint training on all tasks seen so far (the upper bound; keeps every example)."""
 
+    learners = ("supervised",)
+    data_access = "raw: keeps every example"
+
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
         self.seen = []

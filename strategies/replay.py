@@ -103,6 +103,8 @@ class Replay(Strategy):
     """Shared machinery of ER and DER++ (not registered: pick er or derpp)."""
 
     Options = ReplayOptions
+    learners = ("supervised",)
+    data_access = "raw: keeps examples in a buffer"
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)

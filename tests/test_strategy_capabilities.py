@@ -1,0 +1,23 @@
+"""Declared capabilities: the README's table is the registry's, and undeclared settings are refused."""
+import re
+from pathlib import Path
+
+import pytest
+
+from clsim import cli
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_strategy_table_is_generated_from_the_registry():
+    block = re.search(r"<!-- strategy-table:begin -->\n(.*?)\n<!-- strategy-table:end -->",
+                      README.read_text(), re.S).group(1)
+    assert block == cli.strategy_table(), \
+        "README's strategy table is stale: paste the output of python -c 'from clsim.cli import strategy_table; print(strategy_table())'"
+
+
+def test_list_shows_every_strategys_settings_learners_and_privacy(capsys):
+    assert cli.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "er " in out and "supervised; ε = ∞ (keeps examples in a buffer)]" in out
+    assert re.search(r"ewc .*\n\s+\[class_il, task_il, domain_il; supervised, rl; accounted\]", out)
