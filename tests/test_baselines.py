@@ -1,0 +1,156 @@
+"""The baselines' defining properties, each on a tiny model against a hand computation."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clsim.config import RunOptions
+from clsim.learners import Batch
+from clsim.learners.supervised import SupervisedLearner
+from clsim.models import MultiHeadNet
+from clsim.privacy.ledger import Ledger
+from clsim.privacy.mechanism import Mechanism
+from scenarios.split_digits import SplitDigitsOptions, split_digits
+
+
+def digits(setting="task_il", hidden=8, n_tasks=5, lr=0.05, momentum=0.0):
+    """A real split_digits scenario, learner and plain mechanism (seeded)."""
+    torch.manual_seed(0)
+    scenario = split_digits(SplitDigitsOptions(hidden=hidden, n_tasks=n_tasks), RunOptions(setting=setting))
+    learner = SupervisedLearner(scenario.make_model(), lr=lr, momentum=momentum, batch_size=32,
+                                device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    mechanism = Mechanism()
+    mechanism.setup(learner, scenario, Ledger())
+    return scenario, learner, mechanism
+
+
+def first_batch(learner, task, n=16):
+    x, y = task.train.x[:n], task.train.y[:n]
+    return Batch(x, y, torch.full((n,), task.index), torch.arange(n))
+
+
+class Scalar(nn.Module):
+    """A backbone of one weight w: features = w·x (x of one feature)."""
+
+    def __init__(self, w: float):
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([w]))
+        self.out_features = 1
+
+    def forward(self, x):
+        return self.w * x.reshape(len(x), 1)
+
+
+# ---------------------------------------------------------------- l2
+
+def test_l2_penalty_is_the_squared_distance_to_the_last_tasks_weights():
+    from strategies.l2 import L2
+    scenario, learner, mechanism = digits()
+    l2 = L2(L2.Options(l2_strength=3.0))
+    l2.setup(learner, scenario, mechanism)
+    assert l2.penalty() is None                          # nothing to protect before a task ends
+    l2.after_task(scenario.tasks[0])
+    assert l2.penalty().item() == 0.0
+    w = learner.model.backbone.body[1].weight
+    with torch.no_grad():
+        w[0, 0] += 0.5
+        w[1, 2] -= 0.25
+        learner.model.heads[1].weight[0, 0] += 9.0       # a task head is not anchored
+    assert l2.penalty().item() == pytest.approx(3.0 * (0.5 ** 2 + 0.25 ** 2))
+
+
+# ---------------------------------------------------------------- si
+
+def test_si_importance_on_a_quadratic_is_the_path_integral_over_the_squared_drift():
+    """Gradient descent on L(w) = ½a(w − b)², from w0 = 0 with a = 2, b = 1, lr = 0.1: w − b shrinks by
+    r = 1 − lr·a = 0.8 a step, so after 3 steps ω = Σ g·(lr·g) = lr·a²·(1 + r² + r⁴) = 0.81984,
+    the drift is w3 = 1 − 0.8³ = 0.488, and Ω = ω / (0.488² + ξ) with ξ = 1e-3."""
+    from strategies.si import SI
+    scenario, _, mechanism = digits(n_tasks=2)
+    learner = SupervisedLearner(MultiHeadNet(Scalar(0.0), [1, 1]), lr=0.1, momentum=0.0, batch_size=1,
+                                device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    mechanism.setup(learner, scenario, Ledger())
+    si = SI(SI.Options(si_c=0.5, si_xi=1e-3))
+    si.setup(learner, scenario, mechanism)
+    assert si.names == ["backbone.w"]
+    w = learner.model.backbone.w
+
+    def descend(b, steps):
+        optimizer = learner.make_optimizer()
+        for _ in range(steps):
+            optimizer.zero_grad()
+            mechanism.backward((0.5 * 2.0 * (w - b) ** 2).reshape(1), si.penalty())
+            si.after_backward()
+            optimizer.step()
+            si.after_step()
+
+    si.before_task(scenario.tasks[0])
+    descend(1.0, 3)
+    si.after_task(scenario.tasks[0])
+    assert float(w.detach()) == pytest.approx(0.488)
+    assert float(si.importance) == pytest.approx(0.81984 / (0.488 ** 2 + 1e-3), rel=1e-5)
+    # Task 2 pulls toward 0 while the penalty c·Ω(w − 0.488)² resists. ω counts only the task loss's
+    # gradient g = a·w; the step also takes the penalty's 2cΩ(w − 0.488), non-zero from step 2 on.
+    omega1 = float(si.importance)
+    si.before_task(scenario.tasks[1])
+    descend(0.0, 2)
+    w0, omega = 0.488, 0.0
+    for _ in range(2):
+        g = 2.0 * w0
+        step = -0.1 * (g + 2 * 0.5 * omega1 * (w0 - 0.488))
+        omega, w0 = omega - g * step, w0 + step
+    assert float(w.detach()) == pytest.approx(w0, rel=1e-5)
+    assert float(si.omega) == pytest.approx(omega, rel=1e-5)
+    si.after_task(scenario.tasks[1])
+    assert float(si.importance) == pytest.approx(omega1 + omega / ((w0 - 0.488) ** 2 + 1e-3), rel=1e-5)
+
+
+# ---------------------------------------------------------------- mas
+
+def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm():
+    from strategies.mas import MAS
+    scenario, learner, mechanism = digits(hidden=4)
+    task = scenario.tasks[0]
+    mas = MAS(MAS.Options(mas_lambda=2.0, mas_samples=10_000))   # every training example
+    mas.setup(learner, scenario, mechanism)
+    mas.after_task(task)
+    params = learner.shared_parameters()
+    reference = torch.zeros_like(mas.importance)
+    for x in task.train.x:
+        out = learner.model(x[None], task.index)
+        grads = torch.autograd.grad(out.square().sum(), [params[n] for n in mas.names])
+        reference += torch.cat([g.reshape(-1) for g in grads]).abs()
+    reference /= len(task.train)
+    torch.testing.assert_close(mas.importance, reference, rtol=1e-4, atol=1e-7)
+    assert mechanism.ledger.epsilon(task.dataset_id) == float("inf")   # a raw pass, recorded
+    w = learner.model.backbone.body[1].weight
+    with torch.no_grad():
+        w[0, 0] += 0.5
+    assert mas.penalty().item() == pytest.approx(2.0 * float(mas.importance[0]) * 0.25, rel=1e-5)
+
+
+# ---------------------------------------------------------------- lwf
+
+@pytest.mark.parametrize("setting", ["task_il", "class_il"])
+def test_lwf_term_is_zero_for_the_old_model_and_the_tempered_kl_after_a_change(setting):
+    from strategies.lwf import LwF
+    scenario, learner, mechanism = digits(setting)
+    lwf = LwF(LwF.Options(lwf_alpha=0.5, lwf_temperature=2.0))
+    lwf.setup(learner, scenario, mechanism)
+    lwf.after_task(scenario.tasks[0])
+    batch = first_batch(learner, scenario.tasks[1])
+    losses, outputs = learner.forward(batch)
+    assert torch.equal(lwf.loss(batch, losses, outputs), losses)   # the model equals its old copy
+    old = learner.model(batch.x, 0).detach()
+    with torch.no_grad():
+        learner.model.backbone.body[1].weight.mul_(1.5)
+    losses, outputs = learner.forward(batch)
+    new = learner.model(batch.x, 0)
+    if setting == "class_il":
+        old, new = old[:, [0, 1]], new[:, [0, 1]]   # the classes of task 0
+    p_old = F.softmax(old / 2.0, 1)
+    kl = (p_old * (p_old.log() - F.log_softmax(new / 2.0, 1))).sum(1)
+    torch.testing.assert_close(lwf.loss(batch, losses, outputs) - losses, 0.5 * kl)
+    assert float(kl.min()) > 0
