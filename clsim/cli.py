@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import yaml
 
-from clsim import checkpoint, config, engine
+from clsim import checkpoint, config, engine, protocol
 from clsim.errors import UserError
 from clsim.loggers import JsonlLogger, ProgressLogger, TensorBoardLogger, to_json
 from clsim.privacy.audit import AuditOptions, mia
@@ -100,6 +100,7 @@ def parse(argv: list[str]) -> dict:
     parser.add_argument("--list", action="store_true", help="list scenarios, strategies and mechanisms")
     taken: dict[str, str] = {}
     config.add_arguments(parser, config.RunOptions, "run options", taken)
+    config.add_arguments(parser, config.ProtocolOptions, "training protocol", taken)
     config.add_arguments(parser, AuditOptions, "privacy audit", taken)
     config.add_arguments(parser, scenario.options, f"scenario {scenario.name}", taken)
     config.add_arguments(parser, strategy.target.Options, f"strategy {strategy.name}", taken)
@@ -115,6 +116,7 @@ def parse(argv: list[str]) -> dict:
     args = vars(parser.parse_args(argv))
     return {"args": args, "scenario": scenario, "strategy": strategy, "mechanism": mechanism,
             "argv": _as_argv(args), "run": config.build(config.RunOptions, args),
+            "protocol": config.build(config.ProtocolOptions, args),
             "audit": config.build(AuditOptions, args),
             "scenario_options": config.build(scenario.options, args),
             "strategy_options": config.build(strategy.target.Options, args),
@@ -184,12 +186,16 @@ def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]
     scenario = sc_entry.target(resolved["scenario_options"], run)
     strategy = st_entry.target(resolved["strategy_options"])
     epochs = run.epochs or scenario.defaults.get("epochs", 1)
+    training = resolved["protocol"]
+    protocol.check(training, scenario, epochs)
+    protocol.carve_validation(scenario, training.val_fraction, run.seed)
     from clsim.learners.supervised import SupervisedLearner
     learner_cls = scenario.learner_cls or SupervisedLearner
     learner = learner_cls(scenario.make_model(), lr=run.lr or scenario.defaults.get("lr", 0.01),
                           momentum=run.momentum,
                           batch_size=run.batch_size or scenario.defaults.get("batch_size", 32),
-                          device=device, generator=generator, **scenario.learner_kwargs)
+                          device=device, generator=generator, optimizer=training.optimizer,
+                          **scenario.learner_kwargs)
     mechanism_entry, mech_opts = resolved["mechanism"], resolved["mechanism_options"]
     mechanism = mechanism_entry.target(mech_opts) if mechanism_entry else Mechanism()
     ledger = Ledger(**mechanism.ledger_options())
@@ -209,7 +215,7 @@ def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]
     try:
         hparams = {"scenario": sc_entry.name, "strategy": st_entry.name, "setting": scenario.setting,
                    "seed": run.seed, "epochs": epochs, "lr": learner.lr, "batch_size": learner.batch_size,
-                   "privacy": mechanism.name,
+                   "privacy": mechanism.name, **dataclasses.asdict(training),
                    **dataclasses.asdict(resolved["scenario_options"]),
                    **dataclasses.asdict(resolved["strategy_options"])}
         if mech_opts is not None:
@@ -222,7 +228,7 @@ def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]
                    JsonlLogger(partial / "log.jsonl", resume_step), ProgressLogger(None, run.progress)]
         save = (lambda s: checkpoint.save_atomic(s, partial / "checkpoint.pt")) if run.checkpoint else None
         result = engine.run(scenario, strategy, learner, mechanism, ledger, loggers, epochs,
-                            checkpoint=save, resume=state)
+                            checkpoint=save, resume=state, protocol=training)
         audit = resolved.get("audit")
         if audit is not None and audit.audit == "mia":
             result["audit"] = mia(learner, scenario, ledger, audit.audit_examples, run.seed)

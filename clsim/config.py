@@ -113,3 +113,23 @@ class RunOptions:
     device: str = opt("cpu", "torch device, e.g. cpu or cuda")
     progress: bool | None = opt(None, "show a progress bar (default: only when attached to a terminal)")
     checkpoint: bool = opt(True, "write a checkpoint at every task boundary")
+
+
+SCHEDULES = ("constant", "plateau", "cosine", "step")
+
+
+@dataclass
+class ProtocolOptions:
+    """How each task is trained: optimizer, learning-rate schedule, validation split (clsim/protocol.py)."""
+    optimizer: str = opt("sgd", "sgd (with --momentum) or adam (betas 0.9, 0.999)", choices=("sgd", "adam"))
+    lr_schedule: str = opt("constant", "per-epoch learning-rate schedule within each task: constant, "
+                           "plateau (divide on no validation improvement, stop at --lr-min, restore "
+                           "the best weights: HAT/BLIP), cosine or step (Mammoth)", choices=SCHEDULES)
+    lr_patience: int = opt(5, "plateau: epochs without validation improvement before the lr is divided", low=1)
+    lr_factor: float = opt(3.0, "plateau and step: divide the lr by this", low=1.0, low_open=True)
+    lr_min: float = opt(1e-4, "plateau: stop the task once the lr falls below this", low=0.0)
+    lr_milestones: str = opt("", "step: epochs (within each task) at which the lr is divided, e.g. 35,45")
+    warmup_epochs: int = opt(0, "cosine, step or constant: epochs of linear warm-up from lr/(w+1)", low=0)
+    val_fraction: float = opt(0.0, "hold out this share of each task's training set for validation "
+                              "(0: the plateau schedule validates on the training set, as BLIP's "
+                              "code does)", low=0.0, high=0.9)

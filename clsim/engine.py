@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 from clsim import metrics
+from clsim.config import ProtocolOptions
 from clsim.errors import UserError
+from clsim.protocol import TaskSchedule
 
 
 class Timer:
@@ -26,7 +28,7 @@ class Timer:
 
 
 def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
-        checkpoint=None, resume: dict | None = None) -> dict:
+        checkpoint=None, resume: dict | None = None, protocol: ProtocolOptions | None = None) -> dict:
     """Train on every task in order; evaluate on all tasks after each.
 
         mechanism.setup, strategy.setup; b = initial scores
@@ -40,9 +42,11 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
             R row = [learner.evaluate(t) for t in tasks]; loggers.task(record)
         returns the summary (matrix, ACC, BWT, FWT, forgetting, memory, wall time, privacy)
 
+    `protocol` (clsim/protocol.py) sets the per-epoch lr schedule and early stopping.
     `checkpoint(state)` is called after every task with everything needed to continue; passing
     that state back as `resume` continues the run exactly where it stopped.
     """
+    protocol = protocol or ProtocolOptions()
     mechanism.setup(learner, scenario, ledger)
     strategy.epochs = epochs   # schedules within a task (e.g. SparCL's mask updates) need it
     strategy.setup(learner, scenario, mechanism)
@@ -63,7 +67,9 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
     for task in scenario.tasks[len(R):]:
         t0 = time.perf_counter()
         strategy.before_task(task)
-        optimizer = mechanism.before_task(task, learner.make_optimizer())
+        own_optimizer = learner.make_optimizer()
+        schedule = TaskSchedule(protocol, own_optimizer, learner, task, epochs, ledger)
+        optimizer = mechanism.before_task(task, own_optimizer)
         learner.model.train()
         queued = None   # a GPU step's record, its tensor figures on their way to the host
         for epoch in range(epochs):
@@ -87,8 +93,11 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
                 if queued.event is None:   # figures already on the host (CPU): report at once
                     _report_step(emit, queued.wait())
                     queued = None
+            if schedule.end_epoch():
+                break
         if queued is not None:
             _report_step(emit, queued.wait())
+        schedule_figures = schedule.finish()
         t1 = timer.add("train", t0)
         strategy.after_task(task)
         mechanism.after_task(task)
@@ -107,7 +116,8 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
                       "bwt": metrics.bwt(R, i), "fwt": metrics.fwt(R, initial, i),
                       "forgetting": metrics.forgetting(R, i), "details": row_details,
                       "memory": memory(learner, strategy), "wall_time": dict(timer.totals),
-                      "strategy": strategy.task_metrics(), "privacy": ledger.report()})
+                      "strategy": strategy.task_metrics(), "schedule": schedule_figures,
+                      "privacy": ledger.report()})
     return {"accuracy_matrix": R, "initial_scores": initial, "score_details": details,
             **metrics.summary(R, initial),
             "memory": memory(learner, strategy),

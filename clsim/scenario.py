@@ -29,6 +29,7 @@ class Task:
     classes: tuple[int, ...] = ()
     train: TaskData | None = None
     test: TaskData | None = None
+    val: TaskData | None = None          # held out of train by --val-fraction (clsim/protocol.py)
     env: Any = None                       # RL: an env description the RL learner understands
     n_outputs: int = 0                    # outputs of this task's head in task_il
 

@@ -30,17 +30,22 @@ class Learner:
     privacy_unit = "example"
 
     def __init__(self, model: nn.Module, lr: float, momentum: float, batch_size: int,
-                 device: torch.device, generator: torch.Generator):
+                 device: torch.device, generator: torch.Generator, optimizer: str = "sgd"):
         self.model = model.to(device)
         self.lr, self.momentum, self.batch_size = lr, momentum, batch_size
+        self.optimizer_kind = optimizer
         self.device, self.generator = device, generator
 
     def make_optimizer(self) -> torch.optim.Optimizer:
+        if self.optimizer_kind == "adam":
+            return torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=(0.9, 0.999))
         return torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=self.momentum)
 
     def max_stable_curvature(self) -> float | None:
         """The largest curvature along one weight that the optimiser survives: SGD with
         heavy-ball momentum β diverges past 2(1+β)/lr; None for optimisers without such a bound."""
+        if self.optimizer_kind == "adam":
+            return None   # Adam rescales every step: no fixed bound
         return 2 * (1 + self.momentum) / self.lr
 
     def is_head(self, name: str) -> bool:

@@ -69,6 +69,17 @@ class SupervisedLearner(Learner):
         preds = self.predict(self.resident(task.test).x, task.index)
         return 100.0 * (preds == task.test.y).float().mean().item()
 
+    @torch.no_grad()
+    def mean_loss(self, task, data: TaskData) -> float:
+        """Mean cross-entropy of `task`'s head on `data`, in eval mode (a validation pass)."""
+        was_training = self.model.training
+        self.model.eval()
+        data = self.resident(data)
+        total = sum(F.cross_entropy(self.model(x, task.index), y, reduction="sum").item()
+                    for x, y in zip(data.x.split(self.eval_batch_size), data.y.split(self.eval_batch_size)))
+        self.model.train(was_training)
+        return total / len(data)
+
     def fisher_batches(self, task, n: int, empirical: bool) -> Iterator[tuple]:
         """Up to `n` training examples of `task` with targets sampled from the model's own
         predictive distribution (true Fisher) or the labels (empirical Fisher)."""

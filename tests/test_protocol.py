@@ -1,0 +1,140 @@
+"""Training protocols: the validation split, the HAT/BLIP plateau rule, cosine/step schedules, Adam,
+and the ledger's record of validation reads."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from clsim import cli
+from clsim.config import ProtocolOptions
+from clsim.privacy.ledger import Ledger
+from clsim.protocol import TaskSchedule
+from clsim.scenario import Task, TaskData
+
+
+def run(tmp_path, *args):
+    run_dir, summary = cli.execute(cli.parse([*args, "--out", str(tmp_path), "--checkpoint", "false"]))
+    tasks = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return summary, [r for r in tasks if r["kind"] == "task"]
+
+
+class ScriptedValidation:
+    """A real model whose validation losses follow a script, and whose weights mark the epoch."""
+
+    def __init__(self, losses):
+        self.model = torch.nn.Linear(1, 1)
+        self.losses = list(losses)
+
+    def mean_loss(self, task, data):
+        return self.losses.pop(0)
+
+
+def hat_rule(losses, lr, patience=5, factor=3.0, lr_min=1e-4):
+    """The HAT/BLIP `train` loop's rule, written out: lrs after each epoch, epochs run, best epoch."""
+    best, wait, lrs, best_epoch = float("inf"), patience, [], None
+    for e, loss in enumerate(losses):
+        if loss < best:
+            best, wait, best_epoch = loss, patience, e
+        else:
+            wait -= 1
+            if wait <= 0:
+                lr /= factor
+                if lr < lr_min:
+                    lrs.append(lr)
+                    return lrs, e + 1, best_epoch
+                wait = patience
+        lrs.append(lr)
+    return lrs, len(losses), best_epoch
+
+
+@pytest.mark.parametrize("losses", [
+    [1.0, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99, 0.85] + [0.9] * 40,   # improve, plateau, improve, stall
+    [1.0] + [2.0] * 60,                                             # never improves again: stops at the floor
+])
+def test_plateau_follows_the_hat_blip_rule_and_restores_the_best_weights(losses):
+    learner = ScriptedValidation(losses)
+    optimizer = torch.optim.SGD(learner.model.parameters(), lr=0.01)
+    task = Task(0, "t", train=TaskData(torch.zeros(4, 1), torch.zeros(4, dtype=torch.long)))
+    ledger = Ledger()
+    schedule = TaskSchedule(ProtocolOptions(lr_schedule="plateau"), optimizer, learner, task, 200, ledger)
+    lrs, states = [], []
+    for epoch in range(len(losses)):
+        with torch.no_grad():
+            learner.model.weight.fill_(epoch)   # the weights this epoch ended with
+        stop = schedule.end_epoch()
+        lrs.append(optimizer.param_groups[0]["lr"])
+        if stop:
+            break
+    expected_lrs, expected_epochs, best_epoch = hat_rule(losses, 0.01)
+    assert lrs == pytest.approx(expected_lrs) and len(lrs) == expected_epochs
+    figures = schedule.finish()
+    assert figures["epochs_run"] == expected_epochs
+    assert learner.model.weight.item() == best_epoch   # best weights restored
+    # validating read the task's (private) training data: a raw access in the ledger
+    assert ledger.report()["datasets"][task.dataset_id]["epsilon_infinite"]
+
+
+def test_cosine_and_step_schedules_with_warmup_per_epoch():
+    def trace(**kw):
+        model = torch.nn.Linear(1, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        schedule = TaskSchedule(ProtocolOptions(**kw), opt, None, None, 10, Ledger())
+        out = [opt.param_groups[0]["lr"]]
+        for _ in range(9):
+            opt.step()   # (no gradients: nothing moves) torch expects a step before each schedule step
+            schedule.end_epoch()
+            out.append(opt.param_groups[0]["lr"])
+        return out
+    cosine = trace(lr_schedule="cosine", warmup_epochs=2)
+    assert cosine[:3] == pytest.approx([0.1 / 3, 0.2 / 3, 0.1])
+    assert cosine[2:] == pytest.approx([0.05 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+    step = trace(lr_schedule="step", lr_milestones="4,7", lr_factor=10.0)
+    assert step == pytest.approx([0.1] * 4 + [0.01] * 3 + [0.001] * 3)
+
+
+def test_val_fraction_carves_a_seeded_disjoint_split_and_plateau_trains_on_the_rest(tmp_path):
+    from clsim.protocol import carve_validation
+    from clsim.registry import SCENARIOS
+    resolved = cli.parse(["--val-fraction", "0.2"])
+    full = SCENARIOS.get("split_digits").target(resolved["scenario_options"], resolved["run"])
+    carved = copy.deepcopy(full)
+    carve_validation(carved, 0.2, seed=0)
+    again = copy.deepcopy(full)
+    carve_validation(again, 0.2, seed=0)
+    for t_full, t, t2 in zip(full.tasks, carved.tasks, again.tasks):
+        n = len(t_full.train)
+        assert len(t.val) == round(0.2 * n) and len(t.train) + len(t.val) == n
+        rows = {tuple(r.flatten().tolist()) for r in t_full.train.x}
+        assert {tuple(r.flatten().tolist()) for r in torch.cat([t.train.x, t.val.x])} == rows
+        assert torch.equal(t.val.x, t2.val.x)                      # seeded
+    summary, tasks = run(tmp_path, "--lr-schedule", "plateau", "--val-fraction", "0.2", "--epochs", "40",
+                         "--lr-patience", "2", "--n-tasks", "2")
+    assert all(r["schedule"]["epochs_run"] <= 40 for r in tasks)
+    assert min(r["schedule"]["final_lr"] for r in tasks) < 0.05     # the lr was divided
+    assert all(r["row"][r["task"]] > 90 for r in tasks)
+
+
+def test_validation_under_dpsgd_is_a_raw_access_in_the_ledger(tmp_path):
+    summary, _ = run(tmp_path, "--strategy", "dpsgd", "--lr-schedule", "plateau", "--val-fraction", "0.2",
+                     "--epochs", "2", "--n-tasks", "2")
+    privacy = summary["privacy"]
+    for dataset in privacy["datasets"].values():
+        purposes = [a["purpose"] for a in dataset["accesses"]]
+        assert any(p.startswith("validation") for p in purposes)
+        assert dataset["epsilon_infinite"]
+    assert privacy["epsilon_worst"] is None
+
+
+def test_adam_and_bad_protocol_options(tmp_path, capsys):
+    resolved = cli.parse(["--optimizer", "adam"])
+    assert resolved["protocol"].optimizer == "adam"
+    summary, _ = run(tmp_path, "--optimizer", "adam", "--lr", "0.001", "--epochs", "1", "--n-tasks", "2")
+    assert summary["hparams"]["optimizer"] == "adam"
+    for bad in (["--lr-schedule", "step"], ["--lr-schedule", "step", "--lr-milestones", "5,x"],
+                ["--val-fraction", "0.95"], ["--lr-schedule", "cosine", "--warmup-epochs", "3", "--epochs", "3"]):
+        assert cli.main([*bad, "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+    assert not (tmp_path / "bad").exists()
