@@ -7,7 +7,7 @@ accuracy: split_cifar task_il (5 tasks x 2 classes, real CIFAR-10, a per-class s
           the engine's timers: noisy on a shared machine).
 cost:     CPU time of one CIFAR task: training with and without BLIP's clamp, and BLIP's Fisher +
           freeze step as a share of the task's training time.
-mnist:    split_mnist task_il with the paper's MNIST-5 protocol (MLP 784-1200-1200, SGD lr 0.01,
+mnist:    split_mnist task_il with the paper's MNIST-5 network and flags (MLP 784-1200, SGD lr 0.01,
           batch 64). Needs the MNIST IDX files under --data-root; skipped (and said so) without them.
 memory:   strategy state bytes after 5 and after 20 tasks: BLIP, EWC-separate, online EWC, on
           permuted digits (20 fixed pixel permutations of scikit-learn's 8x8 digits, defined here)
@@ -201,7 +201,7 @@ def main() -> None:
         cost(cifar_root(a.data_root), a.cifar_backbone, a.cifar_train_per_class, int(a.cifar_epochs))
     mnist = ("mnist" in parts or "memory" in parts) and have_mnist(a.data_root)
     if "mnist" in parts and mnist:
-        accuracy_table("split_mnist task_il, MNIST-5 protocol of BLIP (MLP 784-1200-1200, SGD lr 0.01, batch 64)",
+        accuracy_table("split_mnist task_il, BLIP's MNIST-5 network and flags (MLP 784-1200, SGD lr 0.01, batch 64)",
                        ["--scenario", "split_mnist", "--setting", "task_il", "--mnist-protocol", "blip",
                         "--data-root", a.data_root, "--epochs", a.mnist_epochs, "--seed", a.seed],
                        strategies, extra)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import yaml
 
-from clsim import checkpoint, config, engine, protocol
+from clsim import checkpoint, config, engine, presets, protocol
 from clsim.errors import UserError
 from clsim.loggers import JsonlLogger, ProgressLogger, TensorBoardLogger, to_json
 from clsim.privacy.audit import AuditOptions, mia
@@ -60,7 +60,7 @@ def listing() -> str:
               for e in STRATEGIES.entries()]
     lines += ["privacy mechanisms (--privacy):"]
     lines += [f"  {e.name:16s} {e.description}" for e in MECHANISMS.entries()]
-    return "\n".join(lines)
+    return "\n".join(lines + presets.listing())
 
 
 def capabilities(strategy) -> tuple[str, str, str]:
@@ -85,9 +85,12 @@ def parse(argv: list[str]) -> dict:
     pre.add_argument("--scenario")
     pre.add_argument("--strategy")
     pre.add_argument("--config")
+    pre.add_argument("--preset")
     pre.add_argument("--list", action="store_true")
     known, _ = pre.parse_known_args(argv)
-    yaml_values = _load_yaml(known.config) if known.config else {}
+    # a preset's options, then a config file's, then flags: each overrides the one before
+    yaml_values = {**(presets.get(known.preset).options if known.preset else {}),
+                   **(_load_yaml(known.config) if known.config else {})}
     scenario_name = known.scenario or yaml_values.get("scenario") or DEFAULT_SCENARIO
     strategy_name = known.strategy or yaml_values.get("strategy") or DEFAULT_STRATEGY
     scenario, strategy = SCENARIOS.get(scenario_name), STRATEGIES.get(strategy_name)
@@ -97,6 +100,7 @@ def parse(argv: list[str]) -> dict:
     parser.add_argument("--scenario", default=scenario_name, help=f"one of: {', '.join(SCENARIOS.names())}")
     parser.add_argument("--strategy", default=strategy_name, help=f"one of: {', '.join(STRATEGIES.names())}")
     parser.add_argument("--config", help="YAML file of option: value pairs (flags override it)")
+    parser.add_argument("--preset", help="a published protocol by name (see --list); --config and flags override it")
     parser.add_argument("--list", action="store_true", help="list scenarios, strategies and mechanisms")
     taken: dict[str, str] = {}
     config.add_arguments(parser, config.RunOptions, "run options", taken)
@@ -110,7 +114,8 @@ def parse(argv: list[str]) -> dict:
         config.add_arguments(parser, mechanism.options, f"privacy {mechanism.name}", taken)
     unknown = set(yaml_values) - {a.dest for a in parser._actions}
     if unknown:
-        raise UserError(f"unknown key(s) in {known.config}: {', '.join(sorted(unknown))}; "
+        where = " and ".join(w for w in (known.config, known.preset and f"preset {known.preset}") if w)
+        raise UserError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}; "
                         f"see --help for the options of this scenario and strategy")
     parser.set_defaults(**yaml_values)
     args = vars(parser.parse_args(argv))
@@ -128,7 +133,7 @@ def _as_argv(args: dict) -> list[str]:
     """The resolved options as flags (YAML folded in), so a resumed run rebuilds the same run."""
     out = []
     for key, value in args.items():
-        if value is not None and key not in ("config", "list"):
+        if value is not None and key not in ("config", "preset", "list"):
             out += [config.flag(key), str(value)]
     return out
 

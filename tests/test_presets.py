@@ -1,0 +1,65 @@
+"""Presets: shipped YAML protocols that resolve through the CLI's own validation, flags override them,
+and BLIP's preset builds the authors' network and schedule."""
+import json
+
+import pytest
+import torch
+
+from clsim import cli, presets
+from test_scenarios import digits_as_mnist
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    return digits_as_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+def test_every_preset_resolves_with_its_options_and_cites_its_source():
+    shipped = presets.all_presets()
+    assert {"blip-mnist5", "blip-pmnist", "avalanche-pmnist-ewc", "mammoth-seqcifar10-derpp500",
+            "sparcl-derpp-0.95"} <= set(shipped)
+    assert sum(name.startswith("vdv-splitmnist-") for name in shipped) == 12   # 3 settings x 4 methods
+    for name, preset in shipped.items():
+        assert preset.paper and preset.table and preset.source.startswith("http")
+        assert preset.published is None or 0 < preset.published <= 100
+        resolved = cli.parse(["--preset", name])          # the CLI's validation of every value
+        values = {**vars(resolved["run"]), **vars(resolved["protocol"]),
+                  **vars(resolved["scenario_options"]), **vars(resolved["strategy_options"])}
+        for key, value in preset.options.items():
+            if key in ("scenario", "strategy"):
+                assert resolved[key].name == value
+            else:
+                assert values[key] == value, (name, key)
+
+
+def test_flags_override_a_preset_and_list_shows_it(capsys):
+    resolved = cli.parse(["--preset", "blip-mnist5", "--epochs", "3", "--lr", "0.05"])
+    assert (resolved["run"].epochs, resolved["run"].lr, resolved["run"].batch_size) == (3, 0.05, 64)
+    assert resolved["protocol"].lr_schedule == "plateau" and resolved["strategy"].name == "blip"
+    assert "--preset" not in resolved["argv"] and "--lr-schedule" in resolved["argv"]   # folded in
+    assert cli.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    assert "blip-mnist5" in out and "Table 1, MNIST-5 column" in out and "van de Ven" in out
+    assert cli.main(["--preset", "blip-mnist5", "--strategy", "naive"]) == 2   # blip_* keys do not apply
+    assert "preset blip-mnist5" in capsys.readouterr().err
+
+
+def test_blip_preset_runs_the_authors_network_and_plateau_schedule(mnist_root, tmp_path):
+    resolved = cli.parse(["--preset", "blip-mnist5", "--data-root", str(mnist_root), "--train-per-class", "30",
+                          "--test-per-class", "20", "--epochs", "12", "--lr-patience", "2",
+                          "--out", str(tmp_path), "--checkpoint", "false"])
+    run_dir, summary = cli.execute(resolved)
+    assert not (run_dir / "checkpoint.pt").exists()   # the flag, not the preset's default
+    assert summary["setting"] == "task_il" and summary["hparams"]["lr_schedule"] == "plateau"
+    tasks = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    tasks = [r for r in tasks if r["kind"] == "task"]
+    assert all(1 <= r["schedule"]["epochs_run"] <= 12 for r in tasks)
+    assert all(r["row"][r["task"]] > 70 for r in tasks)       # every task learned (2-way heads)
+    # BLIP's network: one hidden layer of 1200, a 2-way head per task
+    scenario = resolved["scenario"].target(resolved["scenario_options"], resolved["run"])
+    net = scenario.make_model()
+    hidden = [m.out_features for m in net.backbone.body if isinstance(m, torch.nn.Linear)]
+    assert hidden == [1200] and [h.out_features for h in net.heads] == [2] * 5
+    # validation on the training set is recorded as a read of each task's data
+    for dataset in summary["privacy"]["datasets"].values():
+        assert any(a["purpose"].startswith("validation") for a in dataset["accesses"])
