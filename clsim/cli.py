@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import random
-import shutil
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import yaml
 
-from clsim import checkpoint, config, engine, presets, protocol
+from clsim import config, engine, presets, protocol, rundir
 from clsim.errors import UserError
 from clsim.loggers import JsonlLogger, ProgressLogger, TensorBoardLogger, to_json
 from clsim.privacy.audit import AuditOptions, mia
@@ -27,29 +27,65 @@ from clsim.registry import MECHANISMS, SCENARIOS, STRATEGIES
 DEFAULT_SCENARIO, DEFAULT_STRATEGY = "split_digits", "naive"
 
 
-class Interrupted(Exception):
-    """The user stopped a run that has a checkpoint: it can be resumed."""
+class _StoreOnce(argparse.Action):
+    """argparse's store, refusing an empty value and an option given twice with different values
+    (argparse would keep the last silently while --privacy's first picked the options)."""
 
-    def __init__(self, partial: Path):
-        self.partial = partial
+    def __call__(self, parser, namespace, values, option_string=None):
+        if isinstance(values, str) and not values.strip():
+            parser.error(f"{option_string} is empty; give it a value or leave it out")
+        seen = getattr(self, "seen", None)
+        if seen is not None and seen != values:
+            parser.error(f"{option_string} is given twice ({seen} and {values}); give it once")
+        self.seen = values
+        setattr(namespace, self.dest, values)
 
 
 class _Parser(argparse.ArgumentParser):
+    """No abbreviations (`--priv` must not mean --privacy), one value per option, one-line errors."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
     def error(self, message):
         raise UserError(f"{message} (see --help)")
 
 
 def _load_yaml(path: str) -> dict:
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
     except OSError as exc:
         raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; write option: value lines") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML ({type(exc).__name__})") from None
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of option names to values")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+_YAML_TYPES = {int: "an integer", float: "a number", str: "a non-empty string", bool: "true or false"}
+
+
+def _check_yaml_types(path: str, values: dict, parser: argparse.ArgumentParser) -> None:
+    """Every YAML value has its option's type (bools are not numbers, 1.5 is not an integer)."""
+    kinds = {a.dest: bool if a.type is config.parse_bool or isinstance(a.const, bool) else (a.type or str)
+             for a in parser._actions}
+    for key, value in values.items():
+        kind = kinds[key]
+        ok = (isinstance(value, bool) if kind is bool else
+              isinstance(value, int) and not isinstance(value, bool) if kind is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+              isinstance(value, str) and value.strip() != "")
+        if not ok:
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise UserError(f"{key.replace('_', '-')} in {path} must be {_YAML_TYPES[kind]}, got {shown}")
 
 
 def listing() -> str:
@@ -91,6 +127,10 @@ def parse(argv: list[str]) -> dict:
     # a preset's options, then a config file's, then flags: each overrides the one before
     yaml_values = {**(presets.get(known.preset).options if known.preset else {}),
                    **(_load_yaml(known.config) if known.config else {})}
+    where = " and ".join(w for w in (known.config, known.preset and f"preset {known.preset}") if w)
+    for key in ("scenario", "strategy", "privacy"):
+        if key in yaml_values and not (isinstance(yaml_values[key], str) and yaml_values[key].strip()):
+            raise UserError(f"{key} in {where} must be a non-empty string, got {yaml_values[key]!r}")
     scenario_name = known.scenario or yaml_values.get("scenario") or DEFAULT_SCENARIO
     strategy_name = known.strategy or yaml_values.get("strategy") or DEFAULT_STRATEGY
     scenario, strategy = SCENARIOS.get(scenario_name), STRATEGIES.get(strategy_name)
@@ -114,11 +154,14 @@ def parse(argv: list[str]) -> dict:
         config.add_arguments(parser, mechanism.options, f"privacy {mechanism.name}", taken)
     unknown = set(yaml_values) - {a.dest for a in parser._actions}
     if unknown:
-        where = " and ".join(w for w in (known.config, known.preset and f"preset {known.preset}") if w)
         raise UserError(f"unknown key(s) in {where}: {', '.join(sorted(unknown))}; "
                         f"see --help for the options of this scenario and strategy")
+    _check_yaml_types(where, yaml_values, parser)
     parser.set_defaults(**yaml_values)
     args = vars(parser.parse_args(argv))
+    if mechanism is not None and args.get("noise_multiplier") == 0:
+        print(f"warning: --noise-multiplier 0 adds no noise: this {mechanism.name} run has no privacy "
+              f"(ε = ∞); give a positive --noise-multiplier or --epsilon", file=sys.stderr)
     return {"args": args, "scenario": scenario, "strategy": strategy, "mechanism": mechanism,
             "argv": _as_argv(args), "run": config.build(config.RunOptions, args),
             "protocol": config.build(config.ProtocolOptions, args),
@@ -173,20 +216,13 @@ def torch_device(name: str) -> torch.device:
     return device
 
 
-def run_dir_for(out: str, name: str) -> Path:
-    base = Path(out) / name
-    candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    return candidate
-
-
 def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]:
-    """Build everything, then run; the run directory appears only when the run succeeds.
-    With `resume_dir` (an interrupted run's hidden .partial directory) continue that run."""
+    """Build everything, then run in a run directory that appears under its name only when the run
+    succeeds. With `resume_dir` (an interrupted run's hidden .partial directory) continue that run."""
     run, sc_entry, st_entry = resolved["run"], resolved["scenario"], resolved["strategy"]
     device = torch_device(run.device)
+    if resume_dir is None:
+        rundir.check_out(run.out)   # refuse a bad --out before any work
     generator = seed_everything(run.seed, device)
     scenario = sc_entry.target(resolved["scenario_options"], run)
     strategy = st_entry.target(resolved["strategy_options"])
@@ -207,17 +243,14 @@ def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]
     mechanism.check(learner, scenario, epochs)
 
     if resume_dir is None:
-        final = run_dir_for(run.out, f"{sc_entry.name}-{st_entry.name}-seed{run.seed}")
-        partial = final.with_name("." + final.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-        state = None
+        directory = rundir.RunDirectory.claim(
+            run.out, f"{sc_entry.name}-{st_entry.name}-{scenario.setting}-seed{run.seed}")
     else:
-        partial = resume_dir
-        final = run_dir_for(str(partial.parent), partial.name[1:-len(".partial")])
-        state = checkpoint.load(partial / "checkpoint.pt")
-    resume_step = None if state is None else state["step"]
-    try:
+        directory = rundir.RunDirectory.reopen(resume_dir)
+    with directory.guard():
+        state = directory.load_checkpoint() if directory.resumed else None
+        resume_step = None if state is None else state["step"]
+        partial = directory.path
         hparams = {"scenario": sc_entry.name, "strategy": st_entry.name, "setting": scenario.setting,
                    "seed": run.seed, "epochs": epochs, "lr": learner.lr, "batch_size": learner.batch_size,
                    "privacy": mechanism.name, **dataclasses.asdict(training),
@@ -226,14 +259,16 @@ def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]
         if mech_opts is not None:
             hparams.update(dataclasses.asdict(mech_opts))
         if state is None:
-            (partial / "config.json").write_text(json.dumps(to_json({
+            directory.write_config(to_json({
                 **hparams, "argv": resolved["argv"], "run": dataclasses.asdict(run), "versions": versions(),
-                "scenario_info": scenario.info}), indent=2))
+                "scenario_info": scenario.info}))
+        planned = [epochs * learner.privacy_plan(t).releases_per_epoch for t in scenario.tasks]
         loggers = [TensorBoardLogger(partial / "tb", hparams, resume_step, scenario.score_scale),
-                   JsonlLogger(partial / "log.jsonl", resume_step), ProgressLogger(None, run.progress)]
-        save = (lambda s: checkpoint.save_atomic(s, partial / "checkpoint.pt")) if run.checkpoint else None
+                   JsonlLogger(partial / rundir.LOG, resume_step),
+                   ProgressLogger(planned, run.progress, resume_step)]
         result = engine.run(scenario, strategy, learner, mechanism, ledger, loggers, epochs,
-                            checkpoint=save, resume=state, protocol=training)
+                            checkpoint=lambda s: directory.task_finished(s if run.checkpoint else None),
+                            resume=state, protocol=training)
         audit = resolved.get("audit")
         if audit is not None and audit.audit == "mia":
             result["audit"] = mia(learner, scenario, ledger, audit.audit_examples, run.seed)
@@ -242,16 +277,7 @@ def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]
                    "scenario_info": scenario.info, **result}
         for logger in loggers:
             logger.close(summary)
-        (partial / "summary.json").write_text(json.dumps(to_json(summary), indent=2))
-    except KeyboardInterrupt:
-        if not (partial / "checkpoint.pt").is_file():
-            shutil.rmtree(partial, ignore_errors=True)
-            raise
-        raise Interrupted(partial) from None
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    os.replace(partial, final)
+        final = directory.finish(to_json(summary))
     return final, summary
 
 
@@ -261,14 +287,12 @@ def resume(argv: list[str]) -> tuple[Path, dict]:
         raise UserError("--resume takes exactly one argument, the interrupted run's .partial directory, "
                         "and no other options")
     partial = Path(argv[0])
-    if not (partial.name.startswith(".") and partial.name.endswith(".partial")):
-        raise UserError(f"{partial} is not an interrupted run: pass the hidden .<name>.partial directory "
-                        f"that the interruption message named")
+    saved = rundir.RunDirectory.reopen(partial)
     try:
-        saved = json.loads((partial / "config.json").read_text())["argv"]
-    except (OSError, ValueError, KeyError):
-        raise UserError(f"{partial} holds no readable config.json; start the run again") from None
-    return execute(parse(saved), resume_dir=partial)
+        argv = saved.saved_argv()
+    finally:
+        saved.close()   # execute takes the directory over again, after building everything
+    return execute(parse(argv), resume_dir=partial)
 
 
 def versions() -> dict:
@@ -288,9 +312,19 @@ def _warn_in_one_line(message, category, filename, lineno, file=None, line=None)
     print(f"warning: {message}", file=sys.stderr)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: a run with a checkpoint stays resumable."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.showwarning = _warn_in_one_line   # users read the message, not our source lines
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         if "--list" in argv:
             print(listing())
@@ -302,12 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except Interrupted as exc:
-        print(f"interrupted; continue with: python run_scenario.py --resume {exc.partial}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
+    except rundir.Interrupted as exc:
+        print(f"interrupted; continue with: {rundir.RESUME} {exc.partial}", file=sys.stderr)
+        return 143 if isinstance(exc.__context__, _Terminated) else 130
+    except KeyboardInterrupt as exc:
         print("interrupted; no run directory written", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, _Terminated) else 130
     print(f"ACC {summary['acc']:.2f}  BWT {summary['bwt']:.2f}  FWT {summary['fwt']:.2f}  "
           f"forgetting {summary['forgetting']:.2f}")
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")

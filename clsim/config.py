@@ -63,7 +63,9 @@ def add_arguments(parser, options_cls, group_title: str, taken: dict[str, str]) 
         taken[f.name] = group_title
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = _scalar_type(hints[f.name])
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f.metadata.get("help", "")
+        if "(default:" not in help_text:   # a help that names its own default knows it better than None
+            help_text += f" (default: {default})"
         if kind is bool:
             group.add_argument(flag(f.name), dest=f.name, default=None, type=parse_bool,
                                metavar="BOOL", help=help_text)
@@ -104,7 +106,7 @@ class RunOptions:
     lr: float | None = opt(None, "learning rate (default: the scenario's)", low=0.0, low_open=True)
     batch_size: int | None = opt(None, "mini-batch size (default: the scenario's)", low=1)
     momentum: float = opt(0.0, "SGD momentum", low=0.0, high=0.999)
-    seed: int = opt(0, "one seed for everything: data order, initialisation, sampling", low=0)
+    seed: int = opt(0, "one seed for everything: data order, initialisation, sampling", low=0, high=2**32 - 1)
     setting: str | None = opt(None, "class_il, task_il or domain_il (default: the scenario's)",
                        choices=("class_il", "task_il", "domain_il"))
     data_root: str = opt("data", "directory holding the datasets (cifar-10-batches-py/, MNIST IDX files)")

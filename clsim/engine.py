@@ -107,10 +107,6 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
         for name, row in row_details.items():
             details[name]["matrix"].append(row)
         timer.add("eval", t2)
-        if checkpoint is not None:
-            checkpoint(snapshot(learner, strategy, ledger, initial=initial, details=details, R=R, step=step,
-                                examples=examples, elapsed=time.perf_counter() - start,
-                                wall_time=dict(timer.totals)))
         i = task.index
         emit("task", {"task": i, "step": step, "row": R[-1], "acc": metrics.acc(R, i),
                       "bwt": metrics.bwt(R, i), "fwt": metrics.fwt(R, initial, i),
@@ -118,6 +114,10 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
                       "memory": memory(learner, strategy), "wall_time": dict(timer.totals),
                       "strategy": strategy.task_metrics(), "schedule": schedule_figures,
                       "privacy": ledger.report()})
+        if checkpoint is not None:   # after the task's record: a checkpoint never runs ahead of the log
+            checkpoint(snapshot(learner, strategy, ledger, initial=initial, details=details, R=R, step=step,
+                                examples=examples, elapsed=time.perf_counter() - start,
+                                wall_time=dict(timer.totals)))
     return {"accuracy_matrix": R, "initial_scores": initial, "score_details": details,
             **metrics.summary(R, initial),
             "memory": memory(learner, strategy),
@@ -159,10 +159,13 @@ def _report_step(emit, record: dict) -> None:
 
 
 def snapshot(learner, strategy, ledger, **progress) -> dict:
-    """The state a run continues from: progress figures, model, strategy, ledger and every RNG."""
+    """The state a run continues from: progress figures, model, strategy, ledger and every RNG,
+    as tensors and plain data only (a resume loads it with torch.load(weights_only=True))."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     return {**progress, "model": learner.model.state_dict(), "strategy": strategy.state_dict(),
             "ledger": ledger.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "rng": {"torch": torch.get_rng_state(),
+                    "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
                     "python": random.getstate(), "learner": learner.generator.get_state()}}
 
 
@@ -172,7 +175,8 @@ def restore(state: dict, learner, strategy, ledger) -> None:
     ledger.load_state_dict(state["ledger"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(rng["python"])
     learner.generator.set_state(rng["learner"])
 

@@ -35,23 +35,27 @@ def to_json(value):
 
 
 class JsonlLogger:
-    def __init__(self, path, resume_step: int | None = None):
-        kept = []
-        if resume_step is not None:  # drop what an interrupted run logged after its checkpoint
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= resume_step]
-        self.file = open(path, "w")
-        self.file.writelines(kept)
+    """One JSON line per record, flushed at every task record (the run directory's checkpoint,
+    written after it, records how much of the file it covers). A resumed run appends to the log
+    its run directory has cut back to the checkpoint."""
 
-    def _write(self, kind, record):
-        self.file.write(json.dumps({"kind": kind, **to_json(record)}) + "\n")
+    def __init__(self, path, resume_step: int | None = None):
+        self.path = path
+        self.file = open(path, "w" if resume_step is None else "a")
+
+    def _write(self, kind, record, flush=False):
+        try:
+            self.file.write(json.dumps({"kind": kind, **to_json(record)}) + "\n")
+            if flush:
+                self.file.flush()
+        except OSError as exc:   # name the file: a full disk is reported with its path
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def step(self, record):
         self._write("step", record)
 
     def task(self, record):
-        self._write("task", record)
-        self.file.flush()
+        self._write("task", record, flush=True)
 
     def close(self, summary):
         self.file.close()
@@ -123,12 +127,17 @@ class TensorBoardLogger:
 
 class ProgressLogger:
     """A progress bar on a terminal and one line per finished task. `enabled` None: the bar only
-    when stderr is a terminal (quiet in CI), task lines always; False: nothing at all."""
+    when stderr is a terminal (quiet in CI), task lines always; False: nothing at all.
+    `planned`: the expected steps of each task (the learner's plan); the bar's total is their sum,
+    rescaled after every task by the steps it really took (a strategy such as joint takes more),
+    so tqdm's time left stays honest."""
 
-    def __init__(self, total_steps: int | None, enabled: bool | None = None):
+    def __init__(self, planned: list[int] | None, enabled: bool | None = None, resume_step: int | None = None):
         from tqdm import tqdm
         self.silent = enabled is False
-        self.bar = tqdm(total=total_steps, disable=not (enabled or (enabled is None and sys.stderr.isatty())),
+        self.planned = list(planned or [])
+        self.bar = tqdm(total=sum(self.planned) or None, initial=resume_step or 0,
+                        disable=not (enabled or (enabled is None and sys.stderr.isatty())),
                         unit="step", dynamic_ncols=True)
 
     def step(self, record):
@@ -137,6 +146,11 @@ class ProgressLogger:
             self.bar.set_postfix(task=record["task"], loss=f"{record['loss']:.3f}", refresh=False)
 
     def task(self, record):
+        done = record["task"] + 1
+        if self.planned and done < len(self.planned):
+            ratio = record["step"] / max(1, sum(self.planned[:done]))
+            self.bar.total = record["step"] + round(ratio * sum(self.planned[done:]))
+            self.bar.refresh()
         if not self.silent:
             self.bar.write(f"task {record['task']}: ACC {record['acc']:.2f}  BWT {record['bwt']:.2f}  "
                            f"row {' '.join(f'{x:.1f}' for x in record['row'])}")

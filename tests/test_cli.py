@@ -179,7 +179,7 @@ def test_interrupted_run_resumes_to_the_same_figures(tmp_path, strategy):
     proc = subprocess.Popen([sys.executable, str(REPO / "run_scenario.py"), "--out", str(out), *args],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    partial = out / f".split_digits-{strategy}-seed5.partial"
+    partial = out / f".split_digits-{strategy}-task_il-seed5.partial"
     while proc.poll() is None and not (partial / "checkpoint.pt").exists():
         time.sleep(0.02)
     proc.send_signal(signal.SIGINT)

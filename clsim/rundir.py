@@ -1,0 +1,258 @@
+"""A run's directory from claim to final name: one owner, nothing half-written, nothing lost.
+
+    claim(out, name)   creates the hidden `.<name>.partial` atomically (os.mkdir) under a name that
+                       no finished or interrupted run holds (`<name>-2`, ... otherwise: a second run
+                       of the same setting, or a concurrent one, gets its own) and holds an flock on
+                       it while the process lives; a killed run's lock dies with it
+    reopen(partial)    --resume: takes over an interrupted run's directory (refused while its
+                       process still runs) and cuts log.jsonl back to what its checkpoint recorded
+    write_config/save_checkpoint/finish   every file is written to a temporary name and renamed,
+                       so a reader (or a resume) never sees half of one; finish writes summary.json
+                       and renames the directory to its final name
+    guard()            on any failure keeps the directory once a task has finished (hidden,
+                       resumable when it holds a checkpoint) and says where it is; a full disk or a
+                       file-size limit becomes one line naming the file
+
+The log and the checkpoint agree: the engine hands the task's record to the loggers (JsonlLogger
+flushes at every task record) before it asks for the checkpoint, and the checkpoint records how
+many bytes of log.jsonl it covers; a resume truncates the log there, dropping whatever the
+interrupted run wrote later, a torn last line included.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import io
+import itertools
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from clsim.errors import UserError
+
+CHECKPOINT, CONFIG, LOG, SUMMARY = "checkpoint.pt", "config.json", "log.jsonl", "summary.json"
+RESUME = "python run_scenario.py --resume"
+
+_RAN_OUT = {errno.ENOSPC: "the disk is full (ENOSPC)", errno.EDQUOT: "the disk quota is used up (EDQUOT)",
+            errno.EFBIG: "the file-size limit was reached (EFBIG)"}
+
+
+class Interrupted(Exception):
+    """The user stopped (Ctrl-C, SIGTERM) a run that has a checkpoint: it can be resumed."""
+
+    def __init__(self, partial: Path):
+        self.partial = partial
+
+
+class OutOfSpace(UserError):
+    """A write failed for want of space or of file size: the run can continue once there is room."""
+
+
+def out_of_space(exc: OSError, path) -> OutOfSpace | None:
+    """The one-line error for an OSError that means 'no room' (naming the file), else None."""
+    if exc.errno not in _RAN_OUT:
+        return None
+    return OutOfSpace(f"{_RAN_OUT[exc.errno]} while writing {exc.filename or path}")
+
+
+def check_out(out: str) -> Path:
+    """Create --out if needed; refuse one that is not a writable directory (before any work)."""
+    root = Path(out)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"--out {out} is not a directory; pass a directory for the run directories") from None
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create it ({exc.strerror}); pass a writable directory") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(root) else "permission denied"
+        raise UserError(f"--out {out} is not writable ({reason}); pass a writable directory")
+    return root
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+
+
+def _lock(path: Path) -> int | None:
+    """An exclusive flock on the directory `path`; None when another process holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise out_of_space(exc, path) or exc
+
+
+class RunDirectory:
+    def __init__(self, root: Path, final_name: str, fd: int, resumed: bool):
+        self.root, self.final_name, self._fd, self.resumed = root, final_name, fd, resumed
+        self.path = root / f".{final_name}.partial"
+        self.tasks_done = 0
+
+    @classmethod
+    def claim(cls, out: str, name: str) -> RunDirectory:
+        root = check_out(out)
+        for n in itertools.count(1):
+            final = name if n == 1 else f"{name}-{n}"
+            partial = root / f".{final}.partial"
+            if (root / final).exists():
+                continue
+            try:
+                os.mkdir(partial)
+            except FileExistsError:
+                _note_interrupted(partial)
+                continue
+            except OSError as exc:
+                raise UserError(f"--out {out}: cannot create a run directory there ({exc.strerror})") from None
+            fd = _lock(partial)
+            if fd is None:   # cannot happen for a directory we just made, unless someone races us
+                continue
+            return cls(root, final, fd, resumed=False)
+
+    @classmethod
+    def reopen(cls, partial: Path) -> RunDirectory:
+        if not (partial.name.startswith(".") and partial.name.endswith(".partial")) or not partial.is_dir():
+            raise UserError(f"{partial} is not an interrupted run: pass the hidden .<name>.partial directory "
+                            f"that the interruption message named")
+        fd = _lock(partial)
+        if fd is None or not partial.is_dir():   # locked, or renamed by its finishing owner meanwhile
+            raise UserError(f"{partial} is in use by another running clsim process; wait for it to end")
+        return cls(partial.parent, partial.name[1:-len(".partial")], fd, resumed=True)
+
+    # --- files ------------------------------------------------------------------------------
+    def saved_argv(self) -> list[str]:
+        try:
+            return json.loads((self.path / CONFIG).read_text())["argv"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise UserError(f"{self.path} holds no readable {CONFIG}; start the run again") from None
+
+    def write_config(self, config: dict) -> None:
+        _write_atomic(self.path / CONFIG, json.dumps(config, indent=2).encode())
+
+    def task_finished(self, state: dict | None) -> None:
+        """The engine's checkpoint callback: after every task, with the state to continue from
+        (None when --checkpoint false: the task still counts for keeping the directory)."""
+        self.tasks_done += 1
+        if state is None:
+            return
+        log = self.path / LOG
+        with open(log, "rb") as f:   # the task's record is flushed; make it durable before the checkpoint
+            os.fsync(f.fileno())
+        buffer = io.BytesIO()
+        torch.save({**state, "log_bytes": log.stat().st_size}, buffer)
+        _write_atomic(self.path / CHECKPOINT, buffer.getbuffer())
+
+    def load_checkpoint(self) -> dict:
+        """The checkpoint to resume from; log.jsonl is cut back to the records it covers."""
+        state = _load(self.path / CHECKPOINT)
+        log = self.path / LOG
+        size = log.stat().st_size if log.is_file() else -1
+        if not isinstance(state.get("log_bytes"), int) or size < state["log_bytes"]:
+            raise UserError(f"{log} is shorter than its checkpoint records (it was changed or lost); "
+                            f"start the run again")
+        try:
+            os.truncate(log, state.pop("log_bytes"))
+        except OSError as exc:
+            raise UserError(f"cannot cut {log} back to the checkpoint ({exc.strerror})") from None
+        return state
+
+    def finish(self, summary: dict) -> Path:
+        """Write summary.json and give the directory its final name (the next free one)."""
+        _write_atomic(self.path / SUMMARY, json.dumps(summary, indent=2).encode())
+        for n in itertools.count(1):
+            final = self.root / (self.final_name if n == 1 else f"{self.final_name}-{n}")
+            if final.exists():
+                continue
+            try:
+                os.rename(self.path, final)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    continue
+                raise
+            self.close()
+            return final
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    # --- failure ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def guard(self):
+        """Run the body; on failure keep what is worth keeping and say where it is."""
+        try:
+            yield self
+        except BaseException as exc:
+            kept = self.resumed or self.tasks_done > 0
+            resumable = kept and (self.path / CHECKPOINT).is_file()
+            self.close()
+            if not kept:
+                shutil.rmtree(self.path, ignore_errors=True)
+            if isinstance(exc, OSError) and out_of_space(exc, self.path) is not None:
+                exc = out_of_space(exc, self.path)
+            if isinstance(exc, KeyboardInterrupt):
+                if resumable:
+                    raise Interrupted(self.path) from None
+                raise
+            if not kept:
+                raise exc
+            where = (f"the run so far is kept in {self.path}" if resumable else
+                     f"its logs are kept in {self.path} (no checkpoint to resume from)")
+            if isinstance(exc, OutOfSpace) and resumable:
+                raise OutOfSpace(f"{exc}; {where}: make room, then continue with: {RESUME} {self.path}") from None
+            if isinstance(exc, UserError):
+                raise type(exc)(f"{exc}; {where}") from None
+            print(f"error: {where}", file=sys.stderr)
+            raise
+
+
+def _load(path: Path) -> dict:
+    """torch.load with weights_only=True: a checkpoint holds tensors and plain data only, so a
+    hostile file cannot run code (the engine stores RNG states as tensors for this)."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}: the run stopped before its first task ended; "
+                        f"start it again") from None
+    except Exception as exc:   # pickle refused a type, or the file is not a checkpoint at all
+        raise UserError(f"{path} is not a clsim checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'}); "
+                        f"start the run again") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a clsim checkpoint (it holds a {type(state).__name__}, not a dict); "
+                        f"start the run again")
+    return state
+
+
+def _note_interrupted(partial: Path) -> None:
+    """A run re-started without --resume: say where the interrupted one is kept (if it is not running)."""
+    try:
+        fd = _lock(partial)
+    except OSError:
+        return
+    if fd is not None:
+        os.close(fd)
+        if (partial / CHECKPOINT).is_file():
+            print(f"warning: an interrupted run of this setting is kept in {partial}; "
+                  f"continue it with: {RESUME} {partial}", file=sys.stderr)
