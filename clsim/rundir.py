@@ -222,6 +222,8 @@ class RunDirectory:
             if isinstance(exc, OutOfSpace) and resumable:
                 raise OutOfSpace(f"{exc}; {where}: make room, then continue with: {RESUME} {self.path}") from None
             if isinstance(exc, UserError):
+                if self.resumed and self.tasks_done == 0:   # e.g. a refused checkpoint: nothing ran
+                    raise exc
                 raise type(exc)(f"{exc}; {where}") from None
             print(f"error: {where}", file=sys.stderr)
             raise
