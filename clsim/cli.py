@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _warn_in_one_line   # users read the message, not our source lines
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
+    threading.excepthook = rundir.quiet_thread_errors
     try:
         if "--list" in argv:
             print(listing())

@@ -27,8 +27,10 @@ import io
 import itertools
 import json
 import os
+import resource
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -53,11 +55,27 @@ class OutOfSpace(UserError):
     """A write failed for want of space or of file size: the run can continue once there is room."""
 
 
-def out_of_space(exc: OSError, path) -> OutOfSpace | None:
-    """The one-line error for an OSError that means 'no room' (naming the file), else None."""
+def out_of_space(exc: OSError, path: Path) -> OutOfSpace | None:
+    """The one-line error for an OSError that means 'no room' (naming the file), else None.
+    `path`: the file being written, or the run directory when the error does not say (TensorBoard's
+    writer thread): then the file that reached the size limit is looked up there."""
     if exc.errno not in _RAN_OUT:
         return None
-    return OutOfSpace(f"{_RAN_OUT[exc.errno]} while writing {exc.filename or path}")
+    return OutOfSpace(f"{_RAN_OUT[exc.errno]} while writing {exc.filename or _at_limit(path) or path}")
+
+
+def _at_limit(path: Path) -> Path | None:
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY or not path.is_dir():
+        return None
+    return next((p for p in sorted(path.rglob("*")) if p.is_file() and p.stat().st_size >= limit), None)
+
+
+def quiet_thread_errors(args) -> None:
+    """threading.excepthook: a writer thread (TensorBoard's) that ran out of room stays quiet; the
+    main thread meets the same error at its next write and reports it in one line."""
+    if not (isinstance(args.exc_value, OSError) and args.exc_value.errno in _RAN_OUT):
+        threading.__excepthook__(args)
 
 
 def check_out(out: str) -> Path:
