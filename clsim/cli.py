@@ -74,11 +74,17 @@ _YAML_TYPES = {int: "an integer", float: "a number", str: "a non-empty string", 
 
 
 def _check_yaml_types(path: str, values: dict, parser: argparse.ArgumentParser) -> None:
-    """Every YAML value has its option's type (bools are not numbers, 1.5 is not an integer)."""
+    """Every YAML value has its option's type (bools are not numbers, 1.5 is not an integer).
+    A float option also takes YAML 1.1's string form of exponents (`1e-3`), converted here."""
     kinds = {a.dest: bool if a.type is config.parse_bool or isinstance(a.const, bool) else (a.type or str)
              for a in parser._actions}
     for key, value in values.items():
         kind = kinds[key]
+        if kind is float and isinstance(value, str):
+            try:
+                values[key] = value = float(value)
+            except ValueError:
+                pass
         ok = (isinstance(value, bool) if kind is bool else
               isinstance(value, int) and not isinstance(value, bool) if kind is int else
               isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
