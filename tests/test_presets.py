@@ -1,6 +1,7 @@
 """Presets: shipped YAML protocols that resolve through the CLI's own validation, flags override them,
 and BLIP's preset builds the authors' network and schedule."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,3 +64,21 @@ def test_blip_preset_runs_the_authors_network_and_plateau_schedule(mnist_root, t
     # validation on the training set is recorded as a read of each task's data
     for dataset in summary["privacy"]["datasets"].values():
         assert any(a["purpose"].startswith("validation") for a in dataset["accesses"])
+
+
+def test_reproduce_budget_scales_epochs_and_data_and_runs_a_preset(mnist_root, tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parent.parent / "bench" / "reproduce.py")
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    vdv = presets.get("vdv-splitmnist-task-none")
+    assert reproduce.budget_flags(vdv, 1.0) == []                  # the published protocol unchanged
+    assert reproduce.budget_flags(vdv, 0.1) == ["--epochs", "2", "--train-per-class", "600",
+                                                "--test-per-class", "100"]
+    assert reproduce.main(["--preset", "vdv-splitmnist-task-none", "--budget", "0.02", "--seeds", "0,1",
+                           "--data-root", str(mnist_root), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "vdv-splitmnist-task-none" in out and "87.19" in out and "±" in out
+    result = json.loads((tmp_path / "reproduce.json").read_text())[0]
+    assert result["published"] == 87.19 and len(result["runs"]) == 2
+    assert result["mean"] == pytest.approx(sum(r["acc"] for r in result["runs"]) / 2)

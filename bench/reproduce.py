@@ -1,0 +1,103 @@
+"""Reproduce published table rows: run presets over several seeds and print the measured figure
+beside the published one and its source.
+
+    python bench/reproduce.py --preset blip-mnist5 --preset vdv-splitmnist-task-ewc \\
+        --budget 0.1 --seeds 0,1,2 --data-root ../shared/data/mnist
+    python bench/reproduce.py --match vdv-splitmnist-task --budget 1 --device cuda   # full protocol
+
+--budget b scales a preset for a small machine: epochs per task become max(1, round(b * epochs))
+(for a plateau schedule that is the most a task may take) and, below 1, the training set keeps
+round(b * N) images per class of the N a class has (the first ones in file order) and the test
+set max(100, round(b * 1000)) per class. b = 1 runs the published protocol unchanged. Every run is
+an ordinary clsim run (--preset NAME --seed S plus the budget's flags); the table says which.
+Results also go to OUT/reproduce.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from clsim import cli, presets  # noqa: E402
+from clsim.errors import UserError  # noqa: E402
+
+
+def budget_flags(preset: presets.Preset, budget: float) -> list[str]:
+    """The flags that scale `preset` to `budget` (none at 1)."""
+    if budget >= 1:
+        return []
+    flags = ["--epochs", str(max(1, round(budget * int(preset.options.get("epochs", 1)))))]
+    flags += ["--train-per-class", str(max(1, round(budget * preset.train_per_class))),
+              "--test-per-class", str(max(100, round(budget * 1000)))]
+    return flags
+
+
+def run_preset(preset: presets.Preset, seed: int, budget: float, common: list[str], out: Path) -> dict:
+    argv = ["--preset", preset.name, "--seed", str(seed), *budget_flags(preset, budget), *common,
+            "--out", str(out), "--checkpoint", "false", "--progress", "false"]
+    start = time.perf_counter()
+    _, summary = cli.execute(cli.parse(argv))
+    return {"seed": seed, preset.metric: summary[preset.metric], "bwt": summary["bwt"],
+            "seconds": time.perf_counter() - start, "argv": argv[:-6]}
+
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", action="append", default=[], help="a preset name (repeatable)")
+    p.add_argument("--match", default="", help="every preset whose name starts with this")
+    p.add_argument("--budget", type=float, default=0.1, help="share of the epochs and data (1: the full protocol)")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--data-root", default="data")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="", help="directory for the runs and reproduce.json (default: a temporary one)")
+    a = p.parse_args(argv)
+    if not 0 < a.budget <= 1:
+        p.error("--budget must be in (0, 1]")
+    shipped = presets.all_presets()
+    names = a.preset + [n for n in shipped if a.match and n.startswith(a.match) and n not in a.preset]
+    unknown = [n for n in names if n not in shipped]
+    if not names or unknown:
+        p.error(f"name presets with --preset or --match (unknown: {unknown}); see run_scenario.py --list")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    out = Path(a.out or tempfile.mkdtemp(prefix="clsim-reproduce-"))
+    common = ["--data-root", a.data_root, "--device", a.device]
+    results = []
+    print(f"budget {a.budget:g} (epochs and training data scaled; see --help), seeds {seeds}, device {a.device}")
+    print(f"{'preset':34s} {'published':>9s} {'measured':>16s} {'gap':>7s}  s/run  source")
+    for name in names:
+        preset = shipped[name]
+        try:
+            runs = [run_preset(preset, seed, a.budget, common, out / name) for seed in seeds]
+        except UserError as exc:
+            print(f"error: {name}: {exc}", file=sys.stderr)
+            return 2
+        values = [r[preset.metric] for r in runs]
+        published = "not read" if preset.published is None else f"{preset.published:.2f}"
+        gap = "" if preset.published is None else f"{statistics.mean(values) - preset.published:+.2f}"
+        seconds = statistics.mean(r["seconds"] for r in runs)
+        print(f"{name:34s} {published:>9s} {mean_sd(values):>16s} {gap:>7s} {seconds:6.0f}  "
+              f"{preset.paper.split(',')[0]}, {preset.table}", flush=True)
+        results.append({"preset": name, "paper": preset.paper, "table": preset.table, "metric": preset.metric,
+                        "published": preset.published, "budget": a.budget, "seeds": seeds,
+                        "budget_flags": budget_flags(preset, a.budget), "runs": runs,
+                        "mean": statistics.mean(values),
+                        "sd": statistics.stdev(values) if len(values) > 1 else 0.0})
+    (out / "reproduce.json").write_text(json.dumps(results, indent=2))
+    print(f"results: {out / 'reproduce.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
