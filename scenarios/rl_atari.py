@@ -66,8 +66,9 @@ def atari(o: AtariOptions, run):
                         f"choose among {', '.join(HUMAN)}")
     env_tasks = [EnvTask(make_env(g, o.atari_max_steps), reference_return=HUMAN[g]) for g in games]
     comparable = o.atari_games == "blip" and o.ppo_timesteps >= 10_000_000
-    return rl_scenario("atari", run.setting or "task_il", games, env_tasks, nature_cnn_trunk, n_actions=18,
+    return rl_scenario("atari", run.setting or "task_il", games, env_tasks, nature_cnn_trunk,
                        options=o, defaults={"lr": 2.5e-4, "batch_size": 256}, input_scale=1 / 255,
+                       separate_critic=False,
                        info={"games": games, "reference": "human scores",
                              "comparable_to_papers": comparable,
                              "note": "" if comparable else "reduced budget: NOT comparable to published results",

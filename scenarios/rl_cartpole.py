@@ -85,5 +85,5 @@ def cartpole(o: CartPoleOptions, run) -> "Scenario":  # noqa: F821
     env_tasks = [EnvTask(make_env(*parse_task(n)), reference_return=500.0) for n in names]
     setting = run.setting or "domain_il"
     return rl_scenario("cartpole", setting, names, env_tasks, lambda: mlp_trunk(4, o.ppo_hidden),
-                       n_actions=2, options=o, defaults={"lr": 1e-3, "batch_size": 256},
+                       options=o, defaults={"lr": 1e-3, "batch_size": 256},
                        info={"tasks": names, "env": "CartPole-v1"})

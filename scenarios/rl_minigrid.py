@@ -58,6 +58,6 @@ def minigrid_sequence(o: MiniGridOptions, run):
     # Success = reaching the goal: MiniGrid pays 1 - 0.9·steps/max_steps there and 0 otherwise.
     env_tasks = [EnvTask(make_env(n), reference_return=1.0, success_above=0.0) for n in names]
     return rl_scenario("minigrid", run.setting or "task_il", names, env_tasks, lambda: mlp_trunk(VIEW, o.ppo_hidden),
-                       n_actions=7, options=o, defaults={"lr": 2.5e-4, "batch_size": 64},
+                       options=o, defaults={"lr": 2.5e-4, "batch_size": 64},
                        info={"tasks": [env_id(n) for n in names],
                              "observation": "OneHotPartialObsWrapper + ImgObsWrapper + FlattenObservation"})

@@ -11,7 +11,7 @@ import torch
 from clsim.cli import main
 from clsim.config import build
 from clsim.fisher import diagonal_fisher
-from clsim.rl import ActorCritic, EnvTask, PPOLearner, PPOOptions, mlp_trunk
+from clsim.rl import ActorCritic, Categorical, EnvTask, PPOLearner, PPOOptions, mlp_trunk
 from clsim.rl.envs import make_vector_env
 from clsim.rl.ppo import gae
 from clsim.scenario import Task
@@ -54,7 +54,7 @@ def learner_for(model, **options) -> PPOLearner:
 @pytest.mark.parametrize("length,limit", [(3, None), (100, 4)])
 def test_rollout_has_one_transition_per_env_step_and_bootstraps_only_truncation(length, limit):
     torch.manual_seed(0)
-    learner = learner_for(ActorCritic(mlp_trunk(1, 8), 2, 1), ppo_envs=2, ppo_steps=10, ppo_gamma=0.9)
+    learner = learner_for(ActorCritic(mlp_trunk(1, 8), Categorical(2), 1), ppo_envs=2, ppo_steps=10, ppo_gamma=0.9)
     task = count_task(length, limit)
     episode = min(length, limit or length)
     envs = make_vector_env(task.env, 2, train=True)
@@ -96,7 +96,7 @@ def test_gae_matches_hand_computation():
 @pytest.mark.parametrize("setting_slots", [1, 2])
 def test_policy_fisher_matches_exact_expectation_over_actions(setting_slots):
     torch.manual_seed(0)
-    model = ActorCritic(mlp_trunk(3, 6), n_actions=3, n_slots=setting_slots)
+    model = ActorCritic(mlp_trunk(3, 6), Categorical(3), n_slots=setting_slots)
     with torch.no_grad():                       # a policy far from uniform
         for head in model.heads:
             head.weight.mul_(200)

@@ -7,7 +7,7 @@ import torch
 
 from clsim import config
 from clsim.config import RunOptions
-from clsim.rl import ActorCritic, PPOLearner, mlp_trunk
+from clsim.rl import ActorCritic, Categorical, PPOLearner, mlp_trunk
 from clsim.privacy import accounting
 from clsim.privacy.dpsgd import DPSGD
 from clsim.privacy.ledger import Ledger
@@ -19,7 +19,7 @@ from test_rl_ppo import count_task, learner_for
 
 def private_batches(length: int, limit: int | None, **options):
     torch.manual_seed(0)
-    learner = learner_for(ActorCritic(mlp_trunk(1, 8), 2, 1), **options)
+    learner = learner_for(ActorCritic(mlp_trunk(1, 8), Categorical(2), 1), **options)
     task = count_task(length, limit)
     return learner, list(learner.private_batches(task, 0))
 

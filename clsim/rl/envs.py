@@ -10,6 +10,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
+from clsim.rl.models import action_distribution
+
 # Training envs are seeded below this from --seed; evaluation seeds are fixed at and above it,
 # so evaluation episodes never coincide with training ones.
 EVAL_SEED_BASE = 10**9
@@ -54,8 +56,8 @@ def eval_seeds(task_index: int, episodes: int) -> list[int]:
 def random_policy_return(env_task: EnvTask, seeds: list[int]) -> float:
     """Mean return of uniformly random actions (seeded, so the normaliser is reproducible)."""
     rng = np.random.default_rng(0)
-    space = env_task.make(False).action_space
-    return float(run_episodes(env_task, seeds, lambda obs: rng.integers(0, space.n, len(obs))).mean())
+    actions = action_distribution(env_task.make(False).action_space)
+    return float(run_episodes(env_task, seeds, lambda obs: actions.uniform(rng, len(obs))).mean())
 
 
 def normalised(raw: float, env_task: EnvTask) -> float:

@@ -2,9 +2,17 @@
 
 A task carries an `EnvTask` (how to build its environment and how to score it). Nothing is
 stored in advance: `batches` collects a rollout with the current policy from a SyncVectorEnv,
-computes GAE advantages, yields `ppo_epochs` shuffled passes of minibatches (the engine takes one
-optimiser step per minibatch, so strategy.loss/penalty/after_step run per minibatch), and repeats
-until the task's timestep budget is spent.
+computes GAE advantages, yields minibatches (the engine takes one optimiser step per minibatch, so
+strategy.loss/penalty/after_step run per minibatch), and repeats until the task's timestep budget
+is spent. Private and non-private training share that one path (`_train`); they differ only in
+what a rollout keeps and how it is cut into minibatches (see `private_batches`). The action
+distribution (Discrete or Box) is the model's `actions` object (clsim/rl/models.py).
+
+The objective follows CleanRL's ppo.py: clipped surrogate, ½·(V - return)² value loss, clipped
+around the rollout's values by default (`ppo_clip_value`, as in CleanRL and the BLIP authors' RL
+code), minus an entropy bonus; approx_kl ((r - 1) - log r, Schulman's estimator) and the clip
+fraction are reported per step. Where clsim differs: the loss is returned per transition (its
+mean is CleanRL's loss) so privacy mechanisms can clip per episode.
 
 gymnasium 1.x autoreset: the vector envs run in AutoresetMode.SAME_STEP, so the step that ends an
 episode already returns the next episode's first observation and the true last one sits in
@@ -24,7 +32,6 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clsim.config import opt
@@ -46,7 +53,9 @@ class PPOOptions:
     ppo_gamma: float = opt(0.98, "discount factor γ", low=0.0, high=1.0)
     ppo_gae_lambda: float = opt(0.8, "GAE λ", low=0.0, high=1.0)
     ppo_clip: float = opt(0.2, "clip range ε of the probability ratio", low=0.0, low_open=True)
-    ppo_value_coef: float = opt(0.5, "weight of the value loss (V - return)²", low=0.0)
+    ppo_value_coef: float = opt(0.5, "weight c_v of the value loss ½·(V - return)²", low=0.0)
+    ppo_clip_value: bool = opt(True, "clip the value loss around the rollout's values by ±ppo_clip "
+                               "(CleanRL's clip_vloss)")
     ppo_entropy_coef: float = opt(0.0, "weight of the entropy bonus", low=0.0)
     ppo_max_grad_norm: float = opt(0.5, "clip the global gradient norm to this (0: off)", low=0.0)
     ppo_lr_decay: bool = opt(True, "decay the learning rate linearly to 0 over each task")
@@ -91,11 +100,12 @@ class PPOBatch(NamedTuple):
     old_logp: torch.Tensor    # log π_old(a|s) at collection
     advantage: torch.Tensor
     ret: torch.Tensor         # value target: advantage + V_old(s)
+    old_value: torch.Tensor   # V_old(s) at collection, the centre of the clipped value loss
 
 
 class Rollout(NamedTuple):
     obs: torch.Tensor         # [T, N, ...]
-    actions: torch.Tensor     # [T, N]
+    actions: torch.Tensor     # [T, N, ...]
     logp: torch.Tensor
     values: torch.Tensor
     rewards: torch.Tensor     # with γ·V(final obs) added on truncation
@@ -122,20 +132,24 @@ class PPOLearner(Learner):
     (raw returns come out through `score_details`)."""
 
     def is_head(self, name: str) -> bool:
-        """Per-task policy heads and every value head. The critic never enters the policy's
-        Fisher; a single policy head (class_il/domain_il) serves every task, so penalties and
-        masks protect it like the trunk."""
-        return name.startswith("critics.") or (name.startswith("heads.") and len(self.model.heads) > 1)
+        """Per-task policy heads and the whole critic (its trunk and value heads). The critic
+        never enters the policy's Fisher; a single policy head (class_il/domain_il) serves every
+        task, so penalties and masks protect it like the trunk."""
+        return name.startswith(("critics.", "critic_trunk.")) or \
+            (name.startswith("heads.") and len(self.model.heads) > 1)
 
     def __init__(self, model: ActorCritic, *, options: PPOOptions, **kwargs):
         super().__init__(model, **kwargs)
         self.o = options
+        self.actions = model.actions
         self.optimizer: torch.optim.Optimizer | None = None
         self.fisher_states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.details: dict[str, list[float]] = {}
         self.recent_returns: deque = deque(maxlen=20)   # finished training episodes
         self.env_steps = 0
         self._task_start = (0, time.perf_counter())
+        self._update_stats: dict[str, torch.Tensor] = {}
+        self._private = False
 
     def max_stable_curvature(self) -> None:
         return None   # Adam rescales every step: no fixed bound
@@ -145,22 +159,50 @@ class PPOLearner(Learner):
                                           lr=self.lr, eps=1e-5)
         return self.optimizer
 
-    # -- training data
+    # -- training data: one rollout -> GAE -> minibatch path for private and non-private training
     def batches(self, task: Task, epoch: int, subset: torch.Tensor | None = None) -> Iterator[PPOBatch]:
         if subset is not None:
             raise UserError("this strategy selects training examples, which RL tasks do not have; "
                             "use it with a supervised scenario")
+        return self._train(task, private=False)
+
+    def private_batches(self, task: Task, epoch: int) -> Iterator[PPOBatch | None]:
+        """Batches for a privacy mechanism, with the episode as the unit. Every rollout starts
+        from a fresh reset and keeps exactly one episode per env, cut after `ppo_steps` steps (a cut
+        bootstraps V like a time limit), so each episode belongs to one rollout and every rollout
+        has the same, public, number of episodes. Each PPO epoch makes round(1/q) updates on a
+        Poisson sample of those episodes (rate q = ppo_dp_sample_rate); an empty draw yields None
+        (the mechanism then takes a noise-only step). Advantages are left unnormalised: batch
+        statistics would mix episodes. The Fisher keeps one state per episode, so a Fisher row
+        is an episode too."""
+        return self._train(task, private=True)
+
+    def _train(self, task: Task, private: bool) -> Iterator[PPOBatch | None]:
         o = self.o
+        self._private = private
         envs = make_vector_env(task.env, o.ppo_envs, train=True)
-        obs, _ = envs.reset(seed=self._fresh_seeds())
-        running_return = np.zeros(o.ppo_envs)
         self._task_start = (self.env_steps, time.perf_counter())
+        running_return = np.zeros(o.ppo_envs)
         try:
+            obs = None
             for k in range(self.n_rollouts()):
                 self._decay_lr(k)
-                rollout, obs = self.collect(envs, obs, task.index, running_return)
-                self._keep_fisher_states(task.index, self._flat(rollout.obs), self._flat(rollout.actions))
-                yield from self._minibatches(rollout, task.index)
+                if private or obs is None:
+                    obs, _ = envs.reset(seed=self._fresh_seeds())
+                    running_return[:] = 0.0
+                r, obs = self.collect(envs, obs, task.index, running_return, until_done=private)
+                flat = self._flatten(r, task.index)
+                if private:
+                    keep = self._flat((r.dones.long().cumsum(0) - r.dones.long()) == 0)   # first episodes
+                    # One random state of each episode for the Fisher (row-major [T, N] -> flat).
+                    step = (torch.rand(o.ppo_envs, generator=self.generator) * keep.view(-1, o.ppo_envs).sum(0)).long()
+                    one_each = step * o.ppo_envs + torch.arange(o.ppo_envs)
+                    self._keep_fisher_states(task.index, flat.x[one_each], flat.y[one_each])
+                    env = torch.arange(o.ppo_envs).repeat(len(keep) // o.ppo_envs)   # kept episode id = its env
+                    yield from self._episode_samples(flat._replace(index=env), keep)
+                else:
+                    self._keep_fisher_states(task.index, flat.x, flat.y)
+                    yield from self._minibatches(flat)
         finally:
             envs.close()
 
@@ -189,10 +231,10 @@ class PPOLearner(Learner):
         ended = np.zeros(envs.num_envs, dtype=bool)
         while len(columns["obs"]) < self.o.ppo_steps and not (until_done and ended.all()):
             x = torch.as_tensor(obs).to(self.device)
-            logits, value = self.model(x, task_index)
-            logp_all = F.log_softmax(logits, 1).cpu()
-            action = torch.multinomial(logp_all.exp(), 1, generator=self.generator).squeeze(1)
-            obs, reward, terminated, truncated, info = envs.step(action.numpy())
+            out, value = self.model(x, task_index)
+            out = out.cpu()
+            action = self.actions.sample(out, self.generator)
+            obs, reward, terminated, truncated, info = envs.step(self.actions.to_env(action))
             running_return += reward
             done = terminated | truncated
             ended |= done
@@ -204,29 +246,44 @@ class PPOLearner(Learner):
             if len(cut):
                 final = torch.as_tensor(np.stack([info["final_obs"][i] for i in cut])).to(self.device)
                 reward[cut] += gamma * self.model(final, task_index)[1].cpu()
-            for key, v in (("obs", x.cpu()), ("actions", action), ("logp", logp_all.gather(1, action[:, None]).squeeze(1)),
+            for key, v in (("obs", x.cpu()), ("actions", action), ("logp", self.actions.log_prob(out, action)),
                            ("values", value.cpu()), ("rewards", reward), ("dones", torch.as_tensor(done))):
                 columns[key].append(v)
         self.env_steps += len(columns["obs"]) * envs.num_envs
         last_value = self.model(torch.as_tensor(obs).to(self.device), task_index)[1].cpu()
         return Rollout(*(torch.stack(columns[k]) for k in columns), last_value), obs
 
-    def _minibatches(self, r: Rollout, task_index: int) -> Iterator[PPOBatch]:
+    def _flatten(self, r: Rollout, task_index: int) -> PPOBatch:
+        """GAE on the rollout, then every transition as one flat row."""
         o = self.o
         advantages = gae(r.rewards, r.values, r.dones, r.last_value, o.ppo_gamma, o.ppo_gae_lambda)
-        returns = advantages + r.values
         # Episode ids: a new id after every done in an env's column, distinct across envs.
         starts = torch.cat([torch.zeros(1, r.dones.shape[1], dtype=torch.long), r.dones[:-1].long()]).cumsum(0)
         episode = starts + torch.arange(r.dones.shape[1]) * (len(r.dones) + 1)
-        x, y, logp, adv, ret, ep = map(self._flat, (r.obs, r.actions, r.logp, advantages, returns, episode))
-        t = torch.full((len(y),), task_index, dtype=torch.long)
-        for _ in range(o.ppo_epochs):
-            for chunk in torch.randperm(len(y), generator=self.generator).split(self.batch_size):
-                a = adv[chunk]
-                if o.ppo_norm_adv and len(chunk) > 1:
-                    a = (a - a.mean()) / (a.std() + 1e-8)
-                yield PPOBatch(*(v.to(self.device) for v in (x[chunk], y[chunk], t[chunk], ep[chunk],
-                                                             logp[chunk], a, ret[chunk])))
+        x, y, ep, logp, adv, ret, value = map(self._flat, (r.obs, r.actions, episode, r.logp, advantages,
+                                                           advantages + r.values, r.values))
+        return PPOBatch(x, y, torch.full((len(y),), task_index, dtype=torch.long), ep, logp, adv, ret, value)
+
+    def _rows(self, flat: PPOBatch, rows: torch.Tensor, normalise: bool) -> PPOBatch:
+        batch = PPOBatch(*(v[rows] for v in flat))
+        if normalise and len(rows) > 1:
+            a = batch.advantage
+            batch = batch._replace(advantage=(a - a.mean()) / (a.std() + 1e-8))
+        return PPOBatch(*(v.to(self.device) for v in batch))
+
+    def _minibatches(self, flat: PPOBatch) -> Iterator[PPOBatch]:
+        """`ppo_epochs` shuffled passes over the rollout in minibatches of --batch-size."""
+        for _ in range(self.o.ppo_epochs):
+            for chunk in torch.randperm(len(flat.y), generator=self.generator).split(self.batch_size):
+                yield self._rows(flat, chunk, self.o.ppo_norm_adv)
+
+    def _episode_samples(self, flat: PPOBatch, keep: torch.Tensor) -> Iterator[PPOBatch | None]:
+        """Under privacy: round(1/q) Poisson samples of the kept episodes per PPO epoch."""
+        o = self.o
+        for _ in range(o.ppo_epochs * max(1, round(1 / o.ppo_dp_sample_rate))):
+            picked = torch.rand(o.ppo_envs, generator=self.generator) < o.ppo_dp_sample_rate
+            rows = torch.nonzero(keep & picked[flat.index]).squeeze(1)
+            yield self._rows(flat, rows, normalise=False) if len(rows) else None
 
     def _keep_fisher_states(self, task_index: int, obs: torch.Tensor, actions: torch.Tensor) -> None:
         if task_index in self.fisher_states:
@@ -237,16 +294,22 @@ class PPOLearner(Learner):
 
     # -- objective
     def forward(self, batch: PPOBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-transition PPO loss: clipped policy term + c_v·(V - return)² - c_e·entropy."""
+        """Per-transition PPO loss: clipped policy term + c_v·½·(V - return)² (clipped around
+        V_old when ppo_clip_value) - c_e·entropy."""
         o = self.o
-        logits, value = self.model(batch.x, batch.t)
-        logp_all = F.log_softmax(logits, 1)
-        logp = logp_all.gather(1, batch.y[:, None]).squeeze(1)
-        ratio = torch.exp(logp - batch.old_logp)
+        out, value = self.model(batch.x, batch.t)
+        log_ratio = self.actions.log_prob(out, batch.y) - batch.old_logp
+        ratio = torch.exp(log_ratio)
         policy = -torch.min(ratio * batch.advantage,
                             ratio.clamp(1 - o.ppo_clip, 1 + o.ppo_clip) * batch.advantage)
-        entropy = -(logp_all.exp() * logp_all).sum(1)
-        return policy + o.ppo_value_coef * (value - batch.ret).pow(2) - o.ppo_entropy_coef * entropy, logits
+        value_loss = (value - batch.ret).pow(2)
+        if o.ppo_clip_value:
+            clipped = batch.old_value + (value - batch.old_value).clamp(-o.ppo_clip, o.ppo_clip)
+            value_loss = torch.max(value_loss, (clipped - batch.ret).pow(2))
+        with torch.no_grad():
+            self._update_stats = {"approx_kl": ((ratio - 1) - log_ratio).mean(),
+                                  "clip_fraction": ((ratio - 1).abs() > o.ppo_clip).float().mean()}
+        return policy + o.ppo_value_coef * 0.5 * value_loss - o.ppo_entropy_coef * self.actions.entropy(out), out
 
     def step_metrics(self) -> dict:
         steps, since = self._task_start
@@ -254,6 +317,8 @@ class PPOLearner(Learner):
                "env_steps_per_sec": (self.env_steps - steps) / max(time.perf_counter() - since, 1e-9)}
         if self.recent_returns:
             out["episode_return"] = float(np.mean(self.recent_returns))
+        if not self._private:   # figures of the private episodes would be unaccounted releases
+            out.update({k: float(v) for k, v in self._update_stats.items()})
         return out
 
     # -- privacy: the unit is the episode
@@ -270,43 +335,6 @@ class PPOLearner(Learner):
                  f"env (cut after {o.ppo_steps} steps), used only by that rollout's updates, so ε counts "
                  f"one rollout's releases (parallel composition over rollouts); advantages not normalised")
 
-    def private_batches(self, task: Task, epoch: int) -> Iterator[PPOBatch | None]:
-        """Batches for a privacy mechanism, with the episode as the unit. Every rollout starts
-        from a fresh reset and keeps exactly one episode per env, cut after `ppo_steps` steps (a cut
-        bootstraps V like a time limit), so each episode belongs to one rollout and every rollout
-        has the same, public, number of episodes. Each PPO epoch makes round(1/q) updates on a
-        Poisson sample of those episodes (rate q = ppo_dp_sample_rate); an empty draw yields None
-        (the mechanism then takes a noise-only step). Advantages are left unnormalised: batch
-        statistics would mix episodes."""
-        o = self.o
-        envs = make_vector_env(task.env, o.ppo_envs, train=True)
-        self._task_start = (self.env_steps, time.perf_counter())
-        updates = max(1, round(1 / o.ppo_dp_sample_rate))
-        try:
-            for k in range(self.n_rollouts()):
-                self._decay_lr(k)
-                obs, _ = envs.reset(seed=self._fresh_seeds())
-                r, _ = self.collect(envs, obs, task.index, np.zeros(o.ppo_envs), until_done=True)
-                first = (r.dones.long().cumsum(0) - r.dones.long()) == 0   # [T, N]: the first episode
-                advantages = gae(r.rewards, r.values, r.dones, r.last_value, o.ppo_gamma, o.ppo_gae_lambda)
-                episode = torch.arange(o.ppo_envs).expand_as(first)
-                x, y, logp, adv, ret, ep, keep = map(self._flat, (r.obs, r.actions, r.logp, advantages,
-                                                                  advantages + r.values, episode, first))
-                # For the Fisher: one state of each episode, so a Fisher row is an episode too.
-                step = (torch.rand(o.ppo_envs, generator=self.generator) * first.sum(0)).long()
-                one_each = step * o.ppo_envs + torch.arange(o.ppo_envs)   # row-major [T, N] -> flat
-                self._keep_fisher_states(task.index, x[one_each], y[one_each])
-                t = torch.full((len(y),), task.index, dtype=torch.long)
-                for _ in range(o.ppo_epochs * updates):
-                    picked = torch.rand(o.ppo_envs, generator=self.generator) < o.ppo_dp_sample_rate
-                    rows = torch.nonzero(keep & picked[ep]).squeeze(1)
-                    if len(rows) == 0:
-                        yield None
-                        continue
-                    yield PPOBatch(*(v[rows].to(self.device) for v in (x, y, t, ep, logp, adv, ret)))
-        finally:
-            envs.close()
-
     def fisher_pool(self, task: Task) -> int:
         return len(self.fisher_states[task.index][0])
 
@@ -320,10 +348,8 @@ class PPOLearner(Learner):
         gen = torch.Generator().manual_seed(task.index)   # evaluation never moves training's RNG
 
         def act(obs):
-            logits = self.model.policy(torch.as_tensor(obs).to(self.device), task.index).cpu()
-            if sample:
-                return torch.multinomial(F.softmax(logits, 1), 1, generator=gen).squeeze(1).numpy()
-            return logits.argmax(1).numpy()
+            out = self.model.policy(torch.as_tensor(obs).to(self.device), task.index).cpu()
+            return self.actions.to_env(self.actions.sample(out, gen) if sample else self.actions.mode(out))
         try:
             return run_episodes(task.env, eval_seeds(task.index, self.o.ppo_eval_episodes), act)
         finally:
@@ -352,9 +378,8 @@ class PPOLearner(Learner):
                 y = taken[chunk]
             else:
                 with torch.no_grad():
-                    probs = F.softmax(self.model.policy(x, task.index), 1).cpu()
-                y = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+                    y = self.actions.sample(self.model.policy(x, task.index).cpu(), self.generator)
             yield x, y.to(self.device), task.index
 
     def log_likelihood(self, x, y, t) -> torch.Tensor:
-        return F.log_softmax(self.model.policy(x, t), 1).gather(1, y[:, None]).squeeze(1)
+        return self.actions.log_prob(self.model.policy(x, t), y)
