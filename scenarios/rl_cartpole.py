@@ -9,8 +9,8 @@ import numpy as np
 from gymnasium.wrappers import TransformAction, TransformObservation
 
 from clsim.config import opt, redefault
-from clsim.errors import UserError
 from clsim.rl import EnvTask, PPOOptions, mlp_trunk, rl_scenario
+from clsim.rl.envs import parse_variant, variant_names
 from clsim.registry import register_scenario
 
 PRESETS = {
@@ -34,23 +34,7 @@ class CartPoleOptions(PPOOptions):
 
 def parse_task(text: str) -> tuple[set[str], dict[str, float]]:
     """'swap+length=1.0' -> ({'swap'}, {'length': 1.0}); raises UserError on anything else."""
-    flags, physics = set(), {}
-    for part in text.strip().split("+"):
-        key, _, value = part.strip().partition("=")
-        if not value and key in FLAGS:
-            flags.add(key)
-        elif key in PHYSICS and value:
-            try:
-                number = float(value)
-            except ValueError:
-                number = float("nan")
-            if not np.isfinite(number) or number <= 0:
-                raise UserError(f"--cartpole-tasks: {key} must be a positive number, got {value!r}")
-            physics[key] = number
-        else:
-            raise UserError(f"--cartpole-tasks: unknown modifier {part!r} in {text!r}; use "
-                            f"{', '.join(FLAGS)} or {'/'.join(PHYSICS)}=value")
-    return flags, physics
+    return parse_variant(text, FLAGS, PHYSICS, "--cartpole-tasks")
 
 
 def make_env(flags: set[str], physics: dict[str, float]):
@@ -78,10 +62,7 @@ def make_env(flags: set[str], physics: dict[str, float]):
 @register_scenario("cartpole", CartPoleOptions)
 def cartpole(o: CartPoleOptions, run) -> "Scenario":  # noqa: F821
     """CartPole-v1 variants (actions swapped, observations negated/permuted, physics) for PPO."""
-    spec = PRESETS.get(o.cartpole_tasks, o.cartpole_tasks)
-    names = [part.strip() for part in spec.split(",")]
-    if not all(names):
-        raise UserError(f"--cartpole-tasks {o.cartpole_tasks!r} has an empty task; separate tasks with ','")
+    names = variant_names(o.cartpole_tasks, PRESETS, "--cartpole-tasks")
     env_tasks = [EnvTask(make_env(*parse_task(n)), reference_return=500.0) for n in names]
     setting = run.setting or "domain_il"
     return rl_scenario("cartpole", setting, names, env_tasks, lambda: mlp_trunk(4, o.ppo_hidden),

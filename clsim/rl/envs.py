@@ -10,6 +10,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 
+from clsim.errors import UserError
 from clsim.rl.models import action_distribution
 
 # Training envs are seeded below this from --seed; evaluation seeds are fixed at and above it,
@@ -62,3 +63,35 @@ def random_policy_return(env_task: EnvTask, seeds: list[int]) -> float:
 
 def normalised(raw: float, env_task: EnvTask) -> float:
     return (raw - env_task.random_return) / (env_task.reference_return - env_task.random_return)
+
+
+def parse_variant(text: str, flags: tuple[str, ...], physics: tuple[str, ...], option: str
+                  ) -> tuple[set[str], dict[str, float]]:
+    """One task of a variant stream, modifiers joined by '+': 'swap+length=1.0' -> ({'swap'},
+    {'length': 1.0}), each flag among `flags`, each physics key among `physics` with a positive
+    value; anything else is a UserError naming the `option`."""
+    found, values = set(), {}
+    for part in text.strip().split("+"):
+        key, _, value = part.strip().partition("=")
+        if not value and key in flags:
+            found.add(key)
+        elif key in physics and value:
+            try:
+                number = float(value)
+            except ValueError:
+                number = float("nan")
+            if not np.isfinite(number) or number <= 0:
+                raise UserError(f"{option}: {key} must be a positive number, got {value!r}")
+            values[key] = number
+        else:
+            raise UserError(f"{option}: unknown modifier {part!r} in {text!r}; use "
+                            f"{', '.join(flags)} or {'/'.join(physics)}=value")
+    return found, values
+
+
+def variant_names(spec: str, presets: dict[str, str], option: str) -> list[str]:
+    """The task names of a preset or of a comma-separated stream."""
+    names = [part.strip() for part in presets.get(spec, spec).split(",")]
+    if not all(names):
+        raise UserError(f"{option} {spec!r} has an empty task; separate tasks with ','")
+    return names
