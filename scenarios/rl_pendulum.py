@@ -44,11 +44,10 @@ class PendulumOptions(PPOOptions):
     ppo_gae_lambda: float = redefault(PPOOptions, "ppo_gae_lambda", 0.95)
 
 
-def parse_task(text: str) -> tuple[set[str], dict[str, float]]:
-    return parse_variant(text, FLAGS, PHYSICS, "--pendulum-tasks")
+def make_env(task: str):
+    """The env factory of one task of --pendulum-tasks (e.g. 'neg+m=0.5'); UserError if malformed."""
+    flags, physics = parse_variant(task, FLAGS, PHYSICS, "--pendulum-tasks")
 
-
-def make_env(flags: set[str], physics: dict[str, float]):
     def make(train: bool) -> gym.Env:
         env = gym.make("Pendulum-v1")
         for key, value in physics.items():
@@ -64,7 +63,7 @@ def pendulum(o: PendulumOptions, run) -> "Scenario":  # noqa: F821
     """Pendulum-v1 variants (torque reversed, physics) for PPO with a Gaussian policy."""
     names = variant_names(o.pendulum_tasks, PRESETS, "--pendulum-tasks")
     # Reference 0: the ceiling (every step costs >= 0); a swung-up, balanced pole scores about -150.
-    env_tasks = [EnvTask(make_env(*parse_task(n)), reference_return=0.0) for n in names]
+    env_tasks = [EnvTask(make_env(n), reference_return=0.0) for n in names]
     return rl_scenario("pendulum", run.setting or "task_il", names, env_tasks, lambda: mlp_trunk(3, o.ppo_hidden),
                        options=o, defaults={"lr": 1e-3, "batch_size": 64},
                        info={"tasks": names, "env": "Pendulum-v1", "training_reward_scale": REWARD_SCALE})

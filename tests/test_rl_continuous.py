@@ -154,17 +154,17 @@ def test_pendulum_stream_runs_through_ewc_and_blip(tmp_path, strategy):
 
 
 def test_pendulum_neg_reverses_the_torque_and_training_rewards_are_scaled():
-    from scenarios.rl_pendulum import REWARD_SCALE, make_env, parse_task
+    from scenarios.rl_pendulum import REWARD_SCALE, make_env
     torques = [np.array([1.5], np.float32)] * 5
     runs = {}
     for name, train in (("default", False), ("neg", False), ("default", True)):
-        env = make_env(*parse_task(name))(train)
+        env = make_env(name)(train)
         env.reset(seed=3)
         runs[name, train] = [env.step(a if name == "default" else -a)[:2] for a in torques]
     for (o1, r1), (o2, r2), (_, r3) in zip(runs["default", False], runs["neg", False], runs["default", True]):
         assert np.allclose(o1, o2) and r1 == pytest.approx(r2) and r3 == pytest.approx(REWARD_SCALE * r1)
     with pytest.raises(UserError, match="unknown modifier 'swap'"):
-        parse_task("swap")
+        make_env("swap")
 
 
 def test_bad_pendulum_task_exits_2_with_one_line(tmp_path, capsys):
