@@ -329,8 +329,8 @@ def _terminate(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.showwarning = _warn_in_one_line   # users read the message, not our source lines
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _terminate)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = (signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None), threading.excepthook
     threading.excepthook = rundir.quiet_thread_errors
     try:
         if "--list" in argv:
@@ -349,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         print("interrupted; no run directory written", file=sys.stderr)
         return 143 if isinstance(exc, _Terminated) else 130
+    finally:   # main may be called in-process (tests, notebooks): leave the hooks as they were
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous[0] is None else previous[0])
+        threading.excepthook = previous[1]
     print(f"ACC {summary['acc']:.2f}  BWT {summary['bwt']:.2f}  FWT {summary['fwt']:.2f}  "
           f"forgetting {summary['forgetting']:.2f}")
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")

@@ -22,14 +22,52 @@ CIFAR_HINT = ("put the official CIFAR-10 python version (data_batch_1..5, test_b
               "DATA_ROOT/cifar-10-batches-py and pass --data-root DATA_ROOT")
 
 
+try:
+    from numpy._core import multiarray as _multiarray
+except ImportError:   # numpy < 2
+    from numpy.core import multiarray as _multiarray
+
+
+def _latin1(text: str, encoding: str) -> bytes:
+    """`_codecs.encode` as protocol-2 pickles use it for bytes, and for nothing else."""
+    if encoding not in ("latin1", "latin-1") or not isinstance(text, str):
+        raise pickle.UnpicklingError(f"_codecs.encode with {encoding!r}")
+    return text.encode("latin1")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what the official CIFAR-10 batches hold: dicts, lists, bytes, str, ints and
+    numpy arrays (their reconstructor, ndarray, dtype, scalar). Any other global (os.system, eval,
+    a class with a payload in its __reduce__) is refused before it is looked up, so a hostile file
+    cannot run code."""
+
+    ALLOWED = {"_reconstruct": _multiarray._reconstruct, "scalar": _multiarray.scalar,
+               "ndarray": np.ndarray, "dtype": np.dtype}
+
+    def find_class(self, module, name):
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1
+        if module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") and name in self.ALLOWED \
+                and (module == "numpy") == (name in ("ndarray", "dtype")):
+            return self.ALLOWED[name]
+        raise _Refused(f"{module}.{name}")
+
+
+class _Refused(Exception):
+    """A global that the CIFAR-10 format never holds."""
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise UserError(f"missing CIFAR-10 file {path}: {CIFAR_HINT}")
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except _Refused as exc:
+        raise UserError(f"refused CIFAR-10 file {path}: it asks to load {exc}, which the official format "
+                        f"never holds (a pickle can run code; this one was not loaded): {CIFAR_HINT}") from None
     except Exception as exc:  # any unpickling problem means the file is not a CIFAR batch
         raise UserError(f"corrupt CIFAR-10 file {path} ({type(exc).__name__}): {CIFAR_HINT}") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or \
@@ -96,6 +134,10 @@ def load_mnist(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"MNIST {prefix} images {images.shape} and labels {labels.shape} do not match: {MNIST_HINT}")
+        bad = np.flatnonzero((labels < 0) | (labels > 9))   # class_split would drop them silently
+        if len(bad):
+            raise UserError(f"MNIST label file {_find_idx(root, f'{prefix}-labels-idx1-ubyte')} holds label "
+                            f"{int(labels[bad[0]])} at index {int(bad[0])}; MNIST labels are 0..9: {MNIST_HINT}")
         out += [torch.from_numpy(images.astype(np.float32) / 255).unsqueeze(1),
                 torch.from_numpy(labels.astype(np.int64))]
     return tuple(out)
