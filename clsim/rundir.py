@@ -78,17 +78,23 @@ def quiet_thread_errors(args) -> None:
         threading.__excepthook__(args)
 
 
-def check_out(out: str) -> Path:
-    """Create --out if needed; refuse one that is not a writable directory (before any work)."""
+def check_out(out: str, create: bool = False) -> Path:
+    """Refuse an --out that is not (or cannot become) a writable directory; create it if asked.
+    Checked before any work, and without creating anything then."""
     root = Path(out)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"--out {out} is not a directory; pass a directory for the run directories") from None
-    except OSError as exc:
-        raise UserError(f"--out {out}: cannot create it ({exc.strerror}); pass a writable directory") from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        reason = "read-only file system" if _read_only(root) else "permission denied"
+    if create:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            pass   # not a directory: said below
+        except OSError as exc:
+            raise UserError(f"--out {out}: cannot create it ({exc.strerror}); pass a writable directory") from None
+    existing = next(p for p in (root, *root.parents) if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise UserError(f"--out {out} is not a directory"
+                        f"{'' if existing == root else f' ({existing} is a file)'}; pass a directory for the runs")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(existing) else "permission denied"
         raise UserError(f"--out {out} is not writable ({reason}); pass a writable directory")
     return root
 
@@ -129,7 +135,7 @@ class RunDirectory:
 
     @classmethod
     def claim(cls, out: str, name: str) -> RunDirectory:
-        root = check_out(out)
+        root = check_out(out, create=True)
         for n in itertools.count(1):
             final = name if n == 1 else f"{name}-{n}"
             partial = root / f".{final}.partial"

@@ -1,0 +1,405 @@
+"""Fault injection with real processes and real files: kills at random points, a file-size limit, a
+torn log, two runs into one directory, hostile pickles and checkpoints, misread flags and YAML.
+Whatever happens, a user mistake is one line and exit 2, and nothing a run wrote is lost."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import pickle
+import random
+import resource
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from clsim import cli, data, rundir
+from clsim.errors import UserError
+from conftest import REPO
+
+# Small and quick: 5 tasks x 3 epochs x ~8 steps of a narrow MLP (a ~10 kB checkpoint).
+ARGS = ["--epochs", "3", "--hidden", "20", "--seed", "1", "--progress", "false"]
+NAME = "split_digits-naive-class_il-seed1"
+FIGURES = ("accuracy_matrix", "initial_scores", "acc", "bwt", "fwt", "forgetting", "steps", "examples_seen")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The children run with one thread; in-process runs match them figure for figure."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def child(*args: str, limit_bytes: int | None = None) -> subprocess.Popen:
+    def setup():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if limit_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return subprocess.Popen([sys.executable, str(REPO / "run_scenario.py"), *args], cwd=REPO, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=setup)
+
+
+def one_line_error(stderr: str, *expected: str) -> str:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def log_records(run_dir: Path) -> list[tuple]:
+    """What a log says, less wall-clock figures: every line must parse (no torn or doubled lines)."""
+    out = []
+    for line in (run_dir / "log.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        out.append((r["kind"], r["step"], r.get("task"), r.get("loss"), r.get("acc")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run every faulty one must reproduce."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("reference")
+    run_dir, summary = cli.execute(cli.parse([*ARGS, "--out", str(out)]))
+    assert run_dir.name == NAME
+    return json.loads((run_dir / "summary.json").read_text()), log_records(run_dir)
+
+
+def resume_and_compare(partial: Path, reference) -> None:
+    run_dir, _ = cli.resume([str(partial)])
+    assert not partial.exists() and run_dir.name == NAME
+    summary, log = reference
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    for key in FIGURES:
+        assert resumed[key] == summary[key], key
+    assert log_records(run_dir) == log   # every step and task record once, in order
+    assert (run_dir / "config.json").is_file()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_killed_at_a_random_point_then_resumed_gives_the_uninterrupted_figures_and_log(tmp_path, seed, reference):
+    """Seed 0 kills just after a task's record reached the log (before its checkpoint: the log and
+    the checkpoint must still agree); seeds 1 and 2 at a random time after the first checkpoint. Odd
+    seeds also leave a torn last line in the log, as a kill during a write would."""
+    rng = random.Random(seed)
+    out = tmp_path / "out"
+    partial = out / f".{NAME}.partial"
+    proc = child(*ARGS, "--out", str(out))
+    wanted_tasks = rng.randint(2, 4)
+    while proc.poll() is None:
+        if seed == 0:
+            log = partial / "log.jsonl"
+            if log.is_file() and log.read_text().count('"kind": "task"') >= wanted_tasks:
+                break
+        elif (partial / "checkpoint.pt").is_file():
+            time.sleep(rng.uniform(0.0, 1.5))
+            break
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate(timeout=60)
+    if not partial.exists():   # it finished before the kill
+        pytest.skip("the run ended before the kill point on this machine")
+    if seed % 2:
+        with open(partial / "log.jsonl", "a") as f:
+            f.write('{"kind": "step", "step": 99')
+    resume_and_compare(partial, reference)
+
+
+def test_sigterm_is_handled_as_ctrl_c_and_the_run_resumes(tmp_path, reference):
+    out = tmp_path / "out"
+    partial = out / f".{NAME}.partial"
+    proc = child(*ARGS, "--out", str(out))
+    while proc.poll() is None and not (partial / "checkpoint.pt").is_file():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run ended before SIGTERM on this machine")
+    assert proc.returncode == 143 and err.strip() == f"interrupted; continue with: {rundir.RESUME} {partial}"
+    resume_and_compare(partial, reference)
+
+
+def test_a_file_size_limit_is_one_line_and_the_last_checkpoint_resumes(tmp_path, reference):
+    """`ulimit -f` below what the run writes (TensorBoard's events outgrow it in a later task)."""
+    out = tmp_path / "out"
+    partial = out / f".{NAME}.partial"
+    proc = child(*ARGS, "--out", str(out), limit_bytes=30_000)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    line = one_line_error(err, "file-size limit was reached (EFBIG) while writing", str(partial),
+                          f"continue with: {rundir.RESUME} {partial}")
+    assert str(partial / "tb") in line   # the file that hit the limit
+    assert (partial / "checkpoint.pt").is_file()
+    resume_and_compare(partial, reference)
+
+
+def test_two_runs_into_one_directory_each_get_their_own(tmp_path):
+    out = tmp_path / "out"
+    args = ["--n-tasks", "2", "--epochs", "1", "--hidden", "20", "--checkpoint", "false", "--progress", "false"]
+    procs = [child(*args, "--out", str(out)) for _ in range(2)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    name = "split_digits-naive-class_il-seed0"
+    assert sorted(p.name for p in out.iterdir()) == [name, name + "-2"]
+    summaries = [json.loads((out / n / "summary.json").read_text()) for n in (name, name + "-2")]
+    assert all((out / n / "config.json").is_file() for n in (name, name + "-2"))
+    assert summaries[0]["accuracy_matrix"] == summaries[1]["accuracy_matrix"]
+
+
+def test_a_rerun_keeps_the_interrupted_run_and_a_running_one_is_not_taken_over(tmp_path, capsys):
+    interrupted = tmp_path / f".{NAME}.partial"
+    interrupted.mkdir()
+    (interrupted / "checkpoint.pt").write_bytes(b"kept")
+    again = rundir.RunDirectory.claim(str(tmp_path), NAME)
+    assert again.path.name == f".{NAME}-2.partial" and (interrupted / "checkpoint.pt").read_bytes() == b"kept"
+    assert f"{rundir.RESUME} {interrupted}" in capsys.readouterr().err
+    with pytest.raises(UserError, match="in use by another running clsim process"):
+        rundir.RunDirectory.reopen(again.path)   # flock: a second resume of a live run is refused
+    again.close()
+    rundir.RunDirectory.reopen(again.path).close()   # once its owner is gone it can be taken over
+
+
+class Payload:
+    """Pickles to a call of os.system that creates a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_malicious_cifar_batch_is_refused_and_never_runs(tmp_path, capsys):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "pwned"
+    good = {b"batch_label": b"x", b"labels": [1, 2], b"data": np.zeros((2, 3072), np.uint8),
+            b"filenames": [b"a", b"b"]}
+    for protocol in (2, 4):   # the official files are protocol 2, our generator writes 4
+        (folder / "test_batch").write_bytes(pickle.dumps(good, protocol=protocol))
+        x, y = data._read_cifar_batch(folder / "test_batch")
+        assert x.shape == (2, 3072) and y.tolist() == [1, 2]
+    (folder / "data_batch_1").write_bytes(pickle.dumps({**good, b"labels": Payload(marker)}, protocol=2))
+    assert cli.main(["--scenario", "split_cifar", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, "refused CIFAR-10 file", "posix.system")
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_a_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    partial = tmp_path / f".{NAME}.partial"
+    partial.mkdir()
+    (partial / "config.json").write_text(json.dumps({"argv": [*ARGS, "--out", str(tmp_path)]}))
+    (partial / "log.jsonl").write_text("")
+    torch.save({"step": 1, "log_bytes": 0, "model": Payload(marker)}, partial / "checkpoint.pt")
+    proc = subprocess.run([sys.executable, str(REPO / "run_scenario.py"), "--resume", str(partial)],
+                          cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 2
+    one_line_error(proc.stderr, f"{partial / 'checkpoint.pt'} is not a clsim checkpoint")
+    assert not marker.exists() and (partial / "checkpoint.pt").is_file()
+
+
+def test_a_checkpoint_that_is_not_a_dict_is_one_line(tmp_path, capsys):
+    partial = tmp_path / f".{NAME}.partial"
+    partial.mkdir()
+    (partial / "config.json").write_text(json.dumps({"argv": [*ARGS, "--out", str(tmp_path)]}))
+    torch.save([1, 2], partial / "checkpoint.pt")
+    assert cli.main(["--resume", str(partial)]) == 2
+    one_line_error(capsys.readouterr().err, "holds a list, not a dict")
+    assert partial.is_dir()
+
+
+@pytest.mark.parametrize("strategy", sorted(set(cli.STRATEGIES.names()) - {"ppo"}))
+def test_every_strategy_checkpoint_loads_without_running_code(tmp_path, strategy):
+    """weights_only=True admits tensors and plain data only: each strategy's state must be that."""
+    entry = cli.STRATEGIES.get(strategy)
+    if "supervised" not in entry.target.learners:
+        pytest.skip(f"{strategy} is for RL learners")
+    setting = entry.target.settings[0]
+    run_dir, _ = cli.execute(cli.parse(["--strategy", strategy, "--setting", setting, "--n-tasks", "2",
+                                        "--epochs", "1", "--hidden", "20", "--progress", "false",
+                                        "--out", str(tmp_path)]))
+    state = rundir._load(run_dir / "checkpoint.pt")
+    assert state["step"] > 0 and len(state["R"]) == 2
+
+
+def test_a_private_run_checkpoint_loads_without_running_code(tmp_path):
+    run_dir, _ = cli.execute(cli.parse(["--privacy", "dpsgd", "--n-tasks", "2", "--epochs", "1", "--hidden", "20",
+                                        "--progress", "false", "--out", str(tmp_path)]))
+    state = rundir._load(run_dir / "checkpoint.pt")
+    assert state["ledger"]["accesses"]
+
+
+def privacy_flags() -> list[str]:
+    from clsim.privacy.dpsgd import DPOptions
+    import dataclasses
+    return ["--privacy"] + [cli.config.flag(f.name) for f in dataclasses.fields(DPOptions)]
+
+
+def test_every_abbreviation_of_a_privacy_flag_is_refused():
+    flags = privacy_flags()
+    whole = set(flags)
+    tried = 0
+    for name in flags:
+        for cut in range(3, len(name)):
+            prefix = name[:cut]
+            if prefix in whole:
+                continue
+            with pytest.raises(UserError, match=f"unrecognized arguments: {prefix}"):
+                cli.parse(["--privacy", "dpsgd", prefix, "1"] if name != "--privacy" else [prefix, "dpsgd"])
+            tried += 1
+    assert tried > 50
+    with pytest.raises(UserError, match="unrecognized arguments: --lis"):
+        cli.parse(["--lis"])
+
+
+def test_an_abbreviated_flag_in_a_real_process_is_one_line_and_writes_nothing(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "run_scenario.py"), "--priv", "dpsgd", "--out",
+                           str(tmp_path / "o")], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 2
+    one_line_error(proc.stderr, "unrecognized arguments: --priv dpsgd")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--privacy", "dplis", "--privacy", "dpsgd"], "--privacy is given twice (dplis and dpsgd)"),
+    (["--privacy=dpsgd", "--privacy", "dplis"], "--privacy is given twice (dpsgd and dplis)"),
+    (["--epochs", "2", "--epochs", "3"], "--epochs is given twice"),
+    (["--scenario", ""], "--scenario is empty"),
+    (["--strategy", " "], "--strategy is empty"),
+    (["--privacy", ""], "--privacy is empty"),
+    (["--data-root", ""], "--data-root is empty"),
+    (["--seed", str(2 ** 32)], "--seed must be <= 4294967295"),
+])
+def test_contradictory_or_empty_flags_are_refused(args, expected):
+    with pytest.raises(UserError) as info:
+        cli.parse(args)
+    assert expected in str(info.value)
+
+
+def test_the_same_flag_twice_with_the_same_value_is_one_request():
+    resolved = cli.parse(["--privacy", "dpsgd", "--privacy=dpsgd"])
+    assert resolved["mechanism"].name == "dpsgd" and resolved["args"]["privacy"] == "dpsgd"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("epochs: 1.5\n", "epochs in {} must be an integer, got 1.5"),
+    ("epochs: [1, 2]\n", "epochs in {} must be an integer, got [1, 2]"),
+    ("epochs: true\n", "epochs in {} must be an integer, got True"),
+    ("lr: yes\n", "lr in {} must be a number, got True"),
+    ("lr: fast\n", "lr in {} must be a number, got 'fast'"),
+    ("checkpoint: 1\n", "checkpoint in {} must be true or false, got 1"),
+    ("scenario: [1]\n", "scenario in {} must be a non-empty string, got [1]"),
+    ("strategy: ''\n", "strategy in {} must be a non-empty string, got ''"),
+    ("data-root: 3\n", "data-root in {} must be a non-empty string, got 3"),
+    ("epochs:\n", "epochs in {} must be an integer, got None"),
+    ("- epochs\n", "must be a mapping of option names to values"),
+])
+def test_each_yaml_type_error_is_one_line_exit_2(tmp_path, capsys, text, expected):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    assert cli.main(["--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, expected.format(cfg))
+    assert not (tmp_path / "o").exists()
+
+
+def test_yaml_exponents_are_numbers(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lr: 1e-3\nepochs: 2\n")   # YAML 1.1 reads 1e-3 as a string
+    resolved = cli.parse(["--config", str(cfg)])
+    assert resolved["run"].lr == 0.001 and resolved["run"].epochs == 2
+
+
+def test_binary_garbage_as_a_config_in_a_real_process_is_one_line(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_bytes(bytes(range(256)) * 4)
+    proc = subprocess.run([sys.executable, str(REPO / "run_scenario.py"), "--config", str(cfg), "--out",
+                           str(tmp_path / "o")], cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 2
+    one_line_error(proc.stderr, f"config file {cfg} is not UTF-8 text")
+
+
+def read_only_directory() -> Path | None:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        mount, options = line.split()[1], line.split()[3].split(",")
+        if "ro" in options and Path(mount).is_dir() and not os.access(mount, os.W_OK):
+            return Path(mount)
+    return None
+
+
+@pytest.mark.parametrize("where", ["file", "/dev/null", "read-only"])
+def test_an_unusable_out_is_one_line_before_any_work(tmp_path, capsys, where):
+    if where == "file":
+        out = tmp_path / "a_file"
+        out.write_text("x")
+        expected = "is not a directory"
+    elif where == "/dev/null":
+        out, expected = Path("/dev/null"), "is not a directory"
+    else:
+        ro = read_only_directory()
+        if ro is None:
+            pytest.skip("no read-only mount on this machine")
+        out, expected = ro, "is not writable (read-only file system)"
+    assert cli.main(["--out", str(out), "--epochs", "1"]) == 2
+    one_line_error(capsys.readouterr().err, f"--out {out}", expected)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_an_out_of_range_mnist_label_is_refused_naming_file_and_index(tmp_path):
+    for prefix in ("train", "t10k"):
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte.gz", np.zeros((6, 28, 28)))
+        labels = np.arange(6)
+        if prefix == "train":
+            labels[3] = 12
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    with pytest.raises(UserError) as info:
+        data.load_mnist(tmp_path)
+    assert f"{tmp_path / 'train-labels-idx1-ubyte.gz'} holds label 12 at index 3" in str(info.value)
+
+
+def test_noise_multiplier_zero_under_privacy_says_epsilon_is_infinite(capsys):
+    cli.parse(["--privacy", "dpsgd", "--noise-multiplier", "0"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "no privacy (ε = ∞)" in lines[0]
+    cli.parse(["--privacy", "dpsgd", "--noise-multiplier", "0.5"])
+    assert capsys.readouterr().err == ""
+
+
+def test_help_prints_each_default_once(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: the scenario's)" in text and "(default: the scenario's) (default: None)" not in text
+    assert "--seed SEED one seed for everything: data order, initialisation, sampling (default: 0)" in text
+
+
+def test_the_progress_bar_knows_its_total_and_rescales_it():
+    from clsim.loggers import ProgressLogger
+    bar = ProgressLogger([10, 10, 20], enabled=False)
+    assert bar.bar.total == 40
+    bar.task({"task": 0, "step": 15, "acc": 0.0, "bwt": 0.0, "row": [0.0]})   # took 1.5x the plan
+    assert bar.bar.total == 15 + 45
+    bar.close({})
+
+
+def test_python_dash_m_clsim_runs_the_cli():
+    proc = subprocess.run([sys.executable, "-m", "clsim", "--list"], cwd=REPO, env=ENV, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "split_digits" in proc.stdout
