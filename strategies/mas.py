@@ -14,6 +14,7 @@ records it as a raw access (that task's ε = ∞).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,20 @@ class ImportanceAnchor(Strategy):
         new = self.task_importance(task)
         self.importance = new if self.importance is None else self.importance + new
         self.anchor = self.flat().detach().clone()
+        self.check_stable(task)
+
+    def check_stable(self, task):
+        """The penalty pulls its stiffest weight with curvature 2λ·max Ω; past what the optimiser
+        survives that weight oscillates ever wider (as EWC warns): say so, with a λ that would do."""
+        limit = self.learner.max_stable_curvature()
+        if limit is None or task is self.scenario.tasks[-1]:
+            return
+        stiffest = 2 * self.strength * float(self.importance.max())
+        if stiffest > limit:
+            flag = "--" + self.strength_option.replace("_", "-")
+            warnings.warn(f"after task {task.index}: the penalty's curvature 2·{flag}·max Ω = {stiffest:.3g} exceeds "
+                          f"2(1+momentum)/lr = {limit:.3g}, the most SGD survives, so training will likely diverge; "
+                          f"use {flag} below {self.strength * limit / stiffest:.3g} or a smaller --lr")
 
     def step_metrics(self):
         return {} if self._last_penalty is None else {"strategy/penalty": self._last_penalty}
@@ -83,7 +98,8 @@ class MAS(ImportanceAnchor):
 
     @dataclass
     class Options:
-        mas_lambda: float = opt(1.0, "λ: strength of the penalty λ·Σ Ω (θ - θ*)²", low=0.0)
+        mas_lambda: float = opt(0.1, "λ: strength of the penalty λ·Σ Ω (θ - θ*)² (the paper used 1; a warning "
+                                "names the largest SGD survives)", low=0.0)
         mas_samples: int = opt(1000, "inputs of each task averaged for its importance", low=1)
 
     def task_importance(self, task):

@@ -1,0 +1,142 @@
+"""GEM (Lopez-Paz & Ranzato, NeurIPS 2017) and A-GEM (Chaudhry et al., ICLR 2019).
+
+Both keep an episodic memory: at the end of each task, `--gem-memory / n_tasks` of its training
+examples drawn at random (as Mammoth does; the authors' code fills it with the task's latest
+examples instead), kept raw on the CPU. After every backward the gradient g over all the model's
+parameters is checked against the memory's:
+
+  A-GEM: g_ref, the gradient of a batch of `--agem-batch` examples drawn from the whole memory;
+         if g·g_ref < 0, g ← g − (g·g_ref / g_ref·g_ref) g_ref (so the result has g·g_ref = 0).
+  GEM:   one gradient g_k per earlier task (on all its memory); if some g·g_k < 0, g ← g + Mᵀv
+         with v the dual solution of the projection QP, min ½vᵀ(MMᵀ + εI)v + gᵀMᵀv subject to
+         v ≥ γ (the authors' `project2cone2`: margin γ = `--gem-margin`, ε = 1e-3). quadprog is not
+         a dependency: the same QP is the bounded least-squares problem
+         min ½‖Mᵀv + g‖² + ½ε‖v‖², v ≥ γ, which scipy.optimize.lsq_linear solves.
+
+The memory holds raw examples, so under a privacy mechanism every task's ε is ∞ (the ledger says
+so); the memory gradient is exact, the current one the mechanism's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clsim.config import opt
+from clsim.learners import Batch
+from clsim.metrics import tensor_bytes
+from clsim.registry import register_strategy
+from clsim.strategy import Strategy
+
+
+@dataclass
+class GEMOptions:
+    gem_memory: int = opt(500, "examples kept over the whole run, an equal share per task", low=1)
+
+
+class EpisodicMemory(Strategy):
+    """A fixed share of every finished task's examples, and gradient projection onto them."""
+
+    Options = GEMOptions
+    learners = ("supervised",)
+    data_access = "raw: keeps examples in an episodic memory"
+
+    def setup(self, learner, scenario, mechanism):
+        super().setup(learner, scenario, mechanism)
+        self.per_task = max(1, self.options.gem_memory // len(scenario.tasks))
+        self.memory: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (x, y, t) per task
+        self.projected = 0          # steps whose gradient was changed
+        self._dot = None
+
+    def after_task(self, task):
+        pick = torch.randperm(len(task.train), generator=self.learner.generator)[:self.per_task]
+        self.memory.append((task.train.x[pick], task.train.y[pick], torch.full((len(pick),), task.index)))
+        self.ledger.raw(task.dataset_id, f"{type(self).__name__.lower()} episodic memory")
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.learner.model.parameters() if p.requires_grad]
+
+    def memory_gradient(self, x, y, t) -> torch.Tensor:
+        """The flat gradient of the mean loss of memory examples (not touching p.grad)."""
+        dev = self.learner.device
+        losses, _ = self.learner.forward(Batch(x.to(dev), y.to(dev), t.to(dev), torch.full((len(y),), -1)))
+        params = self.params()
+        grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+
+    def current_gradient(self) -> torch.Tensor:
+        return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.params()])
+
+    def set_gradient(self, flat: torch.Tensor) -> None:
+        offset = 0
+        for p in self.params():
+            n = p.numel()
+            p.grad = flat[offset:offset + n].view_as(p).clone()
+            offset += n
+
+    def after_backward(self):
+        if not self.memory:
+            return
+        g = self.current_gradient()
+        projected = self.project(g)
+        if projected is not None:
+            self.set_gradient(projected)
+            self.projected += 1
+
+    def project(self, g: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
+
+    def step_metrics(self):
+        return {"strategy/projected_steps": self.projected}
+
+    def task_metrics(self):
+        return {"projected_steps": self.projected, "memory_bytes": tensor_bytes(self.state_tensors())}
+
+    def state_tensors(self):
+        return [tensor for entry in self.memory for tensor in entry]
+
+    def state_dict(self):
+        return {"memory": self.memory, "projected": self.projected}
+
+    def load_state_dict(self, state):
+        self.memory, self.projected = state["memory"], state["projected"]
+
+
+@register_strategy("agem")
+class AGEM(EpisodicMemory):
+    """A-GEM: project the gradient when it conflicts with a memory batch's (episodic memory)."""
+
+    @dataclass
+    class Options(GEMOptions):
+        agem_batch: int = opt(256, "memory examples in each reference gradient", low=1)
+
+    def project(self, g):
+        x, y, t = (torch.cat(column) for column in zip(*self.memory))
+        pick = torch.randperm(len(y), generator=self.learner.generator)[:self.options.agem_batch]
+        ref = self.memory_gradient(x[pick], y[pick], t[pick])
+        dot = torch.dot(g, ref)
+        if dot >= 0:
+            return None
+        return g - dot / torch.dot(ref, ref) * ref
+
+
+@register_strategy("gem")
+class GEM(EpisodicMemory):
+    """GEM: keep every earlier task's memory loss from rising (a QP per conflicting step, scipy)."""
+
+    @dataclass
+    class Options(GEMOptions):
+        gem_margin: float = opt(0.5, "γ: lower bound of the dual variables (the authors' memory_strength)", low=0.0)
+
+    def project(self, g):
+        memories = torch.stack([self.memory_gradient(*entry) for entry in self.memory])   # M: [tasks, params]
+        if bool((memories @ g >= 0).all()):
+            return None
+        from scipy.optimize import lsq_linear
+        m = memories.double().cpu().numpy()
+        eps = 1e-3
+        a = np.vstack([m.T, np.sqrt(eps) * np.eye(len(m))])
+        b = np.concatenate([-g.double().cpu().numpy(), np.zeros(len(m))])
+        v = lsq_linear(a, b, bounds=(self.options.gem_margin, np.inf)).x
+        return g + torch.from_numpy(v @ m).to(g)
