@@ -4,6 +4,7 @@ Each logger has step(record), task(record) and close(summary); none changes trai
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -49,6 +50,8 @@ class JsonlLogger:
             if flush:
                 self.file.flush()
         except OSError as exc:   # name the file: a full disk is reported with its path
+            with contextlib.suppress(OSError):
+                self.file.close()   # closed now, or the failed buffer is written again at exit
             raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def step(self, record):

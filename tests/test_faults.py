@@ -403,3 +403,24 @@ def test_python_dash_m_clsim_runs_the_cli():
     proc = subprocess.run([sys.executable, "-m", "clsim", "--list"], cwd=REPO, env=ENV, capture_output=True,
                           text=True)
     assert proc.returncode == 0 and "split_digits" in proc.stdout
+
+
+def test_a_nan_after_the_first_task_keeps_the_run_and_says_where(tmp_path, capsys):
+    """EWC with a λ SGD cannot take diverges in task 1: task 0's checkpoint and the logs stay."""
+    out = tmp_path / "out"
+    assert cli.main(["--strategy", "ewc", "--ewc-lambda", "1e4", "--epochs", "1", "--hidden", "20", "--n-tasks", "2",
+                     "--progress", "false", "--out", str(out)]) == 2
+    partial = out / ".split_digits-ewc-class_il-seed0.partial"
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "the loss became nan at task 1" in err[0] and f"kept in {partial}" in err[0]
+    assert rundir._load(partial / "checkpoint.pt")["R"] and '"kind": "task"' in (partial / "log.jsonl").read_text()
+
+
+def test_a_full_disk_is_named_with_the_file_that_could_not_be_written():
+    from clsim.loggers import JsonlLogger
+    log = JsonlLogger("/dev/full")   # a real device whose writes fail with ENOSPC
+    with pytest.raises(OSError) as info:
+        log.task({"task": 0, "step": 1})
+    assert str(rundir.out_of_space(info.value, Path("/elsewhere"))) == \
+        "the disk is full (ENOSPC) while writing /dev/full"
+    assert log.file.closed   # its failed buffer is not written again at exit
