@@ -103,11 +103,12 @@ def _read_only(path: Path) -> bool:
     return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
-def _lock(path: Path) -> int | None:
-    """An exclusive flock on the directory `path`; None when another process holds it."""
+def _lock(path: Path, wait: bool = False) -> int | None:
+    """An exclusive flock on the directory `path`; None when another process holds it (`wait`:
+    block until it is ours, for a directory we just created that another run may be probing)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
     except BlockingIOError:
         os.close(fd)
         return None
@@ -148,10 +149,7 @@ class RunDirectory:
                 continue
             except OSError as exc:
                 raise UserError(f"--out {out}: cannot create a run directory there ({exc.strerror})") from None
-            fd = _lock(partial)
-            if fd is None:   # cannot happen for a directory we just made, unless someone races us
-                continue
-            return cls(root, final, fd, resumed=False)
+            return cls(root, final, _lock(partial, wait=True), resumed=False)
 
     @classmethod
     def reopen(cls, partial: Path) -> RunDirectory:
