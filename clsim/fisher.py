@@ -121,9 +121,19 @@ def layers_of(model: nn.Module, names: list[str]) -> dict[nn.Module, list[tuple[
     return layers
 
 
-def layerwise_grads(learner, layers, x, y, t) -> dict[str, torch.Tensor]:
-    """Per-example gradients of the parameters in `layers` (see `layers_of`) from one batched
-    forward and one backward to the layer outputs (no parameter gradients are formed)."""
+def sampled(learner, x, y, t) -> torch.Tensor:
+    """y, or targets sampled from the model when None (true Fisher; a forward pass of its own)."""
+    if y is not None:
+        return y
+    with torch.no_grad():
+        return learner.sample_targets(learner.logits(x, t))
+
+
+def _backprops(learner, layers, x, y, t):
+    """Each call of each layer in `layers` (see `layers_of`) as its input and the gradient of the
+    summed log-likelihood w.r.t. its output (None if unused), from one batched forward and one
+    backward to the layer outputs (no parameter gradients are formed); and the targets (when y
+    is None, sampled from that same forward's output)."""
     calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in layers}
 
     def record(module, inputs, output):
@@ -137,7 +147,11 @@ def layerwise_grads(learner, layers, x, y, t) -> dict[str, torch.Tensor]:
             for p in frozen:
                 p.requires_grad_(True)
             try:
-                total = learner.log_likelihood(x, y, t).sum()
+                if y is None:
+                    ll, y = learner.sampled_log_likelihood(x, t)
+                else:
+                    ll = learner.log_likelihood(x, y, t)
+                total = ll.sum()
             finally:
                 for p in frozen:
                     p.requires_grad_(False)
@@ -146,20 +160,73 @@ def layerwise_grads(learner, layers, x, y, t) -> dict[str, torch.Tensor]:
     finally:
         for h in handles:
             h.remove()
-    rows: dict[str, torch.Tensor] = {}
+    return {m: [(a, next(out_grads)) for a, _ in calls[m]] for m in layers}, y
+
+
+def _zeros_for_unreached(layers, rows, shape_prefix) -> None:
     for module, pairs in layers.items():
-        for a, _ in calls[module]:
-            g = next(out_grads)
-            if g is None:
-                continue
-            per_layer = _layer_rows(module, a, g)
-            for name, own in pairs:     # a layer called several times adds up its calls
-                rows[name] = rows[name] + per_layer[own] if name in rows else per_layer[own]
         params = dict(module.named_parameters(recurse=False))
         for name, own in pairs:         # a layer the log-likelihood never reached
             if name not in rows:
-                rows[name] = params[own].new_zeros((len(x), *params[own].shape))
-    return rows
+                rows[name] = params[own].new_zeros((*shape_prefix, *params[own].shape))
+
+
+def layerwise_grads(learner, layers, x, y, t) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-example gradients of the parameters in `layers` (see `layers_of`), one row per
+    example, and the targets (see `_backprops`)."""
+    rows: dict[str, torch.Tensor] = {}
+    backprops, y = _backprops(learner, layers, x, y, t)
+    for module, calls in backprops.items():
+        for a, g in calls:
+            if g is None:
+                continue
+            per_layer = _layer_rows(module, a, g)
+            for name, own in layers[module]:    # a layer called several times adds up its calls
+                rows[name] = rows[name] + per_layer[own] if name in rows else per_layer[own]
+    _zeros_for_unreached(layers, rows, (len(x),))
+    return rows, y
+
+
+def layerwise_squares(learner, layers, x, y, t, check: bool = False) -> dict[str, torch.Tensor]:
+    """Σ_i of the squared per-example gradients of the parameters in `layers`. A Linear layer
+    called once on (examples x features) inputs has per-example weight gradient g_i a_iᵀ, so the
+    sum of its squares is (g²)ᵀ(a²): one matmul, no per-example gradients (Σ_i g_i² for its
+    bias). Any other layer (Conv2d, normalisation, inputs with positions, several calls, whose
+    rows add up before squaring) squares its per-example rows. `check`: the same sums over the
+    first examples (from this batch's backward) must match torch.func's, else
+    `LayerwiseMismatch`."""
+    backprops, y = _backprops(learner, layers, x, y, t)
+    if check:
+        k = min(CHECKED_EXAMPLES, len(x))
+        reference = vmap_grads(learner, [n for pairs in layers.values() for n, _ in pairs], x[:k], y[:k], t)
+        _compare(_squares(layers, backprops, k), {n: g.square().sum(0) for n, g in reference.items()})
+    return _squares(layers, backprops, None)
+
+
+def _squares(layers, backprops, k: int | None) -> dict[str, torch.Tensor]:
+    """`layerwise_squares` over the first `k` examples (all if None)."""
+    sums: dict[str, torch.Tensor] = {}
+    for module, calls in backprops.items():
+        used = [(a[:k], g[:k]) for a, g in calls if g is not None]
+        if not used:
+            continue
+        if type(module) is nn.Linear and len(used) == 1 and used[0][0].dim() == 2:
+            a, g = used[0]
+            g2 = g.square()
+            per_layer = {"weight": g2.T @ a.square(), "bias": g2.sum(0)}
+        else:
+            rows = [_layer_rows(module, a, g) for a, g in used]
+            per_layer = {own: sum(r[own] for r in rows).square_().sum(0) for _, own in layers[module]}
+        for name, own in layers[module]:
+            sums[name] = per_layer[own]
+    _zeros_for_unreached(layers, sums, ())
+    return sums
+
+
+def _compare(fast: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    for n, ref in reference.items():
+        if not torch.allclose(fast[n], ref, rtol=1e-3, atol=1e-5 * float(ref.abs().max()) + 1e-12):
+            raise LayerwiseMismatch(n)
 
 
 def per_example_grads(learner, names: list[str], x, y, t, check: bool = False) -> dict[str, torch.Tensor]:
@@ -168,15 +235,13 @@ def per_example_grads(learner, names: list[str], x, y, t, check: bool = False) -
     raise `LayerwiseMismatch` if they differ."""
     layers = layers_of(learner.model, names)
     if layers is None:
-        return vmap_grads(learner, names, x, y, t)
+        return vmap_grads(learner, names, x, sampled(learner, x, y, t), t)
     with full_float32() if check else nullcontext():
-        rows = layerwise_grads(learner, layers, x, y, t)
+        rows, y = layerwise_grads(learner, layers, x, y, t)
         if check:
             k = min(CHECKED_EXAMPLES, len(x))
             reference = vmap_grads(learner, names, x[:k], y[:k], t)
-            for n, ref in reference.items():
-                if not torch.allclose(rows[n][:k], ref, rtol=1e-3, atol=1e-5 * float(ref.abs().max()) + 1e-12):
-                    raise LayerwiseMismatch(n)
+            _compare({n: r[:k] for n, r in rows.items()}, reference)
     return rows
 
 
@@ -198,38 +263,56 @@ class LayerwiseMismatch(RuntimeError):
     """The layer-wise per-example gradients of a parameter differ from torch.func's."""
 
 
-def sum_rows(squared: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {n: s.sum(0) for n, s in squared.items()}
+def squared_sums(learner, names: list[str], x, y, t, check: bool = False) -> dict[str, torch.Tensor]:
+    """Σ_i of the squared gradients of log p(y_i | x_i) w.r.t. the named parameters; layer by
+    layer where possible (see `layerwise_squares`), else torch.func. `check` as there."""
+    layers = layers_of(learner.model, names)
+    if layers is None:
+        return {n: g.pow_(2).sum(0) for n, g in vmap_grads(learner, names, x, sampled(learner, x, y, t), t).items()}
+    with full_float32() if check else nullcontext():
+        return layerwise_squares(learner, layers, x, y, t, check)
 
 
 def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: bool = False,
-                    reduce: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = sum_rows
+                    reduce: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
                     ) -> dict[str, torch.Tensor]:
     """Mean over examples of squared per-example gradients of log p(y|x) on `task`.
 
-    y is sampled from the model (true Fisher) unless `empirical`. `reduce` turns a batch's
-    squared per-example gradients into their sum; the DP-Fisher clips and noises there. The
-    model is in eval mode meanwhile (frozen normalisation statistics)."""
+    y is sampled from the model (true Fisher, from the forward pass that also gives the
+    gradients) unless `empirical`. `reduce` turns a batch's
+    squared per-example gradients (one row per example) into their sum; the DP-Fisher clips
+    there. Without it the sums come straight from `squared_sums` (no per-example gradients
+    where the layers allow). The model is in eval mode meanwhile (frozen normalisation
+    statistics)."""
     model = learner.model
     was_training = model.training
     model.eval()
     total = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in names}
     count = 0
     fallback = False
+
+    def sums(x, y, t, check):
+        if fallback:
+            rows = vmap_grads(learner, names, x, sampled(learner, x, y, t), t)
+        elif reduce is None:
+            return squared_sums(learner, names, x, y, t, check)
+        else:
+            rows = per_example_grads(learner, names, x, y, t, check)
+        squared = {n: g.pow_(2) for n, g in rows.items()}   # the rows are ours: in place
+        return reduce(squared) if reduce is not None else {n: s.sum(0) for n, s in squared.items()}
+
     try:
         for i, (x, y, t) in enumerate(learner.fisher_batches(task, n_samples, empirical)):
-            if fallback:
-                grads = vmap_grads(learner, names, x, y, t)
-            else:
-                try:
-                    grads = per_example_grads(learner, names, x, y, t, check=i == 0)
-                except LayerwiseMismatch as exc:
-                    warnings.warn(f"layer-wise per-example gradients of {exc} differ from torch.func's "
-                                  f"for this model; its Fisher uses torch.func (slower)")
-                    fallback = True
-                    grads = vmap_grads(learner, names, x, y, t)
-            squared = {n: g.pow_(2) for n, g in grads.items()}   # the rows are ours: in place
-            for n, s in reduce(squared).items():
+            if i == 0:      # the checked batch's targets, fixed in case it falls back
+                y = sampled(learner, x, y, t)
+            try:
+                batch = sums(x, y, t, check=i == 0)
+            except LayerwiseMismatch as exc:
+                warnings.warn(f"layer-wise per-example gradients of {exc} differ from torch.func's "
+                              f"for this model; its Fisher uses torch.func (slower)")
+                fallback = True
+                batch = sums(x, y, t, check=False)
+            for n, s in batch.items():
                 total[n] += s
             count += len(x)
     finally:

@@ -22,6 +22,9 @@ def reference_fisher(learner, task, names, n, empirical):
     total = {n_: torch.zeros_like(params[n_]) for n_ in names}
     count = 0
     for x, y, t in learner.fisher_batches(task, n, empirical):
+        if y is None:                                   # true Fisher: targets from the model
+            with torch.no_grad():
+                y = learner.sample_targets(learner.logits(x, t))
         for i in range(len(x)):
             ll = learner.log_likelihood(x[i:i + 1], y[i:i + 1], t).sum()
             grads = torch.autograd.grad(ll, [params[n_] for n_ in names])

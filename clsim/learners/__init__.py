@@ -5,8 +5,8 @@ A learner offers what strategies need, and nothing else:
   batches(task, epoch, subset)     the training batches of one epoch (subset: example indices)
   forward(batch) -> (losses, out)  per-example losses and the model's outputs
   evaluate(task) -> float          accuracy in % (supervised) or mean return (RL)
-  fisher_batches(task, n, empirical) and log_likelihood(x, y, t)
-                                   data and per-example log p(y|x) for Fisher-based strategies
+  fisher_batches(task, n, empirical) and logits(x, t)
+                                   data and the scores behind p(y|x) for Fisher-based strategies
   is_head(name)                    whether a parameter belongs to a task head
 Optional: step_metrics() (figures per step) and score_details() (e.g. raw RL returns recorded
 as extra matrices beside the score matrix).

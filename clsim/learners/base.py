@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Iterator, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -77,10 +78,32 @@ class Learner:
         raise NotImplementedError
 
     def fisher_batches(self, task, n: int, empirical: bool) -> Iterator[tuple]:
+        """(x, y, t) chunks of up to `n` units of `task`; y is None for the true Fisher (targets
+        sampled from the model: `sampled_log_likelihood`)."""
         raise NotImplementedError
 
-    def log_likelihood(self, x, y, t) -> torch.Tensor:
+    def logits(self, x, t) -> torch.Tensor:
+        """The model's output that parameterises p(y | x): class scores (softmax), or an RL
+        policy's action-distribution parameters."""
         raise NotImplementedError
+
+    def log_prob(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """log p(y_i | x_i) from the output `out` of `logits` (here: a softmax over classes)."""
+        return F.log_softmax(out, 1).gather(1, y[:, None]).squeeze(1)
+
+    def sample_targets(self, out: torch.Tensor) -> torch.Tensor:
+        """y_i ~ p(y | x_i) from the output of `logits`, drawn with the learner's generator."""
+        probs = F.softmax(out.detach(), 1).cpu()
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(out.device)
+
+    def log_likelihood(self, x, y, t) -> torch.Tensor:
+        return self.log_prob(self.logits(x, t), y)
+
+    def sampled_log_likelihood(self, x, t) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p(y_i | x_i) of targets y sampled from the model, and y: one forward pass."""
+        out = self.logits(x, t)
+        y = self.sample_targets(out)
+        return self.log_prob(out, y), y
 
     # Optional figures; the defaults add nothing.
     def step_metrics(self) -> dict:

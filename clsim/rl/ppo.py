@@ -373,13 +373,13 @@ class PPOLearner(Learner):
         states, taken = self.fisher_states[task.index]
         pick = torch.randperm(len(states), generator=self.generator)[:n]
         for chunk in pick.split(self.batch_size):
-            x = states[chunk].to(self.device)
-            if empirical:
-                y = taken[chunk]
-            else:
-                with torch.no_grad():
-                    y = self.actions.sample(self.model.policy(x, task.index).cpu(), self.generator)
-            yield x, y.to(self.device), task.index
+            yield states[chunk].to(self.device), taken[chunk].to(self.device) if empirical else None, task.index
 
-    def log_likelihood(self, x, y, t) -> torch.Tensor:
-        return self.actions.log_prob(self.model.policy(x, t), y)
+    def logits(self, x, t) -> torch.Tensor:
+        return self.model.policy(x, t)
+
+    def log_prob(self, out, y) -> torch.Tensor:
+        return self.actions.log_prob(out, y)
+
+    def sample_targets(self, out) -> torch.Tensor:
+        return self.actions.sample(out.detach().cpu(), self.generator).to(out.device)
