@@ -1,20 +1,24 @@
 """Cost of one private step, side by side on the same model and the same real CIFAR-10 batch.
 
-    plain    : forward, backward, SGD step (no privacy)
-    opacus   : Opacus's own minimal loop (PrivacyEngine.make_private, then zero_grad/backward/step)
-    dpsgd    : clsim's DP-SGD mechanism (learner.forward, mechanism.backward, mechanism.step) and
-               the per-step ε it reports (step_metrics), as the engine runs it
-    dplis    : clsim's DPlis with K copies
+    plain       : forward, backward, SGD step (no privacy)
+    opacus      : Opacus's own minimal loop (PrivacyEngine.make_private, then zero_grad/backward/step)
+    dpsgd_ghost : clsim's DP-SGD mechanism with --dp-clipping ghost (learner.forward,
+                  mechanism.backward, mechanism.step) and the per-step ε it reports, as the engine runs it
+    dpsgd_hooks : the same with --dp-clipping hooks (per-example gradients stored)
+    dplis       : clsim's DPlis with K copies
 
-Rounds interleave the variants so machine load hits all alike; the median per variant is
-reported. Targets: dpsgd/plain <= 3, dpsgd/opacus <= 1.05, dplis(K=10)/dpsgd <= 10.
+Models: the small CIFAR CNN and the reduced ResNet-18 (its BatchNorm replaced by GroupNorm, as
+the mechanism does). Rounds interleave the variants so machine load hits all alike; the median
+per variant is reported. Memory (--memory, Linux): each variant runs 3 steps in a fresh process;
+what they add to its resident memory at their peak, over plain's. Targets: dpsgd_ghost/plain <= 1.5 (time) and <= 1.3 (memory), dpsgd/opacus <= 1.05.
 
-    python bench/privacy_cost.py                 # batch 128, small CNN, 1 thread
+    python bench/privacy_cost.py [--models cnn,resnet18] [--memory]   # batch 128, 1 thread
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -29,7 +33,6 @@ from clsim import config  # noqa: E402
 from clsim.data import load_cifar10  # noqa: E402
 from clsim.learners.base import Batch  # noqa: E402
 from clsim.learners.supervised import SupervisedLearner  # noqa: E402
-from clsim.models import MultiHeadNet, SmallCNN  # noqa: E402
 from clsim.privacy.dplis import DPlis  # noqa: E402
 from clsim.privacy.dpsgd import DPSGD  # noqa: E402
 from clsim.privacy.ledger import Ledger  # noqa: E402
@@ -38,16 +41,18 @@ from clsim.scenario import Scenario, Task, TaskData  # noqa: E402
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "cifar10"
 
 
-def model(seed: int):
+def model(name: str, seed: int):
+    from clsim.models import make_model
+    from clsim.privacy.dpsgd import replace_unsupported_layers
     torch.manual_seed(seed)
-    return MultiHeadNet(SmallCNN(3, 32), [10])
+    return replace_unsupported_layers(make_model(name, (3, 32, 32), "class_il", [10], 10))
 
 
-def clsim_step(mechanism_cls, x, y, seed, **options):
+def clsim_step(name, mechanism_cls, x, y, seed, **options):
     """A ready-to-call closure doing one clsim training step under `mechanism_cls`."""
     task = Task(0, "cifar10", tuple(range(10)), TaskData(x, y), TaskData(x, y), n_outputs=10)
-    scenario = Scenario("bench", "class_il", [task], make_model=lambda: model(seed))
-    learner = SupervisedLearner(model(seed), lr=0.05, momentum=0.0, batch_size=len(y),
+    scenario = Scenario("bench", "class_il", [task], make_model=lambda: model(name, seed))
+    learner = SupervisedLearner(model(name, seed), lr=0.05, momentum=0.0, batch_size=len(y),
                                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
     mechanism = mechanism_cls(config.build(mechanism_cls.Options, {"noise_multiplier": 1.0, **options}))
     mechanism.check(learner, scenario, 1)
@@ -66,8 +71,8 @@ def clsim_step(mechanism_cls, x, y, seed, **options):
     return step
 
 
-def plain_step(x, y, seed):
-    net = model(seed)
+def plain_step(name, x, y, seed):
+    net = model(name, seed)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
 
     def step():
@@ -78,10 +83,9 @@ def plain_step(x, y, seed):
     return step
 
 
-def opacus_step(x, y, seed):
+def opacus_step(name, x, y, seed):
     from opacus import PrivacyEngine
-    torch.manual_seed(seed)
-    net = torch.nn.Sequential(SmallCNN(3, 32), torch.nn.Linear(256, 10))
+    net = model(name, seed)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(y))
     net, optimizer, _ = PrivacyEngine(accountant="rdp").make_private(
@@ -95,41 +99,83 @@ def opacus_step(x, y, seed):
     return step
 
 
+def variants(name, x, y, dplis_k, dplis_k_chunk):
+    """name -> a function building that variant's step closure."""
+    return {"plain": lambda: plain_step(name, x, y, 0), "opacus": lambda: opacus_step(name, x, y, 0),
+            "dpsgd_ghost": lambda: clsim_step(name, DPSGD, x, y, 0, dp_clipping="ghost"),
+            "dpsgd_hooks": lambda: clsim_step(name, DPSGD, x, y, 0, dp_clipping="hooks"),
+            f"dplis_k{dplis_k}": lambda: clsim_step(name, DPlis, x, y, 0, dplis_k=dplis_k,
+                                                    dplis_k_chunk=dplis_k_chunk)}
+
+
+def peak_memory(args, name: str, variant: str) -> float:
+    """MiB that 3 steps of `variant` add to the resident memory at their start, at their peak
+    (a fresh process; Linux's VmHWM, reset before the steps)."""
+    out = subprocess.run([sys.executable, __file__, "--data-root", args.data_root, "--batch-size",
+                          str(args.batch_size), "--dplis-k", str(args.dplis_k), "--one", f"{name}:{variant}"],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def resident_kib(field: str) -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith(field)).split()[1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", default=str(DEFAULT_ROOT))
+    parser.add_argument("--models", default="cnn,resnet18")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--dplis-k", type=int, default=10)
     parser.add_argument("--dplis-k-chunk", type=int, default=0, help="copies vectorised together (0: auto)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--memory", action="store_true", help="also peak memory, one process per variant")
+    parser.add_argument("--one", help=argparse.SUPPRESS)    # MODEL:VARIANT, for --memory's processes
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.simplefilter("ignore")
     x_train, y_train, _, _ = load_cifar10(args.data_root)
     x, y = x_train[:args.batch_size].contiguous(), y_train[:args.batch_size].contiguous()
-    variants = {"plain": plain_step(x, y, 0), "opacus": opacus_step(x, y, 0),
-                "dpsgd": clsim_step(DPSGD, x, y, 0),
-                f"dplis_k{args.dplis_k}": clsim_step(DPlis, x, y, 0, dplis_k=args.dplis_k,
-                                                              dplis_k_chunk=args.dplis_k_chunk)}
-    times = {name: [] for name in variants}
-    for name, step in variants.items():      # warm-up
-        step()
-    for _ in range(args.rounds):
-        for name, step in variants.items():
-            t0 = time.perf_counter()
+    if args.one:
+        del x_train, y_train
+        name, variant = args.one.split(":")
+        step = variants(name, x, y, args.dplis_k, args.dplis_k_chunk)[variant]()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                # resets the peak (VmHWM) to the current resident size
+        start = resident_kib("VmRSS")
+        for _ in range(3):
             step()
-            times[name].append(time.perf_counter() - t0)
-    med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"small CNN (SmallCNN width 32, {sum(p.numel() for p in model(0).parameters())} parameters), "
-          f"real CIFAR-10 batch of {args.batch_size}, {args.threads} thread(s), median of {args.rounds} "
-          f"interleaved rounds")
-    for name, value in med.items():
-        print(f"  {name:10s} {1000 * value:9.1f} ms/step")
-    dplis = f"dplis_k{args.dplis_k}"
-    print(f"dpsgd / plain  = {med['dpsgd'] / med['plain']:.2f}   (target <= 3)")
-    print(f"dpsgd / opacus = {med['dpsgd'] / med['opacus']:.3f}  (target <= 1.05)")
-    print(f"{dplis} / dpsgd = {med[dplis] / med['dpsgd']:.2f}   (target <= {args.dplis_k})")
+        print((resident_kib("VmHWM") - start) / 1024)
+        return
+    for name in args.models.split(","):
+        steps = {v: build() for v, build in variants(name, x, y, args.dplis_k, args.dplis_k_chunk).items()}
+        times = {v: [] for v in steps}
+        for step in steps.values():      # warm-up
+            step()
+        for _ in range(args.rounds):
+            for v, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                times[v].append(time.perf_counter() - t0)
+        med = {v: statistics.median(t) for v, t in times.items()}
+        print(f"{name} ({sum(p.numel() for p in model(name, 0).parameters())} parameters), real CIFAR-10 batch "
+              f"of {args.batch_size}, {args.threads} thread(s), median of {args.rounds} interleaved rounds")
+        for v, value in med.items():
+            print(f"  {v:12s} {1000 * value:9.1f} ms/step")
+        dplis = f"dplis_k{args.dplis_k}"
+        print(f"  dpsgd_ghost / plain  = {med['dpsgd_ghost'] / med['plain']:.2f}   (target <= 1.5)")
+        print(f"  dpsgd_hooks / plain  = {med['dpsgd_hooks'] / med['plain']:.2f}")
+        print(f"  dpsgd_hooks / opacus = {med['dpsgd_hooks'] / med['opacus']:.3f}  (target <= 1.05)")
+        print(f"  {dplis} / dpsgd_ghost = {med[dplis] / med['dpsgd_ghost']:.2f}   (target <= {args.dplis_k})")
+        if args.memory:
+            above = {v: peak_memory(args, name, v) for v in ("plain", "dpsgd_ghost", "dpsgd_hooks")}
+            print(f"  peak memory the steps add (MiB): "
+                  + ", ".join(f"{v} {m:.0f}" for v, m in above.items()))
+            for v in ("dpsgd_ghost", "dpsgd_hooks"):
+                print(f"  {v} / plain memory = {above[v] / max(above['plain'], 1e-9):.2f}"
+                      + ("   (target <= 1.3)" if v == "dpsgd_ghost" else ""))
+        print(flush=True)
 
 
 if __name__ == "__main__":

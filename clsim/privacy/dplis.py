@@ -65,6 +65,9 @@ class DPlis(DPSGD):
 
     def prepare(self, learner) -> None:
         self.wrapper = _Loss(learner)    # no Opacus hooks: gradients come from torch.func
+        if self.options.dp_clipping != "hooks":
+            self._log("--dp-clipping does not apply to dplis: its smoothed per-example gradients come "
+                      "from torch.func and are clipped one by one")
 
     def per_example_grads(self, losses: torch.Tensor) -> set[nn.Parameter]:
         batch = self._batch

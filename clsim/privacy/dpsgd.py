@@ -53,6 +53,12 @@ class DPOptions:
                                          "C_F² (one release per Fisher pass)", low=0.0, low_open=True)
     fisher_max_grad_norm: float = opt(1.0, "C_F: per-example gradient norm bound of the DP-Fisher",
                                       low=0.0, low_open=True)
+    dp_clipping: str = opt("auto", "how per-example gradients are clipped, with the same clipped sum, noise "
+                           "and ε: ghost (Opacus's fast gradient clipping: per-example norms, then a second "
+                           "backward of the clipped loss; no per-example gradients stored), hooks (Opacus's "
+                           "per-example gradients), auto (ghost when Opacus has ghost norms for every trained "
+                           "layer, e.g. MLPs; else hooks, faster for convolutions). The log says which",
+                           choices=("auto", "ghost", "hooks"))
 
 
 def replace_unsupported_layers(model: nn.Module, log=None) -> nn.Module:
@@ -88,6 +94,7 @@ class DPSGD(Mechanism):
         self.sigma = self.options.noise_multiplier
         self.notes: list[str] = []
         self.optimizer = self.task = self._batch = None
+        self.ghost = False      # set by prepare()
 
     # --- before anything runs -------------------------------------------------------------
     def check(self, learner, scenario, epochs: int) -> None:
@@ -130,12 +137,38 @@ class DPSGD(Mechanism):
         self.notes.append(line)
 
     def prepare(self, learner) -> None:
-        """Attach Opacus's per-example gradient hooks (DPlis computes its own instead)."""
+        """Attach Opacus's hooks: per-example norms (ghost) or per-example gradients (hooks);
+        DPlis computes its own instead."""
         from opacus import GradSampleModule
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        self.ghost, why = self._clipping(learner)
+        self._log(f"--dp-clipping {'ghost' if self.ghost else 'hooks'}: {why}")
         try:
-            self.sample_module = GradSampleModule(learner.model, batch_first=True, loss_reduction="sum")
+            if self.ghost:
+                self.sample_module = GradSampleModuleFastGradientClipping(
+                    learner.model, batch_first=True, loss_reduction="sum",
+                    max_grad_norm=self.options.max_grad_norm, use_ghost_clipping=True)
+            else:
+                self.sample_module = GradSampleModule(learner.model, batch_first=True, loss_reduction="sum")
         except NotImplementedError as exc:
             raise UserError(f"Opacus cannot make this model private: {exc}") from None
+
+    def _clipping(self, learner) -> tuple[bool, str]:
+        """Whether to clip with ghost norms, and why."""
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        asked = self.options.dp_clipping
+        if learner.privacy_unit != "example":
+            return False, (f"the privacy unit is the {learner.privacy_unit}, whose rows' gradients are summed "
+                           f"before clipping, which needs them one by one")
+        if asked != "auto":
+            return asked == "ghost", "as asked"
+        others = sorted({type(m).__name__ for m in learner.model.modules()
+                         if any(p.requires_grad for p in m.parameters(recurse=False))
+                         and type(m) not in GradSampleModuleFastGradientClipping.NORM_SAMPLERS})
+        if others:
+            return False, (f"Opacus has no ghost norms for {', '.join(others)} (their per-layer per-example "
+                           f"gradients plus a second backward cost more than hooks)")
+        return True, "Opacus has ghost norms for every trained layer"
 
     def ledger_options(self) -> dict:
         return {"accountant": self.options.accountant}
@@ -152,11 +185,12 @@ class DPSGD(Mechanism):
 
     # --- one task ---------------------------------------------------------------------------
     def before_task(self, task, optimizer):
-        from opacus.optimizers import DPOptimizer
+        from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
         self.task, self._released = task, 0
         self.noise_generator.manual_seed(self.seed + 2 * task.index)
         self.perturb_generator.manual_seed(self.seed + 2 * task.index + 1)
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.sigma,
+        kind = DPOptimizerFastGradientClipping if self.ghost else DPOptimizer
+        self.optimizer = kind(optimizer, noise_multiplier=self.sigma,
                                      max_grad_norm=self.options.max_grad_norm,
                                      expected_batch_size=self.plans[task.dataset_id].expected_batch,
                                      loss_reduction="mean", generator=self.noise_generator)
@@ -203,17 +237,51 @@ class DPSGD(Mechanism):
         penalty_grads = None
         if penalty is not None and torch.is_tensor(penalty) and penalty.requires_grad:
             penalty_grads = torch.autograd.grad(penalty, trainable, allow_unused=True)
-        active = self.per_example_grads(losses)
-        if self.learner.privacy_unit != "example":
-            if self._batch is None or len(self._batch.index) != len(losses):
-                raise UserError(f"the privacy unit here is the {self.learner.privacy_unit}: the strategy must "
-                                f"keep the mechanism's batches as they are")
-            self._sum_rows_per_unit(active, self._batch.index)
+        if self.ghost:
+            active = self.clipped_sum(losses)
+        else:
+            active = self.per_example_grads(losses)
+            if self.learner.privacy_unit != "example":
+                if self._batch is None or len(self._batch.index) != len(losses):
+                    raise UserError(f"the privacy unit here is the {self.learner.privacy_unit}: the strategy "
+                                    f"must keep the mechanism's batches as they are")
+                self._sum_rows_per_unit(active, self._batch.index)
         self._release(active, len(losses))
+        self._add(penalty_grads)
+
+    def _add(self, penalty_grads) -> None:
+        """The penalty's gradient on top of the private one (post-processing)."""
         if penalty_grads is not None:
-            for p, g in zip(trainable, penalty_grads):
+            for p, g in zip(self.optimizer.params, penalty_grads):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
+
+    def clipped_sum(self, losses: torch.Tensor) -> set[nn.Parameter]:
+        """Ghost clipping (Opacus's fast gradient clipping): a first backward leaves each
+        example's gradient norm in p._norm_sample (Linear layers from their activations and
+        backprops alone, others from per-layer per-example gradients dropped at once); a second
+        backward of Σ_i c_i·loss_i, c_i = min(1, C/(‖g_i‖ + 1e-6)) as in Opacus's DPOptimizer,
+        leaves the clipped sum in p.grad. Returns the parameters the batch used (see
+        `per_example_grads`)."""
+        params = self.optimizer.params
+        for p in params:
+            p._norm_sample = None
+        with warnings.catch_warnings():   # inputs need no gradient: PyTorch's note about it is noise
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            losses.sum().backward(retain_graph=True)
+            active = {p for p in params if p._norm_sample is not None}
+            for p in params:
+                p.grad = None
+            if not active:
+                return active
+            norms = torch.stack([p._norm_sample for p in params if p in active]).norm(2, dim=0)
+            coef = (self.options.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            self.sample_module.disable_hooks()
+            try:
+                (losses * coef.detach()).sum().backward()
+            finally:
+                self.sample_module.enable_hooks()
+        return active
 
     def per_example_grads(self, losses: torch.Tensor) -> set[nn.Parameter]:
         """Fill p.grad_sample (one row per example) and return the parameters the batch used.
@@ -257,7 +325,10 @@ class DPSGD(Mechanism):
         opt_.zero_grad(set_to_none=True)
         active = self.head_filtered({self.task.index})
         for p in active:
-            p.grad_sample = p.new_zeros((0, *p.shape))
+            if self.ghost:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
         self._release(active, 0)
         opt_.original_optimizer.step()
 

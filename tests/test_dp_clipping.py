@@ -1,0 +1,87 @@
+"""--dp-clipping ghost (Opacus's fast gradient clipping) gives DP-SGD the same private gradient
+and the same ε as --dp-clipping hooks (per-example gradients), on real digits and real Opacus."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from clsim import config
+from clsim.config import RunOptions
+from clsim.learners.supervised import SupervisedLearner
+from clsim.models import MultiHeadNet
+from clsim.privacy.dpsgd import DPSGD
+from clsim.privacy.ledger import Ledger
+from scenarios.split_digits import SplitDigitsOptions, split_digits
+
+
+def conv_trunk():
+    """Conv2d (per-layer norms), GroupNorm and Linear (ghost norms) on 1x8x8 digits."""
+    body = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.GroupNorm(2, 6), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(6 * 64, 16), nn.Tanh())
+    body.out_features = 16
+    return body
+
+
+def private_step(clipping, trunk, setting, sigma, penalty):
+    """One DP-SGD step's gradient on the first Poisson batch of task 1, and the ledger's ε."""
+    torch.manual_seed(0)
+    scenario = split_digits(SplitDigitsOptions(hidden=16), RunOptions(setting=setting))
+    heads = [t.n_outputs for t in scenario.tasks] if setting == "task_il" else [10]
+    model = MultiHeadNet(conv_trunk(), heads) if trunk == "conv" else scenario.make_model()
+    learner = SupervisedLearner(model, lr=0.1, momentum=0.0, batch_size=32, device=torch.device("cpu"),
+                                generator=torch.Generator().manual_seed(0))
+    mechanism = DPSGD(config.build(DPSGD.Options, {"noise_multiplier": sigma, "max_grad_norm": 0.5,
+                                                   "dp_clipping": clipping}))
+    mechanism.check(learner, scenario, 1)
+    ledger = Ledger(**mechanism.ledger_options())
+    mechanism.setup(learner, scenario, ledger)
+    assert mechanism.ghost == (clipping == "ghost")
+    task = scenario.tasks[1]
+    optimizer = mechanism.before_task(task, learner.make_optimizer())
+    batch = next(iter(mechanism.batches(task, 0, None)))
+    optimizer.zero_grad(set_to_none=True)
+    losses, _ = learner.forward(batch)
+    extra = sum(p.square().sum() for p in learner.model.backbone.parameters()) if penalty else None
+    mechanism.backward(losses, extra)
+    grads = {n: p.grad.clone() for n, p in learner.model.named_parameters() if p.grad is not None}
+    return grads, ledger.epsilon(task.dataset_id)
+
+
+@pytest.mark.parametrize("trunk,setting,penalty", [("mlp", "task_il", False), ("conv", "task_il", True),
+                                                   ("conv", "class_il", False)])
+def test_ghost_clipping_gives_the_hooks_gradient(trunk, setting, penalty):
+    hooks, eps_hooks = private_step("hooks", trunk, setting, 0.0, penalty)
+    ghost, eps_ghost = private_step("ghost", trunk, setting, 0.0, penalty)
+    assert set(ghost) == set(hooks)
+    if setting == "task_il":        # the other tasks' heads are left out of the step in both modes
+        assert not any(n.startswith("heads.0.") for n in ghost)
+    for n in hooks:
+        torch.testing.assert_close(ghost[n], hooks[n], rtol=1e-5, atol=1e-5)
+    assert any(h.abs().sum() > 0 for h in hooks.values())
+    assert eps_ghost == eps_hooks
+
+
+def test_ghost_clipping_adds_the_same_noise():
+    hooks, eps_hooks = private_step("hooks", "mlp", "task_il", 1.0, False)
+    ghost, eps_ghost = private_step("ghost", "mlp", "task_il", 1.0, False)
+    clean, _ = private_step("hooks", "mlp", "task_il", 0.0, False)
+    for n in hooks:
+        torch.testing.assert_close(ghost[n], hooks[n], rtol=1e-5, atol=1e-5)
+    assert any((hooks[n] - clean[n]).abs().max() > 1e-3 for n in hooks)    # the noise is there
+    assert eps_ghost == eps_hooks and eps_hooks < float("inf")
+
+
+@pytest.mark.parametrize("trunk,ghost", [("mlp", True), ("conv", False)])
+def test_auto_clipping_is_ghost_only_where_every_layer_has_ghost_norms(trunk, ghost, capsys):
+    torch.manual_seed(0)
+    scenario = split_digits(SplitDigitsOptions(hidden=16), RunOptions(setting="task_il"))
+    model = MultiHeadNet(conv_trunk(), [t.n_outputs for t in scenario.tasks]) if trunk == "conv" else None
+    learner = SupervisedLearner(model or scenario.make_model(), lr=0.1, momentum=0.0, batch_size=32,
+                                device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    mechanism = DPSGD(config.build(DPSGD.Options, {}))
+    mechanism.check(learner, scenario, 1)
+    assert mechanism.ghost == ghost
+    said = capsys.readouterr().err
+    assert f"--dp-clipping {'ghost' if ghost else 'hooks'}" in said
+    assert ("Conv2d" in said) == (not ghost)
