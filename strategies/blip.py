@@ -16,6 +16,25 @@ the new ones in one softmax whatever the frozen bits.
 Other shared parameters (batch-norm / layer-norm affine weights) cannot be quantised by the rule
 above; they are frozen whole after task 0, and batch-norm modules keep the running statistics of
 task 0 and normalise with them from then on (the note asks for statistics frozen after task 0).
+
+Fidelity to the authors' code (github.com/Yujun-Shi/BLIP: quant_layer.py, blip_utils.py,
+ppo_blip.py, run_blip.py, RL/run_blip.sh):
+
+- Fisher scale. Their per-example gradients are rows of the gradient of a *mean-reduced* loss over
+  a batch of B examples (images: estimate_fisher's batches of 100; RL: a rollout of 16·125 states
+  split into 32 minibatches of 62), so their Fisher is the true Fisher / B², and the published
+  F_prior values (1e-15 MNIST, 5e-16 CIFAR, 5e-18 RL) were tuned on that scale. clsim computes the
+  true Fisher (clsim/fisher.py, shared with EWC and the DP-Fisher) and divides it by B²
+  (`blip_fisher_batch`, default: their B) before the gain, which gives their bit allocation with
+  their priors; B = 1 is the true Fisher, which freezes about ½·log2(B²) ≈ 6.6 bits more per weight.
+- Prior and range. F_old starts at F_prior·n and weights live in ±6/sqrt(n), with n = fan_in
+  (image code) or n = max(fan_in, fan_out) (RL code), where a convolution's fan_out is its number
+  of output channels as in their Conv2d_Q (not channels times kernel size).
+- Initialisation. Image code: weights normal(0, 1/sqrt(fan_in)); RL code: orthogonal with ReLU gain
+  √2; both clamped to ±bound, biases zero.
+- Differences: their Fisher uses 8000 samples in batches of 100 (clsim: `blip_fisher_samples`, in
+  the learner's chunks; the batching only sets the scale above); in RL theirs comes from the last
+  rollout only, clsim's from the task's kept rollout states (PPOLearner.fisher_batches).
 """
 from __future__ import annotations
 
@@ -32,6 +51,9 @@ from clsim.strategy import Strategy
 
 #: F_prior per kind of input when --blip-f-prior is 0 (the paper's values, blip.md)
 F_PRIOR_DEFAULTS = {"digits": 1e-15, "natural_images": 5e-16, "rl": 5e-18}
+#: B of the authors' mean-reduced Fisher batches (their Fisher = true Fisher / B², see above):
+#: estimate_fisher(batch_size=100) for images; 16 envs · 125 steps / 32 minibatches (drop_last) in RL.
+AUTHORS_FISHER_BATCH = {"supervised": 100, "rl": 16 * 125 // 32}
 HISTOGRAM_POINTS = 1000
 
 
@@ -48,9 +70,9 @@ def information_gain(f_new: torch.Tensor, f_old: torch.Tensor, t: int) -> torch.
 
 
 def fans(weight: torch.Tensor) -> tuple[int, int]:
-    """fan_in and fan_out of a linear (out, in) or convolution (out, in/groups, *kernel) weight."""
-    receptive = weight[0][0].numel()
-    return weight[0].numel(), weight.shape[0] * receptive
+    """fan_in and fan_out of a linear (out, in) or convolution (out, in/groups, *kernel) weight, as
+    the authors' layers count them: a convolution's fan_out is its number of output channels."""
+    return weight[0].numel(), weight.shape[0]
 
 
 @register_strategy("blip")
@@ -68,6 +90,9 @@ class BLIP(Strategy):
         blip_bound_rule: str = opt("auto", "range bound 6/sqrt(fan): fan_in, max_fan "
                                    "(max(fan_in, fan_out), the RL variant) or auto (max_fan for RL)",
                                    choices=("auto", "fan_in", "max_fan"))
+        blip_fisher_batch: int = opt(0, "B: the Fisher is divided by B², the scale of the authors' Fisher "
+                                     "(per-example rows of a loss averaged over B) on which the published "
+                                     "F_prior values live (0: theirs, 100; RL 62; 1: the true Fisher)", low=0)
         blip_quantise_head: bool = opt(True, "class_il/domain_il: quantise the single head shared "
                                        "by all tasks too (task_il heads are always float and free)")
 
@@ -89,25 +114,27 @@ class BLIP(Strategy):
 
         self.params: dict[str, nn.Parameter] = {}
         self.bound: dict[str, float] = {}
-        self.fan_in: dict[str, int] = {}
+        self.fan: dict[str, int] = {}   # n of the prior F_prior·n and of the bound 6/sqrt(n)
         for mname, module in learner.model.named_modules():
             if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
                 continue
             fan_in, fan_out = fans(module.weight)
-            bound = 6.0 / math.sqrt(fan_in if rule == "fan_in" else max(fan_in, fan_out))
+            fan = fan_in if rule == "fan_in" else max(fan_in, fan_out)
             for kind in ("weight", "bias"):
                 p, name = getattr(module, kind), f"{mname}.{kind}" if mname else kind
                 if p is None or name not in shared:
                     continue
-                self.params[name], self.fan_in[name] = p, fan_in
-                self.bound[name] = bound if kind == "weight" else 1.0
+                self.params[name], self.fan[name] = p, fan
+                self.bound[name] = 6.0 / math.sqrt(fan) if kind == "weight" else 1.0
         if not self.params:
             raise UserError("BLIP found no linear or convolution layer outside the task heads to quantise")
+        self.orthogonal = rule == "max_fan"
+        self.fisher_batch = o.blip_fisher_batch or AUTHORS_FISHER_BATCH["rl" if self.is_rl else "supervised"]
         self._initialise()
         # State (blip.md): bits, the frozen quantised value, the running Fisher F_old.
         self.bits = {n: torch.zeros_like(p, dtype=torch.uint8) for n, p in self.params.items()}
         self.prev = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.f_old = {n: torch.full_like(p, self.f_prior * self.fan_in[n]) for n, p in self.params.items()}
+        self.f_old = {n: torch.full_like(p, self.f_prior * self.fan[n]) for n, p in self.params.items()}
         # Shared parameters BLIP cannot quantise (normalisation affine): frozen whole after task 0.
         # Allocated now so the state has one size from the start.
         self.others = {n: p for n, p in shared.items() if n not in self.params}
@@ -127,15 +154,19 @@ class BLIP(Strategy):
 
     @torch.no_grad()
     def _initialise(self) -> None:
-        """Weights ~ normal(0, bound/6), i.e. 1/sqrt(fan_in) (1/sqrt(max fan) under the RL bound
-        rule), kept inside ±bound; biases keep the model's initialisation, clamped to ±1."""
+        """As the authors' layers: weights ~ normal(0, 1/sqrt(fan_in)) (fan_in rule, = bound/6) or
+        orthogonal with ReLU gain (RL rule), kept inside ±bound; biases zero."""
         gen = self.learner.generator
         for n, p in self.params.items():
-            if n.endswith("weight"):
-                std = self.bound[n] / 6.0
-                w = torch.randn(p.shape, generator=gen, dtype=p.dtype) * std
-                p.copy_(w.to(p.device))
-            p.clamp_(-self.edge(n), self.edge(n))
+            if not n.endswith("weight"):
+                p.zero_()
+                continue
+            w = torch.empty(p.shape, dtype=p.dtype)
+            if self.orthogonal:
+                nn.init.orthogonal_(w, gain=nn.init.calculate_gain("relu"), generator=gen)
+            else:
+                w.normal_(0.0, self.bound[n] / 6.0, generator=gen)
+            p.copy_(w.clamp_(-self.edge(n), self.edge(n)).to(p.device))
 
     def edge(self, name: str) -> float:
         """Largest magnitude a parameter may take: bound·(1 − 2^−max_bits)."""
@@ -167,7 +198,7 @@ class BLIP(Strategy):
         names = list(self.params)
         fisher = self.mechanism.fisher(task, names, self.options.blip_fisher_samples, False, "blip fisher")
         for n in names:
-            f_new = fisher[n].to(self.f_old[n].dtype)
+            f_new = fisher[n].to(self.f_old[n].dtype) / self.fisher_batch ** 2   # the authors' scale
             gain = information_gain(f_new, self.f_old[n], t).nan_to_num(nan=0.0)
             self.f_old[n] = ((t + 1) * self.f_old[n] + f_new) / (t + 2)
             added = gain.ceil().clamp(0, max_bits)

@@ -140,13 +140,14 @@ class FixedFisher(Mechanism):
 
 
 def test_after_task_allocates_ceil_of_gain_and_caps_at_max_bits():
-    scenario, strat, learner = build("blip", strategy_values={"blip_f_prior": 1e-3, "blip_max_bits": 6})
+    scenario, strat, learner = build("blip", strategy_values={"blip_f_prior": 1e-3, "blip_max_bits": 6,
+                                                              "blip_fisher_batch": 1})
     names = ["backbone.body.1.weight", "backbone.body.1.bias", "backbone.body.3.weight"]
     mech = FixedFisher({})
     mech.setup(learner, scenario, Ledger())
     strat.setup(learner, scenario, mech)
     assert sorted(strat.params) == sorted(names + ["backbone.body.3.bias"])  # heads stay out (task_il)
-    f0 = {n: 1e-3 * strat.fan_in[n] for n in strat.params}        # F_old at the start
+    f0 = {n: 1e-3 * strat.fan[n] for n in strat.params}        # F_old at the start
     # gains at t=0: 0.5·log2((F+F0)/(2F0)): F=15F0 -> 1.5 (2 bits); F=0 -> -0.5 (0 bits);
     # F=1e9 F0 -> ~14.5 (capped at 6); F=3F0 -> 0.5 (1 bit).
     mech.values = {names[0]: 15 * f0[names[0]], names[1]: 0.0, names[2]: 1e9 * f0[names[2]],
@@ -174,6 +175,82 @@ def test_initial_weights_normal_with_std_one_over_sqrt_fan_in_inside_bound():
     assert strat.bound["backbone.body.1.weight"] == pytest.approx(6 / math.sqrt(64))
     assert w.std().item() == pytest.approx(1 / math.sqrt(64), rel=0.05)
     assert w.abs().max().item() <= strat.edge("backbone.body.1.weight")
+
+
+def test_bits_after_task_0_equal_the_authors_rule_recomputed_by_hand():
+    """The authors' allocation (quant_layer.py / blip_utils.py), recomputed here step by step from
+    the very examples and sampled labels clsim's Fisher used: per-example rows of the gradient of a
+    cross-entropy averaged over batches of 100, squared, averaged over the 200 examples; prior
+    1e-15·fan_in; bits = clamp(ceil(0.5·log2((F + F_old) / (2·F_old))), 0, 20)."""
+    from clsim.models import MLP
+    scenario, strat, learner = build("blip", strategy_values={"blip_fisher_samples": 200},
+                                     make_model=lambda: MultiHeadNet(MLP(64, (16,)), [2] * 5))
+    scenario.tasks = scenario.tasks[:1]
+    seen, weights = [], {}
+    draw = learner.fisher_batches
+
+    def recording(task, n, empirical):
+        weights.update({k: v.clone() for k, v in learner.model.state_dict().items()})
+        for x, y, t in draw(task, n, empirical):
+            seen.append((x, y))
+            yield x, y, t
+
+    learner.fisher_batches = recording
+    run(scenario, strat, learner, epochs=2)
+    x, y = torch.cat([a for a, _ in seen]), torch.cat([b for _, b in seen])
+    assert len(y) == 200 and strat.f_prior == 1e-15 and strat.fisher_batch == 100
+
+    model = MultiHeadNet(MLP(64, (16,)), [2] * 5)
+    model.load_state_dict(weights)
+    names = sorted(strat.params)
+    params = dict(model.named_parameters())
+    fisher = {n: torch.zeros_like(params[n], dtype=torch.float64) for n in names}
+    for start in range(0, 200, 100):                 # the authors' batches of 100
+        for i in range(start, start + 100):          # row i of d(mean loss)/dθ = (1/100)·d(loss_i)/dθ
+            loss_i = torch.nn.functional.cross_entropy(model(x[i:i + 1], 0), y[i:i + 1]) / 100
+            for n, g in zip(names, torch.autograd.grad(loss_i, [params[n] for n in names])):
+                fisher[n] += g.double() ** 2
+    checked = mismatched = 0
+    for n in names:
+        fan_in = params[n].shape[-1] if n.endswith("weight") else params[n.replace("bias", "weight")].shape[1]
+        f_old = 1e-15 * fan_in
+        gain = 0.5 / math.log(2) * torch.log((fisher[n] / 200 + f_old) / (2 * f_old))
+        expected = gain.ceil().clamp(0, 20)
+        near_integer = (gain - gain.round()).abs() < 1e-3   # float32 vs float64 may round either way
+        got = strat.bits[n].double()
+        mismatched += int(((got != expected) & ~near_integer).sum())
+        checked += got.numel()
+    assert mismatched == 0
+    bits = strat._all_bits().float()
+    assert 1 < bits.mean() < 15 and checked == bits.numel()
+    # The true Fisher with the same prior (the scale the issue reported) allocates up to ~6.6 bits
+    # more per weight (less where the cap of 20 or the floor of 0 binds).
+    unscaled = {n: (0.5 / math.log(2) * torch.log((fisher[n] / 200 * 100 ** 2 + 1e-15 * strat.fan[n])
+                                                  / (2e-15 * strat.fan[n]))).ceil().clamp(0, 20)
+                for n in names}
+    assert float(torch.cat([u.flatten() for u in unscaled.values()]).mean()) > bits.mean() + 3
+
+
+def test_rl_rule_prior_and_bound_use_max_of_fan_in_and_output_channels_with_orthogonal_init():
+    """The authors' RL layers: n = max(in·k·k, out_channels) for a convolution (their Conv2d_Q),
+    F_old = F_prior·n, bound 6/sqrt(n), orthogonal weights with ReLU gain, zero biases."""
+    class Trunk(torch.nn.Sequential):
+        out_features = 16 * 6 * 6
+
+    trunk = Trunk(torch.nn.Conv2d(1, 16, 3), torch.nn.ReLU(), torch.nn.Flatten())
+    scenario, strat, learner = build("blip", strategy_values={"blip_bound_rule": "max_fan", "blip_f_prior": 1e-15},
+                                     make_model=lambda: MultiHeadNet(trunk, [2] * 5))
+    mech = Mechanism()
+    mech.setup(learner, scenario, Ledger())
+    strat.setup(learner, scenario, mech)
+    w, b = strat.params["backbone.0.weight"], strat.params["backbone.0.bias"]
+    assert strat.fan["backbone.0.weight"] == 16                    # not 9, nor 16·9
+    assert strat.bound["backbone.0.weight"] == pytest.approx(6 / 4)
+    assert strat.f_old["backbone.0.weight"].unique().item() == pytest.approx(16e-15)
+    assert strat.f_old["backbone.0.bias"].unique().item() == pytest.approx(16e-15)
+    flat = w.detach().view(16, 9)
+    assert torch.allclose(flat.T @ flat, 2 * torch.eye(9), atol=1e-4)   # orthogonal columns, gain √2
+    assert torch.equal(b.detach(), torch.zeros(16))
 
 
 # Promises of the note, on a real split_digits task_il run --------------------------------------
