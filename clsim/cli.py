@@ -226,6 +226,11 @@ def execute(resolved: dict, resume_dir: Path | None = None) -> tuple[Path, dict]
     """Build everything, then run in a run directory that appears under its name only when the run
     succeeds. With `resume_dir` (an interrupted run's hidden .partial directory) continue that run."""
     run, sc_entry, st_entry = resolved["run"], resolved["scenario"], resolved["strategy"]
+    designed = st_entry.target.default_setting
+    if run.setting is None and designed is not None:
+        run = dataclasses.replace(run, setting=designed)
+        print(f"note: {st_entry.name} runs in {designed}, the setting it is designed for "
+              f"(no --setting given)", file=sys.stderr)
     device = torch_device(run.device)
     if resume_dir is None:
         rundir.check_out(run.out)   # refuse a bad --out before any work

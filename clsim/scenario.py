@@ -63,8 +63,10 @@ def class_split(x_train, y_train, x_test, y_test, class_order, n_tasks: int, set
                 names: list[str] | None = None) -> list[Task]:
     """Split labelled data into `n_tasks` tasks of consecutive classes from `class_order`.
 
-    class_il keeps global labels (one shared head); task_il relabels each task's classes
-    0..k-1 (the task id selects the head)."""
+    class_il keeps global labels (one shared head over all classes). task_il and domain_il
+    relabel each task's classes 0..k-1 in `class_order` order: in task_il the task id selects the
+    task's head; in domain_il one shared head of k outputs serves every task and no task id is
+    used (van de Ven et al. 2020's Domain-IL: "first or second digit?" on Split MNIST)."""
     class_order = [int(c) for c in class_order]
     if n_tasks < 1 or n_tasks > len(class_order):
         raise UserError(f"--n-tasks must be between 1 and {len(class_order)}, got {n_tasks}")
@@ -76,8 +78,14 @@ def class_split(x_train, y_train, x_test, y_test, class_order, n_tasks: int, set
         parts = []
         for x, y in ((x_train, y_train), (x_test, y_test)):
             keep = torch.isin(y, torch.tensor(classes))
-            target = local[y[keep]] if setting == "task_il" else y[keep]
+            target = y[keep] if setting == "class_il" else local[y[keep]]
             parts.append(TaskData(x[keep], target))
         label = names[i] if names else "-".join(map(str, classes))
         tasks.append(Task(i, label, tuple(classes), parts[0], parts[1], n_outputs=len(classes)))
     return tasks
+
+
+def single_head_width(tasks: list[Task], setting: str, n_classes: int) -> int:
+    """Outputs of the one head class_il and domain_il share: every class label in class_il; in
+    domain_il, where labels are renumbered within each task, the largest task's class count."""
+    return max(t.n_outputs for t in tasks) if setting == "domain_il" else n_classes

@@ -50,6 +50,9 @@ class Strategy:
     #: what a privacy mechanism's ledger sees: "accounted" (task data read only through the
     #: mechanism) or "raw: <why>" (e.g. examples kept in a buffer: that task's ε = ∞)
     data_access: str = "accounted"
+    #: the setting the method is designed for (e.g. BLIP: "task_il"), used when the user gives no
+    #: --setting; None: the scenario's default
+    default_setting: str | None = None
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()

@@ -21,7 +21,7 @@ from clsim.config import opt
 from clsim.errors import UserError
 from clsim.models import BACKBONES, make_model
 from clsim.registry import register_scenario
-from clsim.scenario import SETTINGS, Scenario, Task, TaskData
+from clsim.scenario import SETTINGS, Scenario, Task, TaskData, single_head_width
 
 
 def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +49,8 @@ def from_avalanche(benchmark, name: str = "avalanche", setting: str | None = Non
     experience of `benchmark.test_stream` at the same position.
 
     setting: class_il (one head over all labels), task_il (one head per experience, labels
-    renumbered 0..k-1 in sorted class order) or domain_il; None infers it (distinct task labels
+    renumbered 0..k-1 in sorted class order) or domain_il (labels renumbered likewise, one shared
+    head of the largest experience's size, no task id); None infers it (distinct task labels
     -> task_il, the same classes in every experience -> domain_il, else class_il).
     backbone: a clsim backbone name (`mlp`, `cnn`, `resnet18`, with `backbone_kwargs` such as
     hidden= or width=), or a function (head_sizes, n_classes) -> model whose forward is (x, t).
@@ -69,7 +70,7 @@ def from_avalanche(benchmark, name: str = "avalanche", setting: str | None = Non
         parts = []
         for exp in (train_exp, test_exp):
             x, y = _tensors(exp.dataset)
-            if setting == "task_il":        # the task's head has one output per class it holds
+            if setting != "class_il":       # task_il / domain_il: labels renumbered within the experience
                 local = torch.full((max(classes[-1], int(y.max())) + 1,), -1, dtype=torch.long)
                 local[classes] = torch.arange(len(classes))
                 y = local[y]
@@ -79,8 +80,8 @@ def from_avalanche(benchmark, name: str = "avalanche", setting: str | None = Non
             parts.append(TaskData(x, y))
         tasks.append(Task(i, "-".join(map(str, classes)), tuple(classes), parts[0], parts[1],
                           n_outputs=len(classes)))
-    n_classes = 1 + max(int(max(t.train.y.max(), t.test.y.max())) for t in tasks)
     heads = [t.n_outputs for t in tasks]
+    n_classes = single_head_width(tasks, setting, 1 + max(int(max(t.train.y.max(), t.test.y.max())) for t in tasks))
     shape = tuple(tasks[0].train.x.shape[1:])
     if callable(backbone):
         build = lambda: backbone(heads, n_classes)  # noqa: E731

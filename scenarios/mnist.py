@@ -12,7 +12,7 @@ from clsim.data import load_mnist
 from clsim.errors import UserError
 from clsim.models import make_model
 from clsim.registry import register_scenario
-from clsim.scenario import Scenario, Task, TaskData, class_split
+from clsim.scenario import Scenario, Task, TaskData, class_split, single_head_width
 from scenarios.split_cifar import first_per_class
 from scenarios.split_digits import class_order
 
@@ -80,11 +80,11 @@ def _scenario(name, o, setting, tasks, n_classes, shape, info) -> Scenario:
 
 @register_scenario("split_mnist", SplitMnistOptions)
 def split_mnist(o: SplitMnistOptions, run) -> Scenario:
-    """MNIST from the IDX files under --data-root, 5 tasks x 2 digits (class_il or task_il)."""
+    """MNIST from the IDX files under --data-root, 5 tasks x 2 digits (class_il, task_il or domain_il)."""
     x_train, y_train, x_test, y_test = _subset(o, run)
     setting = run.setting or "class_il"
     tasks = class_split(x_train, y_train, x_test, y_test, class_order(10, o.class_order_seed), o.n_tasks, setting)
-    return _scenario("split_mnist", o, setting, tasks, 10, tuple(x_train.shape[1:]),
+    return _scenario("split_mnist", o, setting, tasks, single_head_width(tasks, setting, 10), tuple(x_train.shape[1:]),
                      {"train_size": len(y_train), "test_size": len(y_test)})
 
 

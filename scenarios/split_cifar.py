@@ -12,7 +12,7 @@ from clsim.config import opt
 from clsim.data import load_cifar10
 from clsim.models import make_model
 from clsim.registry import register_scenario
-from clsim.scenario import Scenario, class_split
+from clsim.scenario import Scenario, class_split, single_head_width
 from scenarios.split_digits import class_order
 
 
@@ -63,7 +63,7 @@ def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torc
 
 @register_scenario("split_cifar", SplitCifarOptions)
 def split_cifar(o: SplitCifarOptions, run) -> Scenario:
-    """Real CIFAR-10 from --data-root/cifar-10-batches-py, 5 tasks x 2 classes (class_il or task_il)."""
+    """Real CIFAR-10 from --data-root/cifar-10-batches-py, 5 tasks x 2 classes (class_il, task_il or domain_il)."""
     x_train, y_train, x_test, y_test = _load(str(Path(run.data_root).resolve()))
     keep_train, keep_test = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
     setting = run.setting or "class_il"
@@ -71,7 +71,8 @@ def split_cifar(o: SplitCifarOptions, run) -> Scenario:
                         class_order(10, o.class_order_seed), o.n_tasks, setting)
     heads = [t.n_outputs for t in tasks]
     return Scenario("split_cifar", setting, tasks,
-                    make_model=lambda: make_model(o.backbone, (3, 32, 32), setting, heads, 10,
+                    make_model=lambda: make_model(o.backbone, (3, 32, 32), setting, heads,
+                                                  single_head_width(tasks, setting, 10),
                                                   width=o.backbone_width or None),
                     defaults={"epochs": 1, "lr": 0.05, "batch_size": 32},
                     learner_kwargs={"augment": crop_flip} if o.augment else {},

@@ -9,7 +9,7 @@ import torch
 from clsim.config import opt
 from clsim.models import make_model
 from clsim.registry import register_scenario
-from clsim.scenario import Scenario, class_split
+from clsim.scenario import Scenario, class_split, single_head_width
 
 
 @dataclass
@@ -45,6 +45,7 @@ def split_digits(o: SplitDigitsOptions, run) -> Scenario:
                         o.n_tasks, setting)
     return Scenario("split_digits", setting, tasks,
                     make_model=lambda: make_model("mlp", (1, 8, 8), setting, [t.n_outputs for t in tasks],
-                                                  10, hidden=(o.hidden, o.hidden)),
+                                                  single_head_width(tasks, setting, 10),
+                                                  hidden=(o.hidden, o.hidden)),
                     defaults={"epochs": 5, "lr": 0.05, "batch_size": 32},
                     info={"train_size": int((~test).sum()), "test_size": int(test.sum())})

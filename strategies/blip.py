@@ -79,6 +79,8 @@ def fans(weight: torch.Tensor) -> tuple[int, int]:
 class BLIP(Strategy):
     """BLIP: freeze Fisher-allocated leading bits of every weight (constant memory, plain SGD)."""
 
+    default_setting = "task_il"   # the paper's setting: per-task heads (class_il forgets in the shared softmax)
+
     @dataclass
     class Options:
         blip_max_bits: int = opt(20, "most bits a parameter can have frozen", low=1, high=23)
