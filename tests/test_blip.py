@@ -471,3 +471,16 @@ def test_cli_split_cifar_reduced_resnet18(tmp_path, cifar_root):
     assert tasks[0]["strategy"]["blip_frozen_share"] > 0
     assert tasks[1]["memory"]["strategy_state_bytes"] == tasks[-1]["memory"]["strategy_state_bytes"] \
         == 9 * convs + 4 * affine                                            # + batch-norm affine, frozen whole
+
+
+def test_cli_without_setting_runs_blip_in_its_task_il_setting_and_says_so(tmp_path, capsys):
+    from clsim.cli import main
+    assert main(["--out", str(tmp_path / "a"), "--progress", "false", "--strategy", "blip", "--epochs", "1",
+                 "--n-tasks", "2"]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "task_il" in line] == \
+        ["note: blip runs in task_il, the setting it is designed for (no --setting given)"]
+    assert read_summary(tmp_path / "a")["setting"] == "task_il"
+    assert main(["--out", str(tmp_path / "b"), "--progress", "false", "--strategy", "blip", "--epochs", "1",
+                 "--n-tasks", "2", "--setting", "class_il"]) == 0
+    assert "note:" not in capsys.readouterr().err and read_summary(tmp_path / "b")["setting"] == "class_il"
