@@ -186,18 +186,22 @@ def test_bits_after_task_0_equal_the_authors_rule_recomputed_by_hand():
     scenario, strat, learner = build("blip", strategy_values={"blip_fisher_samples": 200},
                                      make_model=lambda: MultiHeadNet(MLP(64, (16,)), [2] * 5))
     scenario.tasks = scenario.tasks[:1]
-    seen, weights = [], {}
-    draw = learner.fisher_batches
+    inputs, targets, weights = [], [], {}
+    draw, sample = learner.fisher_batches, learner.sample_targets
 
     def recording(task, n, empirical):
         weights.update({k: v.clone() for k, v in learner.model.state_dict().items()})
         for x, y, t in draw(task, n, empirical):
-            seen.append((x, y))
+            inputs.append(x)
             yield x, y, t
 
-    learner.fisher_batches = recording
+    def recording_targets(out):
+        targets.append(sample(out))
+        return targets[-1]
+
+    learner.fisher_batches, learner.sample_targets = recording, recording_targets
     run(scenario, strat, learner, epochs=2)
-    x, y = torch.cat([a for a, _ in seen]), torch.cat([b for _, b in seen])
+    x, y = torch.cat(inputs), torch.cat(targets)
     assert len(y) == 200 and strat.f_prior == 1e-15 and strat.fisher_batch == 100
 
     model = MultiHeadNet(MLP(64, (16,)), [2] * 5)
