@@ -17,6 +17,8 @@ from clsim.config import opt
 from clsim.registry import register_strategy
 from clsim.strategy import Strategy
 
+DEFAULT_LAMBDA = 10.0
+
 
 @register_strategy("ewc")
 class EWC(Strategy):
@@ -24,8 +26,9 @@ class EWC(Strategy):
 
     @dataclass
     class Options:
-        ewc_lambda: float = opt(10.0, "λ: strength of the penalty (λ/2)·Σ F (θ - θ*)²; too large a λ makes SGD "
-                                "diverge (a warning names the largest stable one)", low=0.0)
+        ewc_lambda: float | None = opt(None, "λ: strength of the penalty (λ/2)·Σ F (θ - θ*)² (default: the "
+                                       "scenario's, else 10); too large a λ makes SGD diverge (a warning "
+                                       "names the largest stable one)", low=0.0)
         mode: str = opt("separate", "separate: every task's (F, θ*) term, Σ_t F_t (θ - θ*_t)²; "
                         "online: one running pair, F ← γ·F + F_t and θ* ← θ*_t",
                         choices=("separate", "online"))
@@ -36,6 +39,9 @@ class EWC(Strategy):
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
+        # A scenario may recommend its λ (e.g. cartpole: Fisher sums of policies are small), as it does lr.
+        given = self.options.ewc_lambda
+        self.ewc_lambda = given if given is not None else scenario.defaults.get("ewc_lambda", DEFAULT_LAMBDA)
         self.names = list(learner.shared_parameters())
         self.importance: torch.Tensor | None = None   # A: the summed (or running) Fisher
         self.anchor: torch.Tensor | None = None       # μ: the A-weighted mean of the θ*
@@ -50,7 +56,7 @@ class EWC(Strategy):
         if self.importance is None:
             return None
         quadratic = torch.dot(self.importance, (self._flat() - self.anchor).square())
-        penalty = 0.5 * self.options.ewc_lambda * (quadratic + self.offset)
+        penalty = 0.5 * self.ewc_lambda * (quadratic + self.offset)
         self._last_penalty = penalty.detach()     # a tensor: the engine reads it without stalling a GPU
         return penalty
 
@@ -80,18 +86,18 @@ class EWC(Strategy):
         limit = self.learner.max_stable_curvature()
         if limit is None or task is self.scenario.tasks[-1]:   # no more training to diverge
             return
-        stiffest = self.options.ewc_lambda * float(self.importance.max())
+        stiffest = self.ewc_lambda * float(self.importance.max())
         if stiffest > limit:
             warnings.warn(f"EWC after task {task.index}: the penalty's curvature λ·max F = {stiffest:.3g} exceeds "
                           f"2(1+momentum)/lr = {limit:.3g}, the most SGD survives, so training will likely "
-                          f"diverge; use --ewc-lambda below {self.options.ewc_lambda * limit / stiffest:.3g} "
+                          f"diverge; use --ewc-lambda below {self.ewc_lambda * limit / stiffest:.3g} "
                           f"or a smaller --lr")
 
     def step_metrics(self):
         return {"strategy/ewc_penalty": self._last_penalty} if self.importance is not None else {}
 
     def task_metrics(self):
-        return {"fisher_sum": self.fishers[-1]} if self.fishers else {}
+        return {"fisher_sum": self.fishers[-1], "ewc_lambda": self.ewc_lambda} if self.fishers else {}
 
     def state_tensors(self):
         return [] if self.importance is None else [self.importance, self.anchor]

@@ -93,3 +93,23 @@ def test_no_penalty_before_the_first_fisher():
     ewc = EWC(EWC.Options())
     ewc.setup(learner, scenario, mechanism)
     assert ewc.penalty() is None and ewc.state_tensors() == []
+
+
+@pytest.mark.parametrize("given,recommended,used", [(None, None, 10.0), (None, 1e4, 1e4), (3.0, 1e4, 3.0)])
+def test_lambda_defaults_to_the_scenarios_recommendation_and_a_given_one_wins(given, recommended, used):
+    scenario = split_digits(SplitDigitsOptions(hidden=8), RunOptions(setting="task_il"))
+    if recommended is not None:
+        scenario.defaults["ewc_lambda"] = recommended
+    learner = SupervisedLearner(scenario.make_model(), lr=0.1, momentum=0.0, batch_size=32,
+                                device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    mechanism = Mechanism()
+    mechanism.setup(learner, scenario, Ledger())
+    ewc = EWC(EWC.Options(ewc_lambda=given, fisher_samples=50))
+    ewc.setup(learner, scenario, mechanism)
+    ewc.after_task(scenario.tasks[0])
+    with torch.no_grad():
+        for p in learner.model.parameters():
+            p.add_(0.1)
+    quadratic = sum((ewc.importance * (ewc._flat() - ewc.anchor).square()).tolist())
+    assert ewc.penalty().item() == pytest.approx(0.5 * used * quadratic, rel=1e-4)
+    assert ewc.task_metrics()["ewc_lambda"] == used

@@ -151,11 +151,13 @@ def test_cartpole_stream_through_cli_records_return_matrices_and_is_deterministi
     assert s["forgetting"] == pytest.approx(max(R[0][0] - R[1][0], 0.0))
     # Per-step figures: env steps (512 per task, rounded up to whole rollouts) and episode return.
     run_dir = next(p for p in first.iterdir() if p.is_dir())
-    steps = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    steps = [r for r in steps if r["kind"] == "step"]
+    records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if r["kind"] == "step"]
     assert steps[-1]["env_steps"] == 2 * 512 and steps[-1]["env_steps_per_sec"] > 0
     assert "episode_return" in steps[-1] and steps[-1]["episode_return"] >= 8
     assert len(steps) == 2 * 2 * 2 * 2       # tasks x rollouts x ppo epochs x minibatches
+    tasks = [r for r in records if r["kind"] == "task"]
+    assert s["setting"] == "task_il" and tasks[-1]["strategy"]["ewc_lambda"] == 1e4   # the scenario's λ
     other = read_summary(second)
     assert other["accuracy_matrix"] == R and other["score_details"] == s["score_details"]
 
