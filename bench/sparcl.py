@@ -74,7 +74,7 @@ def main() -> None:
               "--backbone", a.backbone, "--backbone-width", str(a.width), "--augment", "true",
               "--replay-size", "500", "--replay-batch", "32", "--derpp-alpha", "0.1", "--derpp-beta", "0.5"]
     sparse = ["--sparcl-update-every", str(a.every), "--sparcl-remove-every", str(a.every),
-              "--sparcl-remove", "0.3", "--sparcl-remove-rounds", "4", "--sparcl-grad-keep", "0.8",
+              "--sparcl-remove", "0.3", "--sparcl-remove-rounds", "4", "--sparcl-grad-sparsity", "0.8",
               "--sparcl-grad-refresh", "30"]
     print(f"# {vars(a)}", flush=True)
     rows = []

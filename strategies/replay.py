@@ -2,11 +2,16 @@
 
 Both keep a reservoir buffer of training examples seen so far (Vitter's algorithm R: the n-th
 example seen enters with probability size/n, replacing a uniformly chosen slot), drawn from the
-learner's seeded generator. Each step draws buffer batches and adds their terms to the current
-batch's per-example losses, from the second task on:
+learner's seeded generator. As in Mammoth (models/er.py, models/derpp.py), every step on which
+the buffer holds examples replays it, i.e. from the second step of the first task on:
 
-    ER:    CE(current) + er_weight * CE(buffer draw)
-    DER++: CE(current) + alpha * MSE(logits(buffer draw 1), stored logits) + beta * CE(buffer draw 2)
+    ER:    the mean cross-entropy over the current batch and one buffer draw concatenated
+           (buffer rows weighted by er_weight, 1 in Mammoth)
+    DER++: mean CE(current) + alpha * MSE(logits(buffer draw 1), stored logits)
+           + beta * mean CE(buffer draw 2)
+
+Where clsim differs: the buffer draw is forwarded apart from the current batch (Mammoth's ER
+forwards them as one batch), which matters only for batch-norm statistics in training mode.
 
 Stored logits are the model's outputs for the example when it entered the buffer (before that
 step's update). The buffer lives on the CPU and keeps examples un-augmented; draws get the
@@ -133,22 +138,20 @@ class Replay(Strategy):
     def loss(self, batch, losses, outputs):
         losses = self.current_losses(batch, losses, outputs)
         forwarded = [batch.t]
-        if self.tasks_done > 0:          # replay from the second task on (as SparCL's code does)
+        if self.buffer.count:            # as Mammoth: whenever the buffer holds examples
             k = self.options.replay_batch or self.learner.batch_size
-            extra, terms = self.replay_terms(k, forwarded)
-            losses = losses + extra           # a scalar per batch, added to every example's loss
-            self._last_terms = terms
+            losses, self._last_terms = self.add_replay(losses, k, forwarded)
         self._forwarded = torch.cat([t.cpu() for t in forwarded])
         self._pending = (batch, outputs.detach())
         return losses
 
-    def replay_terms(self, k: int, forwarded: list) -> tuple[torch.Tensor, dict]:
-        """The buffer's loss terms (a scalar) and their values; appends the task ids forwarded."""
+    def add_replay(self, losses: torch.Tensor, k: int, forwarded: list) -> tuple[torch.Tensor, dict]:
+        """ER: the current losses with the buffer draw's appended, so that their mean is Mammoth's
+        cross-entropy over the concatenated batch; and the figures. Appends the task ids forwarded."""
         x, y, t, _ = self.draw(k)
         forwarded.append(t)
-        ce = self.learner.forward(Batch(x, y, t, torch.full((len(y),), -1)))[0].mean()
-        weight = self.options.er_weight
-        return weight * ce, {"replay_ce": float(ce.detach())}
+        replayed = self.learner.forward(Batch(x, y, t, torch.full((len(y),), -1)))[0]
+        return torch.cat([losses, self.options.er_weight * replayed]), {"replay_ce": replayed.detach().mean()}
 
     def after_step(self):
         self.count_flops()
@@ -216,7 +219,9 @@ class DERPP(Replay):
         derpp_alpha: float = opt(0.1, "α: weight of the MSE between current and stored logits", low=0.0)
         derpp_beta: float = opt(0.5, "β: weight of the cross-entropy on a second buffer draw", low=0.0)
 
-    def replay_terms(self, k, forwarded):
+    def add_replay(self, losses, k, forwarded):
+        """DER++: the buffer terms (a scalar) added to every current loss, so that their mean is
+        mean CE(current) + α·MSE + β·CE(buffer), as in Mammoth."""
         x1, _, t1, stored = self.draw(k)
         now = self.learner.model(x1, t1)
         # MSE over the logits each example has (padding of narrower task heads is -inf in both).
@@ -227,5 +232,5 @@ class DERPP(Replay):
         ce = self.learner.forward(Batch(x2, y2, t2, torch.full((len(y2),), -1)))[0].mean()
         forwarded += [t1, t2]
         o = self.options
-        return o.derpp_alpha * mse + o.derpp_beta * ce, {"derpp_mse": float(mse.detach()),
-                                                         "replay_ce": float(ce.detach())}
+        return losses + o.derpp_alpha * mse + o.derpp_beta * ce, {"derpp_mse": mse.detach(),
+                                                                  "replay_ce": ce.detach()}

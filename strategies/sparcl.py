@@ -19,9 +19,19 @@ Three mechanisms, as the authors' code runs them (see the design note sparcl.md)
   "never learned" (ranks above everything) if it was never right. At epochs k*every (k=1..rounds)
   the lowest-scoring floor(fraction*N / rounds) kept examples are removed for the rest of the task
   (ties broken by a seeded permutation) and the window restarts.
-- Dynamic gradient masking (DGM). Every `sparcl_grad_refresh` steps of an epoch (and on its first)
-  each masked layer keeps the gradient of its largest-|g| `sparcl_grad_keep` share of active
-  weights; the other steps reuse that gradient mask.
+- Dynamic gradient masking (DGM), as the official `gradient_efficient_mix` mode. Every
+  `sparcl_grad_refresh` steps of an epoch (and on its first) each masked layer's gradient is
+  masked by its weight mask, then only entries above the `sparcl_grad_sparsity` percentile of |g|
+  over the whole tensor keep theirs: the largest (1 - that) share of *all* entries, never more
+  than the active weights. At weight sparsity 0.75 and gradient sparsity 0.8 that is 80%
+  of the active weights; at weight sparsity >= 0.8 the percentile is 0 and every active weight
+  keeps its gradient, as in the official code (so DGM saves nothing there, and the FLOPs counted
+  at 0.90/0.95 are the paper's setting, not a smaller share). The other steps reuse that mask.
+- As the official script: the current batch's cross-entropy sees only the current task's classes
+  in class_il (`replay_mask_current`, on by default here, off for plain ER/DER++), and each
+  epoch's last batch is dropped when smaller than the batch size (`sparcl_drop_last`).
+- Replay follows Mammoth (strategies/replay.py): from the second step of the first task, where
+  the official code replays from the second task on.
 
 Training FLOPs are counted by clsim.flops with the measured weight and gradient densities.
 """
@@ -32,11 +42,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from clsim.config import opt
+from clsim.config import opt, redefault
 from clsim.errors import UserError
 from clsim.flops import weight_layers
 from clsim.registry import register_strategy
-from strategies.replay import DERPP, ER, Replay
+from strategies.replay import DERPP, ER, Replay, ReplayOptions
 
 
 def masked_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -57,6 +67,17 @@ def keep_top(score: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view_as(score)
 
 
+def without_partial_last(batches, size: int):
+    """The batches, less the last one if it holds fewer than `size` examples."""
+    held = None
+    for batch in batches:
+        if held is not None:
+            yield held
+        held = batch
+    if held is not None and len(held.y) >= size:
+        yield held
+
+
 @register_strategy("sparcl")
 class SparCL(Replay):
     """SparCL: sparse replay training (weight masks, data removal, gradient masks) on ER or DER++."""
@@ -74,9 +95,14 @@ class SparCL(Replay):
                                    low=0.0, high=0.99)
         sparcl_remove_rounds: int = opt(4, "DDR rounds per task the removal is split over", low=1)
         sparcl_remove_every: int = opt(5, "epochs between DDR rounds (rounds at every, 2*every, ...)", low=1)
-        sparcl_grad_keep: float = opt(0.8, "DGM: share of active weights that receive a gradient (1: off)",
-                                      low=0.0, high=1.0, low_open=True)
+        sparcl_grad_sparsity: float = opt(0.8, "DGM: the official gradient_sparse: at a refresh only the largest-|g| "
+                                          "(1 - this) share of each masked layer's entries, active or not, keeps "
+                                          "its gradient (none beyond the active weights: a no-op at weight "
+                                          "sparsity >= this; 0: off)", low=0.0, high=0.99)
         sparcl_grad_refresh: int = opt(30, "DGM: steps between gradient-mask refreshes", low=1)
+        sparcl_drop_last: bool = opt(True, "drop each epoch's last batch when it is smaller than --batch-size "
+                                     "(the official code does)")
+        replay_mask_current: bool = redefault(ReplayOptions, "replay_mask_current", True)
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -86,9 +112,9 @@ class SparCL(Replay):
             raise UserError(f"--sparcl-sparsity {o.sparcl_sparsity} with --sparcl-swap {o.sparcl_swap} leaves "
                             f"a bound outside [0, 1); lower --sparcl-swap")
 
-    def replay_terms(self, k, forwarded):
+    def add_replay(self, losses, k, forwarded):
         base = DERPP if self.mode == "derpp" else ER
-        return base.replay_terms(self, k, forwarded)
+        return base.add_replay(self, losses, k, forwarded)
 
     # -- set-up and weight masks -----------------------------------------------------------------
     def setup(self, learner, scenario, mechanism):
@@ -102,6 +128,7 @@ class SparCL(Replay):
             w = layer.weight.detach()
             self.masks[name] = keep_top(w.abs(), self.active_count(w, self.options.sparcl_sparsity))
             w.mul_(self.masks[name])
+        self.active = {n: self.active_count(m, self.options.sparcl_sparsity) for n, m in self.masks.items()}
         self.grad_masks = {n: m.clone() for n, m in self.masks.items()}
         self.last_grads: dict[str, torch.Tensor] = {}
         self.epoch = self.step_in_epoch = 0
@@ -140,6 +167,7 @@ class SparCL(Replay):
             mask.view(-1)[zeros[pick]] = 1
             w.mul_(mask)                         # pruned entries to 0; regrown ones start at 0
             self.masks[name] = mask
+            self.active[name] = self.active_count(w, upper)   # pruned to `lower`, regrown to `upper`
             record[name] = {"pruned": pruned, "regrown": int((mask.bool() & ~old.bool()).sum())}
         self.grad_masks = {n: m.clone() for n, m in self.masks.items()}
         self.swaps.append(record)
@@ -199,6 +227,8 @@ class SparCL(Replay):
         if bounds is not None:
             self.update_masks(*bounds)
         self.step_in_epoch = 0
+        if self.options.sparcl_drop_last:
+            batches = without_partial_last(batches, self.learner.batch_size)
         for batch in batches:
             yield batch
             self.step_in_epoch += 1
@@ -220,13 +250,9 @@ class SparCL(Replay):
                 continue
             if refresh:
                 g.mul_(self.masks[name])
-                keep = self.options.sparcl_grad_keep
-                if keep < 1:
-                    k = int(round(keep * int(self.masks[name].sum())))
-                    active = torch.where(self.masks[name].bool(), g.abs(), -1.0)   # ties stay inside the mask
-                    self.grad_masks[name] = keep_top(active, k)
-                else:
-                    self.grad_masks[name] = self.masks[name].clone()
+                # the official percentile over the whole tensor, active weights only (ties stay inside)
+                k = min(self.active_count(g, self.options.sparcl_grad_sparsity), self.active[name])
+                self.grad_masks[name] = keep_top(torch.where(self.masks[name].bool(), g.abs(), -1.0), k)
             g.mul_(self.grad_masks[name])
 
     @torch.no_grad()
@@ -276,4 +302,5 @@ class SparCL(Replay):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.masks = state["masks"]
+        self.active = {n: int(m.sum()) for n, m in self.masks.items()}
         self.grad_masks = {n: m.clone() for n, m in self.masks.items()}

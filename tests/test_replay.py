@@ -113,7 +113,10 @@ def test_derpp_stores_the_logits_of_insertion_time(tmp_path):
 
 def test_er_and_derpp_beat_naive_on_digits_and_report_buffer_flops_privacy(tmp_path):
     acc = {}
-    for name, extra in (("naive", []), ("er", []), ("derpp", ["--derpp-alpha", "0.5", "--derpp-beta", "1.0"])):
+    # ER averages one cross-entropy over current + buffer examples (Mammoth): half the step of a
+    # sum of two means, so it gets twice the scenario's lr here
+    for name, extra in (("naive", []), ("er", ["--lr", "0.1"]),
+                        ("derpp", ["--derpp-alpha", "0.5", "--derpp-beta", "1.0"])):
         out = tmp_path / name
         execute(parse(["--out", str(out), "--strategy", name, "--seed", "0", "--progress", "false", *extra]))
         summary = read_summary(out)
@@ -130,9 +133,11 @@ def test_er_and_derpp_beat_naive_on_digits_and_report_buffer_flops_privacy(tmp_p
         # dense counted FLOPs: 3 x forward of 64-100-100-10 per example, over current + replayed ones
         per_example = 3 * 2 * (64 * 100 + 100 * 100 + 100 * 10)
         draws = 1 if name == "er" else 2
+        # replay on every step but the very first (Mammoth: whenever the buffer holds examples)
         first_task = [s for s in steps if s["task"] == 0]
-        assert first_task[-1]["strategy/train_flops"] == pytest.approx(first_task[-1]["examples_seen"] * per_example)
-        forwarded = steps[-1]["examples_seen"] + sum(draws * 32 for s in steps if s["task"] > 0)
+        assert first_task[-1]["strategy/train_flops"] == pytest.approx(
+            (first_task[-1]["examples_seen"] + draws * 32 * (len(first_task) - 1)) * per_example)
+        forwarded = steps[-1]["examples_seen"] + draws * 32 * (len(steps) - 1)
         assert steps[-1]["strategy/train_flops"] == pytest.approx(forwarded * per_example)
         for ds in summary["privacy"]["datasets"].values():
             assert {"mechanism": "raw", "purpose": "replay buffer"} in ds["accesses"]
@@ -142,3 +147,65 @@ def test_er_and_derpp_beat_naive_on_digits_and_report_buffer_flops_privacy(tmp_p
 def test_bad_replay_option_is_a_user_error(tmp_path, capsys):
     assert main(["--out", str(tmp_path), "--strategy", "derpp", "--replay-size", "0"]) == 2
     assert "--replay-size" in capsys.readouterr().err and not any(tmp_path.iterdir())
+
+
+def _digits_run(strategy: str, *extra: str, tasks: int = 1, watch=None):
+    """`strategy` through the engine on the first `tasks` tasks of split_digits (real digits)."""
+    from clsim import cli
+    from clsim.engine import run as engine_run
+    from clsim.learners.supervised import SupervisedLearner
+    from clsim.privacy.ledger import Ledger
+    from clsim.privacy.mechanism import Mechanism
+    resolved = cli.parse(["--strategy", strategy, "--seed", "1", *extra])
+    gen = cli.seed_everything(1)
+    scenario = resolved["scenario"].target(resolved["scenario_options"], resolved["run"])
+    scenario.tasks = scenario.tasks[:tasks]
+    strat = resolved["strategy"].target(resolved["strategy_options"])
+    learner = SupervisedLearner(scenario.make_model(), lr=0.05, momentum=0.0, batch_size=32,
+                                device=torch.device("cpu"), generator=gen)
+    records = []
+
+    class Keep:
+        def step(self, record):
+            records.append(record)
+            if watch is not None:
+                watch(strat, record)
+
+        def task(self, record):
+            pass
+
+    engine_run(scenario, strat, learner, Mechanism(), Ledger(), [Keep()], epochs=1)
+    return strat, learner, records
+
+
+@pytest.mark.parametrize("strategy, term", [("er", "strategy/replay_ce"), ("derpp", "strategy/derpp_mse"),
+                                            ("sparcl", "strategy/derpp_mse")])
+def test_replay_starts_at_the_second_step_of_the_first_task_as_mammoth(strategy, term):
+    """Mammoth replays whenever its buffer is not empty: from step 2 of task 0 (clsim waited for task 1)."""
+    strat, _, records = _digits_run(strategy, tasks=1)
+    assert term not in records[0] and all(term in r for r in records[1:])
+    # every step from the second forwards the buffer draw(s) too: 32 current + 32 (ER) or 64 (DER++)
+    per_step = [b - a for a, b in zip([0] + [r["strategy/train_flops"] for r in records],
+                                      [r["strategy/train_flops"] for r in records])]
+    assert per_step[2] > 1.9 * per_step[0]
+
+
+def test_er_loss_is_the_mean_over_the_concatenated_current_and_buffer_batch():
+    """ER's loss at a step of task 0 recomputed by hand: the buffer draw (same generator state)
+    joins the batch and one cross-entropy is averaged over all 64 examples (Mammoth's er.py)."""
+    import torch.nn.functional as F
+    from clsim.learners import Batch
+    strat, learner, _ = _digits_run("er", tasks=1)
+    task = strat.scenario.tasks[0]
+    x, y = task.train.x[:32], task.train.y[:32]
+    batch = Batch(x, y, torch.zeros(32, dtype=torch.long), torch.arange(32))
+    losses, outputs = learner.forward(batch)
+    state = learner.generator.get_state()
+    got = strat.loss(batch, losses, outputs)
+    learner.generator.set_state(state)
+    bx, by, bt, _ = strat.buffer.sample(32)
+    logits = torch.cat([learner.model(x, 0), learner.model(bx, bt)])
+    expected = F.cross_entropy(logits, torch.cat([y, by]))
+    assert got.shape == (64,) and got.mean().item() == pytest.approx(expected.item(), rel=1e-6)
+    old_rule = F.cross_entropy(logits[:32], y) + F.cross_entropy(logits[32:], by)   # sum of two means
+    assert abs(got.mean().item() - old_rule.item()) > 0.1

@@ -109,10 +109,12 @@ def test_weight_masks_density_swaps_and_zeros_after_every_step(cifar_root):
 
 
 def test_gradient_masks_after_refresh_and_between(cifar_root):
-    """A3: on a refresh step each masked layer's gradient is non-zero on about (1-s)*keep of the
-    tensor, inside the weight mask; other steps reuse the stored gradient mask; the refresh
-    happens every `refresh` steps and on each epoch's first; unmasked layers stay dense."""
-    s, keep, refresh = 0.75, 0.8, 2
+    """A3: on a refresh step each masked layer's gradient is non-zero on about 1 - 0.8 of the
+    tensor (the official gradient_sparse 0.8: 80% of the active weights at s = 0.75), inside the
+    weight mask; other steps reuse the stored gradient mask; the refresh happens every `refresh`
+    steps and on each epoch's first; unmasked layers stay dense."""
+    s, sparse, refresh = 0.75, 0.8, 2
+    keep = (1 - sparse) / (1 - s)
 
     class Check(Observer):
         def __init__(self, *a):
@@ -137,9 +139,10 @@ def test_gradient_masks_after_refresh_and_between(cifar_root):
             self.previous = {n: m.clone() for n, m in st.grad_masks.items()}
 
     strategy, _, _, check = train(cifar_args(cifar_root, "--epochs", "2", "--sparcl-sparsity", str(s),
-                                             "--sparcl-grad-keep", str(keep), "--sparcl-grad-refresh",
+                                             "--sparcl-grad-sparsity", str(sparse), "--sparcl-grad-refresh",
                                              str(refresh), "--sparcl-remove", "0"), Check)
-    # 2 tasks of 5 classes x 24 images in batches of 16: 8 steps per epoch, refreshes on 0, 2, 4, 6
+    # 2 tasks of 5 classes x 24 images in batches of 16: 7 full steps per epoch (the partial last
+    # one dropped), refreshes on 0, 2, 4, 6
     assert check.refreshes == 4 * 2 * 2
 
 
@@ -179,8 +182,9 @@ def test_data_removal_round_sizes_and_order():
     for task in scenario.tasks:
         n = len(task.train)
         step = int(share * n) // rounds
-        expected = [n, n - step, n - 2 * step, n - 3 * step, n - 4 * step, n - 4 * step]
-        assert [seen_per_epoch[(task.index, e)] for e in range(epochs)] == expected
+        kept = [n, n - step, n - 2 * step, n - 3 * step, n - 4 * step, n - 4 * step]
+        # each epoch presents the kept examples in full batches of 32 (the partial last one dropped)
+        assert [seen_per_epoch[(task.index, e)] for e in range(epochs)] == [32 * (k // 32) for k in kept]
     assert len(removed_sets) == 4 * len(scenario.tasks)
     for ds in summary["privacy"]["datasets"].values():
         assert {"mechanism": "raw", "purpose": "sparcl data-removal statistics"} in ds["accesses"]
@@ -209,18 +213,21 @@ def test_same_seed_same_masks_and_removed_sets_other_seed_differs():
 def test_counted_flops_follow_one_formula_for_dense_and_sparse(cifar_root):
     """A5: with the same batches, dense DER++ and SparCL (fixed densities, no data removal)
     differ in counted FLOPs exactly by sum F_l(2d_l + g_l) / sum 3F_l, F_l from FlopCounterMode."""
-    s, keep = 0.9, 0.8
-    common = cifar_args(cifar_root, "--epochs", "2")[:-2]
+    s, gs = 0.9, 0.8
+    common = cifar_args(cifar_root)[:-2] + ["--epochs", "2"]   # without "--strategy sparcl"
     dense, learner, _, _ = train(common + ["--strategy", "derpp"])
     sparse, _, _, _ = train(common + ["--strategy", "sparcl", "--sparcl-sparsity", str(s), "--sparcl-swap", "0",
-                                      "--sparcl-remove", "0", "--sparcl-grad-keep", str(keep)])
+                                      "--sparcl-remove", "0", "--sparcl-grad-sparsity", str(gs),
+                                      "--sparcl-drop-last", "false"])
     layers = forward_flops(learner.model, torch.zeros(1, 3, 32, 32))
     masked = set(sparse.layers)
     assert masked and masked < set(layers)
     size = {n: sparse.masks[n].numel() for n in masked}
     active = {n: size[n] - round(s * size[n]) for n in masked}          # exact counts per layer
     d = {n: active[n] / size[n] if n in masked else 1.0 for n in layers}
-    g = {n: round(keep * active[n]) / size[n] if n in masked else 1.0 for n in layers}
+    # the official percentile: at s >= gradient sparsity every active weight keeps its gradient
+    g = {n: min(active[n], size[n] - round(gs * size[n])) / size[n] if n in masked else 1.0 for n in layers}
+    assert all(g[n] == d[n] for n in masked)
     ratio = sum(f * (2 * d[n] + g[n]) for n, f in layers.items()) / sum(3 * f for f in layers.values())
     assert sparse.flops.total / dense.flops.total == pytest.approx(ratio, rel=1e-6)
     assert ratio < 0.3
@@ -238,7 +245,7 @@ def test_cli_records_sparsity_figures_and_rejects_bad_bounds(tmp_path, capsys):
     assert tasks[-1]["sparcl_model_density"] == pytest.approx((64 * 100 + 1000 + 100 * 10) / 17400)
     assert all(t["sparcl_examples_removed"] > 0 for t in tasks)    # one DDR round (epoch 1) per task
     steps = [r for r in records if r["kind"] == "step"]
-    assert {r["strategy/sparcl_grad_density"] for r in steps} == {0.08}
+    assert {r["strategy/sparcl_grad_density"] for r in steps} == {0.1}   # DGM 0.8 keeps every active weight
     flops = [r["strategy/train_flops"] for r in steps]
     assert flops == sorted(flops) and flops[0] > 0 and tasks[-1]["train_flops"] == flops[-1]
     # reservoir buffer (500 x (64 float32 + 2 int64 + 10 float32)) + one float32 100x100 mask
@@ -261,3 +268,36 @@ def test_full_resnet18_counts_match_the_design_note():
     assert sum(layers[n] for n in masked) / sum(layers.values()) == pytest.approx(0.985, abs=0.002)
     ratio = example_flops(layers, {n: 0.25 for n in masked}, {n: 0.2 for n in masked}) / example_flops(layers)
     assert ratio == pytest.approx(0.245, abs=0.002)
+
+
+def test_current_task_logit_mask_is_on_by_default_as_the_official_script():
+    """SparCL's default (the official --use_cl_mask): the current batch's class_il cross-entropy
+    sees only the current task's classes; plain ER/DER++ keep the standard loss."""
+    import torch.nn.functional as F
+    from clsim.learners import Batch
+    scenario, strategy, learner, _ = build(["--strategy", "sparcl"])
+    assert strategy.options.replay_mask_current and strategy.options.sparcl_drop_last
+    assert not build(["--strategy", "derpp"])[1].options.replay_mask_current
+    mech = Mechanism()
+    mech.setup(learner, scenario, Ledger())
+    strategy.setup(learner, scenario, mech)
+    task = scenario.tasks[1]                               # digits 2 and 3
+    strategy.before_task(task)
+    batch = Batch(task.train.x[:8], task.train.y[:8], torch.ones(8, dtype=torch.long), torch.arange(8))
+    losses, outputs = learner.forward(batch)
+    two_way = F.cross_entropy(outputs[:, 2:4], task.train.y[:8] - 2, reduction="none")
+    assert torch.allclose(strategy.current_losses(batch, losses, outputs), two_way, atol=1e-6)
+    assert not torch.allclose(losses, two_way, atol=1e-3)
+
+
+@pytest.mark.parametrize("drop", [True, False])
+def test_last_partial_batch_dropped_unless_asked_to_keep_it(drop):
+    """The official loop skips each epoch's batch smaller than the batch size."""
+    scenario, strategy, learner, _ = build(["--strategy", "sparcl", "--sparcl-drop-last", str(drop).lower(),
+                                            "--sparcl-remove", "0"])
+    sizes = [len(t.train) for t in scenario.tasks]
+    assert any(n % 32 for n in sizes)
+    summary = engine.run(scenario, strategy, learner, Mechanism(), Ledger(), [], 2)
+    per_epoch = [n // 32 if drop else -(-n // 32) for n in sizes]
+    assert summary["steps"] == 2 * sum(per_epoch)
+    assert summary["examples_seen"] == 2 * sum(32 * k if drop else n for k, n in zip(per_epoch, sizes))
