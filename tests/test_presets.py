@@ -82,3 +82,12 @@ def test_reproduce_budget_scales_epochs_and_data_and_runs_a_preset(mnist_root, t
     result = json.loads((tmp_path / "reproduce.json").read_text())[0]
     assert result["published"] == 87.19 and len(result["runs"]) == 2
     assert result["mean"] == pytest.approx(sum(r["acc"] for r in result["runs"]) / 2)
+
+
+def test_preset_files_ship_as_package_data():
+    from importlib import resources
+    from setuptools.config.setupcfg import read_configuration
+    cfg = read_configuration(str(Path(__file__).parent.parent / "setup.cfg"))
+    assert "*.yaml" in cfg["options"]["package_data"]["clsim.presets"]
+    shipped = {p.name for p in resources.files("clsim.presets").iterdir() if p.name.endswith(".yaml")}
+    assert shipped >= {"avalanche.yaml", "blip.yaml", "mammoth.yaml", "sparcl.yaml", "vandeven2019.yaml"}
