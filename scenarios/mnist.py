@@ -20,6 +20,7 @@ from scenarios.split_digits import class_order
 # "blip" is BLIP's MNIST network and flags (Shi et al. 2021; networks/q_mlp.py, run_mnist.sh): ONE
 # hidden layer of 1200 (quantised by the blip strategy), a head per task in task_il, SGD lr 0.01,
 # batch 64 (the presets blip-mnist5 / blip-pmnist add its 200-epoch plateau schedule).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081   # torchvision's usual figures for MNIST's training pixels
 PROTOCOLS = {
     "standard": {"hidden": (400, 400), "defaults": {"epochs": 1, "lr": 0.1, "batch_size": 128}},
     "blip": {"hidden": (1200,), "defaults": {"epochs": 1, "lr": 0.01, "batch_size": 64}},
@@ -33,6 +34,8 @@ class MnistOptions:
     mnist_hidden: str = opt("", "MLP hidden sizes, comma-separated, e.g. 256,256 (empty: the protocol's)")
     train_per_class: int = opt(0, "training images per class, the first ones in file order (0: all)", low=0)
     test_per_class: int = opt(0, "test images per class, the first ones in file order (0: all)", low=0)
+    mnist_standardise: bool = opt(False, "standardise pixels with MNIST's mean 0.1307 and std 0.3081, as "
+                                  "BLIP's and Avalanche's loaders do (default: pixels in [0, 1])")
 
 
 @dataclass
@@ -55,7 +58,10 @@ def _load(root: str):
 def _subset(o: MnistOptions, run):
     x_train, y_train, x_test, y_test = _load(str(Path(run.data_root).resolve()))
     tr, te = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
-    return x_train[tr], y_train[tr], x_test[te], y_test[te]
+    x_train, x_test = x_train[tr], x_test[te]
+    if o.mnist_standardise:
+        x_train, x_test = (x_train - MNIST_MEAN) / MNIST_STD, (x_test - MNIST_MEAN) / MNIST_STD
+    return x_train, y_train[tr], x_test, y_test[te]
 
 
 def _hidden(o: MnistOptions) -> tuple[int, ...]:
