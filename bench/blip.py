@@ -30,7 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from clsim.cli import execute, parse  # noqa: E402
+from clsim import Experiment  # noqa: E402
 from clsim.errors import UserError  # noqa: E402
 from clsim.models import make_model  # noqa: E402
 from clsim.registry import SCENARIOS, register_scenario  # noqa: E402
@@ -40,7 +40,8 @@ from clsim.scenario import Scenario, Task, TaskData  # noqa: E402
 def run(*args: str) -> tuple[dict, list[dict]]:
     """One CLI run; returns its summary and its task-end records (from log.jsonl)."""
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-        run_dir, summary = execute(parse(["--out", out, "--checkpoint", "false", "--progress", "false", *args]))
+        result = Experiment.from_argv(["--out", out, "--checkpoint", "false", "--progress", "false", *args]).run()
+        run_dir, summary = result.run_dir, result.summary
         tasks = [r for r in map(json.loads, (run_dir / "log.jsonl").open()) if r["kind"] == "task"]
     return json.loads(json.dumps(summary, default=float)), tasks
 
@@ -65,7 +66,7 @@ def permuted_digits(o, run_options) -> Scenario:
         tasks.append(Task(i, f"perm{i}", tuple(range(10)), *parts, n_outputs=10))
     return Scenario("bench_permuted_digits", "domain_il", tasks,
                     make_model=lambda: make_model("mlp", (1, 8, 8), "domain_il", [10] * 20, 10, hidden=(100, 100)),
-                    defaults={"epochs": 1, "lr": 0.05, "batch_size": 32})
+                    defaults={"epochs": 1, "lr": 0.05, "batch_size": 32}, input_kind="digits")
 
 
 def cifar_root(data_root: str) -> str:

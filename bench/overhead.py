@@ -24,16 +24,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clsim import cli  # noqa: E402
+from clsim import Experiment  # noqa: E402
+from clsim.experiment import seed_everything  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "cifar10"
 
 
-def bare_loop(resolved: dict) -> list[list[float]]:
+def bare_loop(experiment: Experiment) -> list[list[float]]:
     """What clsim's naive strategy computes, written as a plain PyTorch script."""
-    run = resolved["run"]
-    generator = cli.seed_everything(run.seed)
-    scenario = resolved["scenario"].target(resolved["scenario_options"], run)
+    run = experiment.run_options
+    generator = seed_everything(run.seed)
+    scenario = experiment.scenario_entry.target(experiment.scenario_options, run)
     model = scenario.make_model()
     epochs, lr, bs = run.epochs, run.lr, run.batch_size
 
@@ -77,17 +78,17 @@ def main() -> None:
                 "--train-per-class", str(a.train_per_class), "--test-per-class", str(a.test_per_class),
                 "--backbone", a.backbone, "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
                 "--lr", "0.05", "--seed", "0", "--out", out, "--progress", "false"]
-        resolved = cli.parse(argv)
-        resolved["scenario"].target(resolved["scenario_options"], resolved["run"])  # decode CIFAR once
+        experiment = Experiment.from_argv(argv)
+        experiment.scenario_entry.target(experiment.scenario_options, experiment.run_options)  # decode CIFAR once
         times = {"bare": [], "clsim": []}
         for i in range(a.repeats):
             for side in ("bare", "clsim") if i % 2 == 0 else ("clsim", "bare"):  # alternate who goes first
                 t0 = time.perf_counter()
                 if side == "bare":
-                    bare = bare_loop(resolved)
+                    bare = bare_loop(experiment)
                 else:
                     with contextlib.redirect_stdout(io.StringIO()):     # clsim's per-task lines
-                        _, summary = cli.execute(cli.parse(argv))
+                        summary = Experiment.from_argv(argv).run().summary
                 times[side].append(time.perf_counter() - t0)
         same = summary["accuracy_matrix"] == bare
     b, c = min(times["bare"]), min(times["clsim"])

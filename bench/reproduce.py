@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clsim import cli, presets  # noqa: E402
+from clsim import Experiment, presets  # noqa: E402
 from clsim.errors import UserError  # noqa: E402
 
 
@@ -42,7 +42,7 @@ def run_preset(preset: presets.Preset, seed: int, budget: float, common: list[st
     argv = ["--preset", preset.name, "--seed", str(seed), *budget_flags(preset, budget), *common,
             "--out", str(out), "--checkpoint", "false", "--progress", "false"]
     start = time.perf_counter()
-    _, summary = cli.execute(cli.parse(argv))
+    summary = Experiment.from_argv(argv).run().summary
     return {"seed": seed, preset.metric: summary[preset.metric], "bwt": summary["bwt"],
             "seconds": time.perf_counter() - start, "argv": argv[:-6]}
 

@@ -19,13 +19,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from clsim.cli import execute, parse  # noqa: E402
+from clsim import Experiment  # noqa: E402
 from clsim.registry import STRATEGIES  # noqa: E402
 
 
 def run(*args: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        _, summary = execute(parse(["--out", out, "--checkpoint", "false", "--progress", "false", *args]))
+        summary = Experiment.from_argv(["--out", out, "--checkpoint", "false", "--progress", "false",
+                                        *args]).run().summary
     return json.loads(json.dumps(summary, default=float))
 
 

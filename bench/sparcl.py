@@ -26,23 +26,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clsim import cli, engine  # noqa: E402
-from clsim.learners.supervised import SupervisedLearner  # noqa: E402
-from clsim.privacy.ledger import Ledger  # noqa: E402
-from clsim.privacy.mechanism import Mechanism  # noqa: E402
+from clsim import Experiment  # noqa: E402
 
 
 def run_one(argv: list[str]) -> dict:
-    resolved = cli.parse(argv)
-    run = resolved["run"]
-    generator = cli.seed_everything(run.seed)
-    scenario = resolved["scenario"].target(resolved["scenario_options"], run)
-    strategy = resolved["strategy"].target(resolved["strategy_options"])
-    learner = SupervisedLearner(scenario.make_model(), lr=run.lr, momentum=run.momentum,
-                                batch_size=run.batch_size, device=torch.device(run.device),
-                                generator=generator, **scenario.learner_kwargs)
+    parts = Experiment.from_argv(argv).build()
+    strategy = parts.strategy
     start = time.perf_counter()
-    result = engine.run(scenario, strategy, learner, Mechanism(), Ledger(), [], run.epochs)
+    result = parts.train()
     extra = strategy.task_metrics()
     return {"acc": result["acc"], "bwt": result["bwt"], "flops": strategy.flops.total,
             "wall_s": time.perf_counter() - start, "steps": result["steps"],

@@ -53,25 +53,21 @@ def validate(options) -> None:
                 raise UserError(f"{flag(f.name)} must be <= {high}, got {value}")
 
 
-def add_arguments(parser, options_cls, group_title: str, taken: dict[str, str]) -> None:
-    """Add one CLI flag per field of `options_cls`; defaults stay None so we can tell what was given."""
+def add_arguments(parser, options_cls, group_title: str) -> None:
+    """Add one CLI flag per field of `options_cls`. Flags are read as text and default to None
+    (not given): `build` converts and checks them, so a flag, a YAML key and a Python keyword
+    argument go through the same code and fail with the same message."""
     group = parser.add_argument_group(group_title)
     hints = typing.get_type_hints(options_cls)
     for f in dataclasses.fields(options_cls):
-        if f.name in taken:
-            raise UserError(f"option {flag(f.name)} is defined by both {taken[f.name]} and {group_title}")
-        taken[f.name] = group_title
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kind = _scalar_type(hints[f.name])
+        choices = f.metadata.get("choices")
+        metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
         help_text = f.metadata.get("help", "")
         if "(default:" not in help_text:   # a help that names its own default knows it better than None
             help_text += f" (default: {default})"
-        if kind is bool:
-            group.add_argument(flag(f.name), dest=f.name, default=None, type=parse_bool,
-                               metavar="BOOL", help=help_text)
-        else:
-            group.add_argument(flag(f.name), dest=f.name, default=None, type=kind,
-                               choices=f.metadata.get("choices"), help=help_text)
+        group.add_argument(flag(f.name), dest=f.name, default=None, metavar=metavar, help=help_text)
 
 
 def _scalar_type(hint) -> type:
@@ -90,10 +86,38 @@ def parse_bool(text: str) -> bool:
     raise ValueError(text)
 
 
+_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def coerce(name: str, value: Any, hint) -> Any:
+    """`value` as the field's type: text (a flag, or a YAML string) is parsed; a typed value (YAML,
+    Python) must already be of that type (an int is taken for a float). Raises UserError."""
+    kind = _scalar_type(hint)
+    if isinstance(value, str) and not value.strip():
+        raise UserError(f"{flag(name)} is empty; give it a value or leave it out")
+    if isinstance(value, str) and kind is not str:
+        try:
+            return parse_bool(value) if kind is bool else kind(value)
+        except ValueError:
+            raise UserError(f"{flag(name)} must be {_KIND_NAMES[kind]}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise UserError(f"{flag(name)} must be {_KIND_NAMES[kind]}, got {value!r}")
+    return value
+
+
+def fields(options_cls) -> list[str]:
+    """The option names of an options dataclass (none for None)."""
+    return [] if options_cls is None else [f.name for f in dataclasses.fields(options_cls)]
+
+
 def build(options_cls, values: dict):
-    """Instantiate `options_cls` from the given values (None means 'not given'), then validate."""
-    names = {f.name for f in dataclasses.fields(options_cls)}
-    given = {k: v for k, v in values.items() if k in names and v is not None}
+    """Instantiate `options_cls` from the given values (None means 'not given'; other keys are
+    ignored), each converted to its field's type, then validate the bounds."""
+    hints = typing.get_type_hints(options_cls)
+    given = {k: coerce(k, values[k], hints[k]) for k in fields(options_cls)
+             if values.get(k) is not None}
     options = options_cls(**given)
     validate(options)
     return options
@@ -115,6 +139,8 @@ class RunOptions:
     device: str = opt("cpu", "torch device, e.g. cpu or cuda")
     progress: bool | None = opt(None, "show a progress bar (default: only when attached to a terminal)")
     checkpoint: bool = opt(True, "write a checkpoint at every task boundary")
+    loggers: str = opt("tensorboard,jsonl", "comma-separated loggers: tensorboard (tb/), jsonl (log.jsonl), "
+                       "csv (steps.csv, tasks.csv, matrix.csv), or a plugin's (entry-point group clsim.loggers)")
 
 
 SCHEDULES = ("constant", "plateau", "cosine", "step")

@@ -27,11 +27,27 @@ class Timer:
         return now
 
 
+def setup(scenario, strategy, learner, mechanism, ledger, epochs: int) -> None:
+    """The parties' setup hooks, in order: the mechanism (it makes gradients and holds the ledger),
+    then the strategy (which may re-initialise weights: the last step allowed to change the model
+    before training; see docs/architecture.md)."""
+    mechanism.setup(learner, scenario, ledger)
+    strategy.epochs = epochs   # schedules within a task (e.g. SparCL's mask updates) need it
+    strategy.setup(learner, scenario, mechanism)
+
+
 def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
         checkpoint=None, resume: dict | None = None, protocol: ProtocolOptions | None = None) -> dict:
-    """Train on every task in order; evaluate on all tasks after each.
+    """`setup`, then `loop`: for parts built by hand (clsim.Experiment.build does both steps)."""
+    setup(scenario, strategy, learner, mechanism, ledger, epochs)
+    return loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs, checkpoint, resume, protocol)
 
-        mechanism.setup, strategy.setup; b = initial scores
+
+def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
+         checkpoint=None, resume: dict | None = None, protocol: ProtocolOptions | None = None) -> dict:
+    """Train on every task in order; evaluate on all tasks after each (the parts are set up).
+
+        b = initial scores
         for task:
             strategy.before_task; optimizer = mechanism.before_task(fresh optimizer)
             for epoch: for batch in strategy.train_batches(mechanism.batches(...)):
@@ -44,12 +60,10 @@ def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
 
     `protocol` (clsim/protocol.py) sets the per-epoch lr schedule and early stopping.
     `checkpoint(state)` is called after every task with everything needed to continue; passing
-    that state back as `resume` continues the run exactly where it stopped.
+    that state back as `resume` continues the run exactly where it stopped. The call graph of one
+    step is drawn in docs/architecture.md.
     """
     protocol = protocol or ProtocolOptions()
-    mechanism.setup(learner, scenario, ledger)
-    strategy.epochs = epochs   # schedules within a task (e.g. SparCL's mask updates) need it
-    strategy.setup(learner, scenario, mechanism)
     emit = _Emitter(loggers)
     timer = Timer(learner.device)
     if resume is None:

@@ -1,8 +1,9 @@
-"""Name registries for scenarios, strategies and privacy mechanisms.
+"""Name registries for scenarios, strategies, privacy mechanisms and loggers.
 
-Built-in entries live one per file in the top-level packages (scenarios/, strategies/) and
-register themselves on import; third-party packages register through the entry-point groups
-`clsim.scenarios` and `clsim.strategies` (each entry point names a module to import).
+Built-in entries live one per file in their packages (scenarios/, strategies/, clsim/loggers/)
+and register themselves on import; third-party packages register through the entry-point groups
+`clsim.scenarios`, `clsim.strategies`, `clsim.mechanisms` and `clsim.loggers` (each entry point
+names a module to import), so a new one is one file outside clsim/ (docs/architecture.md, "Plugins").
 """
 from __future__ import annotations
 
@@ -68,8 +69,10 @@ class Registry:
 
 SCENARIOS = Registry("scenario", "scenarios", "clsim.scenarios")
 STRATEGIES = Registry("strategy", "strategies", "clsim.strategies")
-MECHANISMS = Registry("privacy mechanism", "clsim.privacy", None)
+MECHANISMS = Registry("privacy mechanism", "clsim.privacy", "clsim.mechanisms")
+LOGGERS = Registry("logger", "clsim.loggers", "clsim.loggers")
 
 register_scenario = SCENARIOS.register
 register_strategy = STRATEGIES.register
 register_mechanism = MECHANISMS.register
+register_logger = LOGGERS.register

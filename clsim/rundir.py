@@ -5,7 +5,7 @@
                        of the same setting, or a concurrent one, gets its own) and holds an flock on
                        it while the process lives; a killed run's lock dies with it
     reopen(partial)    --resume: takes over an interrupted run's directory (refused while its
-                       process still runs) and cuts log.jsonl back to what its checkpoint recorded
+                       process still runs); load_checkpoint cuts the loggers' files back to it
     write_config/save_checkpoint/finish   every file is written to a temporary name and renamed,
                        so a reader (or a resume) never sees half of one; finish writes summary.json
                        and renames the directory to its final name
@@ -13,10 +13,10 @@
                        resumable when it holds a checkpoint) and says where it is; a full disk or a
                        file-size limit becomes one line naming the file
 
-The log and the checkpoint agree: the engine hands the task's record to the loggers (JsonlLogger
-flushes at every task record) before it asks for the checkpoint, and the checkpoint records how
-many bytes of log.jsonl it covers; a resume truncates the log there, dropping whatever the
-interrupted run wrote later, a torn last line included.
+The logs and the checkpoint agree: the engine hands the task's record to the loggers (they flush
+at every task record) before it asks for the checkpoint, and the checkpoint records how many bytes
+of each logger's files it covers; a resume truncates them there, dropping whatever the interrupted
+run wrote later, a torn last line included (clsim/loggers/__init__.py).
 """
 from __future__ import annotations
 
@@ -171,31 +171,46 @@ class RunDirectory:
     def write_config(self, config: dict) -> None:
         _write_atomic(self.path / CONFIG, json.dumps(config, indent=2).encode())
 
-    def task_finished(self, state: dict | None) -> None:
+    def task_finished(self, state: dict | None, logger_files: dict[str, int] | None = None) -> None:
         """The engine's checkpoint callback: after every task, with the state to continue from
-        (None when --checkpoint false: the task still counts for keeping the directory)."""
+        (None when --checkpoint false: the task still counts for keeping the directory) and the
+        sizes of the loggers' files (Logger.file_sizes), which the checkpoint then covers."""
         self.tasks_done += 1
         if state is None:
             return
-        log = self.path / LOG
-        with open(log, "rb") as f:   # the task's record is flushed; make it durable before the checkpoint
-            os.fsync(f.fileno())
+        files = dict(logger_files or {})
+        for name in files:   # the task's records are flushed; make them durable before the checkpoint
+            with open(self.path / name, "rb") as f:
+                os.fsync(f.fileno())
         buffer = io.BytesIO()
-        torch.save({**state, "log_bytes": log.stat().st_size}, buffer)
+        torch.save({**state, "logger_files": files}, buffer)
         _write_atomic(self.path / CHECKPOINT, buffer.getbuffer())
 
     def load_checkpoint(self) -> dict:
-        """The checkpoint to resume from; log.jsonl is cut back to the records it covers."""
+        """The checkpoint to resume from; the loggers' files are cut back to the records it covers
+        (files it does not know, written after it, are removed)."""
         state = _load(self.path / CHECKPOINT)
-        log = self.path / LOG
-        size = log.stat().st_size if log.is_file() else -1
-        if not isinstance(state.get("log_bytes"), int) or size < state["log_bytes"]:
-            raise UserError(f"{log} is shorter than its checkpoint records (it was changed or lost); "
+        files = state.pop("logger_files", None)
+        if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in files.items()):
+            raise UserError(f"{self.path / CHECKPOINT} is not a clsim checkpoint (no logger file sizes); "
                             f"start the run again")
+        for name, size in files.items():
+            path = self.path / name
+            if Path(name).is_absolute() or ".." in Path(name).parts:   # a hostile checkpoint stays inside
+                raise UserError(f"{self.path / CHECKPOINT} names a file outside its run directory; "
+                                f"start the run again")
+            if not path.is_file() or path.stat().st_size < size:
+                raise UserError(f"{path} is shorter than its checkpoint records (it was changed or lost); "
+                                f"start the run again")
         try:
-            os.truncate(log, state.pop("log_bytes"))
+            for path in sorted(p for p in self.path.rglob("*") if p.is_file()):
+                name = str(path.relative_to(self.path))
+                if name in files:
+                    os.truncate(path, files[name])
+                elif name not in (CONFIG, CHECKPOINT):
+                    path.unlink()
         except OSError as exc:
-            raise UserError(f"cannot cut {log} back to the checkpoint ({exc.strerror})") from None
+            raise UserError(f"cannot cut {exc.filename} back to the checkpoint ({exc.strerror})") from None
         return state
 
     def finish(self, summary: dict) -> Path:

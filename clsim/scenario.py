@@ -51,6 +51,9 @@ class Scenario:
     learner_kwargs: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)      # recorded in summary.json (protocol, sizes)
     score_scale: float = 100.0                    # a perfect score: accuracy in %, 1 for normalised returns
+    #: what the inputs are, for methods whose defaults depend on it (BLIP's F_prior): "digits",
+    #: "natural_images", or None (undeclared: such a default must be given as an option)
+    input_kind: str | None = None
 
     def __iter__(self):
         return iter(self.tasks)

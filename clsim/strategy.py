@@ -65,16 +65,17 @@ class Strategy:
         access to task data that does not go through it (e.g. a raw replay buffer)."""
         self.learner, self.scenario = learner, scenario
         self.mechanism, self.ledger = mechanism, mechanism.ledger
-        self.check(scenario)
+        self.check(scenario, learner)
 
-    def check(self, scenario) -> None:
-        """Refuse a setting or learner the method is not defined for, in one line."""
+    def check(self, scenario, learner) -> None:
+        """Refuse a setting or learner the method is not defined for, in one line (both are
+        declared: `scenario.setting`, `learner.kind`)."""
         from clsim.registry import STRATEGIES
         name = next((e.name for e in STRATEGIES.entries() if e.target is type(self)), type(self).__name__)
         if scenario.setting not in self.settings:
             raise UserError(f"strategy {name} works in {' and '.join(self.settings)} only, not "
                             f"{scenario.setting}; pass --setting {self.settings[0]} or pick another strategy")
-        kind = learner_kind(scenario)
+        kind = learner.kind
         if kind not in self.learners:
             raise UserError(f"strategy {name} works with {' and '.join(self.learners)} learners only, and "
                             f"scenario {scenario.name} is {kind}; pick another strategy or scenario")
@@ -125,7 +126,3 @@ class Strategy:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-
-def learner_kind(scenario) -> str:
-    """"rl" for scenarios of environments, "supervised" for scenarios of datasets."""
-    return "rl" if scenario.tasks and scenario.tasks[0].env is not None else "supervised"

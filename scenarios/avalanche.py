@@ -44,7 +44,7 @@ def _infer_setting(train_stream) -> str:
 
 def from_avalanche(benchmark, name: str = "avalanche", setting: str | None = None,
                    backbone: str | Callable[[list[int], int], torch.nn.Module] = "mlp",
-                   defaults: dict | None = None, **backbone_kwargs) -> Scenario:
+                   defaults: dict | None = None, input_kind: str | None = None, **backbone_kwargs) -> Scenario:
     """A clsim Scenario with one Task per experience of `benchmark.train_stream`, tested on the
     experience of `benchmark.test_stream` at the same position.
 
@@ -54,7 +54,9 @@ def from_avalanche(benchmark, name: str = "avalanche", setting: str | None = Non
     -> task_il, the same classes in every experience -> domain_il, else class_il).
     backbone: a clsim backbone name (`mlp`, `cnn`, `resnet18`, with `backbone_kwargs` such as
     hidden= or width=), or a function (head_sizes, n_classes) -> model whose forward is (x, t).
-    defaults: epochs / lr / batch_size for the run (clsim's CLI defaults otherwise)."""
+    defaults: epochs / lr / batch_size for the run (clsim's CLI defaults otherwise).
+    input_kind: what the inputs are ("digits", "natural_images"), for defaults that depend on it
+    (BLIP's F_prior); None leaves it undeclared."""
     train_stream, test_stream = list(benchmark.train_stream), list(benchmark.test_stream)
     if not train_stream:
         raise UserError("the Avalanche benchmark has an empty train_stream")
@@ -89,7 +91,7 @@ def from_avalanche(benchmark, name: str = "avalanche", setting: str | None = Non
         if backbone not in BACKBONES:
             raise UserError(f"backbone {backbone!r} is not one of: {', '.join(BACKBONES)}")
         build = lambda: make_model(backbone, shape, setting, heads, n_classes, **backbone_kwargs)  # noqa: E731
-    return Scenario(name, setting, tasks, make_model=build, defaults=dict(defaults or {}),
+    return Scenario(name, setting, tasks, make_model=build, defaults=dict(defaults or {}), input_kind=input_kind,
                     info={"source": "avalanche", "train_size": sum(len(t.train) for t in tasks),
                           "test_size": sum(len(t.test) for t in tasks)})
 
@@ -147,6 +149,7 @@ def avalanche_scenario(o: AvalancheOptions, run) -> Scenario:
     kwargs = {"hidden": (100, 100)} if backbone == "mlp" else {}
     scenario = from_avalanche(benchmark, name="avalanche", setting=setting, backbone=backbone,
                               defaults={"epochs": 5 if backbone == "mlp" else 1, "lr": 0.05,
-                                        "batch_size": 32}, **kwargs)
+                                        "batch_size": 32},
+                              input_kind="digits" if o.avalanche_data == "split_digits" else "natural_images", **kwargs)
     scenario.info["avalanche_data"] = o.avalanche_data
     return scenario

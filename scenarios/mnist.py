@@ -78,7 +78,7 @@ def _hidden(o: MnistOptions) -> tuple[int, ...]:
 
 def _scenario(name, o, setting, tasks, n_classes, shape, info) -> Scenario:
     hidden, heads = _hidden(o), [t.n_outputs for t in tasks]
-    return Scenario(name, setting, tasks,
+    return Scenario(name, setting, tasks, input_kind="digits",
                     make_model=lambda: make_model("mlp", shape, setting, heads, n_classes, hidden=hidden),
                     defaults=dict(PROTOCOLS[o.mnist_protocol]["defaults"]),
                     info={**info, "hidden": list(hidden), "protocol": o.mnist_protocol})

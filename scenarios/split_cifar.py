@@ -70,7 +70,7 @@ def split_cifar(o: SplitCifarOptions, run) -> Scenario:
     tasks = class_split(x_train[keep_train], y_train[keep_train], x_test[keep_test], y_test[keep_test],
                         class_order(10, o.class_order_seed), o.n_tasks, setting)
     heads = [t.n_outputs for t in tasks]
-    return Scenario("split_cifar", setting, tasks,
+    return Scenario("split_cifar", setting, tasks, input_kind="natural_images",
                     make_model=lambda: make_model(o.backbone, (3, 32, 32), setting, heads,
                                                   single_head_width(tasks, setting, 10),
                                                   width=o.backbone_width or None),

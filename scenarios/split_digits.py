@@ -47,5 +47,5 @@ def split_digits(o: SplitDigitsOptions, run) -> Scenario:
                     make_model=lambda: make_model("mlp", (1, 8, 8), setting, [t.n_outputs for t in tasks],
                                                   single_head_width(tasks, setting, 10),
                                                   hidden=(o.hidden, o.hidden)),
-                    defaults={"epochs": 5, "lr": 0.05, "batch_size": 32},
+                    defaults={"epochs": 5, "lr": 0.05, "batch_size": 32}, input_kind="digits",
                     info={"train_size": int((~test).sum()), "test_size": int(test.sum())})

@@ -104,7 +104,7 @@ class BLIP(Strategy):
             raise UserError(f"BLIP needs plain SGD (momentum would keep pushing weights against "
                             f"their frozen intervals); drop --momentum {learner.momentum} or set it to 0")
         o = self.options
-        self.is_rl = scenario.tasks[0].train is None
+        self.is_rl = learner.kind == "rl"
         self.f_prior = o.blip_f_prior or self.default_f_prior(scenario)
         rule = o.blip_bound_rule if o.blip_bound_rule != "auto" else ("max_fan" if self.is_rl else "fan_in")
         shared = dict(learner.shared_parameters())
@@ -148,11 +148,12 @@ class BLIP(Strategy):
         self._limits = None
 
     def default_f_prior(self, scenario) -> float:
-        if self.is_rl:
-            return F_PRIOR_DEFAULTS["rl"]
-        x = scenario.tasks[0].train.x
-        colour = "cifar" in scenario.name.lower() or (x.dim() == 4 and x.shape[1] == 3)
-        return F_PRIOR_DEFAULTS["natural_images" if colour else "digits"]
+        """The paper's F_prior for the kind of input the scenario declares (`input_kind`)."""
+        kind = "rl" if self.is_rl else scenario.input_kind
+        if kind not in F_PRIOR_DEFAULTS:
+            raise UserError(f"scenario {scenario.name} declares no input kind BLIP has an F_prior for "
+                            f"({', '.join(F_PRIOR_DEFAULTS)}); give --blip-f-prior")
+        return F_PRIOR_DEFAULTS[kind]
 
     @torch.no_grad()
     def _initialise(self) -> None:

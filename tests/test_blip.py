@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clsim import config, engine
-from clsim.cli import execute, parse
+from clsim import Experiment
 from clsim.errors import UserError
 from clsim.learners.supervised import SupervisedLearner
 from clsim.models import MultiHeadNet, ResNet18
@@ -38,8 +38,8 @@ def build(strategy: str, setting="task_il", seed=0, strategy_values=None, make_m
 
 
 def cli(out, *args: str) -> None:
-    """The command line in this process (parse + execute: TensorBoard, JSONL, checkpoint)."""
-    execute(parse(["--out", str(out), "--progress", "false", *args]))
+    """The command line in this process (Experiment.from_argv: TensorBoard, JSONL, checkpoint)."""
+    Experiment.from_argv(["--out", str(out), "--progress", "false", *args]).run()
 
 
 def run(scenario, strat, learner, loggers=(), epochs=EPOCHS):

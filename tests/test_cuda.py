@@ -67,15 +67,15 @@ def test_training_steps_do_not_wait_for_the_device(tmp_path):
     read one step late, and batches are sliced with an index copied to the device once per epoch.
     CUDA's sync debug mode counts the host waits; five more epochs add 200 steps but at most a
     couple of waits per epoch and task (evaluation and the Fisher pass are the same in both)."""
-    from clsim.cli import execute, parse
+    from clsim import Experiment
     waits, steps = {}, {}
     for epochs in (1, 6):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                _, summary = execute(parse(["--strategy", "ewc", "--setting", "class_il", "--epochs", str(epochs),
-                                            "--device", "cuda", "--out", str(tmp_path / str(epochs))]))
+                summary = Experiment(strategy="ewc", setting="class_il", epochs=epochs, device="cuda",
+                                     out=str(tmp_path / str(epochs))).run().summary
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         waits[epochs] = sum("synchronizing CUDA operation" in str(w.message) for w in caught)

@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import random
+import re
 import resource
 import signal
 import struct
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from clsim import cli, data, rundir
+from clsim import Experiment, cli, data, rundir
 from clsim.errors import UserError
 from conftest import REPO
 
@@ -71,7 +72,7 @@ def reference(tmp_path_factory):
     """The uninterrupted run every faulty one must reproduce."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("reference")
-    run_dir, summary = cli.execute(cli.parse([*ARGS, "--out", str(out)]))
+    run_dir = Experiment.from_argv([*ARGS, "--out", str(out)]).run().run_dir
     assert run_dir.name == NAME
     return json.loads((run_dir / "summary.json").read_text()), log_records(run_dir)
 
@@ -192,7 +193,7 @@ def test_a_malicious_checkpoint_is_refused_and_never_runs(tmp_path, capsys):
     partial.mkdir()
     (partial / "config.json").write_text(json.dumps({"argv": [*ARGS, "--out", str(tmp_path)]}))
     (partial / "log.jsonl").write_text("")
-    torch.save({"step": 1, "log_bytes": 0, "model": Payload(marker)}, partial / "checkpoint.pt")
+    torch.save({"step": 1, "logger_files": {}, "model": Payload(marker)}, partial / "checkpoint.pt")
     assert cli.main(["--resume", str(partial)]) == 2
     one_line_error(capsys.readouterr().err, f"{partial / 'checkpoint.pt'} is not a clsim checkpoint")
     assert not marker.exists() and (partial / "checkpoint.pt").is_file()
@@ -215,16 +216,15 @@ def test_every_strategy_checkpoint_loads_without_running_code(tmp_path, strategy
     if "supervised" not in entry.target.learners:
         pytest.skip(f"{strategy} is for RL learners")
     setting = entry.target.settings[0]
-    run_dir, _ = cli.execute(cli.parse(["--strategy", strategy, "--setting", setting, "--n-tasks", "2",
-                                        "--epochs", "1", "--hidden", "20", "--progress", "false",
-                                        "--out", str(tmp_path)]))
+    run_dir = Experiment(strategy=strategy, setting=setting, n_tasks=2, epochs=1, hidden=20, progress=False,
+                         out=str(tmp_path)).run().run_dir
     state = rundir._load(run_dir / "checkpoint.pt")
     assert state["step"] > 0 and len(state["R"]) == 2
 
 
 def test_a_private_run_checkpoint_loads_without_running_code(tmp_path):
-    run_dir, _ = cli.execute(cli.parse(["--privacy", "dpsgd", "--n-tasks", "2", "--epochs", "1", "--hidden", "20",
-                                        "--progress", "false", "--out", str(tmp_path)]))
+    run_dir = Experiment(privacy="dpsgd", n_tasks=2, epochs=1, hidden=20, progress=False,
+                         out=str(tmp_path)).run().run_dir
     state = rundir._load(run_dir / "checkpoint.pt")
     assert state["ledger"]["accesses"]
 
@@ -244,19 +244,19 @@ def test_every_abbreviation_of_a_privacy_flag_is_refused():
             prefix = name[:cut]
             if prefix in whole:
                 continue
-            with pytest.raises(UserError, match=f"unrecognized arguments: {prefix}"):
-                cli.parse(["--privacy", "dpsgd", prefix, "1"] if name != "--privacy" else [prefix, "dpsgd"])
+            with pytest.raises(UserError, match=re.escape(f"unknown option(s) {prefix} ")):
+                Experiment.from_argv(["--privacy", "dpsgd", prefix, "1"] if name != "--privacy" else [prefix, "dpsgd"])
             tried += 1
     assert tried > 50
-    with pytest.raises(UserError, match="unrecognized arguments: --lis"):
-        cli.parse(["--lis"])
+    with pytest.raises(UserError, match=re.escape("unknown option(s) --lis ")):
+        Experiment.from_argv(["--lis"])
 
 
 def test_an_abbreviated_flag_in_a_real_process_is_one_line_and_writes_nothing(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "run_scenario.py"), "--priv", "dpsgd", "--out",
                            str(tmp_path / "o")], cwd=REPO, env=ENV, capture_output=True, text=True)
     assert proc.returncode == 2
-    one_line_error(proc.stderr, "unrecognized arguments: --priv dpsgd")
+    one_line_error(proc.stderr, "unknown option(s) --priv for scenario split_digits")
     assert not (tmp_path / "o").exists()
 
 
@@ -272,26 +272,26 @@ def test_an_abbreviated_flag_in_a_real_process_is_one_line_and_writes_nothing(tm
 ])
 def test_contradictory_or_empty_flags_are_refused(args, expected):
     with pytest.raises(UserError) as info:
-        cli.parse(args)
+        Experiment.from_argv(args)
     assert expected in str(info.value)
 
 
 def test_the_same_flag_twice_with_the_same_value_is_one_request():
-    resolved = cli.parse(["--privacy", "dpsgd", "--privacy=dpsgd"])
-    assert resolved["mechanism"].name == "dpsgd" and resolved["args"]["privacy"] == "dpsgd"
+    experiment = Experiment.from_argv(["--privacy", "dpsgd", "--privacy=dpsgd"])
+    assert experiment.mechanism_name == "dpsgd" and experiment.run_options.privacy == "dpsgd"
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("epochs: 1.5\n", "epochs in {} must be an integer, got 1.5"),
-    ("epochs: [1, 2]\n", "epochs in {} must be an integer, got [1, 2]"),
-    ("epochs: true\n", "epochs in {} must be an integer, got True"),
-    ("lr: yes\n", "lr in {} must be a number, got True"),
-    ("lr: fast\n", "lr in {} must be a number, got 'fast'"),
-    ("checkpoint: 1\n", "checkpoint in {} must be true or false, got 1"),
-    ("scenario: [1]\n", "scenario in {} must be a non-empty string, got [1]"),
-    ("strategy: ''\n", "strategy in {} must be a non-empty string, got ''"),
-    ("data-root: 3\n", "data-root in {} must be a non-empty string, got 3"),
-    ("epochs:\n", "epochs in {} must be an integer, got None"),
+    ("epochs: 1.5\n", "--epochs must be a whole number, got 1.5"),
+    ("epochs: [1, 2]\n", "--epochs must be a whole number, got [1, 2]"),
+    ("epochs: true\n", "--epochs must be a whole number, got True"),
+    ("lr: yes\n", "--lr must be a number, got True"),
+    ("lr: fast\n", "--lr must be a number, got 'fast'"),
+    ("checkpoint: 1\n", "--checkpoint must be true or false, got 1"),
+    ("scenario: [1]\n", "scenario must be a name or a clsim Scenario, got list"),
+    ("strategy: ''\n", "--strategy is empty"),
+    ("data-root: 3\n", "--data-root must be text, got 3"),
+    ("epochs:\n", "config file {} gives epochs no value"),
     ("- epochs\n", "must be a mapping of option names to values"),
 ])
 def test_each_yaml_type_error_is_one_line_exit_2(tmp_path, capsys, text, expected):
@@ -305,8 +305,8 @@ def test_each_yaml_type_error_is_one_line_exit_2(tmp_path, capsys, text, expecte
 def test_yaml_exponents_are_numbers(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("lr: 1e-3\nepochs: 2\n")   # YAML 1.1 reads 1e-3 as a string
-    resolved = cli.parse(["--config", str(cfg)])
-    assert resolved["run"].lr == 0.001 and resolved["run"].epochs == 2
+    run = Experiment.from_argv(["--config", str(cfg)]).run_options
+    assert run.lr == 0.001 and run.epochs == 2
 
 
 def test_binary_garbage_as_a_config_in_a_real_process_is_one_line(tmp_path):
@@ -362,10 +362,10 @@ def test_an_out_of_range_mnist_label_is_refused_naming_file_and_index(tmp_path):
 
 
 def test_noise_multiplier_zero_under_privacy_says_epsilon_is_infinite(capsys):
-    cli.parse(["--privacy", "dpsgd", "--noise-multiplier", "0"])
+    Experiment.from_argv(["--privacy", "dpsgd", "--noise-multiplier", "0"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "no privacy (ε = ∞)" in lines[0]
-    cli.parse(["--privacy", "dpsgd", "--noise-multiplier", "0.5"])
+    Experiment.from_argv(["--privacy", "dpsgd", "--noise-multiplier", "0.5"])
     assert capsys.readouterr().err == ""
 
 
@@ -378,8 +378,9 @@ def test_help_prints_each_default_once(capsys):
 
 
 def test_the_progress_bar_knows_its_total_and_rescales_it():
-    from clsim.loggers import ProgressLogger
-    bar = ProgressLogger([10, 10, 20], enabled=False)
+    from clsim.loggers import LogContext
+    from clsim.loggers.progress import ProgressLogger
+    bar = ProgressLogger(LogContext(None, {}, progress=False, planned_steps=[10, 10, 20]))
     assert bar.bar.total == 40
     bar.task({"task": 0, "step": 15, "acc": 0.0, "bwt": 0.0, "row": [0.0]})   # took 1.5x the plan
     assert bar.bar.total == 15 + 45
@@ -405,11 +406,13 @@ def test_a_nan_after_the_first_task_keeps_the_run_and_says_where(tmp_path, capsy
     assert rundir._load(partial / "checkpoint.pt")["R"] and '"kind": "task"' in (partial / "log.jsonl").read_text()
 
 
-def test_a_full_disk_is_named_with_the_file_that_could_not_be_written():
-    from clsim.loggers import JsonlLogger
-    log = JsonlLogger("/dev/full")   # a real device whose writes fail with ENOSPC
+def test_a_full_disk_is_named_with_the_file_that_could_not_be_written(tmp_path):
+    from clsim.loggers import LogContext
+    from clsim.loggers.jsonl import JsonlLogger
+    (tmp_path / "log.jsonl").symlink_to("/dev/full")   # a real device whose writes fail with ENOSPC
+    log = JsonlLogger(LogContext(tmp_path, {}))
     with pytest.raises(OSError) as info:
         log.task({"task": 0, "step": 1})
     assert str(rundir.out_of_space(info.value, Path("/elsewhere"))) == \
-        "the disk is full (ENOSPC) while writing /dev/full"
+        f"the disk is full (ENOSPC) while writing {tmp_path / 'log.jsonl'}"
     assert log.file.closed   # its failed buffer is not written again at exit

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clsim import cli, presets
+from clsim import Experiment, cli, presets
 from test_scenarios import digits_as_mnist
 
 
@@ -23,21 +23,22 @@ def test_every_preset_resolves_with_its_options_and_cites_its_source():
     for name, preset in shipped.items():
         assert preset.paper and preset.table and preset.source.startswith("http")
         assert preset.published is None or 0 < preset.published <= 100
-        resolved = cli.parse(["--preset", name])          # the CLI's validation of every value
-        values = {**vars(resolved["run"]), **vars(resolved["protocol"]),
-                  **vars(resolved["scenario_options"]), **vars(resolved["strategy_options"])}
+        e = Experiment.from_argv(["--preset", name])          # the CLI's validation of every value
+        values = {**vars(e.run_options), **vars(e.protocol_options),
+                  **vars(e.scenario_options), **vars(e.strategy_options)}
         for key, value in preset.options.items():
             if key in ("scenario", "strategy"):
-                assert resolved[key].name == value
+                assert getattr(e, f"{key}_name") == value
             else:
                 assert values[key] == value, (name, key)
 
 
 def test_flags_override_a_preset_and_list_shows_it(capsys):
-    resolved = cli.parse(["--preset", "blip-mnist5", "--epochs", "3", "--lr", "0.05"])
-    assert (resolved["run"].epochs, resolved["run"].lr, resolved["run"].batch_size) == (3, 0.05, 64)
-    assert resolved["protocol"].lr_schedule == "plateau" and resolved["strategy"].name == "blip"
-    assert "--preset" not in resolved["argv"] and "--lr-schedule" in resolved["argv"]   # folded in
+    e = Experiment.from_argv(["--preset", "blip-mnist5", "--epochs", "3", "--lr", "0.05"])
+    assert (e.run_options.epochs, e.run_options.lr, e.run_options.batch_size) == (3, 0.05, 64)
+    assert e.protocol_options.lr_schedule == "plateau" and e.strategy_name == "blip"
+    assert "--preset" not in e.as_argv() and "--lr-schedule" in e.as_argv()   # folded in
+    assert Experiment(preset="blip-mnist5", epochs=3, lr=0.05).run_options == e.run_options   # same in Python
     assert cli.main(["--list"]) == 0
     out = capsys.readouterr().out
     assert "blip-mnist5" in out and "Table 1, MNIST-5 column" in out and "van de Ven" in out
@@ -46,10 +47,11 @@ def test_flags_override_a_preset_and_list_shows_it(capsys):
 
 
 def test_blip_preset_runs_the_authors_network_and_plateau_schedule(mnist_root, tmp_path):
-    resolved = cli.parse(["--preset", "blip-mnist5", "--data-root", str(mnist_root), "--train-per-class", "30",
+    e = Experiment.from_argv(["--preset", "blip-mnist5", "--data-root", str(mnist_root), "--train-per-class", "30",
                           "--test-per-class", "20", "--epochs", "12", "--lr-patience", "2",
                           "--out", str(tmp_path), "--checkpoint", "false"])
-    run_dir, summary = cli.execute(resolved)
+    result = e.run()
+    run_dir, summary = result.run_dir, result.summary
     assert not (run_dir / "checkpoint.pt").exists()   # the flag, not the preset's default
     assert summary["setting"] == "task_il" and summary["hparams"]["lr_schedule"] == "plateau"
     tasks = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -57,7 +59,7 @@ def test_blip_preset_runs_the_authors_network_and_plateau_schedule(mnist_root, t
     assert all(1 <= r["schedule"]["epochs_run"] <= 12 for r in tasks)
     assert all(r["row"][r["task"]] > 70 for r in tasks)       # every task learned (2-way heads)
     # BLIP's network: one hidden layer of 1200, a 2-way head per task
-    scenario = resolved["scenario"].target(resolved["scenario_options"], resolved["run"])
+    scenario = e.scenario_entry.target(e.scenario_options, e.run_options)
     net = scenario.make_model()
     hidden = [m.out_features for m in net.backbone.body if isinstance(m, torch.nn.Linear)]
     assert hidden == [1200] and [h.out_features for h in net.heads] == [2] * 5

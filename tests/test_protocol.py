@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from clsim import cli
+from clsim import Experiment, cli
 from clsim.config import ProtocolOptions
 from clsim.privacy.ledger import Ledger
 from clsim.protocol import TaskSchedule
@@ -15,7 +15,8 @@ from clsim.scenario import Task, TaskData
 
 
 def run(tmp_path, *args):
-    run_dir, summary = cli.execute(cli.parse([*args, "--out", str(tmp_path), "--checkpoint", "false"]))
+    result = Experiment.from_argv([*args, "--out", str(tmp_path), "--checkpoint", "false"]).run()
+    run_dir, summary = result.run_dir, result.summary
     tasks = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     return summary, [r for r in tasks if r["kind"] == "task"]
 
@@ -97,8 +98,8 @@ def test_cosine_and_step_schedules_with_warmup_per_epoch():
 def test_val_fraction_carves_a_seeded_disjoint_split_and_plateau_trains_on_the_rest(tmp_path):
     from clsim.protocol import carve_validation
     from clsim.registry import SCENARIOS
-    resolved = cli.parse(["--val-fraction", "0.2"])
-    full = SCENARIOS.get("split_digits").target(resolved["scenario_options"], resolved["run"])
+    experiment = Experiment(val_fraction=0.2)
+    full = SCENARIOS.get("split_digits").target(experiment.scenario_options, experiment.run_options)
     carved = copy.deepcopy(full)
     carve_validation(carved, 0.2, seed=0)
     again = copy.deepcopy(full)
@@ -128,8 +129,7 @@ def test_validation_under_dpsgd_is_a_raw_access_in_the_ledger(tmp_path):
 
 
 def test_adam_and_bad_protocol_options(tmp_path, capsys):
-    resolved = cli.parse(["--optimizer", "adam"])
-    assert resolved["protocol"].optimizer == "adam"
+    assert Experiment.from_argv(["--optimizer", "adam"]).protocol_options.optimizer == "adam"
     summary, _ = run(tmp_path, "--optimizer", "adam", "--lr", "0.001", "--epochs", "1", "--n-tasks", "2")
     assert summary["hparams"]["optimizer"] == "adam"
     for bad in (["--lr-schedule", "step"], ["--lr-schedule", "step", "--lr-milestones", "5,x"],

@@ -1,5 +1,5 @@
 """ER and DER++: reservoir invariants and uniformity, logits stored at insertion, counted FLOPs,
-and end-to-end runs on real digits through the CLI's parse/execute (in-process, for speed)."""
+and end-to-end runs on real digits through the CLI's Experiment.from_argv (in-process, for speed)."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from clsim.flops import TrainingFlops, example_flops, forward_flops
 from clsim.models import MultiHeadNet
 from strategies.replay import ReservoirBuffer
-from clsim.cli import execute, main, parse
+from clsim import Experiment
+from clsim.cli import main
 from conftest import read_summary
 
 
@@ -79,19 +80,8 @@ def test_conv_flops_match_hand_count_and_flop_counter():
 def test_derpp_stores_the_logits_of_insertion_time(tmp_path):
     """Run DER++ on real digits in-process for a few steps: stored logits are the outputs the
     model gave each example before that step's update."""
-    from clsim import cli
-    from clsim.engine import run as engine_run
-    from clsim.privacy.ledger import Ledger
-    from clsim.privacy.mechanism import Mechanism
-    from clsim.learners.supervised import SupervisedLearner
-
-    resolved = cli.parse(["--strategy", "derpp", "--seed", "3"])
-    run = resolved["run"]
-    gen = cli.seed_everything(3)
-    scenario = resolved["scenario"].target(resolved["scenario_options"], run)
-    strategy = resolved["strategy"].target(resolved["strategy_options"])
-    learner = SupervisedLearner(scenario.make_model(), lr=0.05, momentum=0.0, batch_size=32,
-                                device=torch.device("cpu"), generator=gen)
+    parts = Experiment(strategy="derpp", seed=3, epochs=1, lr=0.05, batch_size=32, n_tasks=2).build()
+    strategy = parts.strategy
     seen = []
 
     class Watch:
@@ -105,8 +95,8 @@ def test_derpp_stores_the_logits_of_insertion_time(tmp_path):
         def task(self, record):
             pass
 
-    scenario.tasks = scenario.tasks[:2]
-    engine_run(scenario, strategy, learner, Mechanism(), Ledger(), [Watch()], epochs=1)
+    parts.loggers = [Watch()]
+    parts.train()
     for stored, outputs, y, stored_y in seen:
         assert torch.equal(stored, outputs) and torch.equal(stored_y, y)
 
@@ -118,7 +108,8 @@ def test_er_and_derpp_beat_naive_on_digits_and_report_buffer_flops_privacy(tmp_p
     for name, extra in (("naive", []), ("er", ["--lr", "0.1"]),
                         ("derpp", ["--derpp-alpha", "0.5", "--derpp-beta", "1.0"])):
         out = tmp_path / name
-        execute(parse(["--out", str(out), "--strategy", name, "--seed", "0", "--progress", "false", *extra]))
+        Experiment.from_argv(["--out", str(out), "--strategy", name, "--seed", "0", "--progress", "false",
+                              *extra]).run()
         summary = read_summary(out)
         acc[name] = summary["acc"]
         if name == "naive":

@@ -8,33 +8,23 @@ import json
 import pytest
 import torch
 
-from clsim import cli, engine
+from clsim import Experiment
+from clsim.cli import main
 from clsim.flops import forward_flops
-from clsim.learners.supervised import SupervisedLearner
-from clsim.privacy.ledger import Ledger
-from clsim.privacy.mechanism import Mechanism
-from clsim.cli import execute, main, parse
 from conftest import read_summary
 
 
 def build(argv: list[str]):
-    resolved = cli.parse(argv)
-    run = resolved["run"]
-    generator = cli.seed_everything(run.seed)
-    scenario = resolved["scenario"].target(resolved["scenario_options"], run)
-    strategy = resolved["strategy"].target(resolved["strategy_options"])
-    learner = SupervisedLearner(scenario.make_model(), lr=run.lr or scenario.defaults["lr"],
-                                momentum=run.momentum, batch_size=run.batch_size or 32,
-                                device=torch.device("cpu"), generator=generator, **scenario.learner_kwargs)
-    return scenario, strategy, learner, run.epochs or scenario.defaults["epochs"]
+    """The parts of the run `argv` describes, assembled and set up (nothing written)."""
+    return Experiment.from_argv(argv).build()
 
 
 def train(argv, observer=None):
     """Run the engine on `argv`; returns (strategy, learner, summary, observer)."""
-    scenario, strategy, learner, epochs = build(argv)
-    watch = observer(strategy, learner) if observer else None
-    summary = engine.run(scenario, strategy, learner, Mechanism(), Ledger(), [watch] if watch else [], epochs)
-    return strategy, learner, summary, watch
+    parts = build(argv)
+    watch = observer(parts.strategy, parts.learner) if observer else None
+    parts.loggers = [watch] if watch else []
+    return parts.strategy, parts.learner, parts.train(), watch
 
 
 class Observer:
@@ -161,9 +151,10 @@ def test_data_removal_round_sizes_and_order():
             gone = self.strategy.removed_in_task
             assert not torch.isin(index, gone).any()
 
-    scenario, strategy, learner, _ = build(["--strategy", "sparcl", "--seed", "1", "--epochs", str(epochs),
-                                            "--sparcl-remove", str(share), "--sparcl-remove-rounds", str(rounds),
-                                            "--sparcl-remove-every", "1", "--sparcl-update-every", "2"])
+    parts = build(["--strategy", "sparcl", "--seed", "1", "--epochs", str(epochs),
+                   "--sparcl-remove", str(share), "--sparcl-remove-rounds", str(rounds),
+                   "--sparcl-remove-every", "1", "--sparcl-update-every", "2"])
+    scenario, strategy, learner = parts.scenario, parts.strategy, parts.learner
     original = strategy.select_examples
 
     def select_and_check(task, epoch):
@@ -177,8 +168,8 @@ def test_data_removal_round_sizes_and_order():
             assert strategy.buffer.count == buffered
         return kept
     strategy.select_examples = select_and_check
-    watch = Check(strategy, learner)
-    summary = engine.run(scenario, strategy, learner, Mechanism(), Ledger(), [watch], epochs)
+    parts.loggers = [Check(strategy, learner)]
+    summary = parts.train()
     for task in scenario.tasks:
         n = len(task.train)
         step = int(share * n) // rounds
@@ -234,9 +225,9 @@ def test_counted_flops_follow_one_formula_for_dense_and_sparse(cifar_root):
 
 
 def test_cli_records_sparsity_figures_and_rejects_bad_bounds(tmp_path, capsys):
-    """Through the CLI's parse/execute on real digits (MLP 64-100-100-10: the middle layer is masked)."""
-    execute(parse(["--out", str(tmp_path / "ok"), "--strategy", "sparcl", "--epochs", "2", "--sparcl-sparsity",
-                   "0.9", "--sparcl-remove-every", "1", "--progress", "false"]))
+    """Through the CLI's Experiment.from_argv on real digits (MLP 64-100-100-10: the middle layer is masked)."""
+    Experiment.from_argv(["--out", str(tmp_path / "ok"), "--strategy", "sparcl", "--epochs", "2",
+                          "--sparcl-sparsity", "0.9", "--sparcl-remove-every", "1", "--progress", "false"]).run()
     summary = read_summary(tmp_path / "ok")
     run_dir = next(p for p in (tmp_path / "ok").iterdir() if p.is_dir())
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]

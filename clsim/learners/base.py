@@ -25,7 +25,14 @@ class PrivacyPlan(NamedTuple):
 
 
 class Learner:
+    """Declares what it offers (clsim/capabilities.py): `kind`, `privacy_unit`, whether it draws its
+    own private batches, and (from its model) whether there is one head per task."""
     HEAD_PREFIXES: tuple[str, ...] = ("heads.",)
+    #: "supervised" (tasks carry datasets) or "rl" (tasks carry environments)
+    kind = "supervised"
+    #: True: `private_batches(task, epoch)` samples the privacy units itself (e.g. PPO's episodes);
+    #: False: a private mechanism Poisson-samples examples from `batches`
+    draws_private_batches = False
     # A private mechanism clips one gradient per unit: per row of a batch ("example"), or per
     # group of rows sharing `batch.index` (e.g. "episode": the sum of its transitions' gradients).
     privacy_unit = "example"
@@ -49,10 +56,15 @@ class Learner:
             return None   # Adam rescales every step: no fixed bound
         return 2 * (1 + self.momentum) / self.lr
 
+    @property
+    def per_task_heads(self) -> bool:
+        """Whether the model has one output head per task (task_il)."""
+        return len(getattr(self.model, "heads", ())) > 1
+
     def is_head(self, name: str) -> bool:
         """Whether a parameter belongs to a task-specific head; a single head serves every task
         (class_il/domain_il), so penalties and masks protect it like the trunk."""
-        return name.startswith(self.HEAD_PREFIXES) and len(self.model.heads) > 1
+        return name.startswith(self.HEAD_PREFIXES) and self.per_task_heads
 
     def shared_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters outside the task heads: what Fisher-based penalties protect."""

@@ -200,7 +200,7 @@ class DPSGD(Mechanism):
         """Poisson batches of the learner's units. An empty draw still makes a noise-only step:
         skipping it would reveal that the batch was empty."""
         self._released = 0
-        own = getattr(self.learner, "private_batches", None)
+        own = self.learner.private_batches if self.learner.draws_private_batches else None
         if own is not None and subset is not None:
             raise UserError("this strategy selects training examples, which this scenario's privacy "
                             "units (episodes) are not; use it with a supervised scenario")

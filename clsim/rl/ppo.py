@@ -322,7 +322,9 @@ class PPOLearner(Learner):
         return out
 
     # -- privacy: the unit is the episode
+    kind = "rl"
     privacy_unit = "episode"
+    draws_private_batches = True
 
     def privacy_plan(self, task: Task) -> PrivacyPlan:
         o = self.o
