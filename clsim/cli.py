@@ -57,6 +57,8 @@ def capabilities(strategy) -> tuple[str, str, str]:
     """What a strategy declares: its settings, its learners, and what a privacy ledger sees."""
     access = strategy.data_access
     privacy = "accounted" if access == "accounted" else f"ε = ∞ ({access.removeprefix('raw: ')})"
+    if access.startswith("refused"):
+        privacy = f"refused ({access.removeprefix('refused: ')})"
     if strategy.privacy:
         privacy = f"always under {strategy.privacy}, accounted"
     return ", ".join(strategy.settings), ", ".join(strategy.learners), privacy

@@ -254,17 +254,22 @@ def test_icarl_herding_picks_the_example_closest_to_the_mean_first():
     assert herding(features, 1).tolist() == [1]
 
 
-def test_icarl_refuses_task_il_in_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "icarl", "--setting", "task_il"], "icarl works in class_il only"),
+    (["--strategy", "hat", "--setting", "class_il"], "hat works in task_il only"),
+    (["--strategy", "hat", "--setting", "task_il", "--privacy", "dpsgd", "--epsilon", "8"], "hat cannot train under"),
+    (["--strategy", "gdumb", "--scenario", "cartpole"], "gdumb works with supervised learners only")])
+def test_strategies_refuse_what_their_method_does_not_define_in_one_line(args, message, tmp_path, capsys):
     from clsim import cli
-    assert cli.main(["--strategy", "icarl", "--setting", "task_il", "--out", str(tmp_path)]) == 2
+    assert cli.main([*args, "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "icarl works in class_il only" in err
+    assert err.count("\n") == 0 and message in err
     assert not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- forgetting on split_digits task_il
 
-PROTECTIVE = {"si": {}, "mas": {"mas_lambda": 0.03}, "lwf": {}, "l2": {}, "agem": {}, "gem": {}, "gdumb": {}}
+PROTECTIVE = {"si": {}, "mas": {"mas_lambda": 0.03}, "lwf": {}, "l2": {}, "agem": {}, "gem": {}, "gdumb": {}, "packnet": {}, "hat": {}}
 
 
 def digits_bwt(name: str, **options) -> float:
@@ -286,3 +291,73 @@ def naive_bwt():
 @pytest.mark.parametrize("name", sorted(PROTECTIVE))
 def test_protective_strategies_forget_less_than_naive_on_split_digits_task_il(name, naive_bwt):
     assert digits_bwt(name, **PROTECTIVE[name]) > naive_bwt
+
+
+# ---------------------------------------------------------------- packnet
+
+def test_packnet_frozen_weights_never_change_and_task_scores_stay_exact():
+    from clsim import engine
+    from strategies.packnet import PackNet
+    scenario, learner, mechanism = digits("task_il", hidden=16, n_tasks=3, lr=0.2, momentum=0.9)
+    packnet = PackNet(PackNet.Options(packnet_retrain_epochs=1))
+    snapshots = []
+
+    class Snapshot:
+        def step(self, record):
+            pass
+
+        def task(self, record):
+            snapshots.append({n: p.detach().clone() for n, p in learner.shared_parameters().items()})
+
+    result = engine.run(scenario, packnet, learner, mechanism, Ledger(), [Snapshot()], 2)
+    owner = packnet.owner
+    first = snapshots[0]
+    for later in snapshots[1:]:
+        for n in first:
+            if n in owner:   # task 0's kept weights, exactly as task 0 left them
+                assert torch.equal(later[n][owner[n] == 0], first[n][owner[n] == 0])
+            else:            # biases: the first task's
+                assert torch.equal(later[n], first[n])
+    shares = [float((torch.cat([o.reshape(-1) for o in owner.values()]) == t).float().mean()) for t in range(3)]
+    assert shares == pytest.approx([1 / 3, 1 / 3, 1 / 3], abs=0.01)   # 2/3 then 1/2 of the rest released
+    matrix = result["accuracy_matrix"]
+    assert matrix[1][0] == matrix[2][0] == matrix[0][0] and matrix[2][1] == matrix[1][1]   # no forgetting at all
+
+
+# ---------------------------------------------------------------- hat
+
+def test_hat_masks_gate_the_gradients_of_units_earlier_tasks_use():
+    """Task 0's embeddings set by hand to +6 (used) or −6 (free): σ(400·±6) is exactly 1 or 0, so on
+    task 1 a weight's gradient is multiplied by 1 − min(a_out, a_in): zero between used units only."""
+    from strategies.hat import HAT
+    scenario, learner, mechanism = digits("task_il", hidden=6)
+    hat = HAT(HAT.Options())
+    hat.setup(learner, scenario, mechanism)
+    used = [torch.tensor([1, 1, 0, 0, 1, 0], dtype=torch.bool), torch.tensor([0, 1, 1, 0, 0, 0], dtype=torch.bool)]
+    with torch.no_grad():
+        for e, u in zip(hat.embeddings, used):
+            e[0] = torch.where(u, 6.0, -6.0)
+            e[1] = 6.0   # task 1's gates all open, so every raw gradient flows
+    hat.after_task(scenario.tasks[0])
+    assert [c.tolist() for c in hat.cumulative] == [u.float().tolist() for u in used]
+    hat.before_task(scenario.tasks[1])
+    batch = first_batch(learner, scenario.tasks[1])
+    hat.s = 50.0
+    losses, _ = learner.forward(batch)
+    first, second = hat.layers
+    loss = losses.mean() + hat.penalty()
+    raw = torch.autograd.grad(loss, [first.weight, first.bias, second.weight, second.bias], retain_graph=True)
+    loss.backward()
+    hat.after_backward()
+    u0, u1 = (u.float() for u in used)
+    torch.testing.assert_close(first.weight.grad, raw[0] * (1 - u0)[:, None])           # inputs ungated
+    torch.testing.assert_close(first.bias.grad, raw[1] * (1 - u0))
+    torch.testing.assert_close(second.weight.grad, raw[2] * (1 - torch.minimum(u1[:, None], u0[None, :])))
+    torch.testing.assert_close(second.bias.grad, raw[3] * (1 - u1))
+    blocked = used[1][:, None] & used[0][None, :]          # used unit → used unit
+    assert bool((second.weight.grad[blocked] == 0).all()) and float(raw[2][blocked].abs().sum()) > 0
+    assert torch.equal(second.weight.grad[~blocked], raw[2][~blocked]) and float(raw[2][~blocked].abs().sum()) > 0
+    # Evaluating task 0 uses s_max: its free units are switched off entirely.
+    learner.model.eval()
+    learner.model(batch.x, 0)
+    assert float(learner.model.backbone(batch.x)[:, ~used[1]].abs().max()) == 0
