@@ -35,6 +35,7 @@ class HAT(Strategy):
     """HAT: per-task hard attention masks on units (annealed sigmoid gates, capacity regulariser)."""
 
     settings = ("task_il",)
+    default_setting = "task_il"
     learners = ("supervised",)
     data_access = "refused: the task embeddings get no per-example gradients"
 
