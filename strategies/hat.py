@@ -68,8 +68,8 @@ class HAT(Strategy):
         for layer, embedding in zip(self.layers, self.embeddings):
             layer.register_forward_hook(self._gate(embedding))
 
-    def check(self, scenario):
-        super().check(scenario)
+    def check(self, scenario, learner):
+        super().check(scenario, learner)
         if self.mechanism.name != "none":
             raise UserError(f"hat cannot train under --privacy {self.mechanism.name}: its task embeddings get no "
                             f"per-example gradients; run it without --privacy")
