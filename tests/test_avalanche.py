@@ -5,11 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from clsim import cli, engine
+from clsim import Experiment, cli
 from clsim.errors import UserError
-from clsim.learners.supervised import SupervisedLearner
-from clsim.privacy.ledger import Ledger
-from clsim.privacy.mechanism import Mechanism
 from conftest import read_summary
 from scenarios.avalanche import from_avalanche, tensor_dataset
 from strategies.naive import Naive
@@ -71,10 +68,8 @@ def test_task_labels_become_task_il_with_one_head_per_experience(digits):
 
 def test_clsim_engine_trains_on_an_avalanche_benchmark(digits):
     sc = from_avalanche(benchmark(digits, task_labels=True), backbone="mlp", hidden=(64, 64))
-    torch.manual_seed(0)
-    learner = SupervisedLearner(sc.make_model(), lr=0.1, momentum=0.0, batch_size=32,
-                                device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
-    result = engine.run(sc, Naive(), learner, Mechanism(), Ledger(), [], epochs=10)
+    result = Experiment(scenario=sc, strategy=Naive(), lr=0.1, batch_size=32, epochs=10, progress=False,
+                        out=None).run().summary
     R = np.array(result["accuracy_matrix"])
     assert R.shape == (5, 5)
     assert np.diag(R).mean() > 85                      # each pair of digits is learned (chance 50%)

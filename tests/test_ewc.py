@@ -2,10 +2,9 @@
 import pytest
 import torch
 
+from clsim import Experiment
 from clsim.config import RunOptions
-from clsim.learners.supervised import SupervisedLearner
 from clsim.metrics import tensor_bytes
-from clsim.privacy.ledger import Ledger
 from clsim.privacy.mechanism import Mechanism
 from scenarios.split_digits import SplitDigitsOptions, split_digits
 from strategies.ewc import EWC
@@ -24,16 +23,18 @@ class RecordingMechanism(Mechanism):
         return fisher
 
 
+def set_up(scenario, ewc, mechanism=None):
+    """The learner of `scenario` with `ewc` set up on it (Experiment.build, nothing trained)."""
+    return Experiment(scenario=scenario, strategy=ewc, privacy=mechanism or Mechanism(), lr=0.1, batch_size=32,
+                      seed=0, progress=False, out=None).build().learner
+
+
 def run_tasks(mode, gamma=1.0, lam=7.0, n_tasks=4):
     """Three tasks' Fishers at three different weights, then the weights moved once more."""
-    torch.manual_seed(0)
     scenario = split_digits(SplitDigitsOptions(hidden=16), RunOptions(setting="task_il"))
-    learner = SupervisedLearner(scenario.make_model(), lr=0.1, momentum=0.0, batch_size=32,
-                                device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     mechanism = RecordingMechanism()
-    mechanism.setup(learner, scenario, Ledger())
     ewc = EWC(EWC.Options(ewc_lambda=lam, mode=mode, gamma=gamma, fisher="empirical", fisher_samples=200))
-    ewc.setup(learner, scenario, mechanism)
+    learner = set_up(scenario, ewc, mechanism)
     anchors, state_bytes = [], []
     for task in scenario.tasks[:n_tasks - 1]:
         with torch.no_grad():
@@ -84,14 +85,9 @@ def test_online_mode_decays_the_running_fisher_and_anchors_at_the_last_task():
 
 
 def test_no_penalty_before_the_first_fisher():
-    torch.manual_seed(0)
     scenario = split_digits(SplitDigitsOptions(hidden=16), RunOptions(setting="task_il"))
-    learner = SupervisedLearner(scenario.make_model(), lr=0.1, momentum=0.0, batch_size=32,
-                                device=torch.device("cpu"), generator=torch.Generator())
-    mechanism = Mechanism()
-    mechanism.setup(learner, scenario, Ledger())
     ewc = EWC(EWC.Options())
-    ewc.setup(learner, scenario, mechanism)
+    set_up(scenario, ewc)
     assert ewc.penalty() is None and ewc.state_tensors() == []
 
 
@@ -100,12 +96,8 @@ def test_lambda_defaults_to_the_scenarios_recommendation_and_a_given_one_wins(gi
     scenario = split_digits(SplitDigitsOptions(hidden=8), RunOptions(setting="task_il"))
     if recommended is not None:
         scenario.defaults["ewc_lambda"] = recommended
-    learner = SupervisedLearner(scenario.make_model(), lr=0.1, momentum=0.0, batch_size=32,
-                                device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
-    mechanism = Mechanism()
-    mechanism.setup(learner, scenario, Ledger())
     ewc = EWC(EWC.Options(ewc_lambda=given, fisher_samples=50))
-    ewc.setup(learner, scenario, mechanism)
+    learner = set_up(scenario, ewc)
     ewc.after_task(scenario.tasks[0])
     with torch.no_grad():
         for p in learner.model.parameters():
