@@ -288,6 +288,7 @@ def naive_bwt():
     return bwt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(PROTECTIVE))
 def test_protective_strategies_forget_less_than_naive_on_split_digits_task_il(name, naive_bwt):
     assert digits_bwt(name, **PROTECTIVE[name]) > naive_bwt

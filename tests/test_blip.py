@@ -259,6 +259,7 @@ def test_rl_rule_prior_and_bound_use_max_of_fan_in_and_output_channels_with_orth
 
 # Promises of the note, on a real split_digits task_il run --------------------------------------
 
+@pytest.mark.slow
 def test_no_parameter_ever_leaves_its_frozen_interval(blip_run):
     summary, watch, strat, *_ = blip_run
     assert watch.steps == summary["steps"] == 5 * EPOCHS * 8
@@ -267,6 +268,7 @@ def test_no_parameter_ever_leaves_its_frozen_interval(blip_run):
     assert float(torch.cat([b.flatten() for b, _ in watch.snapshots[1].values()]).gt(0).float().mean()) > 0.3
 
 
+@pytest.mark.slow
 def test_bits_never_decrease_and_never_exceed_max_bits(blip_run):
     _, watch, strat, *_ = blip_run
     max_bits = strat.options.blip_max_bits
@@ -278,6 +280,7 @@ def test_bits_never_decrease_and_never_exceed_max_bits(blip_run):
     assert grew > 0   # later tasks do add bits
 
 
+@pytest.mark.slow
 def test_capacity_grows_with_tasks_and_stays_below_one(blip_run):
     _, watch, strat, *_ = blip_run
     caps = [r["strategy"]["blip_capacity"] for r in watch.tasks]
@@ -291,6 +294,7 @@ def test_capacity_grows_with_tasks_and_stays_below_one(blip_run):
     assert hist.numel() == 1000 and hist.mean().item() == pytest.approx(final.mean().item(), abs=0.1)
 
 
+@pytest.mark.slow
 def test_strategy_state_bytes_are_the_same_after_task_2_and_after_the_last(blip_run):
     _, watch, strat, *_ = blip_run
     sizes = [r["memory"]["strategy_state_bytes"] for r in watch.tasks]
@@ -298,6 +302,7 @@ def test_strategy_state_bytes_are_the_same_after_task_2_and_after_the_last(blip_
     assert sizes[1] == sizes[-1] == n * (1 + 4 + 4)   # uint8 bits, float32 frozen value and F_old
 
 
+@pytest.mark.slow
 def test_blip_forgets_much_less_than_naive(blip_run, naive_run):
     blip = blip_run[0]
     assert naive_run["bwt"] < -5.0, naive_run["bwt"]          # naive visibly forgets here
@@ -305,6 +310,7 @@ def test_blip_forgets_much_less_than_naive(blip_run, naive_run):
     assert blip["acc"] > naive_run["acc"]
 
 
+@pytest.mark.slow
 def test_checkpointed_state_reloads_exactly(blip_run, tmp_path):
     _, _, strat, learner, scenario = blip_run
     torch.save({"model": learner.model.state_dict(), "strategy": strat.state_dict()}, tmp_path / "c.pt")
@@ -460,6 +466,7 @@ def test_blip_class_il_policy_quantises_the_shared_policy_head_not_the_critic():
     assert not any(n.startswith("critics.") for n in [*strat.params, *strat.frozen])
 
 
+@pytest.mark.slow
 def test_cli_split_cifar_reduced_resnet18(tmp_path, cifar_root):
     """The issue's command on real CIFAR-10 with the reduced ResNet-18 (tiny subset and width)."""
     import json

@@ -70,6 +70,7 @@ def test_tensorboard_events_read_back_with_their_tags(ewc_run):
     assert last_row == pytest.approx(s["accuracy_matrix"][-1], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_ewc_forgets_less_than_naive_and_joint_beats_both(tmp_path):
     figures = {}
     for strategy in ("naive", "ewc", "joint"):
@@ -95,6 +96,7 @@ def test_ewc_warns_when_its_penalty_is_too_stiff_for_sgd(tmp_path):
     assert 0 < bound < 1e4 and "Traceback" not in stiff.stderr
 
 
+@pytest.mark.slow
 def test_same_seed_same_figures(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for out in (a, b):
@@ -162,6 +164,7 @@ def test_nan_loss_stops_the_run_with_a_clear_message(tmp_path):
         if (tmp_path / "out").exists() else True
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ewc", "joint", "derpp"])
 def test_interrupted_run_resumes_to_the_same_figures(tmp_path, strategy):
     import signal

@@ -66,6 +66,7 @@ def test_avalanche_adapter_domain_il_renumbers_within_each_experience():
     assert all(set(t.train.y.tolist()) == {0, 1} for t in sc.tasks)
 
 
+@pytest.mark.slow
 def test_naive_domain_il_keeps_old_tasks_above_the_class_il_collapse(tmp_path, capsys):
     """Run as a user would: naive fine-tuning in class_il scores 0 on old tasks (their classes
     lose the shared softmax); in domain_il the same binary head answers every task without its id."""

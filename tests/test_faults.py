@@ -88,6 +88,7 @@ def resume_and_compare(partial: Path, reference) -> None:
     assert (run_dir / "config.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_killed_at_a_random_point_then_resumed_gives_the_uninterrupted_figures_and_log(tmp_path, seed, reference):
     """Seed 0 kills (SIGKILL) just after a task's record reached the log, before its checkpoint: the
@@ -120,6 +121,7 @@ def test_killed_at_a_random_point_then_resumed_gives_the_uninterrupted_figures_a
     resume_and_compare(partial, reference)
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_is_one_line_and_the_last_checkpoint_resumes(tmp_path, reference):
     """`ulimit -f` below what the run writes (TensorBoard's events outgrow it in a later task)."""
     out = tmp_path / "out"
@@ -134,6 +136,7 @@ def test_a_file_size_limit_is_one_line_and_the_last_checkpoint_resumes(tmp_path,
     resume_and_compare(partial, reference)
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_directory_each_get_their_own(tmp_path):
     out = tmp_path / "out"
     args = ["--n-tasks", "2", "--epochs", "1", "--hidden", "20", "--checkpoint", "false", "--progress", "false"]
@@ -209,6 +212,7 @@ def test_a_checkpoint_that_is_not_a_dict_is_one_line(tmp_path, capsys):
     assert partial.is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", cli.STRATEGIES.names())
 def test_every_strategy_checkpoint_loads_without_running_code(tmp_path, strategy):
     """weights_only=True admits tensors and plain data only: each strategy's state must be that."""

@@ -46,6 +46,7 @@ def test_flags_override_a_preset_and_list_shows_it(capsys):
     assert "preset blip-mnist5" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_blip_preset_runs_the_authors_network_and_plateau_schedule(mnist_root, tmp_path):
     e = Experiment.from_argv(["--preset", "blip-mnist5", "--data-root", str(mnist_root), "--train-per-class", "30",
                           "--test-per-class", "20", "--epochs", "12", "--lr-patience", "2",
@@ -73,6 +74,7 @@ def test_blip_preset_runs_the_authors_network_and_plateau_schedule(mnist_root, t
         assert any(a["purpose"].startswith("validation") for a in dataset["accesses"])
 
 
+@pytest.mark.slow
 def test_reproduce_budget_scales_epochs_and_data_and_runs_a_preset(mnist_root, tmp_path, capsys):
     import importlib.util
     spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parent.parent / "bench" / "reproduce.py")

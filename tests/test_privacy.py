@@ -260,6 +260,7 @@ def test_auc_matches_scikit_learn_and_empirical_epsilon_behaves():
 
 # --- the real CLI ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ewc_under_dpsgd_through_the_cli_has_finite_epsilon_and_an_audit(tmp_path):
     run_cli("--strategy", "ewc", "--privacy", "dpsgd", "--setting", "task_il", "--epochs", "1",
             "--fisher-samples", "100", "--noise-multiplier", "1.5", "--audit", "mia",

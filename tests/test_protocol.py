@@ -95,6 +95,7 @@ def test_cosine_and_step_schedules_with_warmup_per_epoch():
     assert step == pytest.approx([0.1] * 4 + [0.01] * 3 + [0.001] * 3)
 
 
+@pytest.mark.slow
 def test_val_fraction_carves_a_seeded_disjoint_split_and_plateau_trains_on_the_rest(tmp_path):
     from clsim.protocol import carve_validation
     from clsim.registry import SCENARIOS

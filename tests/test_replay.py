@@ -101,6 +101,7 @@ def test_derpp_stores_the_logits_of_insertion_time(tmp_path):
         assert torch.equal(stored, outputs) and torch.equal(stored_y, y)
 
 
+@pytest.mark.slow
 def test_er_and_derpp_beat_naive_on_digits_and_report_buffer_flops_privacy(tmp_path):
     acc = {}
     # ER averages one cross-entropy over current + buffer examples (Mammoth): half the step of a

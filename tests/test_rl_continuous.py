@@ -59,6 +59,7 @@ def test_gaussian_policy_object_matches_torch_normal_and_clips_only_for_the_env(
         action_distribution(gym.spaces.MultiDiscrete([2, 2]))
 
 
+@pytest.mark.slow
 def test_ppo_learns_a_continuous_control_task():
     torch.manual_seed(0)
     space = TargetEnv.action_space
@@ -135,6 +136,7 @@ PENDULUM_TINY = ("--scenario", "pendulum", "--ppo-timesteps", "256", "--ppo-step
                  "--ppo-eval-episodes", "1", "--setting", "domain_il")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ewc", "blip"])
 def test_pendulum_stream_runs_through_ewc_and_blip(tmp_path, strategy):
     assert main([*PENDULUM_TINY, "--strategy", strategy, "--out", str(tmp_path), "--progress", "false"]) == 0

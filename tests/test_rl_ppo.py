@@ -133,6 +133,7 @@ CLI_TINY = ("--scenario", "cartpole", "--ppo-timesteps", "512", "--ppo-epochs", 
             "--ppo-eval-episodes", "3")
 
 
+@pytest.mark.slow
 def test_cartpole_stream_through_cli_records_return_matrices_and_is_deterministic(tmp_path):
     first, second = tmp_path / "a", tmp_path / "b"
     run_cli(*CLI_TINY, "--strategy", "ewc", "--seed", "3", out=first)

@@ -102,6 +102,7 @@ def test_each_episode_contributes_one_clipped_gradient_the_sum_of_its_transition
     assert ledger.accesses[task.dataset_id][-1]["steps"] == 1
 
 
+@pytest.mark.slow
 def test_epsilon_counts_one_rollout_of_releases_however_many_rollouts_run(tmp_path):
     sigma, epochs = 1.5, 3
     figures = []
@@ -120,6 +121,7 @@ def test_epsilon_counts_one_rollout_of_releases_however_many_rollouts_run(tmp_pa
     assert epsilon == pytest.approx(accounting.epsilon([(sigma, 0.5, steps)], 1e-5), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_an_epsilon_target_sets_sigma_for_the_episode_accounting(tmp_path):
     assert main(["--scenario", "cartpole", "--cartpole-tasks", "default,swap", "--ppo-timesteps", "256",
                  "--ppo-eval-episodes", "2", "--ppo-epochs", "4", "--privacy", "dpsgd", "--epsilon", "2",

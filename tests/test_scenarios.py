@@ -109,6 +109,7 @@ def test_idx_reader_rejects_a_truncated_gzip(tmp_path):
 
 # ------------------------------------------------------------------------------ MNIST scenarios
 
+@pytest.mark.slow
 def test_split_mnist_cli_trains_five_tasks_of_two_digits(mnist_root, tmp_path):
     run_cli("--scenario", "split_mnist", "--data-root", str(mnist_root), "--epochs", "4",
             "--batch-size", "32", out=tmp_path)
@@ -134,6 +135,7 @@ def test_split_mnist_task_il_relabels_each_pair(mnist_root):
     assert [h.out_features for h in sc.make_model().heads] == [2] * 5
 
 
+@pytest.mark.slow
 def test_permuted_mnist_cli_domain_il_shares_one_head(mnist_root, tmp_path, capsys):
     proc = main_in_process(capsys, tmp_path, "--scenario", "permuted_mnist", "--data-root", str(mnist_root),
                            "--n-permutations", "3", "--train-per-class", "60", "--epochs", "2")
@@ -174,6 +176,7 @@ def test_permuted_mnist_task_il_and_class_il_heads(mnist_root):
     assert body == [1200] and class_il.defaults == {"epochs": 1, "lr": 0.01, "batch_size": 64}
 
 
+@pytest.mark.slow
 def test_blip_protocol_sets_defaults_that_flags_override(mnist_root, tmp_path, capsys):
     proc = main_in_process(capsys, tmp_path, "--scenario", "split_mnist", "--data-root", str(mnist_root),
                            "--mnist-protocol", "blip", "--mnist-hidden", "32", "--batch-size", "100",
@@ -210,6 +213,7 @@ def test_bad_mnist_hidden_exits_2(mnist_root, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------ split_cifar
 
+@pytest.mark.slow
 def test_split_cifar_cli_on_real_cifar10(cifar_root, tmp_path):
     run_cli("--scenario", "split_cifar", "--data-root", str(cifar_root), "--train-per-class", "20",
             "--test-per-class", "10", "--class-order-seed", "3", "--batch-size", "20", "--backbone", "cnn",
@@ -265,6 +269,7 @@ def test_crop_flip_matches_a_per_image_reference():
     assert torch.equal(crop_flip(x, torch.Generator().manual_seed(3)), out)
 
 
+@pytest.mark.slow
 def test_split_cifar_augment_runs_through_the_learner(cifar_root, tmp_path, capsys):
     proc = main_in_process(capsys, tmp_path, "--scenario", "split_cifar", "--data-root", str(cifar_root),
                            "--train-per-class", "10", "--test-per-class", "5", "--n-tasks", "2",

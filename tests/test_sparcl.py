@@ -57,6 +57,7 @@ def test_masked_layers_are_the_convolutions_after_the_stem(cifar_root):
     assert list(masked_layers(mlp)) == ["backbone.body.3"]
 
 
+@pytest.mark.slow
 def test_weight_masks_density_swaps_and_zeros_after_every_step(cifar_root):
     """A1/A2: densities 1-U after each update and 1-s at task end (within 0.5 pp), pruned
     weights exactly 0 after every step, the support changes only at mask updates, and a
@@ -98,6 +99,7 @@ def test_weight_masks_density_swaps_and_zeros_after_every_step(cifar_root):
             assert 0.7 * grown * swap * n - 1 <= counts["regrown"] <= grown * swap * n + 1, (update, name, counts)
 
 
+@pytest.mark.slow
 def test_gradient_masks_after_refresh_and_between(cifar_root):
     """A3: on a refresh step each masked layer's gradient is non-zero on about 1 - 0.8 of the
     tensor (the official gradient_sparse 0.8: 80% of the active weights at s = 0.75), inside the
@@ -181,6 +183,7 @@ def test_data_removal_round_sizes_and_order():
         assert {"mechanism": "raw", "purpose": "sparcl data-removal statistics"} in ds["accesses"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_masks_and_removed_sets_other_seed_differs():
     """A8: two runs with one seed give identical masks and removed-index sets."""
     def run(seed):
@@ -201,6 +204,7 @@ def test_same_seed_same_masks_and_removed_sets_other_seed_differs():
     assert not all(torch.equal(a, b) for a, b in zip(r1, r3))
 
 
+@pytest.mark.slow
 def test_counted_flops_follow_one_formula_for_dense_and_sparse(cifar_root):
     """A5: with the same batches, dense DER++ and SparCL (fixed densities, no data removal)
     differ in counted FLOPs exactly by sum F_l(2d_l + g_l) / sum 3F_l, F_l from FlopCounterMode."""
