@@ -127,9 +127,9 @@ def cost(data_root: str, backbone: str, per_class: str, epochs: int, repeats: in
     from clsim.privacy.ledger import Ledger
     from clsim.privacy.mechanism import Mechanism
     from strategies.blip import BLIP
-    resolved = parse(["--scenario", "split_cifar", "--setting", "task_il", "--data-root", data_root,
-                      "--backbone", backbone, "--train-per-class", per_class, "--test-per-class", "10"])
-    scenario = resolved["scenario"].target(resolved["scenario_options"], resolved["run"])
+    experiment = Experiment.from_argv(["--scenario", "split_cifar", "--setting", "task_il", "--data-root", data_root,
+                                       "--backbone", backbone, "--train-per-class", per_class, "--test-per-class", "10"])
+    scenario = experiment.scenario_entry.target(experiment.scenario_options, experiment.run_options)
     task = scenario.tasks[0]
     print(f"## cost of BLIP on split_cifar task 0 ({len(task.train)} images, {epochs} epochs, batch 32, "
           f"backbone {backbone}, {len(task.train)} Fisher samples; CPU seconds, 1 thread)")

@@ -65,9 +65,9 @@ def test_blip_preset_runs_the_authors_network_and_plateau_schedule(mnist_root, t
     hidden = [m.out_features for m in net.backbone.body if isinstance(m, torch.nn.Linear)]
     assert hidden == [1200] and [h.out_features for h in net.heads] == [2] * 5
     # pixels standardised as BLIP's loaders do
-    raw = cli.parse(["--preset", "blip-mnist5", "--data-root", str(mnist_root), "--train-per-class", "30",
-                     "--mnist-standardise", "false"])
-    raw_x = raw["scenario"].target(raw["scenario_options"], raw["run"]).tasks[0].train.x
+    raw = Experiment.from_argv(["--preset", "blip-mnist5", "--data-root", str(mnist_root), "--train-per-class", "30",
+                                "--mnist-standardise", "false"])
+    raw_x = raw.scenario_entry.target(raw.scenario_options, raw.run_options).tasks[0].train.x
     assert torch.allclose(scenario.tasks[0].train.x, (raw_x - 0.1307) / 0.3081)
     # validation on the training set is recorded as a read of each task's data
     for dataset in summary["privacy"]["datasets"].values():

@@ -143,18 +143,10 @@ def test_bad_replay_option_is_a_user_error(tmp_path, capsys):
 
 def _digits_run(strategy: str, *extra: str, tasks: int = 1, watch=None):
     """`strategy` through the engine on the first `tasks` tasks of split_digits (real digits)."""
-    from clsim import cli
-    from clsim.engine import run as engine_run
-    from clsim.learners.supervised import SupervisedLearner
-    from clsim.privacy.ledger import Ledger
-    from clsim.privacy.mechanism import Mechanism
-    resolved = cli.parse(["--strategy", strategy, "--seed", "1", *extra])
-    gen = cli.seed_everything(1)
-    scenario = resolved["scenario"].target(resolved["scenario_options"], resolved["run"])
-    scenario.tasks = scenario.tasks[:tasks]
-    strat = resolved["strategy"].target(resolved["strategy_options"])
-    learner = SupervisedLearner(scenario.make_model(), lr=0.05, momentum=0.0, batch_size=32,
-                                device=torch.device("cpu"), generator=gen)
+    parts = Experiment.from_argv(["--strategy", strategy, "--seed", "1", "--epochs", "1", "--lr", "0.05",
+                                  "--batch-size", "32", *extra]).build()
+    parts.scenario.tasks = parts.scenario.tasks[:tasks]
+    strat, learner = parts.strategy, parts.learner
     records = []
 
     class Keep:
@@ -166,7 +158,8 @@ def _digits_run(strategy: str, *extra: str, tasks: int = 1, watch=None):
         def task(self, record):
             pass
 
-    engine_run(scenario, strat, learner, Mechanism(), Ledger(), [Keep()], epochs=1)
+    parts.loggers = [Keep()]
+    parts.train()
     return strat, learner, records
 
 
