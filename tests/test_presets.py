@@ -19,7 +19,7 @@ def test_every_preset_resolves_with_its_options_and_cites_its_source():
     shipped = presets.all_presets()
     assert {"blip-mnist5", "blip-pmnist", "avalanche-pmnist-ewc", "mammoth-seqcifar10-derpp500",
             "sparcl-derpp-0.95"} <= set(shipped)
-    assert sum(name.startswith("vdv-splitmnist-") for name in shipped) == 12   # 3 settings x 4 methods
+    assert sum(name.startswith("vdv-splitmnist-") for name in shipped) == 19   # 3 settings x 6 methods + iCaRL
     for name, preset in shipped.items():
         assert preset.paper and preset.table and preset.source.startswith("http")
         assert preset.published is None or 0 < preset.published <= 100
