@@ -1,6 +1,6 @@
-"""`python -m clsim ...`: the same command line as run_scenario.py and clsim-run."""
+"""`python -m clsim ...`: the `clsim` command (run_scenario.py's options, or sweep / report)."""
 import sys
 
-from clsim.cli import main
+from clsim.commands import main
 
 sys.exit(main())

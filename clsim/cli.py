@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         if "--list" in argv:
             print(listing())
             return 0
+        if argv and argv[0] == "--sweep":   # run_scenario.py --sweep SPEC.yaml: `clsim sweep`
+            from clsim.commands import sweep_main
+            return sweep_main(argv[1:])
         if argv and argv[0] == "--resume":
             run_dir, summary = resume(argv[1:])
         else:

@@ -84,7 +84,7 @@ def find_runs(paths: list[str]) -> list[Run]:
             run_dir = c if c.is_dir() else c.parent
             if any(part.startswith(".") for part in run_dir.relative_to(p).parts):
                 continue
-            runs.append(load_run(run_dir))
+            runs.append(load_run(run_dir.resolve()))
     if not runs:
         raise UserError(f"no finished run (a directory with summary.json) under {', '.join(paths)}")
     return runs

@@ -1,0 +1,269 @@
+"""`clsim sweep SPEC.yaml`: many experiments on Ray Tune, resumable, then one report.
+
+A spec is YAML:
+
+    name: blip_vs_ewc                     # the sweep directory under --out (default: the file's name)
+    base: {scenario: split_digits, setting: task_il, epochs: 2}   # options every trial shares
+    grid: {strategy: [naive, ewc], seed: [0, 1]}                   # every combination
+    # an axis whose values are mappings sets several options at once, e.g.
+    #   method: [{strategy: derpp}, {strategy: sparcl, sparcl_sparsity: 0.9}]
+    random:                               # optional: sampled options, crossed with the grid
+      samples: 4
+      seed: 0                             # the sample is fixed by this seed
+      space: {lr: {loguniform: [0.001, 0.1]}, ewc_lambda: {choice: [1, 10, 100]}}
+    threads: 1                            # CPU threads (and Ray CPUs) per trial
+
+Option names are the run options' names (`epochs`, `lr`, `ewc_lambda`, ...), as in a YAML config.
+The trials are resolved here, deterministically, and each gets an id from its resolved options,
+so a rerun of the same spec skips every trial that has finished (a run directory with
+summary.json under `trials/<id>/`) and runs the rest; Ray Tune schedules them (one CPU reservation
+of `threads` each: no oversubscription), isolates failures and collects results. A failing trial
+leaves its one-line error in `trials/<id>/error.txt` and the others go on.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from clsim.errors import UserError
+
+SPEC_KEYS = {"name", "base", "grid", "random", "threads"}
+SAMPLERS = {"choice", "uniform", "loguniform", "randint"}
+
+
+def load_spec(path: str) -> dict:
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise UserError(f"cannot read sweep spec {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"sweep spec {path} is not valid YAML ({type(exc).__name__})") from None
+    if not isinstance(spec, dict):
+        raise UserError(f"sweep spec {path} must be a mapping with base, grid and/or random")
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise UserError(f"unknown key(s) in sweep spec {path}: {', '.join(sorted(map(str, unknown)))}; "
+                        f"use {', '.join(sorted(SPEC_KEYS))}")
+    spec.setdefault("name", Path(path).stem)
+    for key in ("base", "grid"):
+        if not isinstance(spec.setdefault(key, {}), dict):
+            raise UserError(f"sweep spec {path}: {key} must be a mapping of option names to values")
+    for name, values in spec["grid"].items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"sweep spec {path}: grid.{name} must be a non-empty list of values")
+    threads = spec.setdefault("threads", 1)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"sweep spec {path}: threads must be a positive integer, got {threads!r}")
+    return spec
+
+
+def trials(spec: dict) -> list[dict]:
+    """Every trial's resolved options: base, then one grid point, then one random sample."""
+    names = list(spec["grid"])
+    points = []
+    for combo in itertools.product(*(spec["grid"][n] for n in names)):
+        point = {}
+        for name, value in zip(names, combo):
+            point.update(value if isinstance(value, dict) else {name: value})
+        points.append(point)
+    samples = _random_samples(spec.get("random"))
+    return [{**spec["base"], **point, **sample} for point in points for sample in samples]
+
+
+def _random_samples(random: dict | None) -> list[dict]:
+    if not random:
+        return [{}]
+    if not isinstance(random, dict) or not isinstance(random.get("space"), dict):
+        raise UserError("sweep spec: random needs a space mapping option names to a sampler, "
+                        "e.g. {lr: {loguniform: [0.001, 0.1]}}")
+    n = random.get("samples", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise UserError(f"sweep spec: random.samples must be a positive integer, got {n!r}")
+    rng = np.random.default_rng(random.get("seed", 0))
+    out = []
+    for _ in range(n):
+        sample = {}
+        for name, sampler in random["space"].items():
+            if not (isinstance(sampler, dict) and len(sampler) == 1 and set(sampler) <= SAMPLERS):
+                raise UserError(f"sweep spec: random.space.{name} must be one of "
+                                f"{{{', '.join(sorted(SAMPLERS))}: ...}}")
+            (kind, args), = sampler.items()
+            sample[name] = _draw(rng, kind, args, name)
+        out.append(sample)
+    return out
+
+
+def _draw(rng, kind: str, args, name: str):
+    try:
+        if kind == "choice":
+            return args[int(rng.integers(len(args)))]
+        low, high = (float(a) for a in args)
+        if kind == "uniform":
+            return float(rng.uniform(low, high))
+        if kind == "loguniform":
+            return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+        return int(rng.integers(int(low), int(high)))
+    except (TypeError, ValueError):
+        raise UserError(f"sweep spec: random.space.{name}.{kind} needs "
+                        f"{'a list of values' if kind == 'choice' else '[low, high]'}, got {args!r}") from None
+
+
+def trial_id(options: dict) -> str:
+    """A short name fixed by the resolved options (so a rerun recognises a finished trial)."""
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    readable = "-".join(str(options[k]) for k in ("scenario", "strategy", "seed") if k in options)
+    return f"{readable}-{digest}" if readable else digest
+
+
+def finished_run(trial_dir: Path) -> Path | None:
+    done = [p.parent for p in trial_dir.glob("*/summary.json") if not p.parent.name.startswith(".")]
+    return done[0] if done else None
+
+
+def run_trial(options: dict, trial_dir: Path, threads: int) -> dict:
+    """One trial in this process: the experiment's summary figures (raises on failure, after
+    writing its one-line error to `trial_dir/error.txt`)."""
+    import torch
+    from clsim.experiment import Experiment
+    torch.set_num_threads(threads)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (trial_dir / "error.txt").unlink(missing_ok=True)
+    try:
+        result = Experiment(**options, out=str(trial_dir), progress=False).run()
+    except Exception as exc:   # recorded in one line; Tune keeps the traceback under tune/<id>/
+        line = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        (trial_dir / "error.txt").write_text(line.splitlines()[0] + "\n")
+        raise
+    return {"acc": result.summary["acc"], "bwt": result.summary["bwt"], "run_dir": str(result.run_dir)}
+
+
+def _trainable(params: dict) -> None:
+    from ray import tune
+    trial = params["trial"]
+    tune.report(run_trial(trial["options"], Path(trial["trial_dir"]), trial["threads"]))
+
+
+def _trial_name(trial) -> str:
+    return trial.config["trial"]["id"]
+
+
+class _Progress:
+    """Tune callback printing one line per finished or failed trial: done / running / failed."""
+
+    def __new__(cls, total: int, skipped: int):
+        from ray.tune import Callback
+
+        class Progress(Callback):
+            def __init__(self):
+                self.done, self.failed, self.started = skipped, 0, 0
+
+            def on_trial_start(self, iteration, trials, trial, **info):
+                self.started += 1
+                self._line()
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                self.done += 1
+                self._line()
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                self.failed += 1
+                self._line()
+
+            def _line(self):
+                running = self.started - (self.done - skipped) - self.failed
+                print(f"trials: {self.done} done, {running} running, {self.failed} failed of {total}",
+                      file=sys.stderr, flush=True)
+
+        return Progress()
+
+
+def sweep(spec_path: str, out: str = "sweeps", address: str | None = None,
+          workers: int | None = None) -> tuple[Path, int]:
+    """Run every unfinished trial of the spec on Ray (locally on `workers` CPUs, default all of
+    them, or on the cluster at `address`); returns the sweep directory and how many trials failed."""
+    spec = load_spec(spec_path)
+    sweep_dir = Path(out) / str(spec["name"])
+    resolved = trials(spec)
+    pending, skipped = [], 0
+    for options in resolved:
+        trial_dir = sweep_dir / "trials" / trial_id(options)
+        if finished_run(trial_dir):
+            skipped += 1
+        else:
+            pending.append({"id": trial_id(options), "options": options, "trial_dir": str(trial_dir.resolve()),
+                            "threads": spec["threads"]})
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    print(f"sweep {spec['name']}: {len(resolved)} trials, {skipped} already finished, "
+          f"{len(pending)} to run", file=sys.stderr)
+    if pending:
+        _run_on_ray(pending, sweep_dir, spec["threads"], address, workers, _Progress(len(resolved), skipped))
+    return sweep_dir, _write_status(sweep_dir, resolved)
+
+
+def _run_on_ray(pending: list[dict], sweep_dir: Path, threads: int, address: str | None,
+                workers: int | None, progress) -> None:
+    try:
+        import ray
+        from ray import tune
+    except ImportError:
+        raise UserError("clsim sweep runs on Ray: pip install 'clsim[sweep]' (or 'ray[tune]')") from None
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    logging.getLogger("ray.tune").setLevel(logging.CRITICAL)   # a failed trial is one line, below
+    project = str(Path(__file__).resolve().parent.parent)   # workers import this clsim
+    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")])),
+                        "OMP_NUM_THREADS": str(threads)}}
+    try:
+        if address:
+            ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level="ERROR")
+        else:
+            ray.init(address="local", num_cpus=workers or os.cpu_count(), runtime_env=env, log_to_driver=False, logging_level="ERROR",
+                     include_dashboard=False)
+    except ConnectionError as exc:
+        raise UserError(f"--address {address}: no Ray cluster answered ({exc}); start one with "
+                        f"'ray start --head' or leave --address out to run locally") from None
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(_trainable, {"cpu": threads}),
+            param_space={"trial": tune.grid_search(pending)},
+            tune_config=tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir.resolve()),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=[progress], verbose=0))
+        tuner.fit()
+    finally:
+        ray.shutdown()
+
+
+def _write_status(sweep_dir: Path, resolved: list[dict]) -> int:
+    """sweep.json: every trial's options, its run directory or its one-line error; returns how
+    many trials did not finish."""
+    status = []
+    for options in resolved:
+        trial_dir = sweep_dir / "trials" / trial_id(options)
+        run = finished_run(trial_dir)
+        error = trial_dir / "error.txt"
+        entry = {"id": trial_id(options), "options": options,
+                 "status": "finished" if run else "failed" if error.is_file() else "not run",
+                 "run_dir": str(run.relative_to(sweep_dir)) if run else None}
+        if error.is_file() and not run:
+            entry["error"] = error.read_text().strip()
+        status.append(entry)
+    (sweep_dir / "sweep.json").write_text(json.dumps(status, indent=2, default=str))
+    failed = [s for s in status if s["status"] != "finished"]
+    for s in failed:
+        where = s.get("error") or f"see tune/{s['id']}/error.txt"
+        print(f"trial {s['id']} {s['status']}: {where}", file=sys.stderr)
+    print(f"sweep {sweep_dir}: {len(status) - len(failed)} of {len(status)} trials finished "
+          f"({time.strftime('%H:%M:%S')})", file=sys.stderr)
+    return len(failed)
