@@ -1,6 +1,10 @@
 """PPO on CartPole through the real CLI: single-task learning and the conflict stream.
 
-    OMP_NUM_THREADS=1 python bench/rl_cartpole.py [--parts single,conflict] [--seeds 0,1,2]
+    OMP_NUM_THREADS=1 python bench/rl_cartpole.py [--parts demo,single,conflict] [--seeds 0,1,2]
+
+demo:     the README's commands, scenario defaults only (default -> reordered observations,
+          task_il, 1e5 steps per task, EWC λ 1e4): every task learned (return >= 475 right after
+          training on it), naive forgets task 0, EWC and BLIP keep it.
 
 single:   CartPole-v1 alone, 1e5 env steps per seed: final evaluation return (target >= 475 for at
           least 2 of 3 seeds) and environment steps per second (collection + updates).
@@ -33,6 +37,19 @@ def run(*args: str) -> dict:
 def mean_std(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def demo(seeds: list[int], strategies: list[str]) -> None:
+    print("## demo: `run_scenario.py --scenario cartpole --strategy S --seed k`, scenario defaults")
+    for strategy in strategies:
+        for seed in seeds:
+            s = run("--scenario", "cartpole", "--strategy", strategy, "--seed", str(seed))
+            raw = s["score_details"]["return_raw"]["matrix"]
+            learned = all(raw[i][i] >= 475 for i in range(len(raw)))
+            print(f"{strategy:6s} seed {seed}: raw returns {[[round(r) for r in row] for row in raw]}  "
+                  f"ACC {s['acc']:.2f}  forgetting {s['forgetting']:.2f}  every task learned: {learned}  "
+                  f"train {s['wall_time']['train']:.0f}s", flush=True)
+    print()
 
 
 def single(seeds: list[int], timesteps: int) -> None:
@@ -74,7 +91,7 @@ def conflict(seeds: list[int], timesteps: int, settings: list[str], strategies: 
 def main() -> None:
     torch.set_num_threads(1)
     p = argparse.ArgumentParser()
-    p.add_argument("--parts", default="single,conflict")
+    p.add_argument("--parts", default="demo,single,conflict")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--single-timesteps", type=int, default=100_000)
     p.add_argument("--timesteps", type=int, default=50_000, help="per task, conflict stream")
@@ -85,6 +102,8 @@ def main() -> None:
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(",")]
     strategies = [s for s in a.strategies.split(",") if s in STRATEGIES.names()]
+    if "demo" in a.parts:
+        demo(seeds, strategies)
     if "single" in a.parts:
         single(seeds, a.single_timesteps)
     if "conflict" in a.parts:
