@@ -35,7 +35,7 @@ def test_cartpole_variants_transform_observations_actions_and_physics():
 @pytest.mark.parametrize("argv,message", [
     (["--scenario", "minigrid", "--minigrid-tasks", "Empty-Random-5x5,Maze"], "unknown MiniGrid env 'Maze'"),
     (["--scenario", "atari", "--atari-games", "Boxing,Tetris"], "no reference score for 'Tetris'"),
-    (["--scenario", "cartpole", "--ppo-eval-policy", "greedy"], "invalid choice"),
+    (["--scenario", "cartpole", "--ppo-eval-policy", "greedy"], "is not one of: argmax, sample"),
 ])
 def test_bad_rl_options_exit_2(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "out")]) == 2
