@@ -66,7 +66,7 @@ def add_arguments(parser, options_cls, group_title: str) -> None:
         metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
         help_text = f.metadata.get("help", "")
         if "(default:" not in help_text:   # a help that names its own default knows it better than None
-            help_text += f" (default: {default})"
+            help_text += f" (default: {'none' if default is None else default})"
         group.add_argument(flag(f.name), dest=f.name, default=None, metavar=metavar, help=help_text)
 
 
@@ -135,7 +135,8 @@ class RunOptions:
                        choices=("class_il", "task_il", "domain_il"))
     data_root: str = opt("data", "directory holding the datasets (cifar-10-batches-py/, MNIST IDX files)")
     out: str = opt("runs", "directory under which the run directory is created")
-    privacy: str | None = opt(None, "train any strategy under a privacy mechanism (e.g. dpsgd, dplis)")
+    privacy: str | None = opt(None, "train any strategy under a privacy mechanism (e.g. dpsgd, dplis) "
+                              "(default: the strategy's own: none but for the dpsgd and dplis strategies)")
     device: str = opt("cpu", "torch device, e.g. cpu or cuda")
     progress: bool | None = opt(None, "show a progress bar (default: only when attached to a terminal)")
     checkpoint: bool = opt(True, "write a checkpoint at every task boundary")

@@ -377,7 +377,8 @@ def test_help_prints_each_default_once(capsys):
     with pytest.raises(SystemExit):
         cli.parse(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: the scenario's)" in text and "(default: the scenario's) (default: None)" not in text
+    assert "(default: the scenario's)" in text and "(default: None)" not in text
+    assert "(default: the strategy's own: none but for the dpsgd and dplis strategies)" in text
     assert "--seed SEED one seed for everything: data order, initialisation, sampling (default: 0)" in text
 
 
