@@ -43,10 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clsim import engine  # noqa: E402
+from clsim import Experiment  # noqa: E402
 from clsim.learners.supervised import SupervisedLearner  # noqa: E402
-from clsim.privacy.ledger import Ledger  # noqa: E402
-from clsim.privacy.mechanism import Mechanism  # noqa: E402
 from scenarios.avalanche import tensor_dataset  # noqa: E402
 from scenarios.split_cifar import SplitCifarOptions, split_cifar  # noqa: E402
 from strategies.ewc import EWC  # noqa: E402
@@ -55,12 +53,12 @@ DEFAULT_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "cifar10"
 
 
 def run_clsim(scenario, model, a):
-    learner = SupervisedLearner(model, lr=a.lr, momentum=a.momentum, batch_size=a.batch_size,
-                                device=torch.device(a.device), generator=torch.Generator().manual_seed(a.seed))
     # 0: every training example of the task, as Avalanche does
     fisher_samples = a.clsim_fisher_samples or max(len(t.train) for t in scenario.tasks)
     strategy = EWC(EWC.Options(ewc_lambda=a.ewc_lambda, fisher="empirical", fisher_samples=fisher_samples))
-    result = engine.run(scenario, strategy, learner, Mechanism(), Ledger(), [], a.epochs)
+    result = Experiment(scenario=scenario, strategy=strategy, model=model, lr=a.lr, momentum=a.momentum,
+                        batch_size=a.batch_size, epochs=a.epochs, device=a.device, seed=a.seed,
+                        progress=False, out=None).run().summary
     phases = {"train": result["wall_time"]["train"], "fisher": result["wall_time"]["strategy"]}
     return sum(phases.values()), phases, result["accuracy_matrix"][-1], strategy
 

@@ -261,10 +261,10 @@ class Experiment:
         """Assemble the run, in this order (docs/architecture.md, "build() order"):
 
         1. device and seed: one --seed fixes every random stream
-        2. scenario: the named builder, or the Scenario given; the training protocol is checked
-           against it and carves the validation sets (clsim/protocol.py)
+        2. scenario: the named builder, or the Scenario given
         3. model and learner: the scenario's make_model (or the given model) is the first of the
-           three steps that may change the model; the learner owns it from here on
+           three steps that may change the model; the learner owns it from here on. The training
+           protocol is checked against both and carves the validation sets (clsim/protocol.py)
         4. strategy, mechanism, ledger
         5. mechanism.check: validates the settings and attaches the mechanism (a private one may
            replace layers, e.g. BatchNorm -> GroupNorm): the second model step
@@ -290,8 +290,6 @@ class Experiment:
             if isinstance(self.scenario, str) else self.scenario
         epochs = run.epochs or scenario.defaults.get("epochs", 1)
         training = self.protocol_options
-        protocol.check(training, scenario, epochs)
-        protocol.carve_validation(scenario, training.val_fraction, run.seed)
         from clsim.learners.supervised import SupervisedLearner
         learner_cls = scenario.learner_cls or SupervisedLearner
         model = self.model if isinstance(self.model, nn.Module) else \
@@ -300,6 +298,8 @@ class Experiment:
                               batch_size=run.batch_size or scenario.defaults.get("batch_size", 32),
                               device=device, generator=generator, optimizer=training.optimizer,
                               **scenario.learner_kwargs)
+        protocol.check(training, scenario, epochs, learner)
+        protocol.carve_validation(scenario, training.val_fraction, run.seed)
         strategy = self.strategy if isinstance(self.strategy, Strategy) else self.strategy_cls(self.strategy_options)
         privacy = self.privacy if self.privacy is not None else self.strategy_cls.privacy
         mechanism = privacy if isinstance(privacy, Mechanism) else \

@@ -37,9 +37,9 @@ from clsim.errors import UserError
 from clsim.scenario import TaskData
 
 
-def check(options: ProtocolOptions, scenario, epochs: int) -> None:
-    """Refuse, before anything runs, what cannot apply to this scenario."""
-    if scenario.tasks and scenario.tasks[0].train is None:
+def check(options: ProtocolOptions, scenario, epochs: int, learner) -> None:
+    """Refuse, before anything runs, what cannot apply to this scenario and its learner."""
+    if learner.kind == "rl":
         given = [name for name, value, default in (
             ("--lr-schedule", options.lr_schedule, "constant"), ("--val-fraction", options.val_fraction, 0.0),
             ("--optimizer", options.optimizer, "sgd"), ("--warmup-epochs", options.warmup_epochs, 0))

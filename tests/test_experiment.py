@@ -114,6 +114,8 @@ def test_capabilities_are_declared_and_checked_before_training():
     mid-run; BLIP's F_prior default comes from the scenario's declared input kind."""
     with pytest.raises(UserError, match="strategy er works with supervised learners only, and scenario cartpole is rl"):
         Experiment(scenario="cartpole", strategy="er", ppo_eval_episodes=1, out=None).build()
+    with pytest.raises(UserError, match="--lr-schedule apply to supervised scenarios; cartpole trains with PPO"):
+        Experiment(scenario="cartpole", lr_schedule="cosine", ppo_eval_episodes=1, out=None).build()
     import dataclasses
     from scenarios.split_digits import SplitDigitsOptions, split_digits
     from clsim.config import RunOptions
