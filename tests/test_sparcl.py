@@ -270,13 +270,11 @@ def test_current_task_logit_mask_is_on_by_default_as_the_official_script():
     sees only the current task's classes; plain ER/DER++ keep the standard loss."""
     import torch.nn.functional as F
     from clsim.learners import Batch
-    scenario, strategy, learner, _ = build(["--strategy", "sparcl"])
+    parts = build(["--strategy", "sparcl"])
+    strategy, learner = parts.strategy, parts.learner
     assert strategy.options.replay_mask_current and strategy.options.sparcl_drop_last
-    assert not build(["--strategy", "derpp"])[1].options.replay_mask_current
-    mech = Mechanism()
-    mech.setup(learner, scenario, Ledger())
-    strategy.setup(learner, scenario, mech)
-    task = scenario.tasks[1]                               # digits 2 and 3
+    assert not build(["--strategy", "derpp"]).strategy.options.replay_mask_current
+    task = parts.scenario.tasks[1]                         # digits 2 and 3
     strategy.before_task(task)
     batch = Batch(task.train.x[:8], task.train.y[:8], torch.ones(8, dtype=torch.long), torch.arange(8))
     losses, outputs = learner.forward(batch)
@@ -288,11 +286,11 @@ def test_current_task_logit_mask_is_on_by_default_as_the_official_script():
 @pytest.mark.parametrize("drop", [True, False])
 def test_last_partial_batch_dropped_unless_asked_to_keep_it(drop):
     """The official loop skips each epoch's batch smaller than the batch size."""
-    scenario, strategy, learner, _ = build(["--strategy", "sparcl", "--sparcl-drop-last", str(drop).lower(),
-                                            "--sparcl-remove", "0"])
-    sizes = [len(t.train) for t in scenario.tasks]
+    parts = build(["--strategy", "sparcl", "--sparcl-drop-last", str(drop).lower(), "--sparcl-remove", "0",
+                   "--epochs", "2", "--batch-size", "32"])
+    sizes = [len(t.train) for t in parts.scenario.tasks]
     assert any(n % 32 for n in sizes)
-    summary = engine.run(scenario, strategy, learner, Mechanism(), Ledger(), [], 2)
+    summary = parts.train()
     per_epoch = [n // 32 if drop else -(-n // 32) for n in sizes]
     assert summary["steps"] == 2 * sum(per_epoch)
     assert summary["examples_seen"] == 2 * sum(32 * k if drop else n for k, n in zip(per_epoch, sizes))
