@@ -150,6 +150,9 @@ def test_pendulum_stream_runs_through_ewc_and_blip(tmp_path, strategy):
     assert all("approx_kl" in r and 0 <= r["clip_fraction"] <= 1 for r in steps)
     if strategy == "ewc":
         assert max(r["strategy/ewc_penalty"] for r in steps if r["task"] == 1) > 0
+        again = tmp_path / "again"                                  # Gaussian sampling follows --seed
+        assert main([*PENDULUM_TINY, "--strategy", strategy, "--out", str(again), "--progress", "false"]) == 0
+        assert read_summary(again)["score_details"] == s["score_details"]
     else:   # domain_il: the shared Gaussian head's mean is quantised with the policy trunk, not the critic
         task = [r for r in records if r["kind"] == "task"][-1]
         assert task["strategy"]["blip_parameters"] == (3 * 64 + 64) + (64 * 64 + 64) + (64 + 1)
