@@ -299,6 +299,9 @@ class Experiment:
                               device=device, generator=generator, optimizer=training.optimizer,
                               **scenario.learner_kwargs)
         protocol.check(training, scenario, epochs, learner)
+        if self.audit_options.audit is not None and learner.kind != "supervised":
+            raise UserError(f"--audit {self.audit_options.audit} attacks labelled examples, which scenario "
+                            f"{scenario.name} ({learner.kind}) does not have: drop --audit")
         protocol.carve_validation(scenario, training.val_fraction, run.seed)
         strategy = self.strategy if isinstance(self.strategy, Strategy) else self.strategy_cls(self.strategy_options)
         privacy = self.privacy if self.privacy is not None else self.strategy_cls.privacy

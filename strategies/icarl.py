@@ -84,7 +84,7 @@ class ICaRL(Strategy):
         dev = self.learner.device
         for chunk in torch.randperm(len(ys), generator=self.learner.generator).split(self.learner.batch_size):
             x = xs[chunk]
-            if getattr(self.learner, "augment", None) is not None:
+            if self.learner.augment is not None:
                 x = self.learner.augment(x, self.learner.generator)
             yield Batch(x.to(dev), ys[chunk].to(dev), ts[chunk].to(dev), torch.full((len(chunk),), -1))
 

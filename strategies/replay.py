@@ -157,14 +157,14 @@ class Replay(Strategy):
         self.count_flops()
         batch, outputs = self._pending
         x = batch.x
-        if getattr(self.learner, "augment", None) is not None and bool((batch.index >= 0).all()):
+        if self.learner.augment is not None and bool((batch.index >= 0).all()):
             x = self.task.train.x[batch.index.cpu()]   # keep the example un-augmented; draws augment it
         self.buffer.add(x.cpu(), batch.y.cpu(), batch.t.cpu(), outputs.cpu())
 
     def draw(self, k: int):
         """k buffer examples on the learner's device (augmented like training batches)."""
         x, y, t, logits = self.buffer.sample(k)
-        if getattr(self.learner, "augment", None) is not None:
+        if self.learner.augment is not None:
             x = self.learner.augment(x, self.learner.generator)
         dev = self.learner.device
         return x.to(dev), y.to(dev), t.to(dev), logits.to(dev)

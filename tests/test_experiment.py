@@ -116,6 +116,8 @@ def test_capabilities_are_declared_and_checked_before_training():
         Experiment(scenario="cartpole", strategy="er", ppo_eval_episodes=1, out=None).build()
     with pytest.raises(UserError, match="--lr-schedule apply to supervised scenarios; cartpole trains with PPO"):
         Experiment(scenario="cartpole", lr_schedule="cosine", ppo_eval_episodes=1, out=None).build()
+    with pytest.raises(UserError, match=r"--audit mia attacks labelled examples, which scenario cartpole \(rl\) does not have"):
+        Experiment(scenario="cartpole", audit="mia", ppo_eval_episodes=1, out=None).build()
     import dataclasses
     from scenarios.split_digits import SplitDigitsOptions, split_digits
     from clsim.config import RunOptions

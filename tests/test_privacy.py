@@ -289,7 +289,7 @@ def test_ewc_under_dpsgd_through_the_cli_has_finite_epsilon_and_an_audit(tmp_pat
     (["--strategy", "dpsgd", "--batch-size", "5000"], "exceeds"),
     (["--strategy", "dplis", "--dplis-k", "0"], "--dplis-k must be >= 1"),
     (["--strategy", "dpsgd", "--max-grad-norm", "0"], "--max-grad-norm must be > 0"),
-    (["--privacy", "dpsgd", "--accountant", "pld"], "invalid choice"),
+    (["--privacy", "dpsgd", "--accountant", "pld"], "--accountant 'pld' is not one of"),
     (["--privacy", "nope"], "unknown privacy mechanism"),
 ])
 def test_bad_privacy_options_exit_2_with_one_clear_line(args, message, tmp_path, capsys):

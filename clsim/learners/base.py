@@ -33,6 +33,9 @@ class Learner:
     #: True: `private_batches(task, epoch)` samples the privacy units itself (e.g. PPO's episodes);
     #: False: a private mechanism Poisson-samples examples from `batches`
     draws_private_batches = False
+    #: a function (x, generator) -> x applied to training batches (e.g. crop + flip), or None;
+    #: replay strategies apply it to what they draw from their buffers
+    augment = None
     # A private mechanism clips one gradient per unit: per row of a batch ("example"), or per
     # group of rows sharing `batch.index` (e.g. "episode": the sum of its transitions' gradients).
     privacy_unit = "example"
