@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python bench/fisher_cost.py --mnist-root DIR --cifar-root DIR [--n 1200]
 
 For BLIP (Fisher + bit allocation + freeze) and EWC (Fisher + penalty update) on task 0 of
-split_mnist (BLIP's MNIST-5 protocol: MLP 784-1200-1200, batch 64) and split_cifar (the small CNN
+split_mnist (MLP 784-1200-1200, batch 64 as in BLIP's protocol) and split_cifar (the small CNN
 and the reduced ResNet-18, batch 32), with n training examples and n Fisher samples: CPU seconds
 (process_time, 1 thread) of the strategy's after_task, and of one plain training epoch over the
 same n examples (forward, backward, SGD step). Rounds alternate the two; medians are printed with
@@ -105,7 +105,8 @@ def main() -> None:
     parts = a.parts.split(",")
     if "mnist" in parts:
         table("split_mnist (MLP 784-1200-1200)",
-              ["--scenario", "split_mnist", "--mnist-protocol", "blip", "--data-root", a.mnist_root,
+              ["--scenario", "split_mnist", "--mnist-protocol", "blip", "--mnist-hidden", "1200,1200",
+               "--data-root", a.mnist_root,
                "--train-per-class", per_class, "--test-per-class", "10"], a.n, a.repeats)
     for backbone in ("cnn", "resnet18"):
         if backbone in parts:

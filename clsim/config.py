@@ -138,6 +138,10 @@ class RunOptions:
     privacy: str | None = opt(None, "train any strategy under a privacy mechanism (e.g. dpsgd, dplis) "
                               "(default: the strategy's own: none but for the dpsgd and dplis strategies)")
     device: str = opt("cpu", "torch device, e.g. cpu or cuda")
+    compile: bool = opt(False, "train through torch.compile(model) (supervised, no privacy mechanism; "
+                        "else, or if it fails, eagerly, said on stderr)")
+    precision: str = opt("32", "32 (float32) or bf16-mixed (bfloat16 autocast of the training forward; "
+                         "supervised, no privacy mechanism)", choices=("32", "bf16-mixed"))
     progress: bool | None = opt(None, "show a progress bar (default: only when attached to a terminal)")
     checkpoint: bool = opt(True, "write a checkpoint at every task boundary")
     loggers: str = opt("tensorboard,jsonl", "comma-separated loggers: tensorboard (tb/), jsonl (log.jsonl), "

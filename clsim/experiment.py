@@ -308,6 +308,7 @@ class Experiment:
         mechanism = privacy if isinstance(privacy, Mechanism) else \
             self.mechanism_entry.target(self.mechanism_options) if self.mechanism_entry else Mechanism()
         ledger = Ledger(**mechanism.ledger_options())
+        speed_options(learner, run, mechanism)
         mechanism.check(learner, scenario, epochs)
         engine.setup(scenario, strategy, learner, mechanism, ledger, epochs)
         hparams = {"scenario": scenario.name, "strategy": self.strategy_name, "setting": scenario.setting,
@@ -390,6 +391,20 @@ def seed_everything(seed: int, device: torch.device = torch.device("cpu")) -> to
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     return torch.Generator().manual_seed(seed)
+
+
+def speed_options(learner, run, mechanism: Mechanism) -> None:
+    """--compile and --precision (refused or said before the mechanism's own log lines)."""
+    if not run.compile and run.precision == "32":
+        return
+    if not hasattr(learner, "speed_options"):
+        raise UserError("--compile and --precision apply to supervised scenarios; drop them here")
+    private = type(mechanism) is not Mechanism
+    if private and run.precision != "32":
+        raise UserError("--precision bf16-mixed cannot train under --privacy: clipping and noise are "
+                        "calibrated in float32; drop one of them")
+    blocker = f"--privacy {mechanism.name} computes per-example gradients on the eager model" if private else None
+    learner.speed_options(run.compile, run.precision, blocker)
 
 
 def torch_device(name: str) -> torch.device:

@@ -117,7 +117,7 @@ class Replay(Strategy):
         self.flops = TrainingFlops(learner.model, scenario.tasks[0].train.x[:1])
         self._pending = None
         self._forwarded = None
-        self._last_terms: dict[str, float] = {}
+        self._last_terms: dict[str, torch.Tensor] = {}   # 0-dim: read a step late on a GPU
         self.tasks_done = 0
 
     def after_task(self, task):

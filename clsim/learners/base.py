@@ -13,6 +13,7 @@ class Batch(NamedTuple):
     y: torch.Tensor
     t: torch.Tensor        # task index of every example
     index: torch.Tensor    # example index in its task's training set (-1 when not applicable)
+    task: int | None = None  # the one task of every example, when known on the host (no device read)
 
 
 class PrivacyPlan(NamedTuple):

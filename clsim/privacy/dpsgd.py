@@ -226,7 +226,8 @@ class DPSGD(Mechanism):
                 yield None
                 continue
             chunks = list(self.learner.batches(task, epoch, index))
-            yield chunks[0] if len(chunks) == 1 else type(chunks[0])(*map(torch.cat, zip(*chunks)))
+            yield chunks[0] if len(chunks) == 1 else chunks[0]._replace(
+                **{f: torch.cat([getattr(c, f) for c in chunks]) for f in ("x", "y", "t", "index")})
 
     def backward(self, losses: torch.Tensor, penalty: torch.Tensor | None) -> None:
         """Leaves the private gradient (+ the penalty's) in p.grad and accounts one step."""
