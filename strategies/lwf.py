@@ -59,13 +59,19 @@ class LwF(Strategy):
         self.old: dict | None = None          # the model at the end of the previous task
         self.seen: list = []                  # tasks finished
         self._last = None
+        self._features = None
+        if len(learner.model.heads) > 1:   # the backbone's output of the training forward, for the old heads
+            learner.model.backbone.register_forward_hook(self._keep_features)
+
+    def _keep_features(self, module, args, output):
+        self._features = output
 
     def loss(self, batch, losses, outputs):
         if self.old is None:
             return losses
         o, model = self.options, self.learner.model
-        if len(model.heads) > 1:   # task_il: every previous task's head, on one pass of the backbone
-            features = model.backbone(batch.x)
+        if len(model.heads) > 1:   # task_il: every previous task's head, on the training forward's features
+            features = self._features   # reusing them keeps one forward per layer (DP-SGD's ghost clipping)
             old_features = frozen_call(model.backbone, self._sub(self.old, "backbone."), batch.x)
             term = sum(distillation(model.heads[j](features),
                                     frozen_call(model.heads[j], self._sub(self.old, f"heads.{j}."), old_features),

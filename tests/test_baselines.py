@@ -362,3 +362,24 @@ def test_hat_masks_gate_the_gradients_of_units_earlier_tasks_use():
     learner.model.eval()
     learner.model(batch.x, 0)
     assert float(learner.model.backbone(batch.x)[:, ~used[1]].abs().max()) == 0
+
+
+# ---------------------------------------------------------------- under a privacy mechanism
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, finite", [("si", True), ("lwf", True), ("packnet", True), ("agem", False)])
+def test_under_dpsgd_the_ledger_says_what_each_strategy_declares(strategy, finite, tmp_path):
+    """Strategies reading data only through the mechanism keep a finite ε; a raw memory makes it ∞."""
+    import json
+    from clsim import cli
+    assert cli.main(["--strategy", strategy, "--setting", "task_il", "--privacy", "dpsgd", "--epsilon", "8",
+                     "--n-tasks", "2", "--epochs", "1", "--hidden", "20", "--checkpoint", "false",
+                     "--progress", "false", "--out", str(tmp_path)]) == 0
+    run = next(p for p in tmp_path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    privacy = json.loads((run / "summary.json").read_text())["privacy"]
+    declared = cli.STRATEGIES.get(strategy).target.data_access
+    assert (declared == "accounted") == finite
+    if finite:
+        assert 0 < privacy["epsilon_worst"] <= 8.0
+    else:
+        assert privacy["epsilon_worst"] is None and all(d["epsilon_infinite"] for d in privacy["datasets"].values())
