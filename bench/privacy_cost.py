@@ -56,6 +56,7 @@ def clsim_step(name, mechanism_cls, x, y, seed, **options):
                                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
     mechanism = mechanism_cls(config.build(mechanism_cls.Options, {"noise_multiplier": 1.0, **options}))
     mechanism.check(learner, scenario, 1)
+    mechanism.attach(learner)
     ledger = Ledger(**mechanism.ledger_options())
     mechanism.setup(learner, scenario, ledger)
     optimizer = mechanism.before_task(task, learner.make_optimizer())

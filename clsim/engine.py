@@ -78,6 +78,9 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
         timer.totals = dict(resume["wall_time"])
         restore(resume, learner, strategy, ledger)
     start = time.perf_counter() - elapsed
+    private = not mechanism.logs_training_figures()
+    hidden = {"loss", "examples_seen", *getattr(learner, "training_figures", ())} if private else set()
+    params = [p for p in learner.model.parameters()]
     for task in scenario.tasks[len(R):]:
         t0 = time.perf_counter()
         strategy.before_task(task)
@@ -86,9 +89,43 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
         optimizer = mechanism.before_task(task, own_optimizer)
         learner.model.train()
         queued = None   # a GPU step's record, its tensor figures on their way to the host
+
+        def report(epoch: int, losses, n: int) -> None:
+            """Emit the step's record; under a mechanism without figures read from training data."""
+            nonlocal step, examples, queued
+            step, examples = step + 1, examples + n
+            record = {"step": step, "task": task.index, "epoch": epoch, "loss": losses,
+                      "lr": optimizer.param_groups[0]["lr"], "examples_seen": examples,
+                      "wall_time": time.perf_counter() - start, **learner.step_metrics(),
+                      **strategy.step_metrics(), **mechanism.step_metrics()}
+            record = {k: v for k, v in record.items() if k not in hidden and v is not None}
+            if private:   # stop on what the mechanism released (the weights), not on the batch's loss
+                record["_finite"] = torch.stack([p.detach().isfinite().all() for p in params]).all()
+            if queued is not None:
+                _report_step(emit, queued.wait())
+            queued = _HostCopy(record)
+            if queued.event is None:   # figures already on the host (CPU): report at once
+                _report_step(emit, queued.wait())
+                queued = None
+
+        def with_noise_steps(batches, epoch: int):
+            """Take the step of an empty Poisson draw (None) here: noise, the strategy's penalty,
+            gradient masks and after_step (BLIP's clamp) run as on any step."""
+            for batch in batches:
+                if batch is not None:
+                    yield batch
+                    continue
+                optimizer.zero_grad(set_to_none=True)
+                mechanism.noise_step(strategy.penalty())
+                strategy.after_backward()
+                mechanism.step(optimizer)
+                strategy.after_step()
+                report(epoch, None, 0)
+
         for epoch in range(epochs):
             subset = strategy.select_examples(task, epoch)
-            for batch in strategy.train_batches(task, mechanism.batches(task, epoch, subset)):
+            batches = with_noise_steps(mechanism.batches(task, epoch, subset), epoch)
+            for batch in strategy.train_batches(task, batches):
                 losses, outputs = learner.forward(batch)
                 losses = strategy.loss(batch, losses, outputs)
                 optimizer.zero_grad(set_to_none=True)
@@ -96,17 +133,7 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
                 strategy.after_backward()
                 mechanism.step(optimizer)
                 strategy.after_step()
-                step, examples = step + 1, examples + len(batch[0])
-                record = {"step": step, "task": task.index, "epoch": epoch, "loss": losses.detach().mean(),
-                          "lr": optimizer.param_groups[0]["lr"], "examples_seen": examples,
-                          "wall_time": time.perf_counter() - start, **learner.step_metrics(),
-                          **strategy.step_metrics(), **mechanism.step_metrics()}
-                if queued is not None:
-                    _report_step(emit, queued.wait())
-                queued = _HostCopy(record)
-                if queued.event is None:   # figures already on the host (CPU): report at once
-                    _report_step(emit, queued.wait())
-                    queued = None
+                report(epoch, losses.detach().mean(), len(batch[0]))
             if schedule.end_epoch():
                 break
         if queued is not None:
@@ -136,7 +163,8 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
             **metrics.summary(R, initial),
             "memory": memory(learner, strategy),
             "wall_time": {**timer.totals, "total": time.perf_counter() - start},
-            "privacy": ledger.report(), "steps": step, "examples_seen": examples}
+            "privacy": ledger.report(), "steps": step,
+            **({} if private else {"examples_seen": examples})}
 
 
 class _HostCopy:
@@ -165,9 +193,12 @@ class _HostCopy:
 
 
 def _report_step(emit, record: dict) -> None:
-    loss = record["loss"]
-    if not math.isfinite(loss):
+    loss = record.get("loss")
+    if loss is not None and not math.isfinite(loss):
         raise UserError(f"the loss became {loss} at task {record['task']} epoch {record['epoch']} "
+                        f"step {record['step']}; lower --lr or change the strategy's options")
+    if record.pop("_finite", 1.0) != 1.0:
+        raise UserError(f"the weights became non-finite at task {record['task']} epoch {record['epoch']} "
                         f"step {record['step']}; lower --lr or change the strategy's options")
     emit("step", record)
 

@@ -34,7 +34,7 @@ from clsim import config, engine, presets, protocol, rundir
 from clsim.errors import UserError
 from clsim.loggers import LogContext, Logger, to_json
 from clsim.loggers.progress import ProgressLogger
-from clsim.privacy.audit import AuditOptions
+from clsim.privacy.audit import AuditOptions, one_run, plant_canaries
 from clsim.privacy.ledger import Ledger
 from clsim.privacy.mechanism import Mechanism
 from clsim.registry import LOGGERS, MECHANISMS, SCENARIOS, STRATEGIES
@@ -303,13 +303,16 @@ class Experiment:
             raise UserError(f"--audit {self.audit_options.audit} attacks labelled examples, which scenario "
                             f"{scenario.name} ({learner.kind}) does not have: drop --audit")
         protocol.carve_validation(scenario, training.val_fraction, run.seed)
+        audit = self.audit_options
+        self.canaries = plant_canaries(scenario, audit.audit_canaries, run.seed) if audit.audit == "one-run" else None
         strategy = self.strategy if isinstance(self.strategy, Strategy) else self.strategy_cls(self.strategy_options)
         privacy = self.privacy if self.privacy is not None else self.strategy_cls.privacy
         mechanism = privacy if isinstance(privacy, Mechanism) else \
             self.mechanism_entry.target(self.mechanism_options) if self.mechanism_entry else Mechanism()
         ledger = Ledger(**mechanism.ledger_options())
         speed_options(learner, run, mechanism)
-        mechanism.check(learner, scenario, epochs)
+        mechanism.check(learner, scenario, epochs, strategy.fisher_releases)
+        mechanism.attach(learner)
         engine.setup(scenario, strategy, learner, mechanism, ledger, epochs)
         hparams = {"scenario": scenario.name, "strategy": self.strategy_name, "setting": scenario.setting,
                    "seed": run.seed, "epochs": epochs, "lr": learner.lr, "batch_size": learner.batch_size,
@@ -373,6 +376,9 @@ class Experiment:
             from clsim.privacy.audit import mia
             result["audit"] = mia(parts.learner, parts.scenario, parts.ledger,
                                   self.audit_options.audit_examples, run.seed)
+        if self.audit_options.audit == "one-run":
+            result["audit"] = one_run(parts.learner, parts.scenario, self.canaries, parts.ledger,
+                                      self.audit_options.audit_guesses)
         summary = {"scenario": parts.scenario.name, "strategy": self.strategy_name,
                    "setting": parts.scenario.setting, "seed": run.seed,
                    "privacy_mechanism": parts.mechanism.name, "hparams": parts.hparams,

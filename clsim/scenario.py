@@ -22,6 +22,18 @@ class TaskData:
 
 
 @dataclass
+class Source:
+    """Who a task's training examples are: the population they come from and their ids in it.
+
+    The privacy ledger composes accesses by individual: an id that recurs in several tasks pays
+    for all of them (sequential composition); tasks with disjoint ids, or different populations,
+    compose in parallel. `ids` None means the ids are unknown: every task naming the population
+    is then assumed to hold all of its individuals."""
+    population: str
+    ids: torch.Tensor | None = None   # row i of task.train is individual ids[i] of the population
+
+
+@dataclass
 class Task:
     """One unit of the stream. Supervised tasks carry `train`/`test`; RL tasks carry `env`."""
     index: int
@@ -32,11 +44,23 @@ class Task:
     val: TaskData | None = None          # held out of train by --val-fraction (clsim/protocol.py)
     env: Any = None                       # RL: an env description the RL learner understands
     n_outputs: int = 0                    # outputs of this task's head in task_il
+    source: Source | None = None          # who the training examples are (see `individuals`)
 
     @property
     def dataset_id(self) -> str:
         """The name under which the privacy ledger accounts for this task's data."""
         return f"task{self.index}:{self.name}"
+
+    @property
+    def individuals(self) -> Source:
+        """The declared source; otherwise RL tasks (fresh episodes from their own environment)
+        are a population of their own, and supervised tasks that declare nothing are assumed
+        to share every individual with each other (the cautious reading)."""
+        if self.source is not None:
+            return self.source
+        if self.env is not None:
+            return Source(f"episodes of {self.dataset_id}")
+        return Source("undeclared training data")
 
 
 @dataclass
@@ -63,13 +87,15 @@ class Scenario:
 
 
 def class_split(x_train, y_train, x_test, y_test, class_order, n_tasks: int, setting: str,
-                names: list[str] | None = None) -> list[Task]:
+                names: list[str] | None = None, population: str = "training set") -> list[Task]:
     """Split labelled data into `n_tasks` tasks of consecutive classes from `class_order`.
 
     class_il keeps global labels (one shared head over all classes). task_il and domain_il
     relabel each task's classes 0..k-1 in `class_order` order: in task_il the task id selects the
     task's head; in domain_il one shared head of k outputs serves every task and no task id is
-    used (van de Ven et al. 2020's Domain-IL: "first or second digit?" on Split MNIST)."""
+    used (van de Ven et al. 2020's Domain-IL: "first or second digit?" on Split MNIST). Each task
+    declares the rows of `x_train` it holds as its individuals in `population` (disjoint classes:
+    disjoint individuals)."""
     class_order = [int(c) for c in class_order]
     if n_tasks < 1 or n_tasks > len(class_order):
         raise UserError(f"--n-tasks must be between 1 and {len(class_order)}, got {n_tasks}")
@@ -84,7 +110,9 @@ def class_split(x_train, y_train, x_test, y_test, class_order, n_tasks: int, set
             target = y[keep] if setting == "class_il" else local[y[keep]]
             parts.append(TaskData(x[keep], target))
         label = names[i] if names else "-".join(map(str, classes))
-        tasks.append(Task(i, label, tuple(classes), parts[0], parts[1], n_outputs=len(classes)))
+        ids = torch.nonzero(torch.isin(y_train, torch.tensor(classes))).squeeze(1)
+        tasks.append(Task(i, label, tuple(classes), parts[0], parts[1], n_outputs=len(classes),
+                          source=Source(population, ids)))
     return tasks
 
 

@@ -53,6 +53,8 @@ class Strategy:
     #: the setting the method is designed for (e.g. BLIP: "task_il"), used when the user gives no
     #: --setting; None: the scenario's default
     default_setting: str | None = None
+    #: Fisher passes per task through `self.mechanism.fisher` (--epsilon reserves budget for them)
+    fisher_releases: int = 0
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()

@@ -21,7 +21,7 @@ from clsim.config import opt
 from clsim.errors import UserError
 from clsim.models import BACKBONES, make_model
 from clsim.registry import register_scenario
-from clsim.scenario import SETTINGS, Scenario, Task, TaskData, single_head_width
+from clsim.scenario import SETTINGS, Scenario, Source, Task, TaskData, single_head_width
 
 
 def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +44,8 @@ def _infer_setting(train_stream) -> str:
 
 def from_avalanche(benchmark, name: str = "avalanche", setting: str | None = None,
                    backbone: str | Callable[[list[int], int], torch.nn.Module] = "mlp",
-                   defaults: dict | None = None, input_kind: str | None = None, **backbone_kwargs) -> Scenario:
+                   defaults: dict | None = None, input_kind: str | None = None,
+                   individuals: list[torch.Tensor] | None = None, **backbone_kwargs) -> Scenario:
     """A clsim Scenario with one Task per experience of `benchmark.train_stream`, tested on the
     experience of `benchmark.test_stream` at the same position.
 
@@ -56,7 +57,10 @@ def from_avalanche(benchmark, name: str = "avalanche", setting: str | None = Non
     hidden= or width=), or a function (head_sizes, n_classes) -> model whose forward is (x, t).
     defaults: epochs / lr / batch_size for the run (clsim's CLI defaults otherwise).
     input_kind: what the inputs are ("digits", "natural_images"), for defaults that depend on it
-    (BLIP's F_prior); None leaves it undeclared."""
+    (BLIP's F_prior); None leaves it undeclared.
+    individuals: for each training experience, the ids (in one common training set) of its
+    examples in the order Avalanche yields them. Without them the privacy ledger cannot know
+    whether experiences share people, so it assumes they all do (sequential composition)."""
     train_stream, test_stream = list(benchmark.train_stream), list(benchmark.test_stream)
     if not train_stream:
         raise UserError("the Avalanche benchmark has an empty train_stream")
@@ -66,6 +70,8 @@ def from_avalanche(benchmark, name: str = "avalanche", setting: str | None = Non
     setting = setting or _infer_setting(train_stream)
     if setting not in SETTINGS:
         raise UserError(f"setting {setting!r} is not one of: {', '.join(SETTINGS)}")
+    if individuals is not None and len(individuals) != len(train_stream):
+        raise UserError(f"individuals names {len(individuals)} experiences, the train_stream has {len(train_stream)}")
     tasks = []
     for i, (train_exp, test_exp) in enumerate(zip(train_stream, test_stream)):
         classes = sorted(int(c) for c in train_exp.classes_in_this_experience)
@@ -80,8 +86,11 @@ def from_avalanche(benchmark, name: str = "avalanche", setting: str | None = Non
                     raise UserError(f"experience {i} of the test stream holds classes outside "
                                     f"{classes}, the classes of the training experience")
             parts.append(TaskData(x, y))
+        ids = None if individuals is None else torch.as_tensor(individuals[i], dtype=torch.long)
+        if ids is not None and len(ids) != len(parts[0]):
+            raise UserError(f"individuals[{i}] has {len(ids)} ids for {len(parts[0])} training examples")
         tasks.append(Task(i, "-".join(map(str, classes)), tuple(classes), parts[0], parts[1],
-                          n_outputs=len(classes)))
+                          n_outputs=len(classes), source=Source(f"{name} training data", ids)))
     heads = [t.n_outputs for t in tasks]
     n_classes = single_head_width(tasks, setting, 1 + max(int(max(t.train.y.max(), t.test.y.max())) for t in tasks))
     shape = tuple(tasks[0].train.x.shape[1:])
@@ -122,6 +131,26 @@ def local_data(name: str, run):
     return x_train[tr], y_train[tr], x_test[te], y_test[te], "cnn"
 
 
+def class_ids(benchmark, x_train: torch.Tensor, y_train: torch.Tensor) -> list[torch.Tensor] | None:
+    """The rows of (x_train, y_train) behind each training experience of a benchmark built from
+    them: every materialised example is matched to a distinct original row with the same input
+    and label (equal rows are told apart by use). If one cannot be matched, None (assume overlap)."""
+    rows: dict[bytes, list[int]] = {}
+    for i in range(len(y_train)):
+        rows.setdefault(x_train[i].numpy().tobytes() + bytes([int(y_train[i]) % 256]), []).append(i)
+    out = []
+    for exp in benchmark.train_stream:
+        x, y = _tensors(exp.dataset)
+        ids = []
+        for xi, yi in zip(x, y):
+            free = rows.get(xi.numpy().tobytes() + bytes([int(yi) % 256]))
+            if not free:
+                return None
+            ids.append(free.pop())
+        out.append(torch.tensor(ids, dtype=torch.long))
+    return out
+
+
 @dataclass
 class AvalancheOptions:
     avalanche_data: str = opt("split_digits", "local data Avalanche's nc_benchmark splits: split_digits "
@@ -149,7 +178,7 @@ def avalanche_scenario(o: AvalancheOptions, run) -> Scenario:
     kwargs = {"hidden": (100, 100)} if backbone == "mlp" else {}
     scenario = from_avalanche(benchmark, name="avalanche", setting=setting, backbone=backbone,
                               defaults={"epochs": 5 if backbone == "mlp" else 1, "lr": 0.05,
-                                        "batch_size": 32},
+                                        "batch_size": 32}, individuals=class_ids(benchmark, x_train, y_train),
                               input_kind="digits" if o.avalanche_data == "split_digits" else "natural_images", **kwargs)
     scenario.info["avalanche_data"] = o.avalanche_data
     return scenario

@@ -12,7 +12,7 @@ from clsim.data import load_mnist
 from clsim.errors import UserError
 from clsim.models import make_model
 from clsim.registry import register_scenario
-from clsim.scenario import Scenario, Task, TaskData, class_split, single_head_width
+from clsim.scenario import Scenario, Source, Task, TaskData, class_split, single_head_width
 from scenarios.split_cifar import first_per_class
 from scenarios.split_digits import class_order
 
@@ -89,7 +89,8 @@ def split_mnist(o: SplitMnistOptions, run) -> Scenario:
     """MNIST from the IDX files under --data-root, 5 tasks x 2 digits (class_il, task_il or domain_il)."""
     x_train, y_train, x_test, y_test = _subset(o, run)
     setting = run.setting or "class_il"
-    tasks = class_split(x_train, y_train, x_test, y_test, class_order(10, o.class_order_seed), o.n_tasks, setting)
+    tasks = class_split(x_train, y_train, x_test, y_test, class_order(10, o.class_order_seed), o.n_tasks, setting,
+                        population="MNIST training images")
     return _scenario("split_mnist", o, setting, tasks, single_head_width(tasks, setting, 10), tuple(x_train.shape[1:]),
                      {"train_size": len(y_train), "test_size": len(y_test)})
 
@@ -101,6 +102,7 @@ def permuted_mnist(o: PermutedMnistOptions, run) -> Scenario:
     setting = run.setting or "domain_il"
     shape, pixels = tuple(x_train.shape[1:]), x_train[0].numel()
     g = torch.Generator().manual_seed(o.permutation_seed)
+    everyone = Source("MNIST training images", torch.arange(len(y_train)))   # the same people in every task
     tasks = []
     for i in range(o.n_permutations):
         perm = torch.randperm(pixels, generator=g)
@@ -108,7 +110,8 @@ def permuted_mnist(o: PermutedMnistOptions, run) -> Scenario:
         offset = 10 * i if setting == "class_il" else 0
         parts = [TaskData(x.flatten(1)[:, perm].view(-1, *shape), y + offset)
                  for x, y in ((x_train, y_train), (x_test, y_test))]
-        tasks.append(Task(i, f"perm{i}", tuple(range(offset, offset + 10)), parts[0], parts[1], n_outputs=10))
+        tasks.append(Task(i, f"perm{i}", tuple(range(offset, offset + 10)), parts[0], parts[1], n_outputs=10,
+                          source=everyone))
     n_classes = 10 * o.n_permutations if setting == "class_il" else 10
     return _scenario("permuted_mnist", o, setting, tasks, n_classes, shape,
                      {"train_size": len(y_train), "test_size": len(y_test), "permutation_seed": o.permutation_seed})

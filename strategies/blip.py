@@ -80,6 +80,7 @@ class BLIP(Strategy):
     """BLIP: freeze Fisher-allocated leading bits of every weight (constant memory, plain SGD)."""
 
     default_setting = "task_il"   # the paper's setting: per-task heads (class_il forgets in the shared softmax)
+    fisher_releases = 1   # one Fisher pass per task (after_task): the privacy budget plans for it
 
     @dataclass
     class Options:

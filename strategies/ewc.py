@@ -24,6 +24,8 @@ DEFAULT_LAMBDA = 10.0
 class EWC(Strategy):
     """Elastic weight consolidation: a Fisher-weighted quadratic pull toward earlier tasks' weights."""
 
+    fisher_releases = 1   # one Fisher pass per task (after_task): the privacy budget plans for it
+
     @dataclass
     class Options:
         ewc_lambda: float | None = opt(None, "λ: strength of the penalty (λ/2)·Σ F (θ - θ*)² (default: the "

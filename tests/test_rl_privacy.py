@@ -65,6 +65,7 @@ def cartpole_under_dpsgd(**dp_options):
                          device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     mechanism = DPSGD(config.build(DPSGD.Options, dp_options))
     mechanism.check(learner, scenario, 1)
+    mechanism.attach(learner)
     ledger = Ledger(**mechanism.ledger_options())
     mechanism.setup(learner, scenario, ledger)
     return scenario.tasks[0], learner, mechanism, ledger
@@ -118,7 +119,7 @@ def test_epsilon_counts_one_rollout_of_releases_however_many_rollouts_run(tmp_pa
     assert figures[0] == figures[1]
     steps, epsilon = figures[0]
     assert steps == epochs * 2                                 # ppo_epochs x round(1/q)
-    assert epsilon == pytest.approx(accounting.epsilon([(sigma, 0.5, steps)], 1e-5), rel=1e-9)
+    assert epsilon == pytest.approx(accounting.epsilon([accounting.gaussian(0.5, sigma, steps)], 1e-5), rel=1e-9)
 
 
 @pytest.mark.slow

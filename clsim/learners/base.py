@@ -40,6 +40,8 @@ class Learner:
     # A private mechanism clips one gradient per unit: per row of a batch ("example"), or per
     # group of rows sharing `batch.index` (e.g. "episode": the sum of its transitions' gradients).
     privacy_unit = "example"
+    # step_metrics() keys computed from training data: left out of the logs under a mechanism.
+    training_figures: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module, lr: float, momentum: float, batch_size: int,
                  device: torch.device, generator: torch.Generator, optimizer: str = "sgd"):

@@ -27,7 +27,7 @@ class ProgressLogger(Logger):
 
     def step(self, record):
         self.bar.update(1)
-        if record["step"] % 20 == 0:
+        if record["step"] % 20 == 0 and "loss" in record:   # no loss under a privacy mechanism
             self.bar.set_postfix(task=record["task"], loss=f"{record['loss']:.3f}", refresh=False)
 
     def task(self, record):

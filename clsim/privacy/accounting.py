@@ -1,59 +1,123 @@
-"""ε(δ) of a sequence of subsampled Gaussian mechanisms, and the σ that meets a target ε,
-with Opacus's accountants."""
+"""ε(δ) of a sequence of recorded mechanisms, and the noise that meets a target ε.
+
+A ledger access is a dict {"mechanism": kind, "steps": k, ...parameters}. Each kind has a
+Rényi-DP curve here (`register_rdp`): "gaussian" (Poisson-subsampled Gaussian, Opacus's
+analysis) and "laplace" (Mironov 2017, Prop. 6). A third-party mechanism registers its own
+curve and needs no other edit. The "prv" accountant (Opacus's PRV) is tighter for Gaussians;
+a stream that holds any other kind is accounted with RDP instead (noted by the ledger).
+"""
 from __future__ import annotations
 
+import math
 import warnings
 from functools import lru_cache
+from typing import Callable
 
 import numpy as np
 
 from clsim.errors import UserError
 
 
-def epsilon(mechanisms: list[tuple[float, float, int]], delta: float, accountant: str = "rdp") -> float:
-    """`mechanisms`: (noise_multiplier, sample_rate, steps) in order of use."""
+def orders() -> list[float]:
+    from opacus.accountants import RDPAccountant
+    return RDPAccountant.DEFAULT_ALPHAS
+
+
+_RDP: dict[str, Callable[..., np.ndarray]] = {}
+
+
+def register_rdp(kind: str):
+    """Register `fn(**parameters) -> RDP of one step at every order of orders()` for `kind`."""
+    def decorate(fn):
+        _RDP[kind] = fn
+        return fn
+    return decorate
+
+
+@register_rdp("gaussian")
+@lru_cache(maxsize=4096)
+def gaussian_rdp(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """One release of the Poisson-subsampled Gaussian (add/remove adjacency), cached because
+    the ledger asks after every training step (recomputing the curve each time took ~1 s)."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+    return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders()))
+
+
+@register_rdp("laplace")
+@lru_cache(maxsize=1024)
+def laplace_rdp(scale: float) -> np.ndarray:
+    """Laplace noise of `scale` relative to the L1 sensitivity (b/Δ), no subsampling:
+    ε(α) = 1/(α−1)·log(α/(2α−1)·e^((α−1)/b) + (α−1)/(2α−1)·e^(−α/b))."""
+    out = []
+    for a in orders():
+        terms = [math.log(a / (2 * a - 1)) + (a - 1) / scale, math.log((a - 1) / (2 * a - 1)) - a / scale]
+        out.append(float(np.logaddexp(*terms)) / (a - 1))
+    return np.asarray(out)
+
+
+def _parameters(access: dict) -> dict:
+    return {k: v for k, v in access.items() if k not in ("mechanism", "steps", "purpose", "task")}
+
+
+def accountable(access: dict) -> bool:
+    return access["mechanism"] in _RDP
+
+
+def epsilon(accesses: list[dict], delta: float, accountant: str = "rdp") -> float:
+    """ε at `delta` of all `accesses` composed (one individual takes part in every one)."""
+    if any(a["mechanism"] == "raw" for a in accesses):
+        return math.inf
+    unknown = sorted({a["mechanism"] for a in accesses if not accountable(a)})
+    if unknown:
+        raise ValueError(f"no RDP curve registered for mechanism(s) {', '.join(unknown)}")
+    if not accesses:
+        return 0.0
     with warnings.catch_warnings():   # "optimal order is the largest alpha": only a looser bound
         warnings.simplefilter("ignore")
-        if accountant == "rdp":
-            # What Opacus's RDPAccountant computes, with the per-step RDP curve of each (σ, q)
-            # cached: RDP composes additively, so `steps` steps cost `steps` times one step.
-            # (The ledger asks after every training step; recomputing the curve took ~1 s.)
-            from opacus.accountants import RDPAccountant
-            from opacus.accountants.analysis.rdp import get_privacy_spent
-            rdp = sum(steps * _rdp_one_step(sigma, rate) for sigma, rate, steps in mechanisms)
-            return float(get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)[0])
-        from opacus.accountants import create_accountant
-        acc = create_accountant(accountant)
-        acc.history = list(mechanisms)
-        return float(acc.get_epsilon(delta=delta))
+        if accountant == "prv" and all(a["mechanism"] == "gaussian" for a in accesses):
+            from opacus.accountants import create_accountant
+            acc = create_accountant("prv")
+            acc.history = [(a["noise_multiplier"], a["sample_rate"], a["steps"]) for a in accesses]
+            return float(acc.get_epsilon(delta=delta))
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+        rdp = sum(a["steps"] * _RDP[a["mechanism"]](**_parameters(a)) for a in accesses)
+        return float(get_privacy_spent(orders=orders(), rdp=rdp, delta=delta)[0])
 
 
-@lru_cache(maxsize=1024)
-def _rdp_one_step(sigma: float, rate: float) -> np.ndarray:
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis.rdp import compute_rdp
-    return np.asarray(compute_rdp(q=rate, noise_multiplier=sigma, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS))
+def gaussian(sample_rate: float, noise_multiplier: float, steps: int, purpose: str = "") -> dict:
+    """A ledger access of `steps` Poisson-subsampled Gaussian releases."""
+    return {"mechanism": "gaussian", "purpose": purpose, "sample_rate": sample_rate,
+            "noise_multiplier": noise_multiplier, "steps": steps}
 
 
-def noise_for_target(target: float, delta: float, uses: dict[str, tuple[float, int]],
+def noise_for_target(target: float, delta: float, groups: dict[str, tuple[list, list]],
                      accountant: str = "rdp") -> float:
-    """The smallest σ (to Opacus's search tolerance) such that every dataset meets `target`.
+    """The smallest σ (within 1% of `target` in ε) such that every group of individuals meets it.
 
-    `uses`: dataset -> (sample_rate, steps) it will see over the whole stream. Each dataset
-    is accounted on its own, so the σ is the largest of the per-dataset answers: the dataset
-    with the most steps (or the highest sample rate) is the worst case and sets it."""
-    from opacus.accountants.utils import get_noise_multiplier
+    `groups`: name -> (uses, fixed): `uses` the (sample_rate, steps) trained at σ, `fixed` the
+    accesses whose noise is already set (e.g. DP-Fisher releases). Each group's σ comes from a
+    bisection on the composed ε; the answer is the largest (the worst-off group sets it)."""
     sigma = 0.0
-    distinct = {use: dataset for dataset, use in uses.items()}    # equal-sized tasks: one search
-    for (rate, steps), dataset in distinct.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                s = get_noise_multiplier(target_epsilon=target, target_delta=delta, sample_rate=rate,
-                                         steps=steps, accountant=accountant, epsilon_tolerance=0.01 * target)
-        except ValueError:
-            raise UserError(f"--epsilon {target} cannot be met for {dataset} ({steps} steps at sample "
-                            f"rate {rate:.4g}, δ={delta:g}) with any noise multiplier below 1e6; raise "
-                            f"--epsilon or lower --epochs or --batch-size") from None
-        sigma = max(sigma, s)
+    for name, (uses, fixed) in groups.items():
+        if not uses:
+            continue
+
+        def eps(s):
+            return epsilon([gaussian(q, s, k) for q, k in uses] + fixed, delta, accountant)
+
+        low, high = 0.0, 1.0
+        while eps(high) > target:
+            low, high = high, high * 2
+            if high > 1e6:
+                raise UserError(f"--epsilon {target} cannot be met for {name} ({describe(uses)}, "
+                                f"δ={delta:g}) with any noise multiplier below 1e6; raise --epsilon or "
+                                f"lower --epochs or --batch-size, or give the Fisher a larger share")
+        while high - low > 1e-3 * high and eps(high) < 0.99 * target:
+            mid = (low + high) / 2
+            low, high = (mid, high) if eps(mid) > target else (low, mid)
+        sigma = max(sigma, high)
     return sigma
+
+
+def describe(uses: list[tuple[float, int]]) -> str:
+    return ", ".join(f"{k} steps at sample rate {q:.4g}" for q, k in uses)

@@ -57,11 +57,11 @@ class DPlis(DPSGD):
     name = "dplis"
     Options = DPlisOptions
 
-    def check(self, learner, scenario, epochs: int) -> None:
+    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0) -> None:
         if learner.privacy_unit != "example":
             raise UserError(f"dplis smooths per-example losses; this scenario's privacy unit is the "
                             f"{learner.privacy_unit}: use --privacy dpsgd")
-        super().check(learner, scenario, epochs)
+        super().check(learner, scenario, epochs, fisher_releases)
 
     def prepare(self, learner) -> None:
         self.wrapper = _Loss(learner)    # no Opacus hooks: gradients come from torch.func

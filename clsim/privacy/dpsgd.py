@@ -27,19 +27,24 @@ from clsim.config import opt
 from clsim.errors import UserError
 from clsim.fisher import diagonal_fisher
 from clsim.privacy import accounting
+from clsim.privacy.dp_fisher import dp_fisher
+from clsim.privacy.ledger import individual_groups
 from clsim.privacy.mechanism import Mechanism
 from clsim.registry import register_mechanism
 
 DEFAULT_DELTA = 1e-5
 DEFAULT_NOISE = 1.0
+DEFAULT_FISHER_NOISE = 10.0
+DEFAULT_FISHER_SHARE = 0.1
 
 
 @dataclass
 class DPOptions:
     noise_multiplier: float | None = opt(None, "σ: noise std relative to --max-grad-norm (give this or "
                                          f"--epsilon; {DEFAULT_NOISE} if neither)", low=0.0)
-    epsilon: float | None = opt(None, "target ε for the whole stream: σ is chosen so that every task's "
-                                "dataset, over all its steps, stays within it", low=0.0, low_open=True)
+    epsilon: float | None = opt(None, "target ε for the whole stream: σ (and the DP-Fisher's σ_F) are chosen "
+                                "so that every individual, over every release of every task that holds "
+                                "them, stays within it", low=0.0, low_open=True)
     delta: float | None = opt(None, f"δ (default {DEFAULT_DELTA:g}, or 1/(10·N) of the largest task when "
                               "smaller); must be < 1/N", low=0.0, low_open=True, high=1.0)
     max_grad_norm: float = opt(1.0, "C: every per-example gradient is clipped to this L2 norm",
@@ -49,8 +54,9 @@ class DPOptions:
     fisher_privacy: str = opt("dp", "Fisher information for EWC/BLIP: dp (clipped per-example squared "
                               "gradients + Gaussian noise, accounted) or raw (exact; that task's ε = ∞)",
                               choices=("dp", "raw"))
-    fisher_noise_multiplier: float = opt(10.0, "σ of the DP-Fisher: noise std relative to its sensitivity "
-                                         "C_F² (one release per Fisher pass)", low=0.0, low_open=True)
+    fisher_noise_multiplier: float | None = opt(None, "σ_F of the DP-Fisher: noise std relative to its "
+                                                "sensitivity C_F² (default: set by --fisher-budget-share "
+                                                f"under --epsilon, else {DEFAULT_FISHER_NOISE})", low=0.0, low_open=True)
     fisher_max_grad_norm: float = opt(1.0, "C_F: per-example gradient norm bound of the DP-Fisher",
                                       low=0.0, low_open=True)
     dp_clipping: str = opt("auto", "how per-example gradients are clipped, with the same clipped sum, noise "
@@ -59,6 +65,13 @@ class DPOptions:
                            "per-example gradients), auto (ghost when Opacus has ghost norms for every trained "
                            "layer, e.g. MLPs; else hooks, faster for convolutions). The log says which",
                            choices=("auto", "ghost", "hooks"))
+    fisher_budget_share: float = opt(DEFAULT_FISHER_SHARE, "under --epsilon, the share of the budget the "
+                                     "strategy's DP-Fisher releases may spend: σ_F makes them alone cost "
+                                     "this share of ε, then σ is set so that everything together meets ε",
+                                     low=0.0, low_open=True, high=0.9)
+    log_training_figures: bool = opt(False, "log figures read from private training data (step loss of the "
+                                     "Poisson batch, examples seen, RL training returns); the ledger then "
+                                     "marks every task raw (ε = ∞)")
 
 
 def replace_unsupported_layers(model: nn.Module, log=None) -> nn.Module:
@@ -97,10 +110,15 @@ class DPSGD(Mechanism):
         self.ghost = False      # set by prepare()
 
     # --- before anything runs -------------------------------------------------------------
-    def check(self, learner, scenario, epochs: int) -> None:
+    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0) -> None:
+        """Validate the settings and choose σ (and σ_F) for the whole stream; changes nothing.
+        `fisher_releases`: DP-Fisher passes the strategy makes per task (its `fisher_releases`)."""
         o = self.options
         if o.noise_multiplier is not None and o.epsilon is not None:
             raise UserError("give either --noise-multiplier or --epsilon, not both")
+        if o.fisher_noise_multiplier is not None and o.epsilon is not None and fisher_releases:
+            raise UserError("under --epsilon the DP-Fisher's noise follows --fisher-budget-share; "
+                            "drop --fisher-noise-multiplier or give --noise-multiplier instead of --epsilon")
         self.plans = {t.dataset_id: learner.privacy_plan(t) for t in scenario.tasks}
         for dataset, plan in self.plans.items():
             if plan.sample_rate > 1:
@@ -121,14 +139,34 @@ class DPSGD(Mechanism):
         if self.delta >= 1.0 / largest:
             raise UserError(f"--delta {self.delta:g} must be < 1/N = {1.0 / largest:.3g} (N = {largest}, the "
                             f"largest task): δ ≥ 1/N allows releasing an example outright")
+        self.fisher_sigma = o.fisher_noise_multiplier or DEFAULT_FISHER_NOISE
         if o.epsilon is not None:
-            uses = {d: (self.sample_rate[d], epochs * self.steps_per_epoch[d]) for d in self.plans}
-            self.sigma = accounting.noise_for_target(o.epsilon, self.delta, uses, o.accountant)
-            self.notes.append(f"noise_multiplier={self.sigma:.4g} chosen so every task's dataset meets "
-                              f"epsilon={o.epsilon:g} over {epochs} epoch(s) of training (DP-Fisher releases, "
-                              f"if the strategy makes any, come on top; the ledger's ε includes them)")
+            self.calibrate(individual_groups(scenario.tasks), epochs, fisher_releases)
         elif self.sigma is None:
             self.sigma = DEFAULT_NOISE
+
+    def calibrate(self, groups, epochs: int, fisher_releases: int) -> None:
+        """σ_F so that the DP-Fisher releases alone cost --fisher-budget-share of ε for the worst
+        group of individuals (counted at sample rate 1: the Fisher's own rate is never higher),
+        then σ so that each group's training steps and Fisher releases together meet ε."""
+        o = self.options
+        fisher = fisher_releases if o.fisher_privacy == "dp" else 0
+        name = {g: f"{g.population} in {', '.join(g.tasks)}" for g in groups}
+        if fisher:
+            self.fisher_sigma = accounting.noise_for_target(
+                o.fisher_budget_share * o.epsilon, self.delta,
+                {name[g]: ([(1.0, fisher * len(g.tasks))], []) for g in groups}, o.accountant)
+        plan = {name[g]: ([(self.sample_rate[d], epochs * self.steps_per_epoch[d]) for d in g.tasks],
+                          [accounting.gaussian(1.0, self.fisher_sigma, fisher * len(g.tasks))] if fisher else [])
+                for g in groups}
+        self.sigma = accounting.noise_for_target(o.epsilon, self.delta, plan, o.accountant)
+        fisher_text = (f" and DP-Fisher noise_multiplier={self.fisher_sigma:.4g} ({fisher} release(s) per task, "
+                       f"{o.fisher_budget_share:g} of the budget)" if fisher else "")
+        self.notes.append(f"noise_multiplier={self.sigma:.4g}{fisher_text} chosen so that every individual "
+                          f"meets epsilon={o.epsilon:g} over {epochs} epoch(s) of every task that holds them")
+
+    def attach(self, learner) -> None:
+        """Make the model private-trainable: swap layers Opacus cannot handle, add its hooks."""
         learner.model = replace_unsupported_layers(learner.model, self._log).to(learner.device)
         self.prepare(learner)
 
@@ -173,6 +211,9 @@ class DPSGD(Mechanism):
     def ledger_options(self) -> dict:
         return {"accountant": self.options.accountant}
 
+    def logs_training_figures(self) -> bool:
+        return self.options.log_training_figures
+
     def setup(self, learner, scenario, ledger) -> None:
         super().setup(learner, scenario, ledger)
         ledger.delta = self.delta
@@ -187,6 +228,8 @@ class DPSGD(Mechanism):
     def before_task(self, task, optimizer):
         from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
         self.task, self._released = task, 0
+        if self.options.log_training_figures:
+            self.ledger.raw(task.dataset_id, "training figures logged (--log-training-figures)")
         self.noise_generator.manual_seed(self.seed + 2 * task.index)
         self.perturb_generator.manual_seed(self.seed + 2 * task.index + 1)
         kind = DPOptimizerFastGradientClipping if self.ghost else DPOptimizer
@@ -197,17 +240,14 @@ class DPSGD(Mechanism):
         return self.optimizer
 
     def batches(self, task, epoch: int, subset):
-        """Poisson batches of the learner's units. An empty draw still makes a noise-only step:
-        skipping it would reveal that the batch was empty."""
+        """Poisson batches of the learner's units; None for an empty draw, on which the engine
+        still takes a step (`noise_step`): skipping it would reveal that the batch was empty."""
         self._released = 0
         own = self.learner.private_batches if self.learner.draws_private_batches else None
         if own is not None and subset is not None:
             raise UserError("this strategy selects training examples, which this scenario's privacy "
                             "units (episodes) are not; use it with a supervised scenario")
         for batch in own(task, epoch) if own is not None else self._example_batches(task, epoch, subset):
-            if batch is None:
-                self._noise_only_step()
-                continue
             self._batch = batch
             yield batch
 
@@ -234,10 +274,7 @@ class DPSGD(Mechanism):
         if losses.dim() != 1:
             raise UserError(f"{self.name} needs one loss per example, but the strategy returned a "
                             f"{losses.dim()}-d loss; this strategy cannot train under --privacy")
-        trainable = self.optimizer.params
-        penalty_grads = None
-        if penalty is not None and torch.is_tensor(penalty) and penalty.requires_grad:
-            penalty_grads = torch.autograd.grad(penalty, trainable, allow_unused=True)
+        penalty_grads = self._penalty_grads(penalty)
         if self.ghost:
             active = self.clipped_sum(losses)
         else:
@@ -247,8 +284,26 @@ class DPSGD(Mechanism):
                     raise UserError(f"the privacy unit here is the {self.learner.privacy_unit}: the strategy "
                                     f"must keep the mechanism's batches as they are")
                 self._sum_rows_per_unit(active, self._batch.index)
-        self._release(active, len(losses))
+        self._release(active)
         self._add(penalty_grads)
+
+    def noise_step(self, penalty: torch.Tensor | None) -> None:
+        """An empty Poisson draw: noise on the parameters this task's batches use, plus the
+        penalty's gradient (data-independent), like any other step."""
+        penalty_grads = self._penalty_grads(penalty)
+        active = self.head_filtered({self.task.index})
+        for p in active:
+            if self.ghost:
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = p.new_zeros((0, *p.shape))
+        self._release(active)
+        self._add(penalty_grads)
+
+    def _penalty_grads(self, penalty):
+        if penalty is None or not torch.is_tensor(penalty) or not penalty.requires_grad:
+            return None
+        return torch.autograd.grad(penalty, self.optimizer.params, allow_unused=True)
 
     def _add(self, penalty_grads) -> None:
         """The penalty's gradient on top of the private one (post-processing)."""
@@ -303,7 +358,7 @@ class DPSGD(Mechanism):
             rows = p.grad_sample
             p.grad_sample = rows.new_zeros((n, *rows.shape[1:])).index_add_(0, group, rows)
 
-    def _release(self, active: set[nn.Parameter], batch_size: int) -> None:
+    def _release(self, active: set[nn.Parameter]) -> None:
         """Opacus's clipping, noise and scaling over the active parameters; one ledger step."""
         idle = [p for p in self.optimizer.params if p not in active]
         for p in idle:
@@ -320,18 +375,6 @@ class DPSGD(Mechanism):
         if self._released < self.steps_per_epoch[dataset]:
             self.ledger.gaussian(dataset, f"{self.name} training", self.sample_rate[dataset], self.sigma)
         self._released += 1
-
-    def _noise_only_step(self) -> None:
-        opt_ = self.optimizer
-        opt_.zero_grad(set_to_none=True)
-        active = self.head_filtered({self.task.index})
-        for p in active:
-            if self.ghost:
-                p.grad = torch.zeros_like(p)
-            else:
-                p.grad_sample = p.new_zeros((0, *p.shape))
-        self._release(active, 0)
-        opt_.original_optimizer.step()
 
     def head_filtered(self, tasks: set[int]) -> set[nn.Parameter]:
         """Trainable parameters minus the heads of tasks not in `tasks` (multi-head models)."""
@@ -356,9 +399,8 @@ class DPSGD(Mechanism):
 
     # --- Fisher information -----------------------------------------------------------------
     def fisher(self, task, names, n_samples, empirical, purpose):
-        """DP-Fisher: each example's gradient clipped to C_F, squared, summed, plus Gaussian
-        noise of std σ_F·C_F² (the sum's sensitivity: ‖g²‖₂ ≤ ‖g‖₂² ≤ C_F²); one release with
-        sample rate 1 (no amplification claimed). Clamped at 0 afterwards (post-processing)."""
+        """DP-Fisher (clsim/privacy/dp_fisher.py): Poisson-sampled examples, gradients clipped to
+        C_F, squared, summed, plus Gaussian noise σ_F·C_F²; one accounted release."""
         with self.hooks_lifted():
             return self._fisher(task, names, n_samples, empirical, purpose)
 
@@ -380,20 +422,9 @@ class DPSGD(Mechanism):
         if o.fisher_privacy == "raw":
             self.ledger.raw(task.dataset_id, purpose)
             return diagonal_fisher(self.learner, task, names, n_samples, empirical)
-        bound = o.fisher_max_grad_norm ** 2
-
-        def clip_and_sum(squared):
-            norms2 = sum(s.flatten(1).sum(1) for s in squared.values())    # ‖g_i‖²
-            factor = (bound / (norms2 + 1e-12)).clamp(max=1.0)
-            return {n: torch.einsum("i,i...->...", factor, s) for n, s in squared.items()}
-
-        fisher = diagonal_fisher(self.learner, task, names, n_samples, empirical, reduce=clip_and_sum)
-        count = min(n_samples, self.learner.fisher_pool(task))   # a public size, like B
-        std = o.fisher_noise_multiplier * bound / count
-        for n, f in fisher.items():
-            noise = torch.randn(f.shape, generator=self.noise_generator, device=f.device)
-            fisher[n] = (f + std * noise).clamp_(min=0.0)
-        self.ledger.gaussian(task.dataset_id, f"dp-fisher ({purpose})", 1.0, o.fisher_noise_multiplier)
+        fisher, q = dp_fisher(self.learner, task, names, n_samples, empirical, noise_multiplier=self.fisher_sigma,
+                              max_grad_norm=o.fisher_max_grad_norm, generator=self.noise_generator)
+        self.ledger.gaussian(task.dataset_id, f"dp-fisher ({purpose})", q, self.fisher_sigma)
         return fisher
 
 

@@ -18,11 +18,21 @@ class Mechanism:
         """Keyword arguments for the run's Ledger (δ, accountant)."""
         return {}
 
-    def check(self, learner, scenario, epochs: int) -> None:
-        """Raise UserError before anything runs if the settings cannot work."""
+    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0) -> None:
+        """Raise UserError before anything runs if the settings cannot work; changes nothing.
+        `fisher_releases`: Fisher passes the strategy makes per task (part of the budget)."""
+
+    def attach(self, learner) -> None:
+        """Prepare the learner's model for this mechanism (after `check`)."""
+
+    def logs_training_figures(self) -> bool:
+        """Whether figures read from the training data (the step loss, examples seen, RL training
+        returns) may be logged: always without a mechanism (every access is raw anyway)."""
+        return True
 
     def setup(self, learner, scenario, ledger) -> None:
         self.learner, self.scenario, self.ledger = learner, scenario, ledger
+        ledger.declare(scenario.tasks)
 
     def before_task(self, task, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
         """Returns the optimizer to train `task` with (a private one may wrap it)."""
@@ -37,6 +47,11 @@ class Mechanism:
         if penalty is not None:
             loss = loss + penalty
         loss.backward()
+
+    def noise_step(self, penalty: torch.Tensor | None) -> None:
+        """A step without examples (a private mechanism's empty Poisson draw): only the noise and
+        the penalty's gradient; `step` follows. Plain training never draws an empty batch."""
+        raise NotImplementedError
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         optimizer.step()

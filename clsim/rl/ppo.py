@@ -325,6 +325,8 @@ class PPOLearner(Learner):
     kind = "rl"
     privacy_unit = "episode"
     draws_private_batches = True
+    # Read from the training episodes: not logged under a privacy mechanism (see clsim/engine.py).
+    training_figures = ("episode_return", "env_steps", "env_steps_per_sec")
 
     def privacy_plan(self, task: Task) -> PrivacyPlan:
         o = self.o
