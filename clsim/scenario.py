@@ -30,7 +30,9 @@ class Source:
     compose in parallel. `ids` None means the ids are unknown: every task naming the population
     is then assumed to hold all of its individuals."""
     population: str
-    ids: torch.Tensor | None = None   # row i of task.train is individual ids[i] of the population
+    # The ids of the task's individuals (as built, row i of task.train is ids[i]; rows later moved
+    # out, e.g. to validation or as audit canaries left out, stay listed: a superset is safe).
+    ids: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,12 +1,23 @@
-"""Membership-inference audit: a loss-threshold attack on each task after training.
+"""Empirical privacy audits after training: a loss-threshold heuristic and a one-run audit.
 
-Members are training examples of a task, non-members its held-out test examples (same number
-of each). An example is called a member when its loss is below a threshold. We report the
-attack's ROC AUC and an empirical ε lower bound: for (ε, δ)-DP every test satisfies
-TPR ≤ e^ε·FPR + δ (and the same with the roles of members and non-members swapped), so
-ε ≥ log((TPR − δ)/FPR). The threshold is chosen on one half of the examples and the rates are
-measured on the other half with 95% Clopper–Pearson bounds, so the bound holds with 95%
-confidence rather than being an optimistic best-of-many-thresholds figure.
+`mia` (heuristic): members are training examples of a task, non-members its held-out test
+examples (same number of each); an example is called a member when its score (minus its loss)
+passes a threshold. For (ε, δ)-DP every test satisfies TPR ≤ e^ε·FPR + δ and TNR ≤ e^ε·FNR + δ,
+so ε ≥ max(log((TPR − δ)/FPR), log((TNR − δ)/FNR)). The threshold is chosen on one half of the
+examples, the rates measured on the other with 95% Clopper–Pearson bounds. It is a heuristic,
+not a guarantee: members and non-members were not assigned at random (training and test sets
+may differ in distribution), so a positive figure can come from that difference alone.
+
+`one-run` (Steinke, Nasr & Jagielski, NeurIPS 2023, "Privacy auditing with one (1) training
+run"): m canaries (training examples of the last task with a wrong label, the paper's "input
+space" canaries) are each kept in the training set with probability ½ and removed otherwise,
+by a coin drawn before training. Afterwards the auditor guesses "in" for the k highest-scoring
+canaries and "out" for the k lowest (score: minus the loss at the canary's label; k fixed in
+advance) and counts the correct guesses v of r = 2k. Their Corollary 5.4 (Appendix D's
+p-value) bounds P[≥ v correct] under (ε, δ)-DP; the reported ε is the largest one rejected at
+level 0.05, a lower bound that holds with 95% confidence. clsim differs from the paper only in
+using a single fixed (k, k) split of guesses rather than reporting the best of several (which
+would need a correction for the multiple tries).
 """
 from __future__ import annotations
 
@@ -16,14 +27,20 @@ from dataclasses import dataclass
 import torch
 
 from clsim.config import opt
+from clsim.errors import UserError
 
 
 @dataclass
 class AuditOptions:
-    audit: str | None = opt(None, "after training, audit privacy empirically: mia (loss-threshold "
-                            "membership inference, members vs held-out test examples of each task)",
-                            choices=("mia",))
-    audit_examples: int = opt(1000, "most members (and as many non-members) per task in the audit", low=10)
+    audit: str | None = opt(None, "after training, audit privacy empirically: mia (loss-threshold heuristic, "
+                            "members vs held-out test examples of each task) or one-run (Steinke et al. 2023: "
+                            "canaries kept at random, a lower bound on ε at 95% confidence)",
+                            choices=("mia", "one-run"))
+    audit_examples: int = opt(1000, "mia: most members (and as many non-members) per task", low=10)
+    audit_canaries: int = opt(50, "one-run: canaries m (mislabelled examples of the last task, each kept "
+                              "with probability 1/2)", low=2)
+    audit_guesses: int = opt(10, "one-run: guesses k on each side (k highest scores 'in', k lowest 'out')",
+                             low=1)
 
 
 @torch.no_grad()
@@ -63,6 +80,7 @@ def clopper_pearson(k: int, n: int, alpha: float) -> tuple[float, float]:
 
 
 def _bound(tp: float, fp: float, delta: float) -> float:
+    """log((tp − δ)/fp), at least 0."""
     if tp - delta <= 0:
         return 0.0
     if fp <= 0:
@@ -72,26 +90,31 @@ def _bound(tp: float, fp: float, delta: float) -> float:
 
 def empirical_epsilon(members: torch.Tensor, nonmembers: torch.Tensor, delta: float,
                       generator: torch.Generator, alpha: float = 0.05) -> float:
-    """ε lower bound (confidence 1 − alpha) of the test 'score > τ means member' and its mirror."""
+    """ε lower bound (confidence 1 − alpha, under the heuristic's assumptions) of the tests
+    'score > τ means member' and its mirror, through both one-sided DP inequalities."""
     pm = torch.randperm(len(members), generator=generator)
     pn = torch.randperm(len(nonmembers), generator=generator)
     m_fit, m_test = members[pm[: len(pm) // 2]], members[pm[len(pm) // 2:]]
     n_fit, n_test = nonmembers[pn[: len(pn) // 2]], nonmembers[pn[len(pn) // 2:]]
-    # Every candidate threshold and both directions at once (side -1: low score means member).
+    # Every candidate threshold, both directions (side -1: low score means member) and both
+    # inequalities (TPR vs FPR, TNR vs FNR) at once, on the fitting half.
     taus = torch.cat([m_fit, n_fit]).unique()
-    best, best_tau, best_side = -1.0, 0.0, 1
+    best, choice = -1.0, None
     for side in (1, -1):
         tpr = ((side * m_fit[None, :] > side * taus[:, None]).sum(1) + 0.5) / (len(m_fit) + 1)
         fpr = ((side * n_fit[None, :] > side * taus[:, None]).sum(1) + 0.5) / (len(n_fit) + 1)
-        values = torch.log((tpr - delta).clamp(min=1e-300) / fpr).clamp(min=0.0)
-        i = int(values.argmax())
-        if float(values[i]) > best:
-            best, best_tau, best_side = float(values[i]), float(taus[i]), side
-    tp = int((best_side * m_test > best_side * best_tau).sum())
-    fp = int((best_side * n_test > best_side * best_tau).sum())
-    tpr_low, _ = clopper_pearson(tp, len(m_test), alpha)
-    _, fpr_high = clopper_pearson(fp, len(n_test), alpha)
-    return _bound(tpr_low, fpr_high, delta)
+        for inequality, (hit, miss) in enumerate(((tpr, fpr), (1 - fpr, 1 - tpr))):
+            values = torch.log((hit - delta).clamp(min=1e-300) / miss).clamp(min=0.0)
+            i = int(values.argmax())
+            if float(values[i]) > best:
+                best, choice = float(values[i]), (float(taus[i]), side, inequality)
+    tau, side, inequality = choice
+    tp = int((side * m_test > side * tau).sum())
+    fp = int((side * n_test > side * tau).sum())
+    if inequality == 0:    # TPR ≤ e^ε FPR + δ
+        return _bound(clopper_pearson(tp, len(m_test), alpha)[0], clopper_pearson(fp, len(n_test), alpha)[1], delta)
+    tn, fn = len(n_test) - fp, len(m_test) - tp          # TNR ≤ e^ε FNR + δ
+    return _bound(clopper_pearson(tn, len(n_test), alpha)[0], clopper_pearson(fn, len(m_test), alpha)[1], delta)
 
 
 def mia(learner, scenario, ledger, examples: int, seed: int) -> dict:
@@ -113,7 +136,86 @@ def mia(learner, scenario, ledger, examples: int, seed: int) -> dict:
             "epsilon_lower_bound": empirical_epsilon(members, nonmembers, ledger.delta, generator),
             "epsilon_accountant": accountant if math.isfinite(accountant) else None,
             "members": n, "nonmembers": n}
-    return {"attack": "loss threshold", "delta": ledger.delta, "confidence": 0.95,
+    return {"attack": "loss threshold (heuristic: no guarantee)", "delta": ledger.delta, "confidence": 0.95,
             "auc_max": max((t["auc"] for t in tasks.values()), default=None),
             "epsilon_lower_bound_max": max((t["epsilon_lower_bound"] for t in tasks.values()), default=None),
             "tasks": tasks}
+
+
+# ---------------------------------------------------------------- the one-run audit
+
+@dataclass
+class Canaries:
+    """Planted canaries: the task, their inputs and wrong labels, and which were kept."""
+    task_index: int
+    x: torch.Tensor
+    y: torch.Tensor
+    kept: torch.Tensor        # bool, the coin of each canary (True: in the training set)
+
+
+def plant_canaries(scenario, m: int, seed: int) -> Canaries:
+    """Turn m training examples of the last task into mislabelled canaries, each kept in the
+    training set with probability ½ (the others are removed from it). Run before training."""
+    task = scenario.tasks[-1]
+    if task.train is None:
+        raise UserError("--audit one-run plants labelled canaries; this scenario's tasks have no training examples")
+    labels = task.train.y.unique()
+    if len(labels) < 2 or m > len(task.train) // 2:
+        raise UserError(f"--audit-canaries {m}: the last task has {len(task.train)} examples and "
+                        f"{len(labels)} label(s); use at most half its examples, and a task with two labels or more")
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(task.train), generator=g)[:m]
+    x, y = task.train.x[pick], task.train.y[pick]
+    shift = torch.randint(1, len(labels), (m,), generator=g)     # another label of the task, uniformly
+    position = (labels[None, :] == y[:, None]).long().argmax(1)
+    y = labels[(position + shift) % len(labels)]
+    kept = torch.rand(m, generator=g) < 0.5
+    keep_rows = torch.ones(len(task.train), dtype=torch.bool)
+    keep_rows[pick[~kept]] = False
+    labels_now = task.train.y.clone()
+    labels_now[pick] = y
+    task.train = type(task.train)(task.train.x[keep_rows], labels_now[keep_rows])
+    return Canaries(task.index, x, y, kept)
+
+
+def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
+    """P[at least v of r guesses correct] bound under (ε, δ)-DP with m canaries (Steinke et al.
+    2023, Corollary 5.4): P[Binomial(r, q) ≥ v] + 2mδ·max_i P[v > Binomial(r, q) ≥ v − i]/i,
+    q = e^ε/(1 + e^ε)."""
+    from scipy.stats import binom
+    q = 1 / (1 + math.exp(-eps))
+    tail = float(binom.sf(v - 1, r, q))
+    alpha, below = 0.0, 0.0
+    for i in range(1, v + 1):
+        below += float(binom.pmf(v - i, r, q))
+        alpha = max(alpha, below / i)
+    return min(1.0, tail + 2 * m * delta * alpha)
+
+
+def one_run_epsilon(m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
+    """The largest ε rejected at level 1 − confidence: a lower bound on the true ε."""
+    level = 1 - confidence
+    if p_value(m, r, v, 0.0, delta) >= level:
+        return 0.0
+    low, high = 0.0, 1.0
+    while p_value(m, r, v, high, delta) < level:
+        low, high = high, 2 * high
+    for _ in range(40):
+        mid = (low + high) / 2
+        low, high = (mid, high) if p_value(m, r, v, mid, delta) < level else (low, mid)
+    return low
+
+
+def one_run(learner, scenario, canaries: Canaries, ledger, guesses: int) -> dict:
+    """The summary.json `audit` section of the one-run audit."""
+    task = scenario.tasks[canaries.task_index]
+    scores = -example_losses(learner, task, canaries.x, canaries.y)
+    m, k = len(scores), min(guesses, len(scores) // 2)
+    order = scores.argsort(descending=True)
+    correct = int(canaries.kept[order[:k]].sum()) + int((~canaries.kept[order[-k:]]).sum())
+    accountant = ledger.epsilon(task.dataset_id)
+    return {"attack": "one-run (Steinke, Nasr & Jagielski 2023), mislabelled canaries, loss score",
+            "task": task.dataset_id, "canaries": m, "kept": int(canaries.kept.sum()), "guesses": 2 * k,
+            "correct": correct, "delta": ledger.delta, "confidence": 0.95,
+            "epsilon_lower_bound": one_run_epsilon(m, 2 * k, correct, ledger.delta),
+            "epsilon_accountant": accountant if math.isfinite(accountant) else None}
