@@ -49,9 +49,8 @@ def individual_groups(tasks) -> list[Group]:
         for j, i in enumerate(ids):
             membership[i.long(), j] = True
         rows, counts = torch.unique(membership, dim=0, return_counts=True)
-        for row, count in zip(rows, counts.tolist()):
-            if row.any():
-                groups.append(Group(population, tuple(names[j] for j in row.nonzero().flatten().tolist()), count))
+        found = sorted((tuple(row.nonzero().flatten().tolist()), count) for row, count in zip(rows, counts.tolist()))
+        groups += [Group(population, tuple(names[j] for j in where), count) for where, count in found if where]
     return groups
 
 
