@@ -4,6 +4,8 @@ Built-in entries live one per file in their packages (scenarios/, strategies/, c
 and register themselves on import; third-party packages register through the entry-point groups
 `clsim.scenarios`, `clsim.strategies`, `clsim.mechanisms` and `clsim.loggers` (each entry point
 names a module to import), so a new one is one file outside clsim/ (docs/architecture.md, "Plugins").
+A mechanism subclasses clsim.privacy.mechanism.Mechanism and records its releases with
+`ledger.record` (a new kind registers its RDP curve with clsim.privacy.accounting.register_rdp).
 """
 from __future__ import annotations
 

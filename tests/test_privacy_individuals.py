@@ -262,13 +262,13 @@ def test_dp_fisher_without_noise_is_the_clipped_fisher_over_the_expected_count()
     task, names = scenario.tasks[0], list(learner.shared_parameters())
     big = 1e3    # clipping off; q = 1 takes every example, so both see the same examples
     g = torch.Generator().manual_seed(1)
-    noisy, q = dp_fisher(learner, task, names, 10 ** 6, True, noise_multiplier=1e-16, max_grad_norm=big, generator=g)
+    noisy, q = dp_fisher(learner, task, names, 10 ** 6, True, noise_multiplier=1e-16, max_grad_norm=big, generator=g, granularity="weight")
     exact = diagonal_fisher(learner, task, names, 10 ** 6, True)
     assert q == 1.0
     for n in names:
         torch.testing.assert_close(noisy[n], exact[n], rtol=1e-4, atol=1e-9)
     half, q = dp_fisher(learner, task, names, len(task.train) // 2, True, noise_multiplier=1e-16,
-                        max_grad_norm=big, generator=g)
+                        max_grad_norm=big, generator=g, granularity="weight")
     assert q == pytest.approx(0.5, abs=0.01)
     ratio = sum(float(half[n].sum()) for n in names) / sum(float(exact[n].sum()) for n in names)
     assert 0.6 < ratio < 1.4     # a Poisson sample over its expected size: unbiased, not exact

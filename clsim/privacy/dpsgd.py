@@ -65,6 +65,9 @@ class DPOptions:
                            "per-example gradients), auto (ghost when Opacus has ghost norms for every trained "
                            "layer, e.g. MLPs; else hooks, faster for convolutions). The log says which",
                            choices=("auto", "ghost", "hooks"))
+    fisher_granularity: str = opt("unit", "DP-Fisher release: unit (one noisy sum per output unit of each weight, "
+                                  "shared by its weights: the signal survives the noise) or weight (one per "
+                                  "weight)", choices=("unit", "weight"))
     fisher_budget_share: float = opt(DEFAULT_FISHER_SHARE, "under --epsilon, the share of the budget the "
                                      "strategy's DP-Fisher releases may spend: σ_F makes them alone cost "
                                      "this share of ε, then σ is set so that everything together meets ε",
@@ -423,7 +426,8 @@ class DPSGD(Mechanism):
             self.ledger.raw(task.dataset_id, purpose)
             return diagonal_fisher(self.learner, task, names, n_samples, empirical)
         fisher, q = dp_fisher(self.learner, task, names, n_samples, empirical, noise_multiplier=self.fisher_sigma,
-                              max_grad_norm=o.fisher_max_grad_norm, generator=self.noise_generator)
+                              max_grad_norm=o.fisher_max_grad_norm, generator=self.noise_generator,
+                              granularity=o.fisher_granularity)
         self.ledger.gaussian(task.dataset_id, f"dp-fisher ({purpose})", q, self.fisher_sigma)
         return fisher
 
