@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from clsim.cli import main
 from conftest import read_summary, run_cli
 
 FAST = ("--epochs", "2", "--checkpoint", "false")
@@ -138,21 +139,27 @@ def test_listing_names_every_scenario_and_strategy(tmp_path):
     (("--no-such-flag",), "unknown option(s) --no-such-flag for scenario split_digits"),
     (("--config", "missing.yaml"), "cannot read config file missing.yaml"),
 ])
-def test_bad_input_is_one_line_exit_2_and_no_run_directory(tmp_path, args, expected):
+def test_bad_input_is_one_line_exit_2_and_no_run_directory(tmp_path, capsys, args, expected):
+    """In this process (cli.main, what run_scenario.py calls); one real process below."""
     out = tmp_path / "out"
-    proc = run_cli(*args, out=out, check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and expected in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert main([*args, "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], lines
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_unknown_config_key_is_rejected(tmp_path):
+def test_bad_input_from_a_real_process_is_one_line_exit_2(tmp_path):
+    proc = run_cli("--lr", "fast", out=tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "error: --lr must be a number, got 'fast'"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_unknown_config_key_is_rejected(tmp_path, capsys):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("epochs: 1\nlearning_rate: 0.1\n")
-    proc = run_cli("--config", str(cfg), out=tmp_path / "out", check=False)
-    assert proc.returncode == 2 and "unknown option(s) --learning-rate" in proc.stderr
+    assert main(["--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    assert "unknown option(s) --learning-rate" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
