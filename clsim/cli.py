@@ -71,16 +71,18 @@ def strategy_table() -> str:
     return "\n".join(rows)
 
 
-def parse(argv: list[str]) -> dict:
+def parse(argv: list[str]) -> tuple[dict, dict]:
     """The option values of a `--config FILE`, then the flags (each overriding the one before; both
     override a `--preset`): a dict for `Experiment(**values)`, which converts and checks them (flags
-    are read as text), so a flag fails as the same key in YAML or Python would. The parser knows the chosen
+    are read as text), so a flag fails as the same key in YAML or Python would; and which of them
+    the file gave (key -> path, so that an error can name it). The parser knows the chosen
     scenario's, strategy's, mechanism's and loggers' flags, for --help and for spelling."""
     pre = _Parser(add_help=False)
     for name in (*NAMING_KEYS, "config", "preset"):
         pre.add_argument(config.flag(name))
     known, _ = pre.parse_known_args(argv)
     values = load_yaml(known.config) if known.config else {}
+    from_file = dict.fromkeys(values, known.config)
     values.update({k: v for k, v in vars(known).items() if v is not None and k != "config"})
     # The names only (a preset may name them too): the parties whose flags the parser knows.
     shape = Experiment(**{k: values[k] for k in (*NAMING_KEYS, "preset") if k in values})
@@ -95,12 +97,14 @@ def parse(argv: list[str]) -> dict:
         if cls is not None:
             config.add_arguments(parser, cls, title)
     args, rest = parser.parse_known_args(argv)
-    values.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "list")})
+    flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "list")}
+    values.update(flags)
+    from_file = {k: path for k, path in from_file.items() if k not in flags}
     # Unknown flags stay in: Experiment refuses them with the message a YAML key would get.
     unknown = {a.split("=", 1)[0][2:].replace("-", "_"): "?" for a in rest if a.startswith("--")}
     if rest and not unknown:
         raise UserError(f"unexpected argument(s): {' '.join(rest)} (see --help)")
-    return {**values, **unknown}
+    return {**values, **unknown}, from_file
 
 
 def resume(argv: list[str]) -> tuple[Path, dict]:

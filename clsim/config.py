@@ -14,6 +14,14 @@ from typing import Any
 from clsim.errors import UserError
 
 
+class OptionError(UserError):
+    """A bad value of one named option (`name`), so a caller can say where it came from."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
 def opt(default: Any, help: str, *, low: float | None = None, high: float | None = None,
         low_open: bool = False, choices: tuple | None = None):
     """A documented option. `low`/`high` bound numbers (`low_open` excludes `low` itself)."""
@@ -41,16 +49,17 @@ def validate(options) -> None:
         if value is None:
             continue
         if meta.get("choices") and value not in meta["choices"]:
-            raise UserError(f"{flag(f.name)} {value!r} is not one of: {', '.join(map(str, meta['choices']))}")
+            raise OptionError(f.name, f"{flag(f.name)} {value!r} is not one of: "
+                                      f"{', '.join(map(str, meta['choices']))}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{flag(f.name)} must be a finite number, got {value}")
+                raise OptionError(f.name, f"{flag(f.name)} must be a finite number, got {value}")
             low, high = meta.get("low"), meta.get("high")
             if low is not None and (value < low or (meta.get("low_open") and value == low)):
                 rel = ">" if meta.get("low_open") else ">="
-                raise UserError(f"{flag(f.name)} must be {rel} {low}, got {value}")
+                raise OptionError(f.name, f"{flag(f.name)} must be {rel} {low}, got {value}")
             if high is not None and value > high:
-                raise UserError(f"{flag(f.name)} must be <= {high}, got {value}")
+                raise OptionError(f.name, f"{flag(f.name)} must be <= {high}, got {value}")
 
 
 def add_arguments(parser, options_cls, group_title: str) -> None:
@@ -67,7 +76,8 @@ def add_arguments(parser, options_cls, group_title: str) -> None:
         help_text = f.metadata.get("help", "")
         if "(default:" not in help_text:   # a help that names its own default knows it better than None
             help_text += f" (default: {'none' if default is None else default})"
-        group.add_argument(flag(f.name), dest=f.name, default=None, metavar=metavar, help=help_text)
+        group.add_argument(flag(f.name), dest=f.name, default=None, metavar=metavar,
+                           help=help_text.replace("%", "%%"))   # argparse formats help with %
 
 
 def _scalar_type(hint) -> type:
@@ -94,16 +104,16 @@ def coerce(name: str, value: Any, hint) -> Any:
     Python) must already be of that type (an int is taken for a float). Raises UserError."""
     kind = _scalar_type(hint)
     if isinstance(value, str) and not value.strip():
-        raise UserError(f"{flag(name)} is empty; give it a value or leave it out")
+        raise OptionError(name, f"{flag(name)} is empty; give it a value or leave it out")
     if isinstance(value, str) and kind is not str:
         try:
             return parse_bool(value) if kind is bool else kind(value)
         except ValueError:
-            raise UserError(f"{flag(name)} must be {_KIND_NAMES[kind]}, got {value!r}") from None
+            raise OptionError(name, f"{flag(name)} must be {_KIND_NAMES[kind]}, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise UserError(f"{flag(name)} must be {_KIND_NAMES[kind]}, got {value!r}")
+        raise OptionError(name, f"{flag(name)} must be {_KIND_NAMES[kind]}, got {value!r}")
     return value
 
 

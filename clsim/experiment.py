@@ -137,10 +137,10 @@ class Experiment:
         unknown = sorted(set(options) - set(owner))
         if unknown:
             where = f" (set by preset {preset})" if preset_keys & set(unknown) else ""
-            raise UserError(f"unknown option(s) {', '.join(config.flag(k) for k in unknown)}{where} for scenario "
-                            f"{self.scenario_name} and strategy {self.strategy_name}; see "
-                            f"`python run_scenario.py --scenario {self.scenario_name} --strategy "
-                            f"{self.strategy_name} --help`")
+            flags = ", ".join(config.flag(k) for k in unknown)
+            raise config.OptionError(unknown[0], f"unknown option(s) {flags}{where} for scenario {self.scenario_name} "
+                                     f"and strategy {self.strategy_name}; see `python run_scenario.py --scenario "
+                                     f"{self.scenario_name} --strategy {self.strategy_name} --help`")
         self.given = {k: v for k, v in options.items() if v is not None}
         for key in ("privacy", "loggers"):   # names are recorded with the run options
             if isinstance(getattr(self, key), str):
@@ -166,15 +166,26 @@ class Experiment:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> "Experiment":
         """The options of a YAML file; keyword arguments override them."""
-        return cls(**{**load_yaml(path), **overrides})
+        values = load_yaml(path)
+        return cls._made({k: path for k in values if k not in overrides}, {**values, **overrides})
 
     @classmethod
     def from_argv(cls, argv: list[str]) -> "Experiment":
         """The command line of run_scenario.py (`--config FILE` reads YAML; flags override it).
         `--help` prints the options of the chosen scenario, strategy and mechanism and exits."""
         from clsim import cli
-        values = cli.parse(argv)
-        return cls(**values)
+        values, from_file = cli.parse(argv)
+        return cls._made(from_file, values)
+
+    @classmethod
+    def _made(cls, from_file: dict, values: dict) -> "Experiment":
+        """`cls(**values)`; a bad value read from a file says which file (`from_file`: key -> path)."""
+        try:
+            return cls(**values)
+        except config.OptionError as exc:
+            if exc.name not in from_file:
+                raise
+            raise config.OptionError(exc.name, f"{exc} (in {from_file[exc.name]})") from None
 
     # -- what was chosen ----------------------------------------------------------------------
     def _check_objects(self) -> None:

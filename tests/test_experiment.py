@@ -49,7 +49,7 @@ def test_a_bad_value_fails_with_one_message_whichever_the_door(tmp_path, key, va
             make()
         errors.append(str(caught.value).replace("'true'", "True"))
     assert all(message in e for e in errors), errors
-    assert errors[0] == errors[1], errors   # keyword argument and YAML: the very same line
+    assert errors[1] == f"{errors[0]} (in {cfg})", errors   # the same line; a file's value names the file
 
 
 def test_run_returns_summary_matrix_and_run_directory(tmp_path):

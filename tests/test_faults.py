@@ -286,15 +286,15 @@ def test_the_same_flag_twice_with_the_same_value_is_one_request():
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("epochs: 1.5\n", "--epochs must be a whole number, got 1.5"),
-    ("epochs: [1, 2]\n", "--epochs must be a whole number, got [1, 2]"),
-    ("epochs: true\n", "--epochs must be a whole number, got True"),
-    ("lr: yes\n", "--lr must be a number, got True"),
-    ("lr: fast\n", "--lr must be a number, got 'fast'"),
-    ("checkpoint: 1\n", "--checkpoint must be true or false, got 1"),
+    ("epochs: 1.5\n", "--epochs must be a whole number, got 1.5 (in {})"),
+    ("epochs: [1, 2]\n", "--epochs must be a whole number, got [1, 2] (in {})"),
+    ("epochs: true\n", "--epochs must be a whole number, got True (in {})"),
+    ("lr: yes\n", "--lr must be a number, got True (in {})"),
+    ("lr: fast\n", "--lr must be a number, got 'fast' (in {})"),
+    ("checkpoint: 1\n", "--checkpoint must be true or false, got 1 (in {})"),
     ("scenario: [1]\n", "scenario must be a name or a clsim Scenario, got list"),
     ("strategy: ''\n", "--strategy is empty"),
-    ("data-root: 3\n", "--data-root must be text, got 3"),
+    ("data-root: 3\n", "--data-root must be text, got 3 (in {})"),
     ("epochs:\n", "config file {} gives epochs no value"),
     ("- epochs\n", "must be a mapping of option names to values"),
 ])
