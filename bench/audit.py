@@ -5,7 +5,7 @@ split_digits as one task of all ten digits: m mislabelled canaries, each kept wi
 k guesses on each side. Without a mechanism, then DP-SGD at each σ (clipping C = 1), over a few
 seeds. Expected: the bound clearly above 0 without noise, never above the accountant's ε.
 
-    python bench/audit.py [--epochs 30] [--seeds 3]
+    python bench/audit.py [--epochs 80] [--seeds 3]
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def audit(args, seed: int, extra: list[str]) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=80)
     parser.add_argument("--canaries", type=int, default=60)
     parser.add_argument("--guesses", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3)
