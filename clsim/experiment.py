@@ -11,6 +11,8 @@ UserError. Option names are the dataclass fields of the run, the audit, the scen
 strategy and the privacy mechanism (`--ewc-lambda` is `ewc_lambda=`). Objects may stand where a
 name would go: a Scenario (e.g. `scenarios.avalanche.from_avalanche(benchmark)`), a Strategy
 subclass or instance, a Mechanism instance, a model (an nn.Module, or a function making one).
+Objects are used as given: a model or strategy instance run twice continues from its trained
+state; pass a model factory and a Strategy subclass for fresh ones per run.
 
 `build()` assembles the parts in the fixed order documented in docs/architecture.md; `run()`
 builds, trains through clsim.engine and writes the run directory.
