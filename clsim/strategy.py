@@ -55,6 +55,9 @@ class Strategy:
     default_setting: str | None = None
     #: Fisher passes per task through `self.mechanism.fisher` (--epsilon reserves budget for them)
     fisher_releases: int = 0
+    #: forwards of the trained model in one step (replay adds the buffer's): DP-SGD's ghost
+    #: clipping needs exactly one
+    model_forwards: int = 1
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()

@@ -38,6 +38,8 @@ class GEMOptions:
 class EpisodicMemory(Strategy):
     """A fixed share of every finished task's examples, and gradient projection onto them."""
 
+    model_forwards = 2          # the memory's gradient comes from a forward of its own
+
     Options = GEMOptions
     learners = ("supervised",)
     data_access = "raw: keeps examples in an episodic memory"

@@ -110,6 +110,7 @@ class Replay(Strategy):
     Options = ReplayOptions
     learners = ("supervised",)
     data_access = "raw: keeps examples in a buffer"
+    model_forwards = 2
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)

@@ -34,6 +34,7 @@ def private_step(clipping, trunk, setting, sigma, penalty):
     mechanism = DPSGD(config.build(DPSGD.Options, {"noise_multiplier": sigma, "max_grad_norm": 0.5,
                                                    "dp_clipping": clipping}))
     mechanism.check(learner, scenario, 1)
+    mechanism.attach(learner)
     ledger = Ledger(**mechanism.ledger_options())
     mechanism.setup(learner, scenario, ledger)
     assert mechanism.ghost == (clipping == "ghost")
@@ -81,7 +82,18 @@ def test_auto_clipping_is_ghost_only_where_every_layer_has_ghost_norms(trunk, gh
                                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     mechanism = DPSGD(config.build(DPSGD.Options, {}))
     mechanism.check(learner, scenario, 1)
+    mechanism.attach(learner)
     assert mechanism.ghost == ghost
     said = capsys.readouterr().err
     assert f"--dp-clipping {'ghost' if ghost else 'hooks'}" in said
     assert ("Conv2d" in said) == (not ghost)
+
+
+def test_replay_under_dpsgd_clips_with_hooks_and_ghost_is_refused(tmp_path):
+    from conftest import run_cli
+    proc = run_cli("--scenario", "split_digits", "--strategy", "er", "--privacy", "dpsgd", "--epochs", "1",
+                   "--checkpoint", "false", out=tmp_path / "auto")
+    assert "--dp-clipping hooks: the strategy forwards the model 2 times a step" in proc.stderr
+    proc = run_cli("--scenario", "split_digits", "--strategy", "er", "--privacy", "dpsgd", "--dp-clipping", "ghost",
+                   out=tmp_path / "ghost", check=False)
+    assert proc.returncode == 2 and "use --dp-clipping hooks" in proc.stderr

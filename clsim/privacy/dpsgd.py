@@ -204,6 +204,12 @@ class DPSGD(Mechanism):
         if learner.privacy_unit != "example":
             return False, (f"the privacy unit is the {learner.privacy_unit}, whose rows' gradients are summed "
                            f"before clipping, which needs them one by one")
+        forwards = getattr(self, "model_forwards", 1)
+        if forwards > 1:
+            if asked == "ghost":
+                raise UserError(f"--dp-clipping ghost needs one forward of the model per step; this strategy "
+                                f"makes {forwards} (e.g. a replay buffer's): use --dp-clipping hooks or auto")
+            return False, f"the strategy forwards the model {forwards} times a step, which ghost clipping cannot clip"
         if asked != "auto":
             return asked == "ghost", "as asked"
         others = sorted({type(m).__name__ for m in learner.model.modules()
