@@ -105,8 +105,8 @@ def load_run(run_dir: Path) -> Run:
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-    """Runs keyed by a readable label: scenario/strategy/setting plus every hparam that differs
-    between groups (the seed never does)."""
+    """Runs keyed by a readable label: the strategy (with the scenario and setting where they
+    differ between runs) plus every hparam that differs between groups (the seed never does)."""
     by_key: dict[tuple, list[Run]] = {}
     for r in runs:
         by_key.setdefault(r.group, []).append(r)
@@ -115,10 +115,12 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     for name in set().union(*keys):
         if len({k[name] for k in keys if name in k}) > 1:
             varying.add(name)
+    named = [n for n in ("scenario", "strategy", "setting")   # the strategy always; the rest if they vary
+             if n == "strategy" or len({r.summary[n] for r in runs}) > 1]
     labels = {}
     for key, members in by_key.items():
         s, hp = members[0].summary, dict(key)
-        base = f"{s['scenario']}/{s['strategy']}/{s['setting']}"
+        base = "/".join(str(s[n]) for n in named)
         extra = [f"{n}={json.loads(hp[n])}" for n in sorted(varying - {"scenario", "strategy", "setting"})
                  if n in hp]
         labels[" ".join([base, *extra])] = sorted(members, key=lambda r: r.summary.get("seed", 0))
@@ -181,8 +183,12 @@ def _cell(stat) -> str:
 
 
 def _write_markdown(groups, stats, figures: dict[str, Path], path: Path) -> None:
+    runs = [r for g in groups.values() for r in g]
+    common = [f"{n} {runs[0].summary[n]}" for n in ("scenario", "setting")
+              if len({r.summary[n] for r in runs}) == 1]
     lines = ["# clsim report", "",
-             f"{sum(len(r) for r in groups.values())} runs in {len(groups)} groups "
+             (f"All runs: {', '.join(common)}. " if common else "") +
+             f"{len(runs)} runs in {len(groups)} groups "
              "(grouped by every option but the seed; mean ± sd over seeds, n runs).", "",
              "| group | n | " + " | ".join(title for _, title in HEADLINE) + " |",
              "|---|---|" + "---|" * len(HEADLINE)]
