@@ -283,7 +283,6 @@ def _line_plot(curves: dict[str, np.ndarray], ylabel: str, title: str, path: Pat
 
 def plot_all(groups, out: Path) -> dict[str, Path]:
     """Every figure the runs have data for; returns name -> PNG path."""
-    plt = _pyplot()
     figures = {}
     for k, (label, runs) in enumerate(groups.items()):
         mean_R = np.mean([r.summary["accuracy_matrix"] for r in runs], axis=0)
@@ -300,41 +299,45 @@ def plot_all(groups, out: Path) -> dict[str, Path]:
         figures["strategy memory"] = _line_plot({k: v / 2**20 for k, v in mem.items()},
                                                 "strategy state (MiB)", "memory kept between tasks",
                                                 out / "memory_per_task.png")
-    eps, acc_finite = _curves(groups, "epsilon"), {}
-    eps = {k: v for k, v in eps.items() if np.isfinite(v).all() and k in acc}
+    eps = {k: v for k, v in _curves(groups, "epsilon").items() if np.isfinite(v).all() and k in acc}
     if eps:
-        fig, ax = plt.subplots(figsize=(4.2, 2.8))
-        for label, e in eps.items():
-            ax.errorbar(e.mean(0), acc[label].mean(0), yerr=acc[label].std(0), marker="o", ms=3,
-                        capsize=2, label=label)
-        ax.set_xlabel("ε spent (worst individual)")
-        ax.set_ylabel("ACC after the task")
-        ax.set_title("privacy–utility, one point per task")
-        ax.grid(alpha=0.3)
-        ax.legend(frameon=False)
-        figures["privacy–utility"] = _save(fig, out / "privacy_utility.png")
+        points = {k: (e.mean(0), acc[k].mean(0), None, acc[k].std(0)) for k, e in eps.items()}
+        figures["privacy–utility"] = _points_plot(points, "ε spent (worst individual)", "ACC after the task",
+                                                  "privacy–utility, one point per task",
+                                                  out / "privacy_utility.png")
     flops = {label: runs for label, runs in groups.items()
              if all("strategy_train_flops" in r.figures() for r in runs)}
     if flops:
-        fig, ax = plt.subplots(figsize=(4.2, 2.8))
+        points = {}
         for label, runs in flops.items():
             x = [r.figures()["strategy_train_flops"] for r in runs]
             y = [r.summary["acc"] for r in runs]
-            ax.errorbar(np.mean(x), np.mean(y), xerr=np.std(x), yerr=np.std(y), marker="o", capsize=2,
-                        label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("training FLOPs (counted, whole stream)")
-        ax.set_ylabel("final ACC")
-        ax.set_title("compute against accuracy")
-        ax.grid(alpha=0.3)
-        ax.legend(frameon=False)
-        figures["FLOPs against ACC"] = _save(fig, out / "flops_acc.png")
+            points[label] = (np.mean(x), np.mean(y), np.std(x), np.std(y))
+        figures["FLOPs against ACC"] = _points_plot(points, "training FLOPs (counted, whole stream)",
+                                                    "final ACC", "compute against accuracy",
+                                                    out / "flops_acc.png", log_x=True)
     capacity = _curves(groups, "blip_capacity")
     if capacity:
         figures["BLIP capacity"] = _line_plot({k: 100 * v for k, v in capacity.items()},
                                               "capacity used (%)", "BLIP: bits frozen over tasks",
                                               out / "blip_capacity.png")
     return figures
+
+
+def _points_plot(points: dict, xlabel: str, ylabel: str, title: str, path: Path, log_x=False) -> Path:
+    """One marker series per group: label -> (x, y, x error or None, y error)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.2, 2.8))
+    for label, (x, y, xerr, yerr) in points.items():
+        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", ms=3, capsize=2, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False)
+    return _save(fig, path)
 
 
 def _bars(groups, path: Path) -> Path:
