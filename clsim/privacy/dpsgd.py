@@ -69,8 +69,8 @@ class DPOptions:
                            "layer, e.g. MLPs; else hooks, faster for convolutions). The log says which",
                            choices=("auto", "ghost", "hooks"))
     fisher_granularity: str = opt("unit", "DP-Fisher release: unit (one noisy sum per output unit of each weight, "
-                                  "shared by its weights: the signal survives the noise) or weight (one per "
-                                  "weight)", choices=("unit", "weight"))
+                                  "shared by its weights: some ranking survives the noise, see bench/dp_fisher.py) "
+                                  "or weight (one per weight: pure noise at these ε)", choices=("unit", "weight"))
     fisher_budget_share: float = opt(DEFAULT_FISHER_SHARE, "under --epsilon, the share of the budget the "
                                      "strategy's DP-Fisher releases may spend: σ_F makes them alone cost "
                                      "this share of ε, then σ is set so that everything together meets ε",
