@@ -58,6 +58,9 @@ class Strategy:
     #: forwards of the trained model in one step (replay adds the buffer's): DP-SGD's ghost
     #: clipping needs exactly one
     model_forwards: int = 1
+    #: attributes kept between tasks that a checkpoint saves and restores as they are (a method
+    #: whose state needs converting overrides state_dict and load_state_dict instead)
+    state_attrs: tuple[str, ...] = ()
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()
@@ -126,8 +129,9 @@ class Strategy:
         return []
 
     def state_dict(self) -> dict:
-        return {}
+        return {name: getattr(self, name) for name in self.state_attrs}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        for name in self.state_attrs:
+            setattr(self, name, state[name])
 

@@ -43,6 +43,7 @@ class EpisodicMemory(Strategy):
     Options = GEMOptions
     learners = ("supervised",)
     data_access = "raw: keeps examples in an episodic memory"
+    state_attrs = ("memory", "projected")
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
@@ -97,12 +98,6 @@ class EpisodicMemory(Strategy):
 
     def state_tensors(self):
         return [tensor for entry in self.memory for tensor in entry]
-
-    def state_dict(self):
-        return {"memory": self.memory, "projected": self.projected}
-
-    def load_state_dict(self, state):
-        self.memory, self.projected = state["memory"], state["projected"]
 
 
 @register_strategy("agem")

@@ -25,6 +25,7 @@ class EWC(Strategy):
     """Elastic weight consolidation: a Fisher-weighted quadratic pull toward earlier tasks' weights."""
 
     fisher_releases = 1   # one Fisher pass per task (after_task): the privacy budget plans for it
+    state_attrs = ("importance", "anchor", "offset", "fishers")
 
     @dataclass
     class Options:
@@ -103,11 +104,3 @@ class EWC(Strategy):
 
     def state_tensors(self):
         return [] if self.importance is None else [self.importance, self.anchor]
-
-    def state_dict(self):
-        return {"importance": self.importance, "anchor": self.anchor, "offset": self.offset,
-                "fishers": self.fishers}
-
-    def load_state_dict(self, state):
-        self.importance, self.anchor = state["importance"], state["anchor"]
-        self.offset, self.fishers = state["offset"], state["fishers"]

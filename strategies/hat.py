@@ -38,6 +38,7 @@ class HAT(Strategy):
     default_setting = "task_il"
     learners = ("supervised",)
     data_access = "refused: the task embeddings get no per-example gradients"
+    state_attrs = ("cumulative",)
 
     @dataclass
     class Options:
@@ -150,9 +151,3 @@ class HAT(Strategy):
 
     def state_tensors(self):
         return [] if self.cumulative is None else list(self.cumulative)
-
-    def state_dict(self):
-        return {"cumulative": self.cumulative}
-
-    def load_state_dict(self, state):
-        self.cumulative = state["cumulative"]

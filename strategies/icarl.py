@@ -54,6 +54,7 @@ class ICaRL(Strategy):
     default_setting = "class_il"
     learners = ("supervised",)
     data_access = "raw: keeps exemplars"
+    state_attrs = ("exemplars", "old", "seen", "means")
 
     @dataclass
     class Options:
@@ -132,10 +133,3 @@ class ICaRL(Strategy):
 
     def state_tensors(self):
         return [x for x, _ in self.exemplars.values()] + ([] if self.old is None else list(self.old.values()))
-
-    def state_dict(self):
-        return {"exemplars": self.exemplars, "old": self.old, "seen": self.seen, "means": self.means}
-
-    def load_state_dict(self, state):
-        self.exemplars, self.old = state["exemplars"], state["old"]
-        self.seen, self.means = state["seen"], state["means"]

@@ -29,6 +29,7 @@ class ImportanceAnchor(Strategy):
     """λ·Σ Ω (θ - θ*)² over the flattened shared weights; subclasses say how a task adds to Ω."""
 
     strength_option = "mas_lambda"
+    state_attrs = ("importance", "anchor")
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
@@ -82,12 +83,6 @@ class ImportanceAnchor(Strategy):
 
     def state_tensors(self):
         return [] if self.importance is None else [self.importance, self.anchor]
-
-    def state_dict(self):
-        return {"importance": self.importance, "anchor": self.anchor}
-
-    def load_state_dict(self, state):
-        self.importance, self.anchor = state["importance"], state["anchor"]
 
 
 @register_strategy("mas")
