@@ -37,6 +37,14 @@ def redefault(base, name: str, default: Any):
     return field(default=default, metadata=base.__dataclass_fields__[name].metadata)
 
 
+def redefaults(base, **defaults):
+    """Options class `base` with new defaults for the fields named (each keeps its documentation and
+    bounds): the base of a subclass that retunes inherited options, e.g. a scenario's PPO settings."""
+    hints = typing.get_type_hints(base)
+    return dataclasses.make_dataclass(base.__name__, [(name, hints[name], redefault(base, name, value))
+                                                     for name, value in defaults.items()], bases=(base,))
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 import numpy as np
 
-from clsim.config import opt, redefault
+from clsim.config import opt, redefaults
 from clsim.errors import UserError
 from clsim.rl import EnvTask, PPOOptions, nature_cnn_trunk, rl_scenario
 from clsim.registry import register_scenario
@@ -25,18 +25,13 @@ PRESETS = {
 
 
 @dataclass
-class AtariOptions(PPOOptions):
+class AtariOptions(redefaults(PPOOptions, ppo_steps=128, ppo_epochs=4, ppo_gamma=0.99, ppo_gae_lambda=0.95,
+                              ppo_clip=0.1, ppo_entropy_coef=0.01)):
     atari_games: str = opt("reduced", "a preset (" + ", ".join(f"{k}: {v}" for k, v in PRESETS.items())
                            + ") or comma-separated games among " + ", ".join(HUMAN))
     atari_max_steps: int = opt(2_000, "cap on an episode's agent steps (4 frames each; 27000 = the "
                                "usual 30 minutes)", low=1)
     ppo_timesteps: int = opt(4_096, "environment steps of training per task (blip preset: 10_000_000)", low=1)
-    ppo_steps: int = redefault(PPOOptions, "ppo_steps", 128)
-    ppo_epochs: int = redefault(PPOOptions, "ppo_epochs", 4)
-    ppo_gamma: float = redefault(PPOOptions, "ppo_gamma", 0.99)
-    ppo_gae_lambda: float = redefault(PPOOptions, "ppo_gae_lambda", 0.95)
-    ppo_clip: float = redefault(PPOOptions, "ppo_clip", 0.1)
-    ppo_entropy_coef: float = redefault(PPOOptions, "ppo_entropy_coef", 0.01)
     ppo_eval_episodes: int = opt(3, "evaluation episodes per task (blip preset: use >= 10)", low=1)
 
 

@@ -15,7 +15,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.wrappers import TransformAction, TransformObservation
 
-from clsim.config import opt, redefault
+from clsim.config import opt, redefaults
 from clsim.rl import EnvTask, PPOOptions, mlp_trunk, rl_scenario
 from clsim.rl.envs import parse_variant, variant_names
 from clsim.registry import register_scenario
@@ -36,9 +36,8 @@ HELP = ("a preset (" + ", ".join(f"{k}: {v}" for k, v in PRESETS.items()) + ") o
 
 
 @dataclass
-class CartPoleOptions(PPOOptions):
+class CartPoleOptions(redefaults(PPOOptions, ppo_timesteps=100_000)):
     cartpole_tasks: str = opt("perm", HELP)
-    ppo_timesteps: int = redefault(PPOOptions, "ppo_timesteps", 100_000)
 
 
 def parse_task(text: str) -> tuple[set[str], dict[str, float]]:

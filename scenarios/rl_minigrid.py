@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import gymnasium as gym
 
-from clsim.config import opt, redefault
+from clsim.config import opt, redefaults
 from clsim.errors import UserError
 from clsim.rl import EnvTask, PPOOptions, mlp_trunk, rl_scenario
 from clsim.registry import register_scenario
@@ -15,18 +15,13 @@ SEQUENCE = "Empty-Random-5x5,DoorKey-5x5,Unlock,LavaGapS5"
 VIEW = 7 * 7 * 20   # one-hot partial view: 7x7 cells x (11 objects + 6 colours + 3 states)
 
 
+# rl-baselines3-zoo's MiniGrid PPO settings (8 envs x 128 steps, batch 64, 10 epochs, lr 2.5e-4,
+# γ 0.99, λ 0.95, no entropy bonus): DoorKey-5x5 is solved within 1e5 steps with them.
 @dataclass
-class MiniGridOptions(PPOOptions):
+class MiniGridOptions(redefaults(PPOOptions, ppo_timesteps=100_000, ppo_steps=128, ppo_epochs=10, ppo_gamma=0.99,
+                                 ppo_gae_lambda=0.95, ppo_eval_episodes=20)):
     minigrid_tasks: str = opt(SEQUENCE, "comma-separated MiniGrid env names without the 'MiniGrid-' "
                               "prefix and '-v0' suffix; all must share the 7 MiniGrid actions")
-    # rl-baselines3-zoo's MiniGrid PPO settings (8 envs x 128 steps, batch 64, 10 epochs, lr 2.5e-4,
-    # γ 0.99, λ 0.95, no entropy bonus): DoorKey-5x5 is solved within 1e5 steps with them.
-    ppo_timesteps: int = redefault(PPOOptions, "ppo_timesteps", 100_000)
-    ppo_steps: int = redefault(PPOOptions, "ppo_steps", 128)
-    ppo_epochs: int = redefault(PPOOptions, "ppo_epochs", 10)
-    ppo_gamma: float = redefault(PPOOptions, "ppo_gamma", 0.99)
-    ppo_gae_lambda: float = redefault(PPOOptions, "ppo_gae_lambda", 0.95)
-    ppo_eval_episodes: int = redefault(PPOOptions, "ppo_eval_episodes", 20)
 
 
 def env_id(name: str) -> str:

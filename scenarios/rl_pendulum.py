@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import gymnasium as gym
 from gymnasium.wrappers import TransformAction, TransformReward
 
-from clsim.config import opt, redefault
+from clsim.config import opt, redefaults
 from clsim.rl import EnvTask, PPOOptions, mlp_trunk, rl_scenario
 from clsim.rl.envs import parse_variant, variant_names
 from clsim.registry import register_scenario
@@ -30,18 +30,13 @@ HELP = ("a preset (" + ", ".join(f"{k}: {v}" for k, v in PRESETS.items()) + ") o
 REWARD_SCALE = 0.01
 
 
+# rl-baselines3-zoo's Pendulum-v1 PPO settings (4 envs x 1024 steps, batch 64, 10 epochs,
+# lr 1e-3, γ 0.9, GAE λ 0.95, 1e5 steps), without gSDE and with a fixed reward scale
+# (REWARD_SCALE) in place of VecNormalize.
 @dataclass
-class PendulumOptions(PPOOptions):
+class PendulumOptions(redefaults(PPOOptions, ppo_timesteps=100_000, ppo_envs=4, ppo_steps=1024, ppo_epochs=10,
+                                 ppo_gamma=0.9, ppo_gae_lambda=0.95)):
     pendulum_tasks: str = opt("conflict", HELP)
-    # rl-baselines3-zoo's Pendulum-v1 PPO settings (4 envs x 1024 steps, batch 64, 10 epochs,
-    # lr 1e-3, γ 0.9, GAE λ 0.95, 1e5 steps), without gSDE and with a fixed reward scale
-    # (REWARD_SCALE) in place of VecNormalize.
-    ppo_timesteps: int = redefault(PPOOptions, "ppo_timesteps", 100_000)
-    ppo_envs: int = redefault(PPOOptions, "ppo_envs", 4)
-    ppo_steps: int = redefault(PPOOptions, "ppo_steps", 1024)
-    ppo_epochs: int = redefault(PPOOptions, "ppo_epochs", 10)
-    ppo_gamma: float = redefault(PPOOptions, "ppo_gamma", 0.9)
-    ppo_gae_lambda: float = redefault(PPOOptions, "ppo_gae_lambda", 0.95)
 
 
 def make_env(task: str):
