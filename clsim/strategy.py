@@ -51,7 +51,7 @@ class Strategy:
     #: mechanism) or "raw: <why>" (e.g. examples kept in a buffer: that task's ε = ∞)
     data_access: str = "accounted"
     #: the setting the method is designed for (e.g. BLIP: "task_il"), used when the user gives no
-    #: --setting; None: the scenario's default
+    #: --setting; None: the only one in `settings` if it has one, else the scenario's default
     default_setting: str | None = None
     #: Fisher passes per task through `self.mechanism.fisher` (--epsilon reserves budget for them)
     fisher_releases: int = 0
@@ -61,6 +61,11 @@ class Strategy:
     #: attributes kept between tasks that a checkpoint saves and restores as they are (a method
     #: whose state needs converting overrides state_dict and load_state_dict instead)
     state_attrs: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.default_setting is None and len(cls.settings) == 1:
+            cls.default_setting = cls.settings[0]
 
     def __init__(self, options=None):
         self.options = options if options is not None else self.Options()

@@ -35,7 +35,6 @@ class HAT(Strategy):
     """HAT: per-task hard attention masks on units (annealed sigmoid gates, capacity regulariser)."""
 
     settings = ("task_il",)
-    default_setting = "task_il"
     learners = ("supervised",)
     data_access = "refused: the task embeddings get no per-example gradients"
     state_attrs = ("cumulative",)

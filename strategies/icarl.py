@@ -51,7 +51,6 @@ class ICaRL(Strategy):
     """iCaRL: herded exemplars, distillation, nearest-mean-of-exemplars classifier (class_il only)."""
 
     settings = ("class_il",)
-    default_setting = "class_il"
     learners = ("supervised",)
     data_access = "raw: keeps exemplars"
     state_attrs = ("exemplars", "old", "seen", "means")

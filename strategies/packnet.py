@@ -33,7 +33,6 @@ class PackNet(Strategy):
     """PackNet: prune each task's weights by magnitude, freeze the kept ones, evaluate with task views."""
 
     settings = ("task_il",)
-    default_setting = "task_il"
 
     @dataclass
     class Options:
