@@ -93,9 +93,10 @@ def parse(argv: list[str]) -> tuple[dict, dict]:
     parser.add_argument("--config", help="YAML file of option: value pairs (flags override it)")
     parser.add_argument("--preset", help="a published protocol by name (see --list); --config and flags override it")
     parser.add_argument("--list", action="store_true", help="list scenarios, strategies, mechanisms, loggers, presets")
+    defaults = shape.help_defaults()
     for title, cls in shape.option_groups().items():
         if cls is not None:
-            config.add_arguments(parser, cls, title)
+            config.add_arguments(parser, cls, title, defaults)
     args, rest = parser.parse_known_args(argv)
     flags = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "list")}
     values.update(flags)

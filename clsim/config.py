@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,10 +71,11 @@ def validate(options) -> None:
                 raise OptionError(f.name, f"{flag(f.name)} must be <= {high}, got {value}")
 
 
-def add_arguments(parser, options_cls, group_title: str) -> None:
+def add_arguments(parser, options_cls, group_title: str, defaults: dict | None = None) -> None:
     """Add one CLI flag per field of `options_cls`. Flags are read as text and default to None
     (not given): `build` converts and checks them, so a flag, a YAML key and a Python keyword
-    argument go through the same code and fail with the same message."""
+    argument go through the same code and fail with the same message. `defaults` (name -> text)
+    replaces the default --help names, for options whose default another party sets."""
     group = parser.add_argument_group(group_title)
     hints = typing.get_type_hints(options_cls)
     for f in dataclasses.fields(options_cls):
@@ -82,7 +84,11 @@ def add_arguments(parser, options_cls, group_title: str) -> None:
         choices = f.metadata.get("choices")
         metavar = "{" + ",".join(map(str, choices)) + "}" if choices else f.name.upper()
         help_text = f.metadata.get("help", "")
-        if "(default:" not in help_text:   # a help that names its own default knows it better than None
+        if defaults and f.name in defaults:   # in place of the help's own "(default: ...)", if it has one
+            given = f"(default: {defaults[f.name]})"
+            help_text = re.sub(r"\(default: [^)]*\)", lambda m: given, help_text, count=1) \
+                if "(default:" in help_text else f"{help_text} {given}"
+        elif "(default:" not in help_text:   # a help that names its own default knows it better than None
             help_text += f" (default: {'none' if default is None else default})"
         group.add_argument(flag(f.name), dest=f.name, default=None, metavar=metavar,
                            help=help_text.replace("%", "%%"))   # argparse formats help with %

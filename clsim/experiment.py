@@ -40,7 +40,7 @@ from clsim.privacy.audit import AuditOptions, one_run, plant_canaries
 from clsim.privacy.ledger import Ledger
 from clsim.privacy.mechanism import Mechanism
 from clsim.registry import LOGGERS, MECHANISMS, SCENARIOS, STRATEGIES
-from clsim.scenario import Scenario
+from clsim.scenario import Scenario, ScenarioOptions
 from clsim.strategy import Strategy
 
 DEFAULT_SCENARIO, DEFAULT_STRATEGY = "split_digits", "naive"
@@ -257,6 +257,27 @@ class Experiment:
         for name, cls in self.logger_classes:
             groups[f"logger {name}"] = getattr(cls, "Options", None)
         return groups
+
+    def help_defaults(self) -> dict[str, str]:
+        """Option name -> the default --help prints where the field's own is not what a run uses:
+        the run defaults the scenario declares (with each value of the option that changes them),
+        the setting the strategy is designed for, and the values of a --preset."""
+        out = {}
+        cls = self.scenario_entry.options if isinstance(self.scenario, str) else None
+        if isinstance(cls, type) and issubclass(cls, ScenarioOptions):
+            base, depend = cls().run_defaults(), cls.DEFAULTS_DEPEND_ON
+            for key, value in base.items():
+                out[key] = f"{value} for {self.scenario_name}"
+                for choice in cls.__dataclass_fields__[depend].metadata["choices"] if depend else ():
+                    other = cls(**{depend: choice}).run_defaults().get(key)
+                    if other != value:
+                        out[key] += f"; {other} with {config.flag(depend)} {choice}"
+            out["setting"] = f"{cls.SETTING} for {self.scenario_name}"
+        if self.strategy_cls.default_setting is not None and isinstance(self.scenario, str):
+            out["setting"] = f"{self.strategy_cls.default_setting}, the setting strategy {self.strategy_name} is designed for"
+        if self.preset is not None:
+            out.update({k: f"{v}, from preset {self.preset}" for k, v in presets.get(self.preset).options.items()})
+        return out
 
     def as_argv(self) -> list[str]:
         """The given options as flags, so a resumed run rebuilds the same experiment."""

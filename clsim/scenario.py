@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -63,6 +63,25 @@ class Task:
         if self.env is not None:
             return Source(f"episodes of {self.dataset_id}")
         return Source("undeclared training data")
+
+
+class ScenarioOptions:
+    """Base of a registered scenario's options dataclass: the defaults the scenario gives the run
+    options --epochs, --lr and --batch-size (any other key defaults a strategy's option of that
+    name, e.g. ewc_lambda) and --setting, declared once here. The builder puts `run_defaults()` in
+    its Scenario's `defaults` and uses `setting_of(run)` (what a run uses); --help prints them
+    without building anything."""
+    RUN_DEFAULTS: ClassVar[dict] = {}
+    SETTING: ClassVar[str] = "class_il"
+    #: the option whose value changes `run_defaults()` (--help lists the defaults of each of its choices)
+    DEFAULTS_DEPEND_ON: ClassVar[str | None] = None
+
+    def run_defaults(self) -> dict:
+        return dict(self.RUN_DEFAULTS)
+
+    def setting_of(self, run) -> str:
+        """--setting if given, else this scenario's default setting."""
+        return run.setting or self.SETTING
 
 
 @dataclass

@@ -21,7 +21,7 @@ from clsim.config import opt
 from clsim.errors import UserError
 from clsim.models import BACKBONES, make_model
 from clsim.registry import register_scenario
-from clsim.scenario import SETTINGS, Scenario, Source, Task, TaskData, single_head_width
+from clsim.scenario import SETTINGS, Scenario, ScenarioOptions, Source, Task, TaskData, single_head_width
 
 
 def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,12 +152,16 @@ def class_ids(benchmark, x_train: torch.Tensor, y_train: torch.Tensor) -> list[t
 
 
 @dataclass
-class AvalancheOptions:
+class AvalancheOptions(ScenarioOptions):
+    DEFAULTS_DEPEND_ON = "avalanche_data"
     avalanche_data: str = opt("split_digits", "local data Avalanche's nc_benchmark splits: split_digits "
                               "(scikit-learn digits) or split_cifar (500/100 CIFAR-10 images per class "
                               "under --data-root)", choices=("split_digits", "split_cifar"))
     n_tasks: int = opt(5, "number of experiences (the 10 classes are split evenly)", low=1, high=10)
     class_order_seed: int = opt(-1, "seed of a random class order (-1: natural order 0..9)", low=-1)
+
+    def run_defaults(self) -> dict:   # an MLP on digits takes more epochs than the CNN on CIFAR-10
+        return {"epochs": 5 if self.avalanche_data == "split_digits" else 1, "lr": 0.05, "batch_size": 32}
 
 
 @register_scenario("avalanche", AvalancheOptions)
@@ -171,14 +175,13 @@ def avalanche_scenario(o: AvalancheOptions, run) -> Scenario:
     if 10 % o.n_tasks:
         raise UserError(f"--n-tasks {o.n_tasks} must divide the 10 classes evenly for Avalanche's nc_benchmark")
     x_train, y_train, x_test, y_test, backbone = local_data(o.avalanche_data, run)
-    setting = run.setting or "class_il"
+    setting = o.setting_of(run)
     benchmark = nc_benchmark(tensor_dataset(x_train, y_train), tensor_dataset(x_test, y_test),
                              n_experiences=o.n_tasks, task_labels=setting == "task_il",
                              fixed_class_order=class_order(10, o.class_order_seed))
     kwargs = {"hidden": (100, 100)} if backbone == "mlp" else {}
     scenario = from_avalanche(benchmark, name="avalanche", setting=setting, backbone=backbone,
-                              defaults={"epochs": 5 if backbone == "mlp" else 1, "lr": 0.05,
-                                        "batch_size": 32}, individuals=class_ids(benchmark, x_train, y_train),
+                              defaults=o.run_defaults(), individuals=class_ids(benchmark, x_train, y_train),
                               input_kind="digits" if o.avalanche_data == "split_digits" else "natural_images", **kwargs)
     scenario.info["avalanche_data"] = o.avalanche_data
     return scenario

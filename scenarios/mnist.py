@@ -12,7 +12,7 @@ from clsim.data import load_mnist
 from clsim.errors import UserError
 from clsim.models import make_model
 from clsim.registry import register_scenario
-from clsim.scenario import Scenario, Source, Task, TaskData, class_split, single_head_width
+from clsim.scenario import Scenario, ScenarioOptions, Source, Task, TaskData, class_split, single_head_width
 from scenarios.split_cifar import first_per_class
 from scenarios.split_digits import class_order
 
@@ -28,7 +28,8 @@ PROTOCOLS = {
 
 
 @dataclass
-class MnistOptions:
+class MnistOptions(ScenarioOptions):
+    DEFAULTS_DEPEND_ON = "mnist_protocol"
     mnist_protocol: str = opt("standard", "standard: MLP 784-400-400, lr 0.1, batch 128; blip: BLIP's "
                               "MLP 784-1200 (one hidden layer), lr 0.01, batch 64", choices=tuple(PROTOCOLS))
     mnist_hidden: str = opt("", "MLP hidden sizes, comma-separated, e.g. 256,256 (empty: the protocol's)")
@@ -36,6 +37,9 @@ class MnistOptions:
     test_per_class: int = opt(0, "test images per class, the first ones in file order (0: all)", low=0)
     mnist_standardise: bool = opt(False, "standardise pixels with MNIST's mean 0.1307 and std 0.3081, as "
                                   "BLIP's and Avalanche's loaders do (default: pixels in [0, 1])")
+
+    def run_defaults(self) -> dict:
+        return dict(PROTOCOLS[self.mnist_protocol]["defaults"])
 
 
 @dataclass
@@ -46,6 +50,7 @@ class SplitMnistOptions(MnistOptions):
 
 @dataclass
 class PermutedMnistOptions(MnistOptions):
+    SETTING = "domain_il"
     n_permutations: int = opt(10, "number of tasks, each a fixed pixel permutation of all of MNIST", low=1)
     permutation_seed: int = opt(0, "seed of the pixel permutations (independent of --seed)", low=0)
 
@@ -80,7 +85,7 @@ def _scenario(name, o, setting, tasks, n_classes, shape, info) -> Scenario:
     hidden, heads = _hidden(o), [t.n_outputs for t in tasks]
     return Scenario(name, setting, tasks, input_kind="digits",
                     make_model=lambda: make_model("mlp", shape, setting, heads, n_classes, hidden=hidden),
-                    defaults=dict(PROTOCOLS[o.mnist_protocol]["defaults"]),
+                    defaults=o.run_defaults(),
                     info={**info, "hidden": list(hidden), "protocol": o.mnist_protocol})
 
 
@@ -88,7 +93,7 @@ def _scenario(name, o, setting, tasks, n_classes, shape, info) -> Scenario:
 def split_mnist(o: SplitMnistOptions, run) -> Scenario:
     """MNIST from the IDX files under --data-root, 5 tasks x 2 digits (class_il, task_il or domain_il)."""
     x_train, y_train, x_test, y_test = _subset(o, run)
-    setting = run.setting or "class_il"
+    setting = o.setting_of(run)
     tasks = class_split(x_train, y_train, x_test, y_test, class_order(10, o.class_order_seed), o.n_tasks, setting,
                         population="MNIST training images")
     return _scenario("split_mnist", o, setting, tasks, single_head_width(tasks, setting, 10), tuple(x_train.shape[1:]),
@@ -99,7 +104,7 @@ def split_mnist(o: SplitMnistOptions, run) -> Scenario:
 def permuted_mnist(o: PermutedMnistOptions, run) -> Scenario:
     """MNIST under 10 fixed pixel permutations, one task each (domain_il: one shared 10-way head)."""
     x_train, y_train, x_test, y_test = _subset(o, run)
-    setting = run.setting or "domain_il"
+    setting = o.setting_of(run)
     shape, pixels = tuple(x_train.shape[1:]), x_train[0].numel()
     g = torch.Generator().manual_seed(o.permutation_seed)
     everyone = Source("MNIST training images", torch.arange(len(y_train)))   # the same people in every task

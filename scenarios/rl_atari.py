@@ -27,6 +27,7 @@ PRESETS = {
 @dataclass
 class AtariOptions(redefaults(PPOOptions, ppo_steps=128, ppo_epochs=4, ppo_gamma=0.99, ppo_gae_lambda=0.95,
                               ppo_clip=0.1, ppo_entropy_coef=0.01)):
+    RUN_DEFAULTS = {**PPOOptions.RUN_DEFAULTS, "lr": 2.5e-4, "batch_size": 256}
     atari_games: str = opt("reduced", "a preset (" + ", ".join(f"{k}: {v}" for k, v in PRESETS.items())
                            + ") or comma-separated games among " + ", ".join(HUMAN))
     atari_max_steps: int = opt(2_000, "cap on an episode's agent steps (4 frames each; 27000 = the "
@@ -61,8 +62,8 @@ def atari(o: AtariOptions, run):
                         f"choose among {', '.join(HUMAN)}")
     env_tasks = [EnvTask(make_env(g, o.atari_max_steps), reference_return=HUMAN[g]) for g in games]
     comparable = o.atari_games == "blip" and o.ppo_timesteps >= 10_000_000
-    return rl_scenario("atari", run.setting or "task_il", games, env_tasks, nature_cnn_trunk,
-                       options=o, defaults={"lr": 2.5e-4, "batch_size": 256}, input_scale=1 / 255,
+    return rl_scenario("atari", o.setting_of(run), games, env_tasks, nature_cnn_trunk,
+                       options=o, defaults=o.run_defaults(), input_scale=1 / 255,
                        separate_critic=False,
                        info={"games": games, "reference": "human scores",
                              "comparable_to_papers": comparable,

@@ -37,6 +37,7 @@ HELP = ("a preset (" + ", ".join(f"{k}: {v}" for k, v in PRESETS.items()) + ") o
 
 @dataclass
 class CartPoleOptions(redefaults(PPOOptions, ppo_timesteps=100_000)):
+    RUN_DEFAULTS = {**PPOOptions.RUN_DEFAULTS, "lr": 1e-3, "batch_size": 256, "ewc_lambda": 1e4}
     cartpole_tasks: str = opt("perm", HELP)
 
 
@@ -72,6 +73,6 @@ def cartpole(o: CartPoleOptions, run) -> "Scenario":  # noqa: F821
     """CartPole-v1 variants (actions swapped, observations negated/permuted, physics) for PPO."""
     names = variant_names(o.cartpole_tasks, PRESETS, "--cartpole-tasks")
     env_tasks = [EnvTask(make_env(*parse_task(n)), reference_return=500.0) for n in names]
-    return rl_scenario("cartpole", run.setting or "task_il", names, env_tasks, lambda: mlp_trunk(4, o.ppo_hidden),
-                       options=o, defaults={"lr": 1e-3, "batch_size": 256, "ewc_lambda": 1e4},
+    return rl_scenario("cartpole", o.setting_of(run), names, env_tasks, lambda: mlp_trunk(4, o.ppo_hidden),
+                       options=o, defaults=o.run_defaults(),
                        info={"tasks": names, "env": "CartPole-v1"})

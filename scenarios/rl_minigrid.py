@@ -20,6 +20,7 @@ VIEW = 7 * 7 * 20   # one-hot partial view: 7x7 cells x (11 objects + 6 colours 
 @dataclass
 class MiniGridOptions(redefaults(PPOOptions, ppo_timesteps=100_000, ppo_steps=128, ppo_epochs=10, ppo_gamma=0.99,
                                  ppo_gae_lambda=0.95, ppo_eval_episodes=20)):
+    RUN_DEFAULTS = {**PPOOptions.RUN_DEFAULTS, "lr": 2.5e-4, "batch_size": 64}
     minigrid_tasks: str = opt(SEQUENCE, "comma-separated MiniGrid env names without the 'MiniGrid-' "
                               "prefix and '-v0' suffix; all must share the 7 MiniGrid actions")
 
@@ -52,7 +53,7 @@ def minigrid_sequence(o: MiniGridOptions, run):
             raise UserError(f"--minigrid-tasks: {name} has {space.n} actions, not MiniGrid's 7")
     # Success = reaching the goal: MiniGrid pays 1 - 0.9·steps/max_steps there and 0 otherwise.
     env_tasks = [EnvTask(make_env(n), reference_return=1.0, success_above=0.0) for n in names]
-    return rl_scenario("minigrid", run.setting or "task_il", names, env_tasks, lambda: mlp_trunk(VIEW, o.ppo_hidden),
-                       options=o, defaults={"lr": 2.5e-4, "batch_size": 64},
+    return rl_scenario("minigrid", o.setting_of(run), names, env_tasks, lambda: mlp_trunk(VIEW, o.ppo_hidden),
+                       options=o, defaults=o.run_defaults(),
                        info={"tasks": [env_id(n) for n in names],
                              "observation": "OneHotPartialObsWrapper + ImgObsWrapper + FlattenObservation"})

@@ -36,6 +36,7 @@ REWARD_SCALE = 0.01
 @dataclass
 class PendulumOptions(redefaults(PPOOptions, ppo_timesteps=100_000, ppo_envs=4, ppo_steps=1024, ppo_epochs=10,
                                  ppo_gamma=0.9, ppo_gae_lambda=0.95)):
+    RUN_DEFAULTS = {**PPOOptions.RUN_DEFAULTS, "lr": 1e-3, "batch_size": 64}
     pendulum_tasks: str = opt("conflict", HELP)
 
 
@@ -59,6 +60,6 @@ def pendulum(o: PendulumOptions, run) -> "Scenario":  # noqa: F821
     names = variant_names(o.pendulum_tasks, PRESETS, "--pendulum-tasks")
     # Reference 0: the ceiling (every step costs >= 0); a swung-up, balanced pole scores about -150.
     env_tasks = [EnvTask(make_env(n), reference_return=0.0) for n in names]
-    return rl_scenario("pendulum", run.setting or "task_il", names, env_tasks, lambda: mlp_trunk(3, o.ppo_hidden),
-                       options=o, defaults={"lr": 1e-3, "batch_size": 64},
+    return rl_scenario("pendulum", o.setting_of(run), names, env_tasks, lambda: mlp_trunk(3, o.ppo_hidden),
+                       options=o, defaults=o.run_defaults(),
                        info={"tasks": names, "env": "Pendulum-v1", "training_reward_scale": REWARD_SCALE})

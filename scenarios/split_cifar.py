@@ -12,12 +12,13 @@ from clsim.config import opt
 from clsim.data import load_cifar10
 from clsim.models import make_model
 from clsim.registry import register_scenario
-from clsim.scenario import Scenario, class_split, single_head_width
+from clsim.scenario import Scenario, ScenarioOptions, class_split, single_head_width
 from scenarios.split_digits import class_order
 
 
 @dataclass
-class SplitCifarOptions:
+class SplitCifarOptions(ScenarioOptions):
+    RUN_DEFAULTS = {"epochs": 1, "lr": 0.05, "batch_size": 32}
     n_tasks: int = opt(5, "number of tasks (the 10 classes are split evenly)", low=1, high=10)
     class_order_seed: int = opt(-1, "seed of a random class order (-1: natural order 0..9)", low=-1)
     train_per_class: int = opt(0, "training images per class, the first ones in file order (0: all 5000)", low=0)
@@ -66,7 +67,7 @@ def split_cifar(o: SplitCifarOptions, run) -> Scenario:
     """Real CIFAR-10 from --data-root/cifar-10-batches-py, 5 tasks x 2 classes (class_il, task_il or domain_il)."""
     x_train, y_train, x_test, y_test = _load(str(Path(run.data_root).resolve()))
     keep_train, keep_test = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
-    setting = run.setting or "class_il"
+    setting = o.setting_of(run)
     tasks = class_split(x_train[keep_train], y_train[keep_train], x_test[keep_test], y_test[keep_test],
                         class_order(10, o.class_order_seed), o.n_tasks, setting)
     heads = [t.n_outputs for t in tasks]
@@ -74,7 +75,7 @@ def split_cifar(o: SplitCifarOptions, run) -> Scenario:
                     make_model=lambda: make_model(o.backbone, (3, 32, 32), setting, heads,
                                                   single_head_width(tasks, setting, 10),
                                                   width=o.backbone_width or None),
-                    defaults={"epochs": 1, "lr": 0.05, "batch_size": 32},
+                    defaults=o.run_defaults(),
                     learner_kwargs={"augment": crop_flip} if o.augment else {},
                     info={"train_size": len(keep_train), "test_size": len(keep_test),
                           "class_order": [c for t in tasks for c in t.classes]})

@@ -9,11 +9,12 @@ import torch
 from clsim.config import opt
 from clsim.models import make_model
 from clsim.registry import register_scenario
-from clsim.scenario import Scenario, class_split, single_head_width
+from clsim.scenario import Scenario, ScenarioOptions, class_split, single_head_width
 
 
 @dataclass
-class SplitDigitsOptions:
+class SplitDigitsOptions(ScenarioOptions):
+    RUN_DEFAULTS = {"epochs": 5, "lr": 0.05, "batch_size": 32}
     n_tasks: int = opt(5, "number of tasks (the 10 classes are split evenly)", low=1, high=10)
     class_order_seed: int = opt(-1, "seed of a random class order (-1: natural order 0..9)", low=-1)
     test_fraction: float = opt(0.3, "share of each class held out for testing", low=0.05, high=0.9)
@@ -40,12 +41,12 @@ def split_digits(o: SplitDigitsOptions, run) -> Scenario:
         idx = np.flatnonzero(digits.target == c)
         test[rng.choice(idx, int(round(len(idx) * o.test_fraction)), replace=False)] = True
     test = torch.from_numpy(test)
-    setting = run.setting or "class_il"
+    setting = o.setting_of(run)
     tasks = class_split(x[~test], y[~test], x[test], y[test], class_order(10, o.class_order_seed),
                         o.n_tasks, setting)
     return Scenario("split_digits", setting, tasks,
                     make_model=lambda: make_model("mlp", (1, 8, 8), setting, [t.n_outputs for t in tasks],
                                                   single_head_width(tasks, setting, 10),
                                                   hidden=(o.hidden, o.hidden)),
-                    defaults={"epochs": 5, "lr": 0.05, "batch_size": 32}, input_kind="digits",
+                    defaults=o.run_defaults(), input_kind="digits",
                     info={"train_size": int((~test).sum()), "test_size": int(test.sum())})

@@ -373,13 +373,63 @@ def test_noise_multiplier_zero_under_privacy_says_epsilon_is_infinite(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_help_prints_each_default_once(capsys):
+def _help(argv: list[str], capsys) -> str:
     with pytest.raises(SystemExit):
-        cli.parse(["--help"])
-    text = " ".join(capsys.readouterr().out.split())
-    assert "(default: the scenario's)" in text and "(default: None)" not in text
+        cli.parse([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def _shown_default(text: str, flag: str) -> str:
+    """What --help says `flag` defaults to (its option line, not the usage line)."""
+    found = re.findall(rf"{flag} \S+ [^\[]*?\(default: ([^)]*)\)", text)
+    assert len(found) == 1, (flag, found)
+    return found[0]
+
+
+def test_help_prints_each_default_once(capsys):
+    text = _help([], capsys)
+    assert "(default: the scenario's)" not in text and "(default: None)" not in text
     assert "(default: the strategy's own: none but for the dpsgd and dplis strategies)" in text
     assert "--seed SEED one seed for everything: data order, initialisation, sampling (default: 0)" in text
+
+
+def test_help_shows_the_defaults_a_run_uses(capsys, tmp_path):
+    """--help prints the scenario's epochs, lr, batch size and setting (declared on its options, no
+    data loaded), and they are what a run records in config.json when the flags are left out."""
+    text = _help([], capsys)   # the default scenario, split_digits
+    shown = {f: _shown_default(text, f) for f in ("--epochs", "--lr", "--batch-size", "--setting")}
+    assert shown == {"--epochs": "5 for split_digits", "--lr": "0.05 for split_digits",
+                     "--batch-size": "32 for split_digits", "--setting": "class_il for split_digits"}
+    assert cli.main(["--n-tasks", "2", "--loggers", "jsonl", "--out", str(tmp_path)]) == 0
+    (run,) = tmp_path.iterdir()
+    saved = json.loads((run / "config.json").read_text())
+    assert [saved["epochs"], saved["lr"], saved["batch_size"], saved["setting"]] == [5, 0.05, 32, "class_il"]
+    # a strategy designed for another setting: --help names it, the run takes it
+    text = _help(["--strategy", "packnet"], capsys)
+    assert _shown_default(text, "--setting") == "task_il, the setting strategy packnet is designed for"
+    assert Experiment(strategy="packnet", out=None).build().hparams["setting"] == "task_il"
+
+
+def test_help_says_which_option_changes_a_default(capsys, tmp_path):
+    from test_scenarios import digits_as_mnist
+    root = str(digits_as_mnist(tmp_path))
+    text = _help(["--scenario", "split_mnist"], capsys)
+    assert _shown_default(text, "--lr") == "0.1 for split_mnist; 0.01 with --mnist-protocol blip"
+    assert _shown_default(text, "--batch-size") == "128 for split_mnist; 64 with --mnist-protocol blip"
+    assert _shown_default(text, "--epochs") == "1 for split_mnist"
+    for extra, figures in (({}, [1, 0.1, 128]), ({"mnist_protocol": "blip"}, [1, 0.01, 64])):
+        hp = Experiment(scenario="split_mnist", data_root=root, train_per_class=2, test_per_class=2,
+                        out=None, **extra).build().hparams
+        assert [hp["epochs"], hp["lr"], hp["batch_size"], hp["setting"]] == [*figures, "class_il"]
+    assert _shown_default(_help(["--scenario", "permuted_mnist"], capsys), "--setting") == "domain_il for permuted_mnist"
+    # an RL scenario's, and its recommended EWC λ in the strategy's own help line
+    text = _help(["--scenario", "cartpole", "--strategy", "ewc"], capsys)
+    assert [_shown_default(text, f) for f in ("--epochs", "--lr", "--batch-size", "--setting", "--ewc-lambda")] == \
+        ["1 for cartpole", "0.001 for cartpole", "256 for cartpole", "task_il for cartpole", "10000.0 for cartpole"]
+    # a preset's values are the defaults once it is chosen
+    text = _help(["--preset", "blip-mnist5"], capsys)
+    assert _shown_default(text, "--epochs") == "200, from preset blip-mnist5"
+    assert Experiment(preset="blip-mnist5", out=None).run_options.epochs == 200
 
 
 def test_the_progress_bar_knows_its_total_and_rescales_it():

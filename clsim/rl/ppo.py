@@ -39,13 +39,15 @@ from clsim.errors import UserError
 from clsim.learners.base import Learner, PrivacyPlan
 from clsim.rl.envs import EVAL_SEED_BASE, eval_seeds, make_vector_env, normalised, run_episodes
 from clsim.rl.models import ActorCritic
-from clsim.scenario import Task
+from clsim.scenario import ScenarioOptions, Task
 
 
 @dataclass
-class PPOOptions:
+class PPOOptions(ScenarioOptions):
     """PPO hyper-parameters; an RL scenario's options subclass this with their own defaults.
     The run options --lr (Adam) and --batch-size (minibatch) apply as well."""
+    RUN_DEFAULTS = {"epochs": 1}   # a scenario adds its lr and batch_size
+    SETTING = "task_il"
     ppo_timesteps: int = opt(100_000, "environment steps of training per task (and per --epochs)", low=1)
     ppo_envs: int = opt(8, "parallel environments in the training SyncVectorEnv", low=1)
     ppo_steps: int = opt(32, "steps per environment in each rollout", low=1)

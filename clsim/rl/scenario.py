@@ -49,6 +49,6 @@ def rl_scenario(name: str, setting: str, names: list[str], env_tasks: list[EnvTa
     return Scenario(name, setting, tasks,
                     make_model=lambda: ActorCritic(make_trunk(), actions, slots, input_scale,
                                                    make_trunk() if separate_critic else None),
-                    defaults={"epochs": 1, **defaults}, learner_cls=PPOLearner,
+                    defaults=dict(defaults), learner_cls=PPOLearner,
                     learner_kwargs={"options": options}, info={**info, "rl_protocol": protocol},
                     score_scale=1.0)
