@@ -6,9 +6,11 @@
                        it while the process lives; a killed run's lock dies with it
     reopen(partial)    --resume: takes over an interrupted run's directory (refused while its
                        process still runs); load_checkpoint cuts the loggers' files back to it
-    write_config/save_checkpoint/finish   every file is written to a temporary name and renamed,
-                       so a reader (or a resume) never sees half of one; finish writes summary.json
-                       and renames the directory to its final name
+    write_config/save_checkpoint/finish   every file is written to a temporary name, fsynced and
+                       renamed, so a reader (or a resume) never sees half of one; finish writes
+                       summary.json and renames the directory to its final name; the directory
+                       holding each new name is fsynced too (fsync_dir), so a power cut just after
+                       a rename cannot undo it
     guard()            on any failure keeps the directory once a task has finished (hidden,
                        resumable when it holds a checkpoint) and says where it is; a full disk or a
                        file-size limit becomes one line naming the file
@@ -115,6 +117,23 @@ def _lock(path: Path, wait: bool = False) -> int | None:
     return fd
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the names created or renamed in directory `path` survive a power cut: on POSIX an
+    fsync of a file covers its data, not its entry in the directory, so the directory itself is
+    fsynced. Where directories cannot be (not POSIX; /proc, some network file systems: EINVAL or
+    ENOTSUP) there is nothing more to do."""
+    if os.name != "posix":
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -123,6 +142,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise out_of_space(exc, path) or exc
@@ -149,6 +169,7 @@ class RunDirectory:
                 continue
             except OSError as exc:
                 raise UserError(f"--out {out}: cannot create a run directory there ({exc.strerror})") from None
+            fsync_dir(root)
             return cls(root, final, _lock(partial, wait=True), resumed=False)
 
     @classmethod
@@ -226,6 +247,7 @@ class RunDirectory:
                 if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
                     continue
                 raise
+            fsync_dir(self.root)   # the new name, durable before the run is reported done
             self.close()
             return final
 

@@ -3,6 +3,7 @@ torn log, two runs into one directory, hostile pickles and checkpoints, misread 
 Whatever happens, a user mistake is one line and exit 2, and nothing a run wrote is lost."""
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import os
@@ -471,3 +472,35 @@ def test_a_full_disk_is_named_with_the_file_that_could_not_be_written(tmp_path):
     assert str(rundir.out_of_space(info.value, Path("/elsewhere"))) == \
         f"the disk is full (ENOSPC) while writing {tmp_path / 'log.jsonl'}"
     assert log.file.closed   # its failed buffer is not written again at exit
+
+
+def test_renames_are_made_durable_by_fsyncing_their_directory(tmp_path, monkeypatch):
+    """After each rename (config, checkpoint, summary, the final name) the directory holding the
+    new name is fsynced: the real os.fsync runs, and each directory fsync is recorded with what
+    the directory held then."""
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd):
+        real_fsync(fd)
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            synced.append((os.fstat(fd).st_ino, sorted(os.listdir(fd))))
+    monkeypatch.setattr(os, "fsync", fsync)
+    assert cli.main(["--n-tasks", "2", "--epochs", "1", "--loggers", "jsonl", "--out", str(tmp_path)]) == 0
+    (run,) = tmp_path.iterdir()
+    root_listings = [names for ino, names in synced if ino == tmp_path.stat().st_ino]
+    run_listings = [names for ino, names in synced if ino == run.stat().st_ino]
+    assert root_listings[0] == [f".{run.name}.partial"] and root_listings[-1] == [run.name]
+    assert [n for n in run_listings if rundir.CHECKPOINT in n and rundir.CONFIG in n]   # after the checkpoint's rename
+    assert run_listings[-1] == sorted(p.name for p in run.iterdir())   # summary.json's rename, the last
+    assert not [n for n in run_listings if any(x.endswith(".tmp") for x in n)]   # always after the rename
+
+
+def test_fsync_dir_passes_over_directories_that_cannot_be_fsynced():
+    fd = os.open("/proc", os.O_RDONLY)
+    try:
+        with pytest.raises(OSError) as refused:   # Linux refuses to fsync /proc ...
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert refused.value.errno == errno.EINVAL
+    rundir.fsync_dir(Path("/proc"))   # ... which is no failure of the run
