@@ -176,6 +176,7 @@ class _HostCopy:
     def __init__(self, record: dict):
         self.record = record
         self.keys = [k for k, v in record.items() if isinstance(v, torch.Tensor)]   # the loss at least
+        self.counts = {k for k in self.keys if not (record[k].is_floating_point() or record[k].is_complex())}
         values = torch.stack([record[k].detach().double().reshape(()) for k in self.keys])
         self.event = None
         if values.device.type == "cuda":
@@ -188,7 +189,7 @@ class _HostCopy:
     def wait(self) -> dict:
         if self.event is not None:
             self.event.synchronize()   # only this step's copy; later steps keep running
-        self.record.update(zip(self.keys, self.values.tolist()))
+        self.record.update((k, int(v) if k in self.counts else v) for k, v in zip(self.keys, self.values.tolist()))
         return self.record
 
 

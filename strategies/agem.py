@@ -2,16 +2,20 @@
 
 Both keep an episodic memory: at the end of each task, `--gem-memory / n_tasks` of its training
 examples drawn at random (as Mammoth does; the authors' code fills it with the task's latest
-examples instead), kept raw on the CPU. After every backward the gradient g over all the model's
+examples instead), kept raw on the learner's device. After every backward the gradient g over all the model's
 parameters is checked against the memory's:
 
   A-GEM: g_ref, the gradient of a batch of `--agem-batch` examples drawn from the whole memory;
          if g·g_ref < 0, g ← g − (g·g_ref / g_ref·g_ref) g_ref (so the result has g·g_ref = 0).
+         The choice is made on the device (torch.where), so a GPU step never waits for the host;
+         the count of projected steps is a device tensor, read one step late in the step figures.
   GEM:   one gradient g_k per earlier task (on all its memory); if some g·g_k < 0, g ← g + Mᵀv
          with v the dual solution of the projection QP, min ½vᵀ(MMᵀ + εI)v + gᵀMᵀv subject to
          v ≥ γ (the authors' `project2cone2`: margin γ = `--gem-margin`, ε = 1e-3). quadprog is not
          a dependency: the same QP is the bounded least-squares problem
-         min ½‖Mᵀv + g‖² + ½ε‖v‖², v ≥ γ, which scipy.optimize.lsq_linear solves.
+         min ½‖Mᵀv + g‖² + ½ε‖v‖², v ≥ γ, which scipy.optimize.lsq_linear solves. Deciding
+         whether to solve it and solving it happen on the host: on a GPU, GEM waits for the
+         device every step once a task is done (inherent to a host QP solver).
 
 The memory holds raw examples, so under a privacy mechanism every task's ε is ∞ (the ledger says
 so); the memory gradient is exact, the current one the mechanism's.
@@ -24,7 +28,7 @@ import numpy as np
 import torch
 
 from clsim.config import opt
-from clsim.learners import Batch
+from clsim.learners import Batch, to_device
 from clsim.metrics import tensor_bytes
 from clsim.registry import register_strategy
 from clsim.strategy import Strategy
@@ -49,12 +53,14 @@ class EpisodicMemory(Strategy):
         super().setup(learner, scenario, mechanism)
         self.per_task = max(1, self.options.gem_memory // len(scenario.tasks))
         self.memory: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (x, y, t) per task
-        self.projected = 0          # steps whose gradient was changed
+        self.projected = 0          # steps whose gradient was changed (A-GEM: a 0-dim device tensor)
         self._dot = None
 
     def after_task(self, task):
         pick = torch.randperm(len(task.train), generator=self.learner.generator)[:self.per_task]
-        self.memory.append((task.train.x[pick], task.train.y[pick], torch.full((len(pick),), task.index)))
+        dev = self.learner.device
+        self.memory.append((task.train.x[pick].to(dev), task.train.y[pick].to(dev),
+                            torch.full((len(pick),), task.index, device=dev)))
         self.ledger.raw(task.dataset_id, f"{type(self).__name__.lower()} episodic memory")
 
     def params(self) -> list[torch.nn.Parameter]:
@@ -85,16 +91,16 @@ class EpisodicMemory(Strategy):
         projected = self.project(g)
         if projected is not None:
             self.set_gradient(projected)
-            self.projected += 1
 
     def project(self, g: torch.Tensor) -> torch.Tensor | None:
+        """The gradient to step with (None: g unchanged); counts the steps it changes."""
         raise NotImplementedError
 
     def step_metrics(self):
         return {"strategy/projected_steps": self.projected}
 
     def task_metrics(self):
-        return {"projected_steps": self.projected, "memory_bytes": tensor_bytes(self.state_tensors())}
+        return {"projected_steps": int(self.projected), "memory_bytes": tensor_bytes(self.state_tensors())}
 
     def state_tensors(self):
         return [tensor for entry in self.memory for tensor in entry]
@@ -111,11 +117,12 @@ class AGEM(EpisodicMemory):
     def project(self, g):
         x, y, t = (torch.cat(column) for column in zip(*self.memory))
         pick = torch.randperm(len(y), generator=self.learner.generator)[:self.options.agem_batch]
+        pick = to_device(pick, self.learner.device)
         ref = self.memory_gradient(x[pick], y[pick], t[pick])
         dot = torch.dot(g, ref)
-        if dot >= 0:
-            return None
-        return g - dot / torch.dot(ref, ref) * ref
+        conflict = dot < 0
+        self.projected = self.projected + conflict.long()
+        return torch.where(conflict, g - dot / torch.dot(ref, ref) * ref, g)
 
 
 @register_strategy("gem")
@@ -128,8 +135,9 @@ class GEM(EpisodicMemory):
 
     def project(self, g):
         memories = torch.stack([self.memory_gradient(*entry) for entry in self.memory])   # M: [tasks, params]
-        if bool((memories @ g >= 0).all()):
+        if bool((memories @ g >= 0).all()):     # a host read: the QP below runs on the host anyway
             return None
+        self.projected += 1
         from scipy.optimize import lsq_linear
         m = memories.double().cpu().numpy()
         eps = 1e-3

@@ -28,23 +28,27 @@ import torch.nn.functional as F
 
 from clsim.config import opt
 from clsim.flops import TrainingFlops
-from clsim.learners import Batch
+from clsim.learners import Batch, to_device
 from clsim.metrics import tensor_bytes
 from clsim.registry import register_strategy
 from clsim.strategy import Strategy
 
 
 class ReservoirBuffer:
-    """Fixed-size reservoir of (x, y, t, logits); storage is allocated on the first insert."""
+    """Fixed-size reservoir of (x, y, t, logits); storage is allocated on the first insert.
 
-    def __init__(self, size: int, generator: torch.Generator):
-        self.size, self.generator = size, generator
+    x, y and logits live on `device` (the learner's); the slots are decided on the host from the
+    seeded generator and the counts alone (never from the data), and the task ids are kept on the
+    host too, so that neither an insert nor a draw makes the host wait for a GPU."""
+
+    def __init__(self, size: int, generator: torch.Generator, device: torch.device | str = "cpu"):
+        self.size, self.generator, self.device = size, generator, torch.device(device)
         self.seen = 0          # examples offered so far, across epochs and tasks
         self.count = 0         # filled slots
         self.x = self.y = self.t = self.logits = None
 
     def add(self, x, y, t, logits) -> torch.Tensor:
-        """Offer a batch in order; returns the slot each example went to (-1: not kept)."""
+        """Offer a batch in order (t on the host); returns the slot each example went to (-1: not kept)."""
         n = len(y)
         position = self.seen + torch.arange(n)                      # 0-based arrival number
         draw = (torch.rand(n, generator=self.generator) * (position + 1)).long()
@@ -52,10 +56,10 @@ class ReservoirBuffer:
         slot = torch.where(slot < self.size, slot, torch.full_like(slot, -1))
         self.seen += n
         if self.x is None:
-            dev = x.device
+            dev = self.device
             self.x = torch.zeros((self.size, *x.shape[1:]), dtype=x.dtype, device=dev)
             self.y = torch.zeros(self.size, dtype=y.dtype, device=dev)
-            self.t = torch.zeros(self.size, dtype=torch.long, device=dev)
+            self.t = torch.zeros(self.size, dtype=torch.long)
             self.logits = torch.zeros((self.size, logits.shape[1]), dtype=logits.dtype, device=dev)
         # Within one batch a later example overwrites an earlier one on the same slot, as if
         # they had been offered one at a time: keep only each slot's last writer.
@@ -63,8 +67,10 @@ class ReservoirBuffer:
         later = (slot.unsqueeze(0) == slot.unsqueeze(1)).triu(1).any(1)
         keep &= ~later
         rows, slots = keep.nonzero().squeeze(1), slot[keep]
-        self.x[slots], self.y[slots], self.t[slots] = x[rows], y[rows], t[rows]
-        self.logits[slots] = self._fit(logits[rows])
+        self.t[slots] = t[rows]
+        rows, slots = to_device(rows, self.device), to_device(slots, self.device)
+        self.x[slots], self.y[slots] = x[rows].to(self.device), y[rows].to(self.device)
+        self.logits[slots] = self._fit(logits[rows].to(self.device))
         self.count = min(self.size, self.count + int((position < self.size).sum()))
         return slot
 
@@ -80,9 +86,11 @@ class ReservoirBuffer:
         return torch.cat([logits, logits.new_full((len(logits), width - logits.shape[1]), float("-inf"))], 1)
 
     def sample(self, k: int):
-        """k distinct stored examples drawn uniformly (all of them when fewer are stored)."""
+        """k distinct stored examples drawn uniformly (all of them when fewer are stored); the
+        task ids on the host, the rest on the buffer's device."""
         pick = torch.randperm(self.count, generator=self.generator)[:k]
-        return self.x[pick], self.y[pick], self.t[pick], self.logits[pick]
+        rows = to_device(pick, self.device)
+        return self.x[rows], self.y[rows], self.t[pick], self.logits[rows]
 
     def tensors(self) -> list[torch.Tensor]:
         return [] if self.x is None else [self.x, self.y, self.t, self.logits]
@@ -93,7 +101,8 @@ class ReservoirBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.seen, self.count = state["seen"], state["count"]
         if state["tensors"]:
-            self.x, self.y, self.t, self.logits = state["tensors"]
+            x, y, t, logits = state["tensors"]
+            self.x, self.y, self.t, self.logits = x.to(self.device), y.to(self.device), t.cpu(), logits.to(self.device)
 
 
 @dataclass
@@ -114,7 +123,7 @@ class Replay(Strategy):
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
-        self.buffer = ReservoirBuffer(self.options.replay_size, learner.generator)
+        self.buffer = ReservoirBuffer(self.options.replay_size, learner.generator, learner.device)
         self.flops = TrainingFlops(learner.model, scenario.tasks[0].train.x[:1])
         self._pending = None
         self._forwarded = None
@@ -138,19 +147,24 @@ class Replay(Strategy):
 
     def loss(self, batch, losses, outputs):
         losses = self.current_losses(batch, losses, outputs)
-        forwarded = [batch.t]
+        forwarded = [self.host_task_ids(len(batch.y))]   # task ids on the host, for the FLOP count
         if self.buffer.count:            # as Mammoth: whenever the buffer holds examples
             k = self.options.replay_batch or self.learner.batch_size
             losses, self._last_terms = self.add_replay(losses, k, forwarded)
-        self._forwarded = torch.cat([t.cpu() for t in forwarded])
+        self._forwarded = torch.cat(forwarded)
         self._pending = (batch, outputs.detach())
         return losses
 
+    def host_task_ids(self, n: int) -> torch.Tensor:
+        """The task id of each of n current examples, known on the host (every training batch is
+        the current task's)."""
+        return torch.full((n,), self.task.index, dtype=torch.long)
+
     def add_replay(self, losses: torch.Tensor, k: int, forwarded: list) -> tuple[torch.Tensor, dict]:
         """ER: the current losses with the buffer draw's appended, so that their mean is Mammoth's
-        cross-entropy over the concatenated batch; and the figures. Appends the task ids forwarded."""
-        x, y, t, _ = self.draw(k)
-        forwarded.append(t)
+        cross-entropy over the concatenated batch; and the figures. Appends the (host) task ids
+        forwarded."""
+        x, y, t, _ = self.draw(k, forwarded)
         replayed = self.learner.forward(Batch(x, y, t, torch.full((len(y),), -1)))[0]
         return torch.cat([losses, self.options.er_weight * replayed]), {"replay_ce": replayed.detach().mean()}
 
@@ -158,17 +172,19 @@ class Replay(Strategy):
         self.count_flops()
         batch, outputs = self._pending
         x = batch.x
-        if self.learner.augment is not None and bool((batch.index >= 0).all()):
-            x = self.task.train.x[batch.index.cpu()]   # keep the example un-augmented; draws augment it
-        self.buffer.add(x.cpu(), batch.y.cpu(), batch.t.cpu(), outputs.cpu())
+        if self.learner.augment is not None and bool((batch.index >= 0).all()):   # a host index
+            # keep the example un-augmented (draws augment it), from the device's copy of the data
+            x = self.learner.resident(self.task.train).x[to_device(batch.index, self.learner.device)]
+        self.buffer.add(x, batch.y, self.host_task_ids(len(batch.y)), outputs)
 
-    def draw(self, k: int):
-        """k buffer examples on the learner's device (augmented like training batches)."""
+    def draw(self, k: int, forwarded: list):
+        """k buffer examples on the learner's device (augmented like training batches); appends
+        their task ids (on the host) to `forwarded`."""
         x, y, t, logits = self.buffer.sample(k)
+        forwarded.append(t)
         if self.learner.augment is not None:
             x = self.learner.augment(x, self.learner.generator)
-        dev = self.learner.device
-        return x.to(dev), y.to(dev), t.to(dev), logits.to(dev)
+        return x, y, to_device(t, self.learner.device), logits
 
     # FLOPs: dense here; SparCL overrides the densities.
     def weight_density(self) -> dict[str, float]:
@@ -223,15 +239,14 @@ class DERPP(Replay):
     def add_replay(self, losses, k, forwarded):
         """DER++: the buffer terms (a scalar) added to every current loss, so that their mean is
         mean CE(current) + α·MSE + β·CE(buffer), as in Mammoth."""
-        x1, _, t1, stored = self.draw(k)
+        x1, _, t1, stored = self.draw(k, forwarded)
         now = self.learner.model(x1, t1)
         # MSE over the logits each example has (padding of narrower task heads is -inf in both).
         valid = torch.isfinite(stored)
         diff = torch.where(valid, now - torch.where(valid, stored, 0.0), 0.0)
         mse = (diff.pow(2).sum(1) / valid.sum(1).clamp(min=1)).mean()
-        x2, y2, t2, _ = self.draw(k)
+        x2, y2, t2, _ = self.draw(k, forwarded)
         ce = self.learner.forward(Batch(x2, y2, t2, torch.full((len(y2),), -1)))[0].mean()
-        forwarded += [t1, t2]
         o = self.options
         return losses + o.derpp_alpha * mse + o.derpp_beta * ce, {"derpp_mse": mse.detach(),
                                                                   "replay_ce": ce.detach()}

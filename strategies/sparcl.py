@@ -45,6 +45,7 @@ from torch import nn
 from clsim.config import opt, redefault
 from clsim.errors import UserError
 from clsim.flops import weight_layers
+from clsim.learners import to_device
 from clsim.registry import register_strategy
 from strategies.replay import DERPP, ER, Replay, ReplayOptions
 
@@ -129,7 +130,7 @@ class SparCL(Replay):
             self.masks[name] = keep_top(w.abs(), self.active_count(w, self.options.sparcl_sparsity))
             w.mul_(self.masks[name])
         self.active = {n: self.active_count(m, self.options.sparcl_sparsity) for n, m in self.masks.items()}
-        self.grad_masks = {n: m.clone() for n, m in self.masks.items()}
+        self.reset_grad_masks()
         self.last_grads: dict[str, torch.Tensor] = {}
         self.epoch = self.step_in_epoch = 0
         self.swaps: list[dict] = []   # per update and layer: entries pruned and regrown
@@ -169,7 +170,7 @@ class SparCL(Replay):
             self.masks[name] = mask
             self.active[name] = self.active_count(w, upper)   # pruned to `lower`, regrown to `upper`
             record[name] = {"pruned": pruned, "regrown": int((mask.bool() & ~old.bool()).sum())}
-        self.grad_masks = {n: m.clone() for n, m in self.masks.items()}
+        self.reset_grad_masks()
         self.swaps.append(record)
 
     # -- data removal ----------------------------------------------------------------------------
@@ -183,15 +184,18 @@ class SparCL(Replay):
             self.ledger.raw(task.dataset_id, "sparcl data-removal statistics")
 
     def reset_window(self, n: int) -> None:
-        self.last_correct = torch.zeros(n, dtype=torch.bool)
-        self.presented = torch.zeros(n, dtype=torch.bool)
-        self.ever_correct = torch.zeros(n, dtype=torch.bool)
-        self.forgets = torch.zeros(n, dtype=torch.long)
+        """The window's per-example record, on the learner's device: updated every step without
+        a host read, read on the host only at a removal round."""
+        dev = self.learner.device
+        self.last_correct = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.presented = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.ever_correct = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.forgets = torch.zeros(n, dtype=torch.long, device=dev)
 
     def forgetting_scores(self) -> torch.Tensor:
-        """Forgetting events per example in the window; never-learned examples rank highest."""
+        """Forgetting events per example in the window (on the host); never-learned examples rank highest."""
         never = torch.iinfo(torch.long).max
-        return torch.where(self.ever_correct, self.forgets, torch.full_like(self.forgets, never))
+        return torch.where(self.ever_correct, self.forgets, torch.full_like(self.forgets, never)).cpu()
 
     def removal_per_round(self, n: int) -> int:
         return int(self.options.sparcl_remove * n) // self.options.sparcl_remove_rounds
@@ -211,10 +215,10 @@ class SparCL(Replay):
         return self.kept
 
     def record_correctness(self, batch, outputs) -> None:
-        index = batch.index.cpu()
-        if (index < 0).any():
+        if (batch.index < 0).any():     # the index is the host's
             return
-        correct = (outputs.detach().argmax(1) == batch.y).cpu()
+        index = to_device(batch.index, self.learner.device)
+        correct = outputs.detach().argmax(1) == batch.y
         forgot = self.presented[index] & self.last_correct[index] & ~correct
         self.forgets[index] += forgot.long()
         self.ever_correct[index] |= correct
@@ -253,6 +257,7 @@ class SparCL(Replay):
                 # the official percentile over the whole tensor, active weights only (ties stay inside)
                 k = min(self.active_count(g, self.options.sparcl_grad_sparsity), self.active[name])
                 self.grad_masks[name] = keep_top(torch.where(self.masks[name].bool(), g.abs(), -1.0), k)
+                self.grad_kept[name] = k     # keep_top sets exactly k entries
             g.mul_(self.grad_masks[name])
 
     @torch.no_grad()
@@ -261,12 +266,19 @@ class SparCL(Replay):
             layer.weight.mul_(self.masks[name])
         super().after_step()
 
+    def reset_grad_masks(self) -> None:
+        """Gradient masks equal to the weight masks, and both masks' entry counts on the host (read
+        here, when the weight masks change, so that the per-step FLOP count reads nothing)."""
+        self.grad_masks = {n: m.clone() for n, m in self.masks.items()}
+        self.weight_kept = {n: int(m.sum()) for n, m in self.masks.items()}
+        self.grad_kept = dict(self.weight_kept)
+
     # -- figures ---------------------------------------------------------------------------------
     def weight_density(self):
-        return {n: float(m.sum()) / m.numel() for n, m in self.masks.items()}
+        return {n: self.weight_kept[n] / m.numel() for n, m in self.masks.items()}
 
     def grad_density(self):
-        return {n: float(m.sum()) / m.numel() for n, m in self.grad_masks.items()}
+        return {n: self.grad_kept[n] / m.numel() for n, m in self.grad_masks.items()}
 
     def model_density(self) -> float:
         """Non-zero share of all Conv2d/Linear weights of the model."""
@@ -303,4 +315,4 @@ class SparCL(Replay):
         super().load_state_dict(state)
         self.masks = state["masks"]
         self.active = {n: int(m.sum()) for n, m in self.masks.items()}
-        self.grad_masks = {n: m.clone() for n, m in self.masks.items()}
+        self.reset_grad_masks()

@@ -11,4 +11,4 @@ A learner offers what strategies need, and nothing else:
 Optional: step_metrics() (figures per step) and score_details() (e.g. raw RL returns recorded
 as extra matrices beside the score matrix).
 """
-from clsim.learners.base import Batch, Learner  # noqa: F401
+from clsim.learners.base import Batch, Learner, to_device  # noqa: F401

@@ -16,6 +16,15 @@ class Batch(NamedTuple):
     task: int | None = None  # the one task of every example, when known on the host (no device read)
 
 
+def to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (an index decided by a seeded host generator) on `device`. On CUDA it goes
+    through pinned memory asynchronously: a plain copy from pageable memory would make the host
+    wait for every queued kernel. Unchanged on the CPU."""
+    if device.type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
+
+
 class PrivacyPlan(NamedTuple):
     """How a privacy mechanism samples a task's privacy units (clsim/privacy/dpsgd.py)."""
     units: int               # N: units in the task (δ must stay below 1/N)
