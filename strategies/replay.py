@@ -127,6 +127,7 @@ class Replay(Strategy):
         self.flops = TrainingFlops(learner.model, scenario.tasks[0].train.x[:1])
         self._pending = None
         self._forwarded = None
+        self._allowed = None      # class_il: the current task's classes, as a device mask
         self._last_terms: dict[str, torch.Tensor] = {}   # 0-dim: read a step late on a GPU
         self.tasks_done = 0
 
@@ -135,15 +136,17 @@ class Replay(Strategy):
 
     def before_task(self, task):
         self.task = task
+        self._allowed = None
         self.ledger.raw(task.dataset_id, "replay buffer")
 
     def current_losses(self, batch, losses, outputs):
         """Cross-entropy of the current batch, optionally over the current task's classes only."""
         if not (self.options.replay_mask_current and self.scenario.setting == "class_il"):
             return losses
-        allowed = torch.zeros(outputs.shape[1], dtype=torch.bool, device=outputs.device)
-        allowed[list(self.task.classes)] = True
-        return F.cross_entropy(outputs.masked_fill(~allowed, float("-inf")), batch.y, reduction="none")
+        if self._allowed is None or len(self._allowed) != outputs.shape[1]:   # once per task: a host copy
+            self._allowed = torch.zeros(outputs.shape[1], dtype=torch.bool, device=outputs.device)
+            self._allowed[list(self.task.classes)] = True
+        return F.cross_entropy(outputs.masked_fill(~self._allowed, float("-inf")), batch.y, reduction="none")
 
     def loss(self, batch, losses, outputs):
         losses = self.current_losses(batch, losses, outputs)

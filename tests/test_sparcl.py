@@ -75,6 +75,8 @@ def test_weight_masks_density_swaps_and_zeros_after_every_step(cifar_root):
             for name, layer in st.layers.items():
                 assert torch.all(layer.weight[st.masks[name] == 0] == 0), (name, record["step"])
             masks = {n: m.clone() for n, m in st.masks.items()}
+            # the densities counted on the host (no per-step device read) are the masks' own
+            assert st.weight_density() == {n: float(m.sum()) / m.numel() for n, m in masks.items()}
             if (record["task"], record["epoch"]) == self.epoch:
                 assert all(torch.equal(masks[n], self.last[n]) for n in masks)   # no change mid-epoch
             else:
@@ -119,6 +121,7 @@ def test_gradient_masks_after_refresh_and_between(cifar_root):
             for name, layer in st.layers.items():
                 g, gmask, wmask = layer.weight.grad, st.grad_masks[name], st.masks[name]
                 assert torch.all(gmask <= wmask) and torch.all(g[gmask == 0] == 0)
+                assert st.grad_density()[name] == float(gmask.sum()) / gmask.numel()   # host count = mask's
                 if fresh:
                     assert abs(float(gmask.mean()) - (1 - s) * keep) < 0.005, (name, float(gmask.mean()))
                     # entries of exactly-zero gradient (dead units) cannot count as non-zero
