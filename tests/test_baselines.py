@@ -203,6 +203,29 @@ def test_agem_projects_a_conflicting_gradient_onto_the_reference_gradients_half_
     assert torch.equal(get_grad(params), agreeing) and agem.projected == 1   # left alone
 
 
+def test_agem_counts_projected_steps_as_integers_in_every_step_record():
+    """A-GEM's count lives on the device (read one step late like the loss): the step records still
+    carry it as an integer that grows by at most one a step and ends at the task record's count."""
+    from clsim import Experiment
+
+    class Watch:
+        def __init__(self):
+            self.steps, self.tasks = [], []
+
+        def step(self, record):
+            self.steps.append(record.get("strategy/projected_steps"))
+
+        def task(self, record):
+            self.tasks.append(record["strategy"]["projected_steps"])
+
+    parts = Experiment.from_argv(["--strategy", "agem", "--epochs", "1", "--n-tasks", "2"]).build()
+    parts.loggers = [watch := Watch()]
+    parts.train()
+    assert all(type(n) is int for n in watch.steps), set(map(type, watch.steps))
+    assert all(0 <= b - a <= 1 for a, b in zip(watch.steps, watch.steps[1:]))
+    assert watch.tasks[0] == 0 < watch.tasks[-1] == watch.steps[-1]
+
+
 def test_gem_solves_its_dual_qp_one_constraint_by_hand_and_two_constraints_feasible():
     from strategies.agem import GEM
     _, _, _, gem, params, (m,) = memory_and_gradients(GEM, GEM.Options(gem_memory=100, gem_margin=0.5))

@@ -91,8 +91,9 @@ def test_training_steps_do_not_wait_for_the_device(tmp_path):
 # decided on the host travel through pinned memory, and A-GEM chooses its projection on the device.
 STEP_READS = {
     "gem": "the QP is solved with scipy on the host every step (strategies/agem.py)",
-    "dpsgd": "each Poisson batch's index is built on the host and copied to the device every step",
-    "dplis": "each Poisson batch's index is built on the host and copied to the device every step",
+    "dpsgd": "each Poisson batch is drawn on the host (its index now travels asynchronously); Opacus's "
+             "clipping and noise steps have not been read for host waits",
+    "dplis": "as dpsgd, and DPlis's K perturbed copies have not been read for host waits",
 }
 
 

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from clsim.learners.base import Batch, Learner
+from clsim.learners.base import Batch, Learner, to_device
 from clsim.scenario import TaskData
 
 
@@ -56,9 +56,9 @@ class SupervisedLearner(Learner):
         data = self.resident(task.train)
         index = torch.arange(len(data)) if subset is None else subset
         order = index[torch.randperm(len(index), generator=self.generator)]
-        # Slicing device data with a host index copies it from pageable memory, which waits for
-        # every queued kernel: one copy per epoch instead of one per batch (a no-op on the CPU).
-        on_device = order.to(self.device)
+        # One copy of the order per call (an epoch; a Poisson batch under DP-SGD), not per batch,
+        # through pinned memory: a copy from pageable memory would wait for every queued kernel.
+        on_device = to_device(order, self.device)
         for chunk, rows in zip(order.split(self.batch_size), on_device.split(self.batch_size)):
             x = data.x[rows]
             if self.augment is not None:
