@@ -105,6 +105,10 @@ class EpisodicMemory(Strategy):
     def state_tensors(self):
         return [tensor for entry in self.memory for tensor in entry]
 
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.memory = [tuple(t.to(self.learner.device) for t in entry) for entry in self.memory]
+
 
 @register_strategy("agem")
 class AGEM(EpisodicMemory):

@@ -313,6 +313,6 @@ class SparCL(Replay):
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.masks = state["masks"]
+        self.masks = {n: m.to(self.learner.device) for n, m in state["masks"].items()}
         self.active = {n: int(m.sum()) for n, m in self.masks.items()}
         self.reset_grad_masks()
