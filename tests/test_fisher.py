@@ -170,3 +170,50 @@ def test_fisher_of_conv_models_matches_reference(kind):
     for n in names:
         torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-9)
         assert slow[n].abs().sum() > 0, n
+
+
+# ------------------------------------------------------------ scale: what a published λ multiplies
+
+def label_weighted_and_argmax_fishers(learner, x, t, names, classes):
+    """The two Fishers of van de Ven's code, over the examples x: E_{y~p}[g_y²] computed exactly
+    (fisher_labels='all', its default since 2022) and g²(argmax label) (its 2019 code)."""
+    with torch.no_grad():
+        probs = learner.logits(x, t).softmax(1)
+    exact = {n: 0 for n in names}
+    for c in range(classes):
+        rows = per_example_grads(learner, names, x, torch.full((len(x),), c), t)
+        for n, g in rows.items():
+            exact[n] = exact[n] + (probs[:, c].view(-1, *[1] * (g.dim() - 1)) * g.square()).mean(0)
+    argmax = {n: g.square().mean(0) for n, g in per_example_grads(learner, names, x, probs.argmax(1), t).items()}
+    return exact, argmax
+
+
+def test_sampled_fisher_has_the_scale_of_van_de_vens_label_weighted_fisher():
+    """clsim's true Fisher (a label drawn from the model per example, mean over examples) is an
+    unbiased estimate of E_{y~p}[g_y²], the Fisher van de Ven's code computes by weighting all
+    labels: a λ from that code means the same stiffness here (the vdv presets rely on it). Its
+    2019 code used the argmax label instead, (1 - p̂)/p̂ times smaller on a 2-way head."""
+    scenario, learner = make_learner("task_il")
+    task = scenario.tasks[0]
+    data = learner.resident(task.train)
+    opt = torch.optim.SGD(learner.model.parameters(), lr=0.5)
+    for _ in range(30):                     # a confident model: there the two 2019/2022 scales part
+        opt.zero_grad()
+        F.cross_entropy(learner.logits(data.x, task.index), data.y).backward()
+        opt.step()
+    learner.model.eval()
+    names = list(learner.shared_parameters())
+    exact, argmax = label_weighted_and_argmax_fishers(learner, data.x, task.index, names, 2)
+    draws = 40
+    sampled = {n: 0 for n in names}
+    for r in range(draws):                  # every example, labels redrawn each time
+        learner.generator.manual_seed(r)
+        for n, f in diagonal_fisher(learner, task, names, len(data.x), empirical=False).items():
+            sampled[n] = sampled[n] + f / draws
+    total = lambda d: float(sum(v.sum() for v in d.values()))    # noqa: E731
+    assert total(sampled) == pytest.approx(total(exact), rel=0.05)
+    for n in names:                         # per weight too, where the Fisher is not negligible
+        big = exact[n] > exact[n].max() * 0.1
+        assert torch.corrcoef(torch.stack([sampled[n][big], exact[n][big]]))[0, 1] > 0.95
+        assert (argmax[n] <= exact[n] * (1 + 1e-4) + 1e-12).all()
+    assert total(argmax) < 0.5 * total(exact)
