@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from clsim.config import opt
+from clsim.errors import UserError
+from clsim.learners.supervised import SupervisedLearner
 from clsim.registry import register_strategy
 from clsim.strategy import Strategy
 
@@ -36,8 +38,10 @@ class EWC(Strategy):
                         "online: one running pair, F ← γ·F + F_t and θ* ← θ*_t",
                         choices=("separate", "online"))
         gamma: float = opt(1.0, "online mode: decay γ of the running Fisher, F ← γ·F + F_t", low=0.0, high=1.0)
-        fisher: str = opt("true", "true: labels sampled from the model; empirical: the data's labels",
-                          choices=("true", "empirical"))
+        fisher: str = opt("true", "true: labels sampled from the model; empirical: the data's labels; "
+                          "expected: the exact expectation over the model's labels (classifiers; one backward "
+                          "per class; stays accurate on confident models where sampled labels miss the rare "
+                          "classes that carry the Fisher)", choices=("true", "empirical", "expected"))
         fisher_samples: int = opt(1000, "training examples used for each task's Fisher", low=1)
 
     def setup(self, learner, scenario, mechanism):
@@ -45,6 +49,8 @@ class EWC(Strategy):
         # A scenario may recommend its λ (e.g. cartpole: Fisher sums of policies are small), as it does lr.
         given = self.options.ewc_lambda
         self.ewc_lambda = given if given is not None else scenario.defaults.get("ewc_lambda", DEFAULT_LAMBDA)
+        if self.options.fisher == "expected" and not isinstance(learner, SupervisedLearner):
+            raise UserError("--fisher expected needs a classifier (it sums over the classes); use --fisher true")
         self.names = list(learner.shared_parameters())
         self.importance: torch.Tensor | None = None   # A: the summed (or running) Fisher
         self.anchor: torch.Tensor | None = None       # μ: the A-weighted mean of the θ*
@@ -64,8 +70,8 @@ class EWC(Strategy):
         return penalty
 
     def after_task(self, task):
-        fisher = self.mechanism.fisher(task, self.names, self.options.fisher_samples,
-                                       self.options.fisher == "empirical", "ewc fisher")
+        labels = {"true": False, "empirical": True, "expected": "expected"}[self.options.fisher]
+        fisher = self.mechanism.fisher(task, self.names, self.options.fisher_samples, labels, "ewc fisher")
         fisher = torch.cat([fisher[n].reshape(-1) for n in self.names])
         theta = self._flat().detach()
         self.fishers.append(float(fisher.sum()))
