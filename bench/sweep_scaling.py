@@ -3,8 +3,9 @@ per trial against the same runs as bare `run_scenario.py` processes, measured si
 
     python bench/sweep_scaling.py [--epochs 2] [--keep DIR]
 
-Prints the wall times, the 2-worker speed-up (target >= 1.7x on a 2-core machine) and the
-overhead per trial of the 1-worker sweep over the bare sequential runs.
+Prints the wall times, the 2-worker speed-up (target >= 1.7x on a 2-core machine), Ray's start-up
+(a fixed cost per sweep, which short runs do not amortise) and the overhead per trial of the
+1-worker sweep over the bare sequential runs.
 """
 from __future__ import annotations
 
@@ -51,11 +52,15 @@ def main() -> None:
                  "--no-report"], root)
     two = timed([sys.executable, "-m", "clsim", "sweep", "spec.yaml", "--out", "w2", "--workers", "2",
                  "--no-report"], root)
+    start = timed([sys.executable, "-c", "import ray; ray.init(address='local', num_cpus=1, "
+                   "include_dashboard=False, log_to_driver=False); ray.shutdown()"], root)
     print(f"{n} runs of split_digits, {args.epochs} epochs, one thread each (CPU, {os.cpu_count()} cores)")
     print(f"bare sequential processes : {bare:7.1f} s")
     print(f"Ray sweep, 1 worker       : {one:7.1f} s")
     print(f"Ray sweep, 2 workers      : {two:7.1f} s")
     print(f"speed-up 2 workers / 1    : {one / two:7.2f}x  (target >= 1.7x)")
+    print(f"Ray start + shutdown      : {start:7.1f} s  (once per sweep; speed-up without it: "
+          f"{(one - start) / (two - start):.2f}x)")
     print(f"Ray overhead per trial    : {(one - bare) / n:7.2f} s  (1-worker sweep minus bare runs, "
           f"Ray's start included)")
 
