@@ -23,7 +23,7 @@ from clsim.errors import UserError
 HEADLINE = (("acc", "ACC"), ("bwt", "BWT"), ("forgetting", "forgetting"), ("fwt", "FWT"),
             ("epsilon_worst", "ε"), ("strategy_state_bytes", "strategy memory (bytes)"),
             ("wall_time_total", "time (s)"))
-#: hparams that name where or how fast a run ran, not what it computed
+#: hparams that do not define a group: the runs of one group differ only in these
 NOT_A_GROUP_KEY = {"seed"}
 
 

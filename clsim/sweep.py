@@ -157,34 +157,32 @@ def _trial_name(trial) -> str:
     return trial.config["trial"]["id"]
 
 
-class _Progress:
-    """Tune callback printing one line per finished or failed trial: done / running / failed."""
+def _progress(total: int, skipped: int):
+    """A Tune callback printing one line per started, finished or failed trial."""
+    from ray.tune import Callback
 
-    def __new__(cls, total: int, skipped: int):
-        from ray.tune import Callback
+    class Progress(Callback):
+        def __init__(self):
+            self.done, self.failed, self.started = skipped, 0, 0
 
-        class Progress(Callback):
-            def __init__(self):
-                self.done, self.failed, self.started = skipped, 0, 0
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self.started += 1
+            self._line()
 
-            def on_trial_start(self, iteration, trials, trial, **info):
-                self.started += 1
-                self._line()
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            self._line()
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                self.done += 1
-                self._line()
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.failed += 1
+            self._line()
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                self.failed += 1
-                self._line()
+        def _line(self):
+            running = self.started - (self.done - skipped) - self.failed
+            print(f"trials: {self.done} done, {running} running, {self.failed} failed of {total}",
+                  file=sys.stderr, flush=True)
 
-            def _line(self):
-                running = self.started - (self.done - skipped) - self.failed
-                print(f"trials: {self.done} done, {running} running, {self.failed} failed of {total}",
-                      file=sys.stderr, flush=True)
-
-        return Progress()
+    return Progress()
 
 
 def sweep(spec_path: str, out: str = "sweeps", address: str | None = None,
@@ -207,7 +205,7 @@ def sweep(spec_path: str, out: str = "sweeps", address: str | None = None,
     print(f"sweep {spec['name']}: {len(resolved)} trials, {skipped} already finished, "
           f"{len(pending)} to run", file=sys.stderr)
     if pending:
-        _run_on_ray(pending, sweep_dir, spec["threads"], address, workers, _Progress(len(resolved), skipped))
+        _run_on_ray(pending, sweep_dir, spec["threads"], address, workers, _progress(len(resolved), skipped))
     return sweep_dir, _write_status(sweep_dir, resolved)
 
 
