@@ -154,7 +154,8 @@ class Experiment:
         designed = self.strategy_cls.default_setting
         if self.run_options.setting is None and designed is not None and isinstance(self.scenario, str):
             self.run_options = dataclasses.replace(self.run_options, setting=designed)
-            self.noted_setting = designed   # said once, when the run is built
+            if getattr(self.scenario_entry.options, "SETTING", None) != designed:
+                self.noted_setting = designed   # said once, when the run is built, where it overrides
         self.protocol_options: config.ProtocolOptions = built["training protocol"]
         self.audit_options: AuditOptions = built["privacy audit"]
         self.scenario_options = built[f"scenario {self.scenario_name}"]

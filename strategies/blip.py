@@ -32,6 +32,10 @@ ppo_blip.py, run_blip.py, RL/run_blip.sh):
   of output channels as in their Conv2d_Q (not channels times kernel size).
 - Initialisation. Image code: weights normal(0, 1/sqrt(fan_in)); RL code: orthogonal with ReLU gain
   √2; both clamped to ±bound, biases zero.
+- Fisher labels. Their estimate_fisher (blip_utils.py) draws each target from the model's own
+  predictive distribution (Categorical(logits=outputs).sample(), with the model in eval mode), i.e.
+  the true Fisher, not the empirical Fisher of the data's labels; clsim's BLIP does the same
+  (clsim/fisher.py's sampled targets, eval mode).
 - Differences: their Fisher uses 8000 samples in batches of 100 (clsim: `blip_fisher_samples`, in
   the learner's chunks; the batching only sets the scale above); in RL theirs comes from the last
   rollout only, clsim's from the task's kept rollout states (PPOLearner.fisher_batches).

@@ -495,3 +495,14 @@ def test_cli_without_setting_runs_blip_in_its_task_il_setting_and_says_so(tmp_pa
     assert main(["--out", str(tmp_path / "b"), "--progress", "false", "--strategy", "blip", "--epochs", "1",
                  "--n-tasks", "2", "--setting", "class_il"]) == 0
     assert "note:" not in capsys.readouterr().err and read_summary(tmp_path / "b")["setting"] == "class_il"
+
+
+def test_no_note_where_the_scenarios_own_default_setting_already_is_blips(capsys):
+    """cartpole's default setting is task_il: BLIP overrides nothing there, so nothing is said."""
+    from clsim.experiment import Experiment
+    from clsim.registry import SCENARIOS
+    if "cartpole" not in SCENARIOS.names():
+        pytest.skip("the cartpole scenario is not in this tree")
+    experiment = Experiment.from_argv(["--scenario", "cartpole", "--strategy", "blip", "--ppo-timesteps", "256"])
+    experiment.build()
+    assert experiment.run_options.setting == "task_il" and "note:" not in capsys.readouterr().err
