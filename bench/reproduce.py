@@ -8,9 +8,14 @@ beside the published one and its source.
 --budget b scales a preset for a small machine: epochs per task become max(1, round(b * epochs))
 (for a plateau schedule that is the most a task may take) and, below 1, the training set keeps
 round(b * N) images per class of the N a class has (the first ones in file order) and the test
-set max(100, round(b * 1000)) per class. b = 1 runs the published protocol unchanged. Every run is
-an ordinary clsim run (--preset NAME --seed S plus the budget's flags); the table says which.
-Results also go to OUT/reproduce.json.
+set max(100, round(b * 1000)) per class. A memory counted in examples (replay buffer, GEM/A-GEM,
+iCaRL and GDumb memories) becomes max(1, round(b * size)), so it holds the same share of the
+training stream as published: an unscaled buffer of 500 would hold a third of a budget-0.03 split
+CIFAR-10 stream (published: 1%), a regime closer to joint training than to the paper's. b = 1 runs
+the published protocol unchanged. Every run is an ordinary clsim run (--preset NAME --seed S plus
+the budget's flags); the table says which. Schedules counted in epochs that cannot act at the
+scaled epochs (SparCL's mask updates and data removal) are named on a `budget:` line and in
+OUT/reproduce.json ("budget_notes"), where all results also go.
 """
 from __future__ import annotations
 
@@ -28,14 +33,41 @@ from clsim import Experiment, presets  # noqa: E402
 from clsim.errors import UserError  # noqa: E402
 
 
+MEMORY_OPTIONS = ("replay_size", "gem_memory", "icarl_memory", "gdumb_memory")   # sizes in examples
+
+
+def scaled_epochs(preset: presets.Preset, budget: float) -> int:
+    epochs = int(preset.options.get("epochs", 1))
+    return epochs if budget >= 1 else max(1, round(budget * epochs))
+
+
 def budget_flags(preset: presets.Preset, budget: float) -> list[str]:
     """The flags that scale `preset` to `budget` (none at 1)."""
     if budget >= 1:
         return []
-    flags = ["--epochs", str(max(1, round(budget * int(preset.options.get("epochs", 1)))))]
+    flags = ["--epochs", str(scaled_epochs(preset, budget))]
     flags += ["--train-per-class", str(max(1, round(budget * preset.train_per_class))),
               "--test-per-class", str(max(100, round(budget * 1000)))]
+    for name in MEMORY_OPTIONS:
+        if name in preset.options:
+            flags += ["--" + name.replace("_", "-"), str(max(1, round(budget * int(preset.options[name]))))]
     return flags
+
+
+def budget_notes(preset: presets.Preset, budget: float) -> list[str]:
+    """What of the preset's epoch-counted schedules cannot act at the budget's epochs per task."""
+    o, epochs, notes = preset.options, scaled_epochs(preset, budget), []
+    if o.get("strategy") == "sparcl":
+        every = int(o.get("sparcl_update_every", 5))
+        if epochs <= every:
+            notes.append(f"SparCL masks: one update per task, at its start, without regrowth "
+                         f"(every {every} epochs, {epochs} a task)")
+        remove_every, rounds = int(o.get("sparcl_remove_every", 5)), int(o.get("sparcl_remove_rounds", 4))
+        acted = min(rounds, (epochs - 1) // remove_every)
+        if float(o.get("sparcl_remove", 0)) > 0 and acted < rounds:
+            notes.append(f"SparCL data removal: {acted} of {rounds} rounds "
+                         f"(every {remove_every} epochs, {epochs} a task)")
+    return notes
 
 
 def run_preset(preset: presets.Preset, seed: int, budget: float, common: list[str], out: Path) -> dict:
@@ -89,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         seconds = statistics.mean(r["seconds"] for r in runs)
         print(f"{name:34s} {published:>9s} {mean_sd(values):>16s} {gap:>7s} {seconds:6.0f}  "
               f"{preset.paper.split(',')[0]}, {preset.table}", flush=True)
+        for note in budget_notes(preset, a.budget):
+            print(f"  budget: {note}", flush=True)
         results.append({"preset": name, "paper": preset.paper, "table": preset.table, "metric": preset.metric,
                         "published": preset.published, "budget": a.budget, "seeds": seeds,
-                        "budget_flags": budget_flags(preset, a.budget), "runs": runs,
+                        "budget_flags": budget_flags(preset, a.budget),
+                        "budget_notes": budget_notes(preset, a.budget), "runs": runs,
                         "mean": statistics.mean(values),
                         "sd": statistics.stdev(values) if len(values) > 1 else 0.0})
     (out / "reproduce.json").write_text(json.dumps(results, indent=2))

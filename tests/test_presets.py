@@ -74,12 +74,33 @@ def test_blip_preset_runs_the_authors_network_and_plateau_schedule(mnist_root, t
         assert any(a["purpose"].startswith("validation") for a in dataset["accesses"])
 
 
-@pytest.mark.slow
-def test_reproduce_budget_scales_epochs_and_data_and_runs_a_preset(mnist_root, tmp_path, capsys):
+def load_reproduce():
     import importlib.util
     spec = importlib.util.spec_from_file_location("reproduce", Path(__file__).parent.parent / "bench" / "reproduce.py")
     reproduce = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reproduce)
+    return reproduce
+
+
+def test_reproduce_budget_scales_memories_and_names_schedules_that_cannot_act():
+    reproduce = load_reproduce()
+    er = presets.get("mammoth-seqcifar10-er500")
+    # a buffer keeps its published share of the stream: 500 of 50,000 images, 15 of 1,500 at 0.03
+    assert reproduce.budget_flags(er, 0.03) == ["--epochs", "2", "--train-per-class", "150", "--test-per-class",
+                                                "100", "--replay-size", "15"]
+    assert reproduce.budget_flags(presets.get("mammoth-seqcifar10-gem500"), 0.001)[-2:] == ["--gem-memory", "1"]
+    assert reproduce.budget_flags(er, 1.0) == [] and reproduce.budget_notes(er, 0.03) == []
+    sparcl = presets.get("sparcl-derpp-0.75")
+    assert reproduce.budget_notes(sparcl, 1.0) == []                     # 50 epochs: every schedule acts
+    assert reproduce.budget_notes(sparcl, 0.03) == [
+        "SparCL masks: one update per task, at its start, without regrowth (every 5 epochs, 2 a task)",
+        "SparCL data removal: 0 of 4 rounds (every 5 epochs, 2 a task)"]
+    assert reproduce.budget_notes(sparcl, 0.3) == ["SparCL data removal: 2 of 4 rounds (every 5 epochs, 15 a task)"]
+
+
+@pytest.mark.slow
+def test_reproduce_budget_scales_epochs_and_data_and_runs_a_preset(mnist_root, tmp_path, capsys):
+    reproduce = load_reproduce()
     vdv = presets.get("vdv-splitmnist-task-none")
     assert reproduce.budget_flags(vdv, 1.0) == []                  # the published protocol unchanged
     assert reproduce.budget_flags(vdv, 0.1) == ["--epochs", "2", "--train-per-class", "600",
