@@ -179,6 +179,9 @@ SCHEDULES = ("constant", "plateau", "cosine", "step")
 class ProtocolOptions:
     """How each task is trained: optimizer, learning-rate schedule, validation split (clsim/protocol.py)."""
     optimizer: str = opt("sgd", "sgd (with --momentum) or adam (betas 0.9, 0.999)", choices=("sgd", "adam"))
+    optimizer_reset: bool = opt(True, "a fresh optimizer for every task; false keeps one, and its state (Adam's "
+                                "moments, SGD's momentum), across tasks, as van de Ven's code does unless "
+                                "--optimizer adam_reset (the lr schedule restarts at --lr with every task either way)")
     lr_schedule: str = opt("constant", "per-epoch learning-rate schedule within each task: constant, "
                            "plateau (divide on no validation improvement, stop at --lr-min, restore "
                            "the best weights: HAT/BLIP), cosine or step (Mammoth)", choices=SCHEDULES)

@@ -49,7 +49,8 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
 
         b = initial scores
         for task:
-            strategy.before_task; optimizer = mechanism.before_task(fresh optimizer)
+            strategy.before_task; optimizer = mechanism.before_task(fresh optimizer, or the
+                                                                    run's one: --optimizer-reset false)
             for epoch: for batch in strategy.train_batches(mechanism.batches(...)):
                 losses = strategy.loss(batch, *learner.forward(batch))
                 mechanism.backward(losses, strategy.penalty()); strategy.after_backward()
@@ -81,10 +82,11 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
     private = not mechanism.logs_training_figures()
     hidden = {"loss", "examples_seen", *getattr(learner, "training_figures", ())} if private else set()
     params = [p for p in learner.model.parameters()]
+    kept = None if protocol.optimizer_reset else kept_optimizer(learner, resume)
     for task in scenario.tasks[len(R):]:
         t0 = time.perf_counter()
         strategy.before_task(task)
-        own_optimizer = learner.make_optimizer()
+        own_optimizer = learner.make_optimizer() if kept is None else restarted(kept, learner.lr)
         schedule = TaskSchedule(protocol, own_optimizer, learner, task, epochs, ledger)
         optimizer = mechanism.before_task(task, own_optimizer)
         learner.model.train()
@@ -158,7 +160,8 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
         if checkpoint is not None:   # after the task's record: a checkpoint never runs ahead of the log
             checkpoint(snapshot(learner, strategy, ledger, initial=initial, details=details, R=R, step=step,
                                 examples=examples, elapsed=time.perf_counter() - start,
-                                wall_time=dict(timer.totals)))
+                                wall_time=dict(timer.totals),
+                                **({} if kept is None else {"optimizer": kept.state_dict()})))
     return {"accuracy_matrix": R, "initial_scores": initial, "score_details": details,
             **metrics.summary(R, initial),
             "memory": memory(learner, strategy),
@@ -202,6 +205,25 @@ def _report_step(emit, record: dict) -> None:
         raise UserError(f"the weights became non-finite at task {record['task']} epoch {record['epoch']} "
                         f"step {record['step']}; lower --lr or change the strategy's options")
     emit("step", record)
+
+
+def kept_optimizer(learner, resume: dict | None) -> torch.optim.Optimizer:
+    """The one optimizer of a run that keeps it across tasks (--optimizer-reset false), with its
+    state as the checkpoint holds it when resuming."""
+    optimizer = learner.make_optimizer()
+    if resume is not None:
+        if "optimizer" not in resume:
+            raise UserError("this checkpoint holds no optimizer state, which --optimizer-reset false needs; "
+                            "resume it with the options it was written with")
+        optimizer.load_state_dict(resume["optimizer"])
+    return optimizer
+
+
+def restarted(optimizer: torch.optim.Optimizer, lr: float) -> torch.optim.Optimizer:
+    """`optimizer` with its lr back at `lr`: a task's schedule starts from there, its state stays."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return optimizer
 
 
 def snapshot(learner, strategy, ledger, **progress) -> dict:

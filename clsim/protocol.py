@@ -5,7 +5,13 @@
                          set itself, as BLIP's PMNIST loader does (its 'valid' split is a copy of
                          'train').
     --lr-schedule        constant | plateau | cosine | step, stepped once per epoch and restarted
-                         with every task (the optimizer is fresh per task, as in every paper here).
+                         at --lr with every task.
+    --optimizer-reset    true (default): a fresh optimizer per task; false: one optimizer for the
+                         run, its state (Adam's moments and step count, SGD's momentum) carried
+                         from task to task and saved in every checkpoint. van de Ven & Tolias's
+                         code keeps one Adam across tasks unless run with --optimizer adam_reset.
+                         The lr still restarts at --lr with each task's schedule (their code has
+                         no schedule); a plateau decay changes only the lr, never the state.
 
 plateau is the rule of the HAT and BLIP code (approaches/*.py, `train`): after each epoch the
 validation loss is measured; an improvement (strictly lower) keeps a copy of the weights and
@@ -42,7 +48,8 @@ def check(options: ProtocolOptions, scenario, epochs: int, learner) -> None:
     if learner.kind == "rl":
         given = [name for name, value, default in (
             ("--lr-schedule", options.lr_schedule, "constant"), ("--val-fraction", options.val_fraction, 0.0),
-            ("--optimizer", options.optimizer, "sgd"), ("--warmup-epochs", options.warmup_epochs, 0))
+            ("--optimizer", options.optimizer, "sgd"), ("--warmup-epochs", options.warmup_epochs, 0),
+            ("--optimizer-reset", options.optimizer_reset, True))
             if value != default]
         if given:
             raise UserError(f"{', '.join(given)} apply to supervised scenarios; {scenario.name} trains "

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from clsim import Experiment, cli
+from clsim import Experiment, cli, rundir
 from clsim.config import ProtocolOptions
+from clsim.loggers import Logger
 from clsim.privacy.ledger import Ledger
 from clsim.protocol import TaskSchedule
 from clsim.scenario import Task, TaskData
@@ -140,3 +141,37 @@ def test_adam_and_bad_protocol_options(tmp_path, capsys):
         assert err.startswith("error: ") and "\n" not in err
     bad = tmp_path / "bad"
     assert not bad.exists() or not any(bad.iterdir())   # no run directory
+
+
+class StopInSecondTask(Logger):
+    """Presses Ctrl-C in the middle of the second task (after the first checkpoint)."""
+    writes_files = False
+
+    def step(self, record):
+        if record["task"] == 1 and record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+
+def test_one_optimizer_across_tasks_carries_adams_state_and_resumes_exactly(tmp_path):
+    """--optimizer-reset false: one Adam for the run (van de Ven's default). Its step count spans
+    every task, its state is in the checkpoint (weights_only), and a run stopped in its second
+    task and resumed gives the uninterrupted figures and losses, which differ from a fresh Adam
+    per task's (so a resume that dropped the state would show)."""
+    kept = {"optimizer": "adam", "optimizer_reset": False, "lr": 0.003, "setting": "task_il", "epochs": 2,
+            "n_tasks": 3, "hidden": "32", "seed": 4, "progress": False, "loggers": "jsonl"}
+    whole = Experiment(**kept, out=str(tmp_path / "whole")).run()
+    state = torch.load(whole.run_dir / "checkpoint.pt", weights_only=True)["optimizer"]
+    assert {int(s["step"]) for s in state["state"].values()} >= {whole.summary["steps"]}   # the trunk's
+    assert state["param_groups"][0]["lr"] == 0.003
+
+    fresh = Experiment(**{**kept, "optimizer_reset": True, "loggers": []}, out=None).run()
+    assert fresh.summary["accuracy_matrix"][0] == whole.summary["accuracy_matrix"][0]   # task 0: same start
+    assert fresh.summary["accuracy_matrix"][1:] != whole.summary["accuracy_matrix"][1:]
+
+    with pytest.raises(rundir.Interrupted) as stopped:
+        Experiment(**{**kept, "loggers": ["jsonl", StopInSecondTask]}, out=str(tmp_path / "cut")).run()
+    resumed = Experiment(**kept, out=str(tmp_path / "cut")).run(resume_dir=stopped.value.partial)
+    for key in ("accuracy_matrix", "acc", "bwt", "steps"):
+        assert resumed.summary[key] == whole.summary[key], key
+    losses = lambda r: [json.loads(line).get("loss") for line in (r.run_dir / "log.jsonl").read_text().splitlines()]
+    assert losses(resumed) == losses(whole)
