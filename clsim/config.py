@@ -182,6 +182,9 @@ class ProtocolOptions:
     optimizer_reset: bool = opt(True, "a fresh optimizer for every task; false keeps one, and its state (Adam's "
                                 "moments, SGD's momentum), across tasks, as van de Ven's code does unless "
                                 "--optimizer adam_reset (the lr schedule restarts at --lr with every task either way)")
+    active_classes: bool = opt(False, "class_il: the training loss's softmax, and the Fisher's, span only the "
+                               "classes of the tasks trained so far (van de Ven's 'active classes'), not every "
+                               "output unit; evaluation always chooses among all of them")
     lr_schedule: str = opt("constant", "per-epoch learning-rate schedule within each task: constant, "
                            "plateau (divide on no validation improvement, stop at --lr-min, restore "
                            "the best weights: HAT/BLIP), cosine or step (Mammoth)", choices=SCHEDULES)

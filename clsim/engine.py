@@ -87,6 +87,8 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
         t0 = time.perf_counter()
         strategy.before_task(task)
         own_optimizer = learner.make_optimizer() if kept is None else restarted(kept, learner.lr)
+        if protocol.active_classes:   # class_il: the softmax spans the classes seen so far
+            learner.span_classes(sorted({c for seen in scenario.tasks[:task.index + 1] for c in seen.classes}))
         schedule = TaskSchedule(protocol, own_optimizer, learner, task, epochs, ledger)
         optimizer = mechanism.before_task(task, own_optimizer)
         learner.model.train()

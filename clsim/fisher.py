@@ -285,6 +285,8 @@ def expected_squares(learner, names: list[str], x, t, check: bool = False,
         probs = F.softmax(learner.logits(x, t), 1)
     total: dict[str, torch.Tensor] = {}
     for c in range(probs.shape[1]):
+        if not bool(probs[:, c].any()):   # a class outside --active-classes: weight 0
+            continue
         y = torch.full((len(x),), c, dtype=torch.long, device=x.device)
         rows = (vmap_grads(learner, names, x, y, t) if torch_func
                 else per_example_grads(learner, names, x, y, t, check and c == 0))

@@ -6,6 +6,14 @@
                          'train').
     --lr-schedule        constant | plateau | cosine | step, stepped once per epoch and restarted
                          at --lr with every task.
+    --active-classes     class_il: the training cross-entropy and the Fisher's softmax span only
+                         the classes of the tasks trained so far, as van de Ven & Tolias's code
+                         does in Class-IL (its `active_classes`; their EWC Fisher takes the same
+                         units). clsim masks the other logits with -inf in the learner (one place:
+                         `SupervisedLearner.span_classes`); strategies that read the raw outputs
+                         themselves (DER++'s stored logits, LwF, iCaRL) see every unit as before.
+                         Evaluation chooses among all classes; after the last task every class
+                         is active, so the final row is the one their code reports.
     --optimizer-reset    true (default): a fresh optimizer per task; false: one optimizer for the
                          run, its state (Adam's moments and step count, SGD's momentum) carried
                          from task to task and saved in every checkpoint. van de Ven & Tolias's
@@ -49,12 +57,15 @@ def check(options: ProtocolOptions, scenario, epochs: int, learner) -> None:
         given = [name for name, value, default in (
             ("--lr-schedule", options.lr_schedule, "constant"), ("--val-fraction", options.val_fraction, 0.0),
             ("--optimizer", options.optimizer, "sgd"), ("--warmup-epochs", options.warmup_epochs, 0),
-            ("--optimizer-reset", options.optimizer_reset, True))
+            ("--optimizer-reset", options.optimizer_reset, True), ("--active-classes", options.active_classes, False))
             if value != default]
         if given:
             raise UserError(f"{', '.join(given)} apply to supervised scenarios; {scenario.name} trains "
                             f"with PPO, whose schedule is set by its --ppo-* options")
         return
+    if options.active_classes and scenario.setting != "class_il":
+        raise UserError(f"--active-classes applies to class_il (one head over every class); this run is "
+                        f"{scenario.setting}: drop --active-classes or use --setting class_il")
     milestones(options)
     if options.warmup_epochs and options.lr_schedule == "plateau":
         raise UserError("--warmup-epochs does not combine with --lr-schedule plateau; drop one of them")

@@ -175,3 +175,54 @@ def test_one_optimizer_across_tasks_carries_adams_state_and_resumes_exactly(tmp_
         assert resumed.summary[key] == whole.summary[key], key
     losses = lambda r: [json.loads(line).get("loss") for line in (r.run_dir / "log.jsonl").read_text().splitlines()]
     assert losses(resumed) == losses(whole)
+
+
+def first_task_of(experiment):
+    """The parts of `experiment`, trained on its first task only."""
+    parts = experiment.build()
+    parts.scenario.tasks = parts.scenario.tasks[:1]
+    parts.train(protocol=experiment.protocol_options)
+    return parts
+
+
+def test_active_classes_spans_the_softmax_of_training_and_of_the_fisher_over_the_seen_classes(capsys):
+    """--active-classes (van de Ven's Class-IL): after task 0 (digits 0, 1) of class_il split_digits,
+    the head rows of the unseen classes are untouched (all units: pushed down), and the exact
+    Fisher equals a hand-written one whose softmax spans classes 0 and 1 only (zero on the other
+    rows). Outside class_il the option is one line."""
+    from clsim.fisher import diagonal_fisher
+    run = {"strategy": "naive", "setting": "class_il", "epochs": 1, "hidden": "16", "seed": 3, "out": None,
+           "loggers": [], "progress": False}
+    initial = Experiment(**run).build().learner.model.heads[0].weight.detach().clone()
+    active = first_task_of(Experiment(**run, active_classes=True))
+    every = first_task_of(Experiment(**run))
+    seen = list(active.scenario.tasks[0].classes)
+    assert seen == [0, 1]
+    for parts, unseen_untouched in ((active, True), (every, False)):
+        head = parts.learner.model.heads[0].weight.detach()
+        assert torch.equal(head[2:], initial[2:]) is unseen_untouched
+        assert not torch.equal(head[:2], initial[:2])
+
+    learner, task, model = active.learner, active.scenario.tasks[0], active.learner.model
+    names = ["heads.0.weight", "heads.0.bias"]
+    drawn = learner.generator.get_state()
+    fisher = diagonal_fisher(learner, task, names, 20, "expected")
+    learner.generator.set_state(drawn)   # the same 20 examples, by hand
+    examples = torch.cat([x for x, _, _ in learner.fisher_batches(task, 20, False)])
+    hand = {n: torch.zeros_like(p) for n, p in model.named_parameters() if n in names}
+    model.eval()
+    for xi in examples:
+        log_probs = torch.log_softmax(model(xi[None], 0)[0, seen], 0)
+        for k in range(len(seen)):
+            model.zero_grad()
+            log_probs[k].backward(retain_graph=True)
+            for n, p in model.named_parameters():
+                if n in names:
+                    hand[n] += log_probs[k].exp().detach() * p.grad ** 2
+    for n in names:
+        torch.testing.assert_close(fisher[n], hand[n] / len(examples), rtol=1e-4, atol=1e-10)
+        assert fisher[n][2:].abs().sum() == 0 and fisher[n][:2].abs().sum() > 0
+
+    assert cli.main(["--setting", "task_il", "--active-classes", "true", "--out", "unused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --active-classes applies to class_il") and "\n" not in err

@@ -38,6 +38,23 @@ class SupervisedLearner(Learner):
         self.fisher_batch_size = fisher_batch_size or (
             min(max(32, self.batch_size), 128) if self.device.type == "cpu" else 128)
         self._on_device: dict[int, tuple[TaskData, TaskData]] = {}
+        self.active_classes: list[int] | None = None   # output units the softmax spans (None: all)
+        self._inactive: torch.Tensor | None = None
+
+    def span_classes(self, classes: list[int] | None) -> None:
+        """Let the training loss, the validation loss and the Fisher's softmax span only the output
+        units `classes` (--active-classes; None: all); evaluation always chooses among all."""
+        self.active_classes, self._inactive = classes, None
+
+    def restricted(self, out: torch.Tensor) -> torch.Tensor:
+        """`out` with the logits outside `active_classes` at -inf (their softmax share 0)."""
+        if self.active_classes is None:
+            return out
+        if self._inactive is None or len(self._inactive) != out.shape[1]:
+            self._inactive = torch.ones(out.shape[1], dtype=torch.bool)
+            self._inactive[self.active_classes] = False
+            self._inactive = self._inactive.to(out.device)
+        return out.masked_fill(self._inactive, float("-inf"))
 
     def resident(self, data: TaskData) -> TaskData:
         """`data` on the learner's device, copied there once: an accelerator then slices batches
@@ -72,7 +89,7 @@ class SupervisedLearner(Learner):
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             out = self._forward_model(x, batch.t if batch.task is None else batch.task)
-            losses = F.cross_entropy(out, batch.y, reduction="none")
+            losses = F.cross_entropy(self.restricted(out), batch.y, reduction="none")
         return losses, out
 
     # -- GPU options (--compile, --precision; channels_last for convolutions on CUDA)
@@ -128,7 +145,7 @@ class SupervisedLearner(Learner):
         was_training = self.model.training
         self.model.eval()
         data = self.resident(data)
-        total = sum(F.cross_entropy(self.model(x, task.index), y, reduction="sum").item()
+        total = sum(F.cross_entropy(self.restricted(self.model(x, task.index)), y, reduction="sum").item()
                     for x, y in zip(data.x.split(self.eval_batch_size), data.y.split(self.eval_batch_size)))
         self.model.train(was_training)
         return total / len(data)
@@ -142,4 +159,4 @@ class SupervisedLearner(Learner):
             yield data.x[chunk], data.y[chunk] if empirical else None, task.index
 
     def logits(self, x, t) -> torch.Tensor:
-        return self.model(x, t)
+        return self.restricted(self.model(x, t))
