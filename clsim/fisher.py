@@ -303,7 +303,9 @@ def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: 
 
     y is sampled from the model (true Fisher, from the forward pass that also gives the
     gradients) unless `empirical`: True takes the data's labels, "expected" the exact
-    expectation over the model's labels (`expected_squares`; classifiers). `reduce` turns a batch's
+    expectation over the model's labels (`expected_squares`; classifiers), "predicted" the
+    model's most probable label (van de Ven & Tolias's 2019 code; on a confident model far below
+    the expectation, which weights the rare labels' large gradients by their probability). `reduce` turns a batch's
     squared per-example gradients (one row per example) into their sum; the DP-Fisher clips
     there. Without it the sums come straight from `squared_sums` (no per-example gradients
     where the layers allow). The model is in eval mode meanwhile (frozen normalisation
@@ -332,6 +334,9 @@ def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: 
 
     try:
         for i, (x, y, t) in enumerate(learner.fisher_batches(task, n_samples, empirical is True)):
+            if empirical == "predicted":
+                with torch.no_grad():
+                    y = learner.logits(x, t).argmax(1)
             if i == 0 and not expected:     # the checked batch's targets, fixed in case it falls back
                 y = sampled(learner, x, y, t)
             try:

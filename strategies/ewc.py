@@ -41,7 +41,8 @@ class EWC(Strategy):
         fisher: str = opt("true", "true: labels sampled from the model; empirical: the data's labels; "
                           "expected: the exact expectation over the model's labels (classifiers; one backward "
                           "per class; stays accurate on confident models where sampled labels miss the rare "
-                          "classes that carry the Fisher)", choices=("true", "empirical", "expected"))
+                          "classes that carry the Fisher); predicted: the model's most probable label "
+                          "(van de Ven & Tolias's 2019 code)", choices=("true", "empirical", "expected", "predicted"))
         fisher_samples: int = opt(1000, "training examples used for each task's Fisher", low=1)
 
     def setup(self, learner, scenario, mechanism):
@@ -49,8 +50,9 @@ class EWC(Strategy):
         # A scenario may recommend its λ (e.g. cartpole: Fisher sums of policies are small), as it does lr.
         given = self.options.ewc_lambda
         self.ewc_lambda = given if given is not None else scenario.defaults.get("ewc_lambda", DEFAULT_LAMBDA)
-        if self.options.fisher == "expected" and not isinstance(learner, SupervisedLearner):
-            raise UserError("--fisher expected needs a classifier (it sums over the classes); use --fisher true")
+        if self.options.fisher in ("expected", "predicted") and not isinstance(learner, SupervisedLearner):
+            raise UserError(f"--fisher {self.options.fisher} needs a classifier (it reads the class "
+                            f"probabilities); use --fisher true")
         self.names = list(learner.shared_parameters())
         self.importance: torch.Tensor | None = None   # A: the summed (or running) Fisher
         self.anchor: torch.Tensor | None = None       # μ: the A-weighted mean of the θ*
@@ -70,7 +72,7 @@ class EWC(Strategy):
         return penalty
 
     def after_task(self, task):
-        labels = {"true": False, "empirical": True, "expected": "expected"}[self.options.fisher]
+        labels = {"true": False, "empirical": True}.get(self.options.fisher, self.options.fisher)
         fisher = self.mechanism.fisher(task, self.names, self.options.fisher_samples, labels, "ewc fisher")
         fisher = torch.cat([fisher[n].reshape(-1) for n in self.names])
         theta = self._flat().detach()

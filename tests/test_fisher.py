@@ -193,7 +193,7 @@ def test_sampled_fisher_has_the_scale_of_van_de_vens_label_weighted_fisher():
     unbiased estimate of E_{y~p}[g_y²], the Fisher van de Ven's code computes by weighting all
     labels: a λ from that code means the same stiffness here (the vdv presets rely on it). Its
     2019 code used the argmax label instead, (1 - p̂)/p̂ times smaller on a 2-way head. The
-    "expected" Fisher computes van de Ven's sum exactly."""
+    "expected" Fisher computes van de Ven's sum exactly, the "predicted" one the 2019 argmax Fisher."""
     scenario, learner = make_learner("task_il")
     task = scenario.tasks[0]
     data = learner.resident(task.train)
@@ -219,5 +219,7 @@ def test_sampled_fisher_has_the_scale_of_van_de_vens_label_weighted_fisher():
         assert (argmax[n] <= exact[n] * (1 + 1e-4) + 1e-12).all()
     assert total(argmax) < 0.5 * total(exact)
     computed = diagonal_fisher(learner, task, names, len(data.x), empirical="expected")   # --fisher expected
+    predicted = diagonal_fisher(learner, task, names, len(data.x), empirical="predicted")   # --fisher predicted
     for n in names:
         torch.testing.assert_close(computed[n], exact[n], rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(predicted[n], argmax[n], rtol=1e-4, atol=1e-12)
