@@ -64,7 +64,7 @@ import warnings  # noqa: E402
 from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from clsim.fisher import layers_of, per_example_grads  # noqa: E402
+from clsim.fisher import _conv_rows_grouped, _conv_rows_patches, layers_of, per_example_grads  # noqa: E402
 from clsim.models import MultiHeadNet  # noqa: E402
 
 
@@ -92,8 +92,9 @@ class Tied(nn.Module):
 
 def conv_backbone(kind="layerwise"):
     """Every layer kind of the layer-wise path on 1x8x8 digits: strides, groups, no-bias and
-    rectangular convolutions, eval-mode BatchNorm, GroupNorm, Linear on 2-d and 4-d inputs."""
-    layers = [nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+    rectangular convolutions (both ways of `_conv_rows`: the 8->8 one takes the grouped pass),
+    eval-mode BatchNorm, GroupNorm, Linear on 2-d and 4-d inputs."""
+    layers = [nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
               nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2, bias=False), nn.GroupNorm(2, 8), nn.ReLU(),
               nn.Conv2d(8, 6, (2, 3), stride=(1, 2), padding=(0, 1)), LastDim(), nn.Flatten(),
               nn.Linear(6 * 3 * 4, 16), nn.BatchNorm1d(16), nn.Tanh()]
@@ -127,6 +128,22 @@ def reference_rows(learner, names, x, y, t):
         for n, g in zip(names, torch.autograd.grad(ll, [params[n] for n in names])):
             rows[n].append(g)
     return {n: torch.stack(r) for n, r in rows.items()}
+
+
+@pytest.mark.parametrize("way", [_conv_rows_grouped, _conv_rows_patches])
+@pytest.mark.parametrize("conv", [dict(in_channels=16, out_channels=8, kernel_size=3, padding=1),
+                                  dict(in_channels=16, out_channels=6, kernel_size=(2, 3), stride=(2, 1),
+                                       padding=(1, 0), groups=2, bias=False),
+                                  dict(in_channels=3, out_channels=4, kernel_size=1, stride=2)])
+def test_both_ways_of_conv_rows_give_each_examples_weight_gradient(way, conv):
+    torch.manual_seed(0)
+    layer = nn.Conv2d(**conv)
+    a = torch.randn(5, conv["in_channels"], 9, 7)
+    g = torch.randn_like(layer(a))
+    rows = way(layer, a, g)
+    for i in range(len(a)):
+        ref, = torch.autograd.grad(layer(a[i:i + 1]), layer.weight, g[i:i + 1])
+        torch.testing.assert_close(rows[i], ref, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("setting", ["task_il", "class_il"])
