@@ -5,10 +5,10 @@ Per-example gradients come layer by layer from one batched backward pass where e
 parameter sits in a layer of a known kind (Linear, Conv2d, BatchNorm with running statistics,
 GroupNorm): a layer's weight gradient for example i is a product of its input and its output
 gradient at row i, so one backward to the layer outputs gives them all, like Opacus's grad
-samplers. Any other model goes through torch.func (vmap over single-example gradients), which is
-also the check: in every Fisher computation the layer-wise rows of the first examples must match
-it, else that computation falls back to torch.func with a warning (e.g. a weight also used
-outside its layer, or examples that interact).
+samplers. Any other model goes through torch.func (vmap over single-example gradients). The
+check: in every Fisher computation the layer-wise rows of the first examples must match plain
+autograd's through the same batched forward, else that computation falls back to torch.func
+with a warning (e.g. a weight also used outside its layer, or examples that interact).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-CHECKED_EXAMPLES = 2   # rows of each pass recomputed with torch.func to validate the layer-wise path
+CHECKED_EXAMPLES = 2   # rows of each pass recomputed by plain autograd to validate the layer-wise path
 
 
 class _LogLikelihood(nn.Module):
@@ -65,7 +65,7 @@ def _normalised(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return (a - layer.running_mean.view(shape)) * torch.rsqrt(layer.running_var.view(shape) + layer.eps)
 
 
-def _layer_rows(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+def layer_rows(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-example gradients of the layer's own parameters from its input `a` and the gradient
     `g` of the summed log-likelihood w.r.t. its output (row i of `g` only depends on example i)."""
     n = len(a)
@@ -110,18 +110,23 @@ def _conv_rows_grouped(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> to
 
 
 def _conv_rows_patches(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """dW_i = g_i (Cout x positions) @ patches_i (positions x Cin/groups·kh·kw), per group, the
-    patches from a strided view of the padded input (one copy; faster than F.unfold)."""
-    n, groups = len(a), layer.groups
+    """dW_i = g_i (Cout x positions) @ patches_i (positions x Cin/groups·kh·kw), per group."""
+    patches = conv_patches(layer, a)
+    g_flat = g.reshape(len(a), layer.groups, -1, patches.shape[-1])
+    return torch.matmul(g_flat, patches.transpose(2, 3)).reshape(len(a), *layer.weight.shape)
+
+
+def conv_patches(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """The Conv2d's input patches, n x groups x (Cin/groups·kh·kw) x output positions, from a
+    strided view of the padded input (one copy; faster than F.unfold)."""
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
     windows = F.pad(a, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # n, c, h', w', kh, kw
-    patches = windows.permute(0, 1, 4, 5, 2, 3).reshape(n, groups, -1, g.shape[2] * g.shape[3])
-    g_flat = g.reshape(n, groups, -1, patches.shape[-1])
-    return torch.matmul(g_flat, patches.transpose(2, 3)).reshape(n, *layer.weight.shape)
+    n, _, h, w = windows.shape[:4]
+    return windows.permute(0, 1, 4, 5, 2, 3).reshape(n, layer.groups, -1, h * w)
 
 
-def _supported(layer: nn.Module) -> bool:
-    """Layers whose per-example gradients `_layer_rows` computes (exact types: a subclass may
+def supported_layer(layer: nn.Module) -> bool:
+    """Layers whose per-example gradients `layer_rows` computes (exact types: a subclass may
     change forward)."""
     kind = type(layer)
     if kind is nn.Linear:
@@ -144,7 +149,7 @@ def layers_of(model: nn.Module, names: list[str]) -> dict[nn.Module, list[tuple[
     layers: dict[nn.Module, list[tuple[str, str]]] = {}
     for name in names:
         module, own = owner[name]
-        if own not in ("weight", "bias") or not _supported(module):
+        if own not in ("weight", "bias") or not supported_layer(module):
             return None
         layers.setdefault(module, []).append((name, own))
     return layers
@@ -158,38 +163,55 @@ def sampled(learner, x, y, t) -> torch.Tensor:
         return learner.sample_targets(learner.logits(x, t))
 
 
-def _backprops(learner, layers, x, y, t):
+def _backprops(learner, layers, x, y, t, check: int = 0):
     """Each call of each layer in `layers` (see `layers_of`) as its input and the gradient of the
     summed log-likelihood w.r.t. its output (None if unused), from one batched forward and one
-    backward to the layer outputs (no parameter gradients are formed); and the targets (when y
-    is None, sampled from that same forward's output)."""
+    backward to the layer outputs (no parameter gradients are formed); the targets (when y is
+    None, sampled from that same forward's output); and, for the first `check` examples, each
+    one's gradient by plain autograd through that same forward (the check's reference, else None)."""
     calls: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in layers}
 
     def record(module, inputs, output):
         calls[module].append((inputs[0].detach(), output))
 
     handles = [m.register_forward_hook(record) for m in layers]
+    # wanted parameters may be frozen (requires_grad False): outputs must still carry gradients
+    frozen = [p for m in layers for p in m.parameters(recurse=False) if not p.requires_grad]
     try:
         with torch.enable_grad():
-            # wanted parameters may be frozen (requires_grad False): outputs must still carry gradients
-            frozen = [p for m in layers for p in m.parameters(recurse=False) if not p.requires_grad]
             for p in frozen:
                 p.requires_grad_(True)
-            try:
-                if y is None:
-                    ll, y = learner.sampled_log_likelihood(x, t)
-                else:
-                    ll = learner.log_likelihood(x, y, t)
-                total = ll.sum()
-            finally:
-                for p in frozen:
-                    p.requires_grad_(False)
+            if y is None:
+                ll, y = learner.sampled_log_likelihood(x, t)
+            else:
+                ll = learner.log_likelihood(x, y, t)
             outputs = [out for m in layers for _, out in calls[m]]
-            out_grads = iter(torch.autograd.grad(total, outputs, allow_unused=True))
+            out_grads = iter(torch.autograd.grad(ll.sum(), outputs, allow_unused=True, retain_graph=check > 0))
+            reference = _autograd_rows(layers, ll, check) if check else None
     finally:
         for h in handles:
             h.remove()
-    return {m: [(a, next(out_grads)) for a, _ in calls[m]] for m in layers}, y
+        for p in frozen:
+            p.requires_grad_(False)
+    return {m: [(a, next(out_grads)) for a, _ in calls[m]] for m in layers}, y, reference
+
+
+def _autograd_rows(layers, ll: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """Gradients of ll[0], ..., ll[k-1] w.r.t. the parameters in `layers`, one autograd pass each
+    through the batch's own forward. Being the same forward matters: a single-example forward
+    (torch.func's) may round differently (oneDNN picks its convolution algorithm by batch size),
+    and a pre-activation within rounding of 0 then takes the other side of a ReLU, a different
+    but equally valid gradient (a BLIP-trained ResNet-18 had one such unit, 1% of an example's
+    gradient). Any use of a weight outside its layer, or one example's influence on another's
+    log-likelihood, still shows here and not in the layer-wise rows."""
+    params = {name: dict(m.named_parameters(recurse=False))[own] for m, pairs in layers.items() for name, own in pairs}
+    rows = {name: [] for name in params}
+    k = min(k, len(ll))
+    for i in range(k):
+        grads = torch.autograd.grad(ll[i], list(params.values()), retain_graph=i < k - 1, allow_unused=True)
+        for (name, p), g in zip(params.items(), grads):
+            rows[name].append(torch.zeros_like(p) if g is None else g)
+    return {name: torch.stack(r) for name, r in rows.items()}
 
 
 def _zeros_for_unreached(layers, rows, shape_prefix) -> None:
@@ -200,19 +222,22 @@ def _zeros_for_unreached(layers, rows, shape_prefix) -> None:
                 rows[name] = params[own].new_zeros((*shape_prefix, *params[own].shape))
 
 
-def layerwise_grads(learner, layers, x, y, t) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def layerwise_grads(learner, layers, x, y, t, check: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-example gradients of the parameters in `layers` (see `layers_of`), one row per
-    example, and the targets (see `_backprops`)."""
+    example, and the targets (see `_backprops`). `check`: the first rows must match plain
+    autograd's through the same forward, else `LayerwiseMismatch`."""
     rows: dict[str, torch.Tensor] = {}
-    backprops, y = _backprops(learner, layers, x, y, t)
+    backprops, y, reference = _backprops(learner, layers, x, y, t, CHECKED_EXAMPLES if check else 0)
     for module, calls in backprops.items():
         for a, g in calls:
             if g is None:
                 continue
-            per_layer = _layer_rows(module, a, g)
+            per_layer = layer_rows(module, a, g)
             for name, own in layers[module]:    # a layer called several times adds up its calls
                 rows[name] = rows[name] + per_layer[own] if name in rows else per_layer[own]
     _zeros_for_unreached(layers, rows, (len(x),))
+    if check:
+        _compare({n: r[:len(reference[n])] for n, r in rows.items()}, reference)
     return rows, y
 
 
@@ -222,12 +247,11 @@ def layerwise_squares(learner, layers, x, y, t, check: bool = False) -> dict[str
     sum of its squares is (g²)ᵀ(a²): one matmul, no per-example gradients (Σ_i g_i² for its
     bias). Any other layer (Conv2d, normalisation, inputs with positions, several calls, whose
     rows add up before squaring) squares its per-example rows. `check`: the same sums over the
-    first examples (from this batch's backward) must match torch.func's, else
-    `LayerwiseMismatch`."""
-    backprops, y = _backprops(learner, layers, x, y, t)
+    first examples (from this batch's backward) must match plain autograd's (`_autograd_rows`),
+    else `LayerwiseMismatch`."""
+    backprops, y, reference = _backprops(learner, layers, x, y, t, CHECKED_EXAMPLES if check else 0)
     if check:
         k = min(CHECKED_EXAMPLES, len(x))
-        reference = vmap_grads(learner, [n for pairs in layers.values() for n, _ in pairs], x[:k], y[:k], t)
         _compare(_squares(layers, backprops, k), {n: g.square().sum(0) for n, g in reference.items()})
     return _squares(layers, backprops, None)
 
@@ -244,7 +268,7 @@ def _squares(layers, backprops, k: int | None) -> dict[str, torch.Tensor]:
             g2 = g.square()
             per_layer = {"weight": g2.T @ a.square(), "bias": g2.sum(0)}
         else:
-            rows = [_layer_rows(module, a, g) for a, g in used]
+            rows = [layer_rows(module, a, g) for a, g in used]
             per_layer = {own: sum(r[own] for r in rows).square_().sum(0) for _, own in layers[module]}
         for name, own in layers[module]:
             sums[name] = per_layer[own]
@@ -260,17 +284,13 @@ def _compare(fast: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) 
 
 def per_example_grads(learner, names: list[str], x, y, t, check: bool = False) -> dict[str, torch.Tensor]:
     """Gradient of log p(y_i | x_i) w.r.t. the named parameters, one row per example; layer by
-    layer where possible, else torch.func. `check`: compare the first rows with torch.func and
-    raise `LayerwiseMismatch` if they differ."""
+    layer where possible, else torch.func. `check`: compare the first rows with plain autograd's
+    and raise `LayerwiseMismatch` if they differ."""
     layers = layers_of(learner.model, names)
     if layers is None:
         return vmap_grads(learner, names, x, sampled(learner, x, y, t), t)
     with full_float32() if check else nullcontext():
-        rows, y = layerwise_grads(learner, layers, x, y, t)
-        if check:
-            k = min(CHECKED_EXAMPLES, len(x))
-            reference = vmap_grads(learner, names, x[:k], y[:k], t)
-            _compare({n: r[:k] for n, r in rows.items()}, reference)
+        rows, _ = layerwise_grads(learner, layers, x, y, t, check)
     return rows
 
 
@@ -289,7 +309,7 @@ def full_float32():
 
 
 class LayerwiseMismatch(RuntimeError):
-    """The layer-wise per-example gradients of a parameter differ from torch.func's."""
+    """The layer-wise per-example gradients of a parameter differ from plain autograd's."""
 
 
 def squared_sums(learner, names: list[str], x, y, t, check: bool = False) -> dict[str, torch.Tensor]:
@@ -371,7 +391,7 @@ def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: 
             try:
                 batch = sums(x, y, t, check=i == 0)
             except LayerwiseMismatch as exc:
-                warnings.warn(f"layer-wise per-example gradients of {exc} differ from torch.func's "
+                warnings.warn(f"layer-wise per-example gradients of {exc} differ from plain autograd's "
                               f"for this model; its Fisher uses torch.func (slower)")
                 fallback = True
                 batch = sums(x, y, t, check=False)

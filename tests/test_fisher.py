@@ -189,6 +189,51 @@ def test_fisher_of_conv_models_matches_reference(kind):
         assert slow[n].abs().sum() > 0, n
 
 
+
+class RoundsByBatchSize(nn.Module):
+    """A ReLU whose unit 0 sits exactly at its kink in a batched forward and 1e-6 above it in a
+    one-example forward: the way a pre-activation within rounding of 0 can fall on either side
+    when oneDNN rounds a convolution differently by batch size (a BLIP-trained ResNet-18 had one)."""
+
+    def forward(self, x):
+        return torch.relu(x + torch.tensor([1e-6 if len(x) == 1 else 0.0] + [0.0] * (x.shape[1] - 1)))
+
+
+def test_the_check_compares_with_the_batchs_own_forward():
+    """The layer-wise rows are checked against plain autograd through the same batched forward,
+    not torch.func's one-example forwards, whose gradient here takes the kink's other side: no
+    fallback, and the Fisher is that of the batched forward, example by example."""
+    torch.manual_seed(0)
+    scenario = split_digits(SplitDigitsOptions(), RunOptions(setting="task_il"))
+    body = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), RoundsByBatchSize(), nn.Linear(8, 8), nn.Tanh())
+    body.out_features = 8
+    with torch.no_grad():                       # unit 0's pre-activation: exactly 0 for every input
+        body[1].weight[0] = 0.0
+        body[1].bias[0] = 0.0
+    learner = SupervisedLearner(MultiHeadNet(body, [t.n_outputs for t in scenario.tasks]), lr=0.1, momentum=0.0,
+                                batch_size=32, device=torch.device("cpu"), generator=torch.Generator().manual_seed(0),
+                                fisher_batch_size=40)
+    task, names = scenario.tasks[1], list(learner.shared_parameters())
+    learner.model.eval()
+    learner.generator.manual_seed(5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fast = diagonal_fisher(learner, task, names, 40, empirical=True)
+    learner.generator.manual_seed(5)
+    (x, y, _), = learner.fisher_batches(task, 40, True)         # the same 40 examples, one chunk
+    ll = learner.log_likelihood(x, y, task.index)                  # one batched forward
+    params = dict(learner.model.named_parameters())
+    slow = {n: 0 for n in names}
+    for i in range(len(x)):
+        for n, g in zip(names, torch.autograd.grad(ll[i], [params[n] for n in names], retain_graph=True)):
+            slow[n] = slow[n] + g.square() / len(x)
+    learner.generator.manual_seed(5)
+    single = reference_fisher(learner, task, names, 40, empirical=True)    # one-example forwards
+    for n in names:
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-9)
+    assert slow["backbone.1.weight"][0].abs().max() == 0           # the kink's flat side
+    assert single["backbone.1.weight"][0].abs().max() > 1e-4       # the other side
+
 # ------------------------------------------------------------ scale: what a published λ multiplies
 
 def label_weighted_and_argmax_fishers(learner, x, t, names, classes):
