@@ -5,12 +5,14 @@
     dpsgd_ghost : clsim's DP-SGD mechanism with --dp-clipping ghost (learner.forward,
                   mechanism.backward, mechanism.step) and the per-step ε it reports, as the engine runs it
     dpsgd_hooks : the same with --dp-clipping hooks (per-example gradients stored)
+    dpsgd_bk    : the same with --dp-clipping bk (book-keeping: one backward, no second one)
     dplis       : clsim's DPlis with K copies
 
 Models: the small CIFAR CNN and the reduced ResNet-18 (its BatchNorm replaced by GroupNorm, as
 the mechanism does). Rounds interleave the variants so machine load hits all alike; the median
 per variant is reported. Memory (--memory, Linux): each variant runs 3 steps in a fresh process;
-what they add to its resident memory at their peak, over plain's. Targets: dpsgd_ghost/plain <= 1.5 (time) and <= 1.3 (memory), dpsgd/opacus <= 1.05.
+what they add to its resident memory at their peak, over plain's. Targets: the fastest private
+mode / plain <= 1.5 (time) and <= 1.3 (memory), dpsgd_hooks/opacus <= 1.05.
 
     python bench/privacy_cost.py [--models cnn,resnet18] [--memory]   # batch 128, 1 thread
 """
@@ -105,6 +107,7 @@ def variants(name, x, y, dplis_k, dplis_k_chunk):
     return {"plain": lambda: plain_step(name, x, y, 0), "opacus": lambda: opacus_step(name, x, y, 0),
             "dpsgd_ghost": lambda: clsim_step(name, DPSGD, x, y, 0, dp_clipping="ghost"),
             "dpsgd_hooks": lambda: clsim_step(name, DPSGD, x, y, 0, dp_clipping="hooks"),
+            "dpsgd_bk": lambda: clsim_step(name, DPSGD, x, y, 0, dp_clipping="bk"),
             f"dplis_k{dplis_k}": lambda: clsim_step(name, DPlis, x, y, 0, dplis_k=dplis_k,
                                                     dplis_k_chunk=dplis_k_chunk)}
 
@@ -170,17 +173,19 @@ def main():
             print(f"  {v:12s} {1000 * value:9.1f} ms/step")
         dplis = f"dplis_k{args.dplis_k}"
         ratios = [("dpsgd_ghost", "plain", "(target <= 1.5)"), ("dpsgd_hooks", "plain", ""),
+                  ("dpsgd_bk", "plain", "(target <= 1.5)"), ("dpsgd_bk", "dpsgd_hooks", ""),
                   ("dpsgd_hooks", "opacus", "(target <= 1.05)"), (dplis, "dpsgd_hooks", f"(target <= {args.dplis_k})")]
         for a, b, target in ratios:
             if a in med and b in med:
                 print(f"  {a} / {b} = {med[a] / med[b]:.2f}   {target}")
         if args.memory:
-            above = {v: peak_memory(args, name, v) for v in ("plain", "dpsgd_ghost", "dpsgd_hooks")}
+            private = [v for v in ("dpsgd_ghost", "dpsgd_hooks", "dpsgd_bk") if v in steps]
+            above = {v: peak_memory(args, name, v) for v in ("plain", *private)}
             print(f"  peak memory the steps add (MiB): "
                   + ", ".join(f"{v} {m:.0f}" for v, m in above.items()))
-            for v in ("dpsgd_ghost", "dpsgd_hooks"):
+            for v in private:
                 print(f"  {v} / plain memory = {above[v] / max(above['plain'], 1e-9):.2f}"
-                      + ("   (target <= 1.3)" if v == "dpsgd_ghost" else ""))
+                      + ("" if v == "dpsgd_hooks" else "   (target <= 1.3)"))
         print(flush=True)
 
 

@@ -27,6 +27,7 @@ from clsim.config import opt
 from clsim.errors import UserError
 from clsim.fisher import diagonal_fisher
 from clsim.privacy import accounting
+from clsim.privacy.bk import BookKeeping, bk_layers
 from clsim.privacy.dp_fisher import dp_fisher
 from clsim.privacy.ledger import individual_groups
 from clsim.privacy.mechanism import Mechanism
@@ -65,9 +66,11 @@ class DPOptions:
     dp_clipping: str = opt("auto", "how per-example gradients are clipped, with the same clipped sum, noise "
                            "and ε: ghost (Opacus's fast gradient clipping: per-example norms, then a second "
                            "backward of the clipped loss; no per-example gradients stored), hooks (Opacus's "
-                           "per-example gradients), auto (ghost when Opacus has ghost norms for every trained "
-                           "layer, e.g. MLPs; else hooks, faster for convolutions). The log says which",
-                           choices=("auto", "ghost", "hooks"))
+                           "per-example gradients), bk (book-keeping, Bu et al. 2023: one backward, each "
+                           "layer's norms by the cheaper of ghost norms and per-example gradients, the clipped "
+                           "sum from what it kept; Linear, Conv2d, GroupNorm), auto (ghost when Opacus has ghost "
+                           "norms for every trained layer, e.g. MLPs; else hooks). The log says which",
+                           choices=("auto", "ghost", "hooks", "bk"))
     fisher_granularity: str = opt("unit", "DP-Fisher release: unit (one noisy sum per output unit of each weight, "
                                   "shared by its weights: some ranking survives the noise, see bench/dp_fisher.py) "
                                   "or weight (one per weight: pure noise at these ε)", choices=("unit", "weight"))
@@ -113,7 +116,8 @@ class DPSGD(Mechanism):
         self.sigma = self.options.noise_multiplier
         self.notes: list[str] = []
         self.optimizer = self.task = self._batch = None
-        self.ghost = False      # set by prepare()
+        self.clipping = "hooks"     # set by prepare(): hooks, ghost or bk
+        self.book = None            # bk's taps (clsim/privacy/bk.py)
 
     # --- before anything runs -------------------------------------------------------------
     def check(self, learner, scenario, epochs: int, fisher_releases: int = 0) -> None:
@@ -181,14 +185,18 @@ class DPSGD(Mechanism):
         self.notes.append(line)
 
     def prepare(self, learner) -> None:
-        """Attach Opacus's hooks: per-example norms (ghost) or per-example gradients (hooks);
-        DPlis computes its own instead."""
+        """Attach Opacus's hooks: per-example norms (ghost) or per-example gradients (hooks), or
+        bk's taps on the layer outputs; DPlis computes its own instead."""
         from opacus import GradSampleModule
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
-        self.ghost, why = self._clipping(learner)
-        self._log(f"--dp-clipping {'ghost' if self.ghost else 'hooks'}: {why}")
+        self.clipping, why = self._clipping(learner)
+        self._log(f"--dp-clipping {self.clipping}: {why}")
+        if self.clipping == "bk":
+            self.book = BookKeeping(bk_layers(learner.model)[0])
+            self.book.attach()
+            return
         try:
-            if self.ghost:
+            if self.clipping == "ghost":
                 self.sample_module = GradSampleModuleFastGradientClipping(
                     learner.model, batch_first=True, loss_reduction="sum",
                     max_grad_norm=self.options.max_grad_norm, use_ghost_clipping=True)
@@ -197,28 +205,34 @@ class DPSGD(Mechanism):
         except NotImplementedError as exc:
             raise UserError(f"Opacus cannot make this model private: {exc}") from None
 
-    def _clipping(self, learner) -> tuple[bool, str]:
-        """Whether to clip with ghost norms, and why."""
+    def _clipping(self, learner) -> tuple[str, str]:
+        """How to clip (hooks, ghost or bk), and why."""
         from opacus.grad_sample import GradSampleModuleFastGradientClipping
         asked = self.options.dp_clipping
         if learner.privacy_unit != "example":
-            return False, (f"the privacy unit is the {learner.privacy_unit}, whose rows' gradients are summed "
-                           f"before clipping, which needs them one by one")
+            return "hooks", (f"the privacy unit is the {learner.privacy_unit}, whose rows' gradients are summed "
+                             f"before clipping, which needs them one by one")
         forwards = getattr(self, "model_forwards", 1)
         if forwards > 1:
-            if asked == "ghost":
-                raise UserError(f"--dp-clipping ghost needs one forward of the model per step; this strategy "
+            if asked in ("ghost", "bk"):
+                raise UserError(f"--dp-clipping {asked} needs one forward of the model per step; this strategy "
                                 f"makes {forwards} (e.g. a replay buffer's): use --dp-clipping hooks or auto")
-            return False, f"the strategy forwards the model {forwards} times a step, which ghost clipping cannot clip"
+            return "hooks", f"the strategy forwards the model {forwards} times a step, which ghost clipping cannot clip"
+        if asked == "bk":
+            layers, uncovered = bk_layers(learner.model)
+            if layers is None:
+                raise UserError(f"--dp-clipping bk covers Linear, Conv2d and GroupNorm layers, not {uncovered}: "
+                                f"use --dp-clipping hooks or auto")
+            return "bk", "as asked"
         if asked != "auto":
-            return asked == "ghost", "as asked"
+            return asked, "as asked"
         others = sorted({type(m).__name__ for m in learner.model.modules()
                          if any(p.requires_grad for p in m.parameters(recurse=False))
                          and type(m) not in GradSampleModuleFastGradientClipping.NORM_SAMPLERS})
         if others:
-            return False, (f"Opacus has no ghost norms for {', '.join(others)} (their per-layer per-example "
-                           f"gradients plus a second backward cost more than hooks)")
-        return True, "Opacus has ghost norms for every trained layer"
+            return "hooks", (f"Opacus has no ghost norms for {', '.join(others)} (their per-layer per-example "
+                             f"gradients plus a second backward cost more than hooks)")
+        return "ghost", "Opacus has ghost norms for every trained layer"
 
     def ledger_options(self) -> dict:
         return {"accountant": self.options.accountant}
@@ -244,7 +258,7 @@ class DPSGD(Mechanism):
             self.ledger.raw(task.dataset_id, "training figures logged (--log-training-figures)")
         self.noise_generator.manual_seed(self.seed + 2 * task.index)
         self.perturb_generator.manual_seed(self.seed + 2 * task.index + 1)
-        kind = DPOptimizerFastGradientClipping if self.ghost else DPOptimizer
+        kind = DPOptimizer if self.clipping == "hooks" else DPOptimizerFastGradientClipping
         self.optimizer = kind(optimizer, noise_multiplier=self.sigma,
                                      max_grad_norm=self.options.max_grad_norm,
                                      expected_batch_size=self.plans[task.dataset_id].expected_batch,
@@ -287,7 +301,9 @@ class DPSGD(Mechanism):
             raise UserError(f"{self.name} needs one loss per example, but the strategy returned a "
                             f"{losses.dim()}-d loss; this strategy cannot train under --privacy")
         penalty_grads = self._penalty_grads(penalty)
-        if self.ghost:
+        if self.clipping == "bk":
+            active = self.book.clipped_sum(losses, self.options.max_grad_norm)
+        elif self.clipping == "ghost":
             active = self.clipped_sum(losses)
         else:
             active = self.per_example_grads(losses)
@@ -305,7 +321,7 @@ class DPSGD(Mechanism):
         penalty_grads = self._penalty_grads(penalty)
         active = self.head_filtered({self.task.index})
         for p in active:
-            if self.ghost:
+            if self.clipping != "hooks":
                 p.grad = torch.zeros_like(p)
             else:
                 p.grad_sample = p.new_zeros((0, *p.shape))
@@ -418,7 +434,15 @@ class DPSGD(Mechanism):
 
     @contextmanager
     def hooks_lifted(self):
-        """torch.func transforms cannot pass Opacus's backward hooks: lift them meanwhile."""
+        """torch.func transforms cannot pass Opacus's backward hooks: lift them meanwhile (and
+        bk's taps, which would keep the Fisher's forwards for a step)."""
+        if self.book is not None:
+            self.book.detach()
+            try:
+                yield
+            finally:
+                self.book.attach()
+            return
         module = getattr(self, "sample_module", None)
         if module is None:
             yield
