@@ -222,7 +222,8 @@ def test_split_cifar_cli_on_real_cifar10(cifar_root, tmp_path):
     assert s["scenario"] == "split_cifar" and s["setting"] == "class_il" and s["strategy"] == "naive"
     assert np.array(s["accuracy_matrix"]).shape == (5, 5)
     assert s["scenario_info"] == {"train_size": 200, "test_size": 100, "class_order": class_order(10, 3)}
-    assert s["steps"] == 5 * 2 and s["examples_seen"] == 200
+    assert s["hparams"]["epochs"] == 20 and s["hparams"]["lr"] == 0.05   # the scenario's defaults for cnn
+    assert s["steps"] == 5 * 2 * 20 and s["examples_seen"] == 200 * 20
     for key in ("acc", "bwt", "fwt", "forgetting", "memory", "wall_time"):
         assert key in s
 
@@ -273,7 +274,7 @@ def test_crop_flip_matches_a_per_image_reference():
 def test_split_cifar_augment_runs_through_the_learner(cifar_root, tmp_path, capsys):
     proc = main_in_process(capsys, tmp_path, "--scenario", "split_cifar", "--data-root", str(cifar_root),
                            "--train-per-class", "10", "--test-per-class", "5", "--n-tasks", "2",
-                           "--augment", "true", "--setting", "task_il", "--backbone", "resnet18",
+                           "--augment", "true", "--epochs", "1", "--setting", "task_il", "--backbone", "resnet18",
                            "--backbone-width", "4")
     assert proc.returncode == 0, proc.stderr
     s = read_summary(tmp_path)
