@@ -181,7 +181,7 @@ def main():
         if args.memory:
             private = [v for v in ("dpsgd_ghost", "dpsgd_hooks", "dpsgd_bk") if v in steps]
             above = {v: peak_memory(args, name, v) for v in ("plain", *private)}
-            print(f"  peak memory the steps add (MiB): "
+            print("  peak memory the steps add (MiB): "
                   + ", ".join(f"{v} {m:.0f}" for v, m in above.items()))
             for v in private:
                 print(f"  {v} / plain memory = {above[v] / max(above['plain'], 1e-9):.2f}"

@@ -60,7 +60,8 @@ def _normalised(layer: nn.Module, a: torch.Tensor) -> torch.Tensor:
     """The normalisation layer's input before its affine transform (per example: eval-mode
     BatchNorm uses its running statistics, GroupNorm each example's own)."""
     if isinstance(layer, nn.GroupNorm):
-        return F.group_norm(a, layer.num_groups, eps=layer.eps)
+        # torch's op: F.group_norm refuses one example whose groups hold one value each
+        return torch.group_norm(a, layer.num_groups, None, None, layer.eps)
     shape = (1, -1) + (1,) * (a.dim() - 2)
     return (a - layer.running_mean.view(shape)) * torch.rsqrt(layer.running_var.view(shape) + layer.eps)
 

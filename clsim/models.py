@@ -79,7 +79,9 @@ class MultiHeadNet(nn.Module):
 
     `forward(x, t)`: `t` is the task index of the batch (an int) or of each example (a tensor);
     with a shared head it is ignored. Mixed-task batches are padded with -inf logits to the
-    widest head so a cross-entropy over them is exact."""
+    widest head so a cross-entropy over them is exact; each of their heads runs on the whole
+    batch and is kept on its own task's rows, so every layer call covers every example (what
+    per-example gradients under a privacy mechanism need; a head is one small matmul)."""
 
     def __init__(self, backbone: nn.Module, head_sizes: list[int]):
         super().__init__()
@@ -97,9 +99,9 @@ class MultiHeadNet(nn.Module):
         width = max(h.out_features for h in self.heads)
         out = features.new_full((len(x), width), float("-inf"))
         for task in t.unique().tolist():
-            rows = t == task
             head = self.heads[task]
-            out[rows, :head.out_features] = head(features[rows])
+            mine = (t == task)[:, None]
+            out[:, :head.out_features] = torch.where(mine, head(features), out[:, :head.out_features])
         return out
 
 

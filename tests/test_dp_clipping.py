@@ -10,8 +10,10 @@ from torch import nn
 from clsim import config
 from clsim.config import RunOptions
 from clsim.errors import UserError
+from clsim.learners.base import Batch
 from clsim.learners.supervised import SupervisedLearner
 from clsim.models import MultiHeadNet, make_backbone
+from clsim.privacy import bk
 from clsim.privacy.dpsgd import DPSGD
 from clsim.privacy.ledger import Ledger
 from scenarios.split_digits import SplitDigitsOptions, split_digits
@@ -30,8 +32,9 @@ TRUNKS = {"conv": conv_trunk,   # clsim's own backbones, small, on 1x8x8 digits 
           "resnet": lambda: make_backbone("resnet18", (1, 8, 8), width=4)}
 
 
-def private_step(clipping, trunk, setting, sigma, penalty):
-    """One DP-SGD step's gradient on the first Poisson batch of task 1, and the ledger's ε."""
+def private_step(clipping, trunk, setting, sigma, penalty, mixed=False):
+    """One DP-SGD step's gradient on the first Poisson batch of task 1 (`mixed`: with task 0's
+    first one appended, as joint training or GDumb mix tasks in a batch), and the ledger's ε."""
     torch.manual_seed(0)
     scenario = split_digits(SplitDigitsOptions(hidden=16), RunOptions(setting=setting))
     heads = [t.n_outputs for t in scenario.tasks] if setting == "task_il" else [10]
@@ -48,6 +51,10 @@ def private_step(clipping, trunk, setting, sigma, penalty):
     task = scenario.tasks[1]
     optimizer = mechanism.before_task(task, learner.make_optimizer())
     batch = next(iter(mechanism.batches(task, 0, None)))
+    if mixed:
+        other = next(iter(mechanism.batches(scenario.tasks[0], 0, None)))
+        batch = Batch(*(torch.cat([getattr(batch, f), getattr(other, f)]) for f in ("x", "y", "t", "index")))
+        mechanism._batch = batch
     optimizer.zero_grad(set_to_none=True)
     losses, _ = learner.forward(batch)
     extra = sum(p.square().sum() for p in learner.model.backbone.parameters()) if penalty else None
@@ -61,7 +68,8 @@ def private_step(clipping, trunk, setting, sigma, penalty):
     ("bk", "mlp", "task_il", False), ("bk", "mlp", "class_il", True), ("bk", "conv", "task_il", True),
     ("bk", "cnn", "task_il", True), ("bk", "cnn", "class_il", False), ("bk", "resnet", "task_il", True),
     ("bk", "resnet", "class_il", False)])
-def test_fast_clipping_gives_the_hooks_gradient(clipping, trunk, setting, penalty):
+def test_fast_clipping_gives_the_hooks_gradient(clipping, trunk, setting, penalty, monkeypatch):
+    monkeypatch.setattr(bk, "CHUNK", 7)     # bk forms a batch's rows and norms in several chunks
     hooks, eps_hooks = private_step("hooks", trunk, setting, 0.0, penalty)
     fast, eps_fast = private_step(clipping, trunk, setting, 0.0, penalty)
     assert set(fast) == set(hooks)
@@ -71,6 +79,17 @@ def test_fast_clipping_gives_the_hooks_gradient(clipping, trunk, setting, penalt
         torch.testing.assert_close(fast[n], hooks[n], rtol=1e-5, atol=1e-5)
     assert any(h.abs().sum() > 0 for h in hooks.values())
     assert eps_fast == eps_hooks
+
+
+@pytest.mark.parametrize("clipping", ["ghost", "bk"])
+def test_a_batch_mixing_tasks_is_clipped_alike(clipping):
+    """task_il heads each run on the whole batch (kept on their own task's rows), so every mode
+    sees whole-batch layer calls: the same clipped gradient, both heads' included."""
+    hooks, _ = private_step("hooks", "conv", "task_il", 0.0, False, mixed=True)
+    fast, _ = private_step(clipping, "conv", "task_il", 0.0, False, mixed=True)
+    assert set(fast) == set(hooks) and {"heads.0.weight", "heads.1.weight"} <= set(hooks)
+    for n in hooks:
+        torch.testing.assert_close(fast[n], hooks[n], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("clipping,trunk", [("ghost", "mlp"), ("bk", "mlp"), ("bk", "cnn")])
@@ -84,20 +103,42 @@ def test_fast_clipping_adds_the_same_noise(clipping, trunk):
     assert eps_ghost == eps_hooks and eps_hooks < float("inf")
 
 
-@pytest.mark.parametrize("trunk,ghost", [("mlp", True), ("conv", False)])
-def test_auto_clipping_is_ghost_only_where_every_layer_has_ghost_norms(trunk, ghost, capsys):
+class Binned(nn.Module):
+    """Pixels binned and embedded: an Embedding, which Opacus has ghost norms for and bk does not cover."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(5, 2)
+
+    def forward(self, x):
+        return self.emb((x.flatten(1) * 4).clamp(0, 4).long()).flatten(1)
+
+
+AUTO_TRUNKS = {"conv": conv_trunk,
+               "prelu": lambda: nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.PReLU()),
+               "embedding": lambda: nn.Sequential(Binned(), nn.Linear(128, 16))}
+
+
+@pytest.mark.parametrize("trunk,clipping,why", [
+    ("mlp", "bk", "book-keeping covers every trained layer"), ("conv", "bk", "book-keeping covers every"),
+    ("embedding", "ghost", "book-keeping does not cover backbone.0.emb (Embedding); Opacus has ghost norms"),
+    ("prelu", "hooks", "book-keeping does not cover backbone.2 (PReLU) and Opacus has no ghost norms for PReLU")])
+def test_auto_clipping_takes_bk_then_ghost_then_hooks_and_says_why(trunk, clipping, why, capsys):
     torch.manual_seed(0)
     scenario = split_digits(SplitDigitsOptions(hidden=16), RunOptions(setting="task_il"))
-    model = MultiHeadNet(conv_trunk(), [t.n_outputs for t in scenario.tasks]) if trunk == "conv" else None
+    model = None
+    if trunk in AUTO_TRUNKS:
+        body = AUTO_TRUNKS[trunk]()
+        body.out_features = 16
+        model = MultiHeadNet(body, [t.n_outputs for t in scenario.tasks])
     learner = SupervisedLearner(model or scenario.make_model(), lr=0.1, momentum=0.0, batch_size=32,
                                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     mechanism = DPSGD(config.build(DPSGD.Options, {}))
     mechanism.check(learner, scenario, 1)
     mechanism.attach(learner)
-    assert mechanism.clipping == ("ghost" if ghost else "hooks")
-    said = capsys.readouterr().err
-    assert f"--dp-clipping {'ghost' if ghost else 'hooks'}" in said
-    assert ("Conv2d" in said) == (not ghost)
+    assert mechanism.clipping == clipping
+    assert f"--dp-clipping {clipping}: {why}" in capsys.readouterr().err
+    assert any(why in note for note in mechanism.notes)         # the ledger's notes say it too
 
 
 def test_replay_under_dpsgd_clips_with_hooks_and_ghost_and_bk_are_refused(tmp_path):
@@ -123,3 +164,21 @@ def test_bk_refuses_a_layer_it_does_not_cover_in_one_line():
     mechanism.check(learner, scenario, 1)
     with pytest.raises(UserError, match=r"not backbone.2 \(PReLU\): use --dp-clipping hooks"):
         mechanism.attach(learner)
+
+
+def test_bk_leaves_torch_func_transforms_of_the_model_alone():
+    """Strategies may run torch.func over the model under the mechanism (MAS's importances):
+    bk's taps stay out of those forwards (a custom Function would break the transform)."""
+    from torch.func import functional_call, grad, vmap
+    torch.manual_seed(0)
+    scenario = split_digits(SplitDigitsOptions(hidden=16), RunOptions(setting="task_il"))
+    learner = SupervisedLearner(MultiHeadNet(conv_trunk(), [t.n_outputs for t in scenario.tasks]), lr=0.1,
+                                momentum=0.0, batch_size=32, device=torch.device("cpu"),
+                                generator=torch.Generator().manual_seed(0))
+    mechanism = DPSGD(config.build(DPSGD.Options, {"dp_clipping": "bk"}))
+    mechanism.check(learner, scenario, 1)
+    mechanism.attach(learner)
+    params = {n: p.detach() for n, p in learner.model.named_parameters()}
+    norm = lambda p, x: functional_call(learner.model, p, (x[None], 0)).square().sum()  # noqa: E731
+    g = vmap(grad(norm), in_dims=(None, 0))(params, scenario.tasks[0].train.x[:5])
+    assert g["backbone.0.weight"].shape[0] == 5 and not mechanism.book.calls

@@ -17,8 +17,9 @@ per-example gradient of a layer whose ghost norm is cheaper (hooks'). Noise, sca
 ledger stay Opacus's DPOptimizerFastGradientClipping's and the mechanism's, as for ghost.
 
 Where clsim differs from theirs: it covers Linear, Conv2d and GroupNorm (what clsim's models
-train privately; the mechanism refuses BK for any other trainable layer and `auto` then uses
-hooks), normalisation layers keep rows like theirs; a layer called several times in one forward
+train privately; `--dp-clipping bk` is refused for any other trainable layer, and `auto` then
+takes ghost or hooks); normalisation layers keep rows, like theirs; the rows and norms are formed
+CHUNK examples at a time (smaller copies on the way); a layer called several times in one forward
 adds its rows before the norm (theirs keeps one call); the clip factor is Opacus's (theirs has
 other clipping functions too). Like Opacus's hooks, a gradient is read only from the layers'
 own inputs and outputs: a parameter also used outside its layer would lose that use from the
@@ -34,6 +35,7 @@ from clsim.errors import UserError
 from clsim.fisher import conv_patches, layer_rows, supported_layer
 
 COVERED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+CHUNK = 32      # examples whose per-layer norms or rows are formed together
 
 
 def bk_layers(model: nn.Module) -> tuple[dict[nn.Module, list[tuple[str, nn.Parameter]]] | None, str]:
@@ -84,12 +86,16 @@ class _Call:
         if self.a is None:      # not this mechanism's backward (a forward it did not clip)
             return
         self.taken, self.examples = True, len(g)
+        # in chunks of examples: the copies made on the way (patches, reordered inputs) stay small
+        parts = [(_ghost_norms if self.ghost else layer_rows)(self.layer, a, g_part)
+                 for a, g_part in zip(self.a.split(CHUNK), g.split(CHUNK))]
         if self.ghost:
             self.g = g
-            self.norm2, self.rows = _ghost_norms(self.layer, self.a, g)
+            self.norm2 = torch.cat([norm2 for norm2, _ in parts])
+            parts = [rows for _, rows in parts]
         else:
-            self.rows = layer_rows(self.layer, self.a, g)
             self.a = None
+        self.rows = {own: torch.cat([rows[own] for rows in parts]) for own in parts[0]}
 
 
 def _ghost_norms(layer, a, g) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -134,14 +140,20 @@ class BookKeeping:
     def attach(self) -> None:
         self.handles = [m.register_forward_hook(self._record) for m in self.layers]
 
+    def forget(self) -> None:
+        """Drop the taps of forwards no clipped sum will use (a step without a batch)."""
+        self.calls = []
+
     def detach(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles, self.calls = [], []
 
     def _record(self, module, inputs, output):
-        """Tap a training forward's layer output (forwards without gradients are left alone)."""
-        if not (torch.is_grad_enabled() and output.requires_grad):
+        """Tap a training forward's layer output (forwards without gradients, and torch.func's,
+        e.g. MAS's importances, are left alone)."""
+        if (not (torch.is_grad_enabled() and output.requires_grad)
+                or torch._C._functorch.is_functorch_wrapped_tensor(output)):
             return None
         if self.probe is None or self.probe.device != output.device:
             self.probe = torch.zeros((), device=output.device, requires_grad=True)
@@ -169,7 +181,7 @@ class BookKeeping:
         ghosts: dict[nn.Parameter, _Call] = {}
         norm2 = torch.zeros(n, device=losses.device)
         for call in reached:
-            trainable = dict(self.layers[call.layer])
+            trainable = {own: p for own, p in self.layers[call.layer] if p.requires_grad}   # frozen since: none
             for own, r in call.rows.items():
                 if own in trainable:
                     p = trainable[own]
@@ -178,7 +190,7 @@ class BookKeeping:
                 ghosts[trainable["weight"]] = call
                 norm2 += call.norm2
         for r in rows.values():
-            norm2 += r.reshape(n, -1).square().sum(1)
+            norm2 += torch.linalg.vector_norm(r.reshape(n, -1), dim=1).square()
         coef = (max_grad_norm / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
         for p, r in rows.items():
             p.grad = torch.tensordot(coef, r, 1)
