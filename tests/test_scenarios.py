@@ -222,7 +222,7 @@ def test_split_cifar_cli_on_real_cifar10(cifar_root, tmp_path):
     assert s["scenario"] == "split_cifar" and s["setting"] == "class_il" and s["strategy"] == "naive"
     assert np.array(s["accuracy_matrix"]).shape == (5, 5)
     assert s["scenario_info"] == {"train_size": 200, "test_size": 100, "class_order": class_order(10, 3)}
-    assert s["hparams"]["epochs"] == 20 and s["hparams"]["lr"] == 0.05   # the scenario's defaults for cnn
+    assert s["hparams"]["epochs"] == 20 and s["hparams"]["lr"] == 0.03   # the scenario's defaults for cnn
     assert s["steps"] == 5 * 2 * 20 and s["examples_seen"] == 200 * 20
     for key in ("acc", "bwt", "fwt", "forgetting", "memory", "wall_time"):
         assert key in s
