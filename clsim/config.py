@@ -181,7 +181,7 @@ class ProtocolOptions:
     optimizer: str = opt("sgd", "sgd (with --momentum) or adam (betas 0.9, 0.999)", choices=("sgd", "adam"))
     optimizer_reset: bool = opt(True, "a fresh optimizer for every task; false keeps one, and its state (Adam's "
                                 "moments, SGD's momentum), across tasks, as van de Ven's code does unless "
-                                "--optimizer adam_reset (the lr schedule restarts at --lr with every task either way)")
+                                "--optimizer adam_reset (the learning-rate schedule restarts with every task either way)")
     active_classes: bool = opt(False, "class_il: the training loss's softmax, and the Fisher's, span only the "
                                "classes of the tasks trained so far (van de Ven's 'active classes'), not every "
                                "output unit; evaluation always chooses among all of them")
