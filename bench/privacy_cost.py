@@ -11,7 +11,8 @@
 Models: the small CIFAR CNN and the reduced ResNet-18 (its BatchNorm replaced by GroupNorm, as
 the mechanism does). Rounds interleave the variants so machine load hits all alike; the median
 per variant is reported. Memory (--memory, Linux): each variant runs 3 steps in a fresh process;
-what they add to its resident memory at their peak, over plain's. Targets: the fastest private
+what they add to its resident memory at their peak (allocator-held blocks included), and the peak
+of the live tensors one more step allocates (torch profiler), each over plain's. Targets: the fastest private
 mode / plain <= 1.5 (time) and <= 1.3 (memory), dpsgd_hooks/opacus <= 1.05.
 
     python bench/privacy_cost.py [--models cnn,resnet18] [--memory]   # batch 128, 1 thread
@@ -112,13 +113,31 @@ def variants(name, x, y, dplis_k, dplis_k_chunk):
                                                     dplis_k_chunk=dplis_k_chunk)}
 
 
-def peak_memory(args, name: str, variant: str) -> float:
+def peak_memory(args, name: str, variant: str) -> tuple[float, float]:
     """MiB that 3 steps of `variant` add to the resident memory at their start, at their peak
-    (a fresh process; Linux's VmHWM, reset before the steps)."""
+    (a fresh process; Linux's VmHWM, reset before the steps: what the allocator holds, freed
+    blocks it kept included), and the peak of the tensors one more step allocates (the torch
+    profiler's memory timeline: live tensors only)."""
     out = subprocess.run([sys.executable, __file__, "--data-root", args.data_root, "--batch-size",
                           str(args.batch_size), "--dplis-k", str(args.dplis_k), "--one", f"{name}:{variant}"],
                          capture_output=True, text=True, check=True)
-    return float(out.stdout.split()[-1])
+    resident, tensors = out.stdout.split()[-2:]
+    return float(resident), float(tensors)
+
+
+def tensor_peak_mib(step) -> float:
+    """The peak of the tensors `step` allocates (torch profiler memory timeline, CPU)."""
+    import json
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                 with_stack=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_memory_timeline(f"{tmp}/timeline.json", device="cpu")
+        with open(f"{tmp}/timeline.json") as f:
+            _, sizes = json.load(f)
+    return max(sum(s) for s in sizes) / 2 ** 20
 
 
 def resident_kib(field: str) -> int:
@@ -152,7 +171,7 @@ def main():
         start = resident_kib("VmRSS")
         for _ in range(3):
             step()
-        print((resident_kib("VmHWM") - start) / 1024)
+        print((resident_kib("VmHWM") - start) / 1024, tensor_peak_mib(step))
         return
     for name in args.models.split(","):
         skip = tuple(s for s in args.skip.split(",") if s)
@@ -181,11 +200,11 @@ def main():
         if args.memory:
             private = [v for v in ("dpsgd_ghost", "dpsgd_hooks", "dpsgd_bk") if v in steps]
             above = {v: peak_memory(args, name, v) for v in ("plain", *private)}
-            print("  peak memory the steps add (MiB): "
-                  + ", ".join(f"{v} {m:.0f}" for v, m in above.items()))
-            for v in private:
-                print(f"  {v} / plain memory = {above[v] / max(above['plain'], 1e-9):.2f}"
-                      + ("" if v == "dpsgd_hooks" else "   (target <= 1.3)"))
+            for k, what in enumerate(("resident memory the steps add", "tensors a step allocates")):
+                print(f"  peak {what} (MiB): " + ", ".join(f"{v} {m[k]:.0f}" for v, m in above.items()))
+                for v in private:
+                    print(f"    {v} / plain = {above[v][k] / max(above['plain'][k], 1e-9):.2f}"
+                          + ("" if v == "dpsgd_hooks" else "   (target <= 1.3)"))
         print(flush=True)
 
 

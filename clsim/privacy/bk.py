@@ -36,6 +36,7 @@ from clsim.fisher import conv_patches, layer_rows, supported_layer
 
 COVERED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 CHUNK = 32      # examples whose per-layer norms or rows are formed together
+WEIGHT_NORM2 = "weight norm²"   # a ghost call's squared per-example weight norms, kept beside its bias rows
 
 
 def bk_layers(model: nn.Module) -> tuple[dict[nn.Module, list[tuple[str, nn.Parameter]]] | None, str]:
@@ -85,22 +86,26 @@ class _Call:
     def take(self, g: torch.Tensor) -> None:
         if self.a is None:      # not this mechanism's backward (a forward it did not clip)
             return
-        self.taken, self.examples = True, len(g)
-        # in chunks of examples: the copies made on the way (patches, reordered inputs) stay small
-        parts = [(_ghost_norms if self.ghost else layer_rows)(self.layer, a, g_part)
-                 for a, g_part in zip(self.a.split(CHUNK), g.split(CHUNK))]
+        n = self.examples = len(g)
+        self.taken = True
+        # in chunks of examples, each written into its place: the copies made on the way
+        # (patches, reordered inputs, a chunk's rows) stay small
+        for lo in range(0, n, CHUNK):
+            a, g_part = self.a[lo:lo + CHUNK], g[lo:lo + CHUNK]
+            part = (_ghost_norms if self.ghost else layer_rows)(self.layer, a, g_part)
+            for own, r in part.items():
+                if own not in self.rows:
+                    self.rows[own] = r.new_empty((n, *r.shape[1:]))
+                self.rows[own][lo:lo + len(r)] = r
         if self.ghost:
-            self.g = g
-            self.norm2 = torch.cat([norm2 for norm2, _ in parts])
-            parts = [rows for _, rows in parts]
+            self.g, self.norm2 = g, self.rows.pop(WEIGHT_NORM2)
         else:
             self.a = None
-        self.rows = {own: torch.cat([rows[own] for rows in parts]) for own in parts[0]}
 
 
-def _ghost_norms(layer, a, g) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The weight's squared per-example norms without its per-example gradients, and the bias's
-    rows (cheap: one number per output channel)."""
+def _ghost_norms(layer, a, g) -> dict[str, torch.Tensor]:
+    """The weight's squared per-example norms (under WEIGHT_NORM2) without its per-example
+    gradients, and the bias's rows (cheap: one number per output channel)."""
     if isinstance(layer, nn.Linear):
         norm2 = a.square().sum(1) * g.square().sum(1)
         bias = g
@@ -111,7 +116,7 @@ def _ghost_norms(layer, a, g) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         gram_g = torch.bmm(g_flat.transpose(1, 2), g_flat)
         norm2 = (gram_a * gram_g).sum((1, 2))
         bias = g.sum((2, 3))
-    return norm2, ({"bias": bias} if layer.bias is not None else {})
+    return {WEIGHT_NORM2: norm2, **({"bias": bias} if layer.bias is not None else {})}
 
 
 def _ghost_cheaper(layer: nn.Module, a: torch.Tensor, calls: int) -> bool:
