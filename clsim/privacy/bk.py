@@ -10,7 +10,7 @@ them, per example, its squared gradient norm by the cheaper of (their mixed rule
   Linear on examples x features, T = 1): a and g are kept;
 - the per-example gradient (clsim/fisher.py's `layer_rows`, shared with the Fisher): only the
   rows are kept.
-Then c_i = min(1, C/(‖g_i‖ + 1e-6)), Opacus DPOptimizer's rule, and each parameter's clipped sum
+Then c_i = min(1, C/(‖∇_i‖ + 1e-6)) over example i's whole gradient ∇_i, Opacus DPOptimizer's rule, and each parameter's clipped sum
 Σ_i c_i ∇_i straight from what was kept: one weight-gradient product of a and c·g for a ghost
 layer, Σ_i c_i·row_i for the others. There is no second backward (ghost clipping's) and no
 per-example gradient of a layer whose ghost norm is cheaper (hooks'). Noise, scaling and the
