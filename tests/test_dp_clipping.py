@@ -153,6 +153,55 @@ def test_replay_under_dpsgd_clips_with_hooks_and_ghost_and_bk_are_refused(tmp_pa
         assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / clipping).exists()
 
 
+@pytest.mark.parametrize("strategy", ["er", "derpp", "sparcl"])
+def test_replay_under_dpsgd_runs_in_task_il_and_the_ledger_marks_the_buffer_raw(strategy, tmp_path):
+    """An old task's head is reached by the buffer draw alone, so it has fewer per-example rows
+    than the shared layers when the current batch is larger (Opacus refused to stack them)."""
+    from conftest import read_summary, run_cli
+    run_cli("--scenario", "split_digits", "--strategy", strategy, "--setting", "task_il", "--privacy", "dpsgd",
+            "--epochs", "1", "--n-tasks", "2", "--checkpoint", "false", out=tmp_path)
+    summary = read_summary(tmp_path)
+    assert len(summary["accuracy_matrix"]) == 2
+    for dataset in summary["privacy"]["datasets"].values():
+        purposes = {(a["mechanism"], a["purpose"]) for a in dataset["accesses"]}
+        assert {("raw", "replay buffer"), ("gaussian", "dpsgd training")} <= purposes
+        assert dataset["epsilon_infinite"] and dataset["epsilon"] is None
+
+
+def test_several_forwards_give_each_row_the_sum_of_its_examples_gradients():
+    """Rows of a step with a current batch (5, task 1) and a buffer draw (3, tasks 0 and 1): row
+    i holds the gradient of current example i plus buffer example i in every layer, the head
+    only the buffer reached included (padded with zero rows)."""
+    import copy
+
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh())
+    trunk.out_features = 8
+    model = MultiHeadNet(trunk, [3, 3])
+    plain = copy.deepcopy(model)
+    GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    x_now, y_now, t_now = torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,)), torch.ones(5, dtype=torch.long)
+    x_old, y_old, t_old = torch.randn(3, 1, 8, 8), torch.randint(0, 3, (3,)), torch.tensor([0, 1, 0])
+    ce = nn.functional.cross_entropy
+    losses = torch.cat([ce(model(x_now, t_now), y_now, reduction="none"),
+                        ce(model(x_old, t_old), y_old, reduction="none")])
+    mechanism = DPSGD(config.build(DPSGD.Options, {}))
+    mechanism.model_forwards = 2
+    mechanism.optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
+                                      max_grad_norm=1.0, expected_batch_size=5)
+    active = mechanism.per_example_grads(losses)
+    assert {len(p.grad_sample) for p in active} == {5}
+    for i in range(5):
+        loss = ce(plain(x_now[i:i + 1], t_now[i:i + 1]), y_now[i:i + 1])
+        if i < 3:
+            loss = loss + ce(plain(x_old[i:i + 1], t_old[i:i + 1]), y_old[i:i + 1])
+        grads = torch.autograd.grad(loss, list(plain.parameters()), allow_unused=True)
+        for p, g in zip(model.parameters(), grads):
+            torch.testing.assert_close(p.grad_sample[i], torch.zeros_like(p) if g is None else g)
+
+
 def test_bk_refuses_a_layer_it_does_not_cover_in_one_line():
     torch.manual_seed(0)
     scenario = split_digits(SplitDigitsOptions(hidden=16), RunOptions(setting="task_il"))

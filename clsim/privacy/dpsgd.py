@@ -379,7 +379,24 @@ class DPSGD(Mechanism):
         with warnings.catch_warnings():   # inputs need no gradient: PyTorch's note about it is noise
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             losses.sum().backward()
-        return {p for p in self.optimizer.params if getattr(p, "grad_sample", None) is not None}
+        active = {p for p in self.optimizer.params if getattr(p, "grad_sample", None) is not None}
+        if getattr(self, "model_forwards", 1) > 1:
+            self._align_rows(active)
+        return active
+
+    @staticmethod
+    def _align_rows(active: set[nn.Parameter]) -> None:
+        """Several forwards a step (replay: the current batch, then buffer draws): Opacus adds
+        each forward's per-example gradients row by row from row 0, so row i is the sum of every
+        forward's i-th example, and a layer has as many rows as the largest batch that reached
+        it. A task head that only a smaller forward reached (task_il: an old task's head, used
+        by the buffer draw alone) has fewer rows: the missing rows are examples that never
+        reached it, whose gradient there is zero; pad them so all layers clip the same rows."""
+        rows = max(len(p.grad_sample) for p in active) if active else 0
+        for p in active:
+            short = rows - len(p.grad_sample)
+            if short > 0:
+                p.grad_sample = torch.cat([p.grad_sample, p.grad_sample.new_zeros((short, *p.shape))])
 
     @staticmethod
     def _sum_rows_per_unit(active: set[nn.Parameter], unit: torch.Tensor) -> None:
