@@ -185,7 +185,7 @@ def first_task_of(experiment):
     return parts
 
 
-def test_active_classes_spans_the_softmax_of_training_and_of_the_fisher_over_the_seen_classes(capsys):
+def test_active_classes_spans_the_softmax_of_training_and_of_the_fisher_over_the_seen_classes(tmp_path, capsys):
     """--active-classes (van de Ven's Class-IL): after task 0 (digits 0, 1) of class_il split_digits,
     the head rows of the unseen classes are untouched (all units: pushed down), and the exact
     Fisher equals a hand-written one whose softmax spans classes 0 and 1 only (zero on the other
@@ -223,6 +223,7 @@ def test_active_classes_spans_the_softmax_of_training_and_of_the_fisher_over_the
         torch.testing.assert_close(fisher[n], hand[n] / len(examples), rtol=1e-4, atol=1e-10)
         assert fisher[n][2:].abs().sum() == 0 and fisher[n][:2].abs().sum() > 0
 
-    assert cli.main(["--setting", "task_il", "--active-classes", "true", "--out", "unused"]) == 2
+    assert cli.main(["--setting", "task_il", "--active-classes", "true", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --active-classes applies to class_il") and "\n" not in err
+    assert not any(tmp_path.iterdir())
