@@ -177,6 +177,20 @@ def test_one_optimizer_across_tasks_carries_adams_state_and_resumes_exactly(tmp_
     assert losses(resumed) == losses(whole)
 
 
+def test_one_optimizer_across_tasks_under_dpsgd_keeps_its_state_and_spends_the_same_budget(tmp_path):
+    """Under DP-SGD the kept Adam is stepped through Opacus's wrapper each task (its state moves
+    later tasks), and carrying it costs nothing: its moments are made of noised gradients only, so
+    the ledger's ε is the fresh-optimizer run's."""
+    options = {"strategy": "dpsgd", "optimizer": "adam", "lr": 0.003, "epochs": 1, "n_tasks": 2,
+               "seed": 1, "progress": False, "loggers": [], "out": None}
+    kept = Experiment(**options, optimizer_reset=False).run().summary
+    fresh = Experiment(**options, optimizer_reset=True).run().summary
+    assert kept["accuracy_matrix"][0] == fresh["accuracy_matrix"][0]
+    assert kept["accuracy_matrix"][1] != fresh["accuracy_matrix"][1]
+    eps = lambda s: {k: d["epsilon"] for k, d in s["privacy"]["datasets"].items()}
+    assert eps(kept) == eps(fresh) and all(0 < e < math.inf for e in eps(kept).values())
+
+
 def first_task_of(experiment):
     """The parts of `experiment`, trained on its first task only."""
     parts = experiment.build()
