@@ -16,6 +16,11 @@ the new ones in one softmax whatever the frozen bits.
 Other shared parameters (batch-norm / layer-norm affine weights) cannot be quantised by the rule
 above; they are frozen whole after task 0, and batch-norm modules keep the running statistics of
 task 0 and normalise with them from then on (the note asks for statistics frozen after task 0).
+The authors' ResNet-18 (miniImageNetClassification/src/networks/q_resnet.py, approaches/blip.py)
+does the same with the statistics (its batch-norm layers go to eval mode from task 1 on) but has no
+affine parameters at all (affine=False); clsim's ResNet keeps them, frozen after task 0. Either way
+later tasks see task 0's statistics, which is why BLIP on a batch-norm ResNet depends on task 0
+resembling the rest (split_cifar's default backbone is the normalisation-free `cnn`).
 
 Fidelity to the authors' code (github.com/Yujun-Shi/BLIP: quant_layer.py, blip_utils.py,
 ppo_blip.py, run_blip.py, RL/run_blip.sh):
