@@ -8,6 +8,13 @@ tasks is c·Σ Ω (θ − θ*)², θ* the weights at the last task's end. As in 
 penalty: clsim takes p.grad after the backward and subtracts the penalty's exact gradient
 2c·Ω(θ − θ*). Under a privacy mechanism p.grad is the mechanism's private gradient, so SI is
 post-processing and stays accounted (the paper's g is the exact gradient there instead).
+
+`--si-variant vandeven` follows van de Ven & Tolias's 2019 code (github.com/GMvandeVen/
+continual-learning, the "Three scenarios" comparison) instead: g is the gradient of the total loss,
+SI's own penalty included, and Ω is not clamped at 0 (a weight can get a negative importance). The
+rest is the same in both: ξ added to the squared drift of the task, Ω summed over tasks, no ½ in
+the penalty, θ* the weights at the end of the last task. Their single output layer is penalised
+whole; clsim's per-task heads (task_il) are not penalised, as for every anchor here.
 """
 from __future__ import annotations
 
@@ -31,6 +38,9 @@ class SI(ImportanceAnchor):
         si_c: float = opt(1.0, "c: strength of the penalty c·Σ Ω (θ - θ*)²", low=0.0)
         si_xi: float = opt(0.1, "ξ: damping of the importance's denominator (Δθ² + ξ); the authors used 0.1 "
                            "(permuted MNIST) and 1e-3 (split MNIST, with Adam)", low=0.0, low_open=True)
+        si_variant: str = opt("zenke", "zenke: the path integral of the task loss's gradient, Ω ≥ 0 (Zenke et "
+                              "al.'s code); vandeven: of the total loss's gradient (SI's penalty included), Ω "
+                              "unclamped (van de Ven & Tolias's 2019 code)", choices=("zenke", "vandeven"))
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
@@ -47,7 +57,7 @@ class SI(ImportanceAnchor):
         g = torch.cat([(params[n].grad if params[n].grad is not None else torch.zeros_like(params[n])).reshape(-1)
                        for n in self.names])
         self._before = self.flat().detach().clone()
-        if self.importance is not None:   # the task loss's gradient alone
+        if self.importance is not None and self.options.si_variant == "zenke":   # the task loss's alone
             g = g - 2 * self.options.si_c * self.importance * (self._before - self.anchor)
         self._grad = g
 
@@ -60,4 +70,5 @@ class SI(ImportanceAnchor):
 
     def after_task(self, task):
         super().after_task(task)
-        self.importance.clamp_(min=0.0)
+        if self.options.si_variant == "zenke":
+            self.importance.clamp_(min=0.0)

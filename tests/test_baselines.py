@@ -63,7 +63,8 @@ def test_l2_penalty_is_the_squared_distance_to_the_last_tasks_weights():
 
 # ---------------------------------------------------------------- si
 
-def test_si_importance_on_a_quadratic_is_the_path_integral_over_the_squared_drift():
+@pytest.mark.parametrize("variant", ["zenke", "vandeven"])
+def test_si_importance_on_a_quadratic_is_the_path_integral_over_the_squared_drift(variant):
     """Gradient descent on L(w) = ½a(w − b)², from w0 = 0 with a = 2, b = 1, lr = 0.1: w − b shrinks by
     r = 1 − lr·a = 0.8 a step, so after 3 steps ω = Σ g·(lr·g) = lr·a²·(1 + r² + r⁴) = 0.81984,
     the drift is w3 = 1 − 0.8³ = 0.488, and Ω = ω / (0.488² + ξ) with ξ = 1e-3."""
@@ -72,7 +73,7 @@ def test_si_importance_on_a_quadratic_is_the_path_integral_over_the_squared_drif
     learner = SupervisedLearner(MultiHeadNet(Scalar(0.0), [1, 1]), lr=0.1, momentum=0.0, batch_size=1,
                                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     mechanism.setup(learner, scenario, Ledger())
-    si = SI(SI.Options(si_c=0.5, si_xi=1e-3))
+    si = SI(SI.Options(si_c=0.5, si_xi=1e-3, si_variant=variant))
     si.setup(learner, scenario, mechanism)
     assert si.names == ["backbone.w"]
     w = learner.model.backbone.w
@@ -91,20 +92,31 @@ def test_si_importance_on_a_quadratic_is_the_path_integral_over_the_squared_drif
     si.after_task(scenario.tasks[0])
     assert float(w.detach()) == pytest.approx(0.488)
     assert float(si.importance) == pytest.approx(0.81984 / (0.488 ** 2 + 1e-3), rel=1e-5)
-    # Task 2 pulls toward 0 while the penalty c·Ω(w − 0.488)² resists. ω counts only the task loss's
-    # gradient g = a·w; the step also takes the penalty's 2cΩ(w − 0.488), non-zero from step 2 on.
+    # Task 2 pulls toward 0 while the penalty c·Ω(w − 0.488)² resists (its gradient non-zero from step
+    # 2 on). Zenke et al.'s ω counts only the task loss's gradient g = a·w; van de Ven's the total one.
     omega1 = float(si.importance)
     si.before_task(scenario.tasks[1])
     descend(0.0, 2)
     w0, omega = 0.488, 0.0
     for _ in range(2):
         g = 2.0 * w0
-        step = -0.1 * (g + 2 * 0.5 * omega1 * (w0 - 0.488))
-        omega, w0 = omega - g * step, w0 + step
+        total = g + 2 * 0.5 * omega1 * (w0 - 0.488)
+        step = -0.1 * total
+        omega, w0 = omega - (g if variant == "zenke" else total) * step, w0 + step
     assert float(w.detach()) == pytest.approx(w0, rel=1e-5)
     assert float(si.omega) == pytest.approx(omega, rel=1e-5)
     si.after_task(scenario.tasks[1])
     assert float(si.importance) == pytest.approx(omega1 + omega / ((w0 - 0.488) ** 2 + 1e-3), rel=1e-5)
+    # A task whose path integral is negative (steps against the gradient: momentum, or the penalty
+    # outweighing the task loss) lowers Ω; Zenke et al. clamp Ω at 0, van de Ven's code does not.
+    si.before_task(scenario.tasks[1])
+    with torch.no_grad():
+        w += 0.1
+    si.omega.fill_(-50.0)
+    si.after_task(scenario.tasks[1])
+    expected = omega1 + omega / ((w0 - 0.488) ** 2 + 1e-3) - 50.0 / (0.1 ** 2 + 1e-3)
+    assert expected < 0
+    assert float(si.importance) == (0.0 if variant == "zenke" else pytest.approx(expected, rel=1e-5))
 
 
 # ---------------------------------------------------------------- mas
