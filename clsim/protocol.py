@@ -11,7 +11,8 @@
                          does in Class-IL (its `active_classes`; their EWC Fisher takes the same
                          units). clsim masks the other logits with -inf in the learner (one place:
                          `SupervisedLearner.span_classes`); strategies that read the raw outputs
-                         themselves (DER++'s stored logits, LwF, iCaRL) see every unit as before.
+                         themselves (DER++'s stored logits, iCaRL) see every unit as before;
+                         LwF's student softmax spans them (see strategies/lwf.py).
                          Evaluation chooses among all classes; after the last task every class
                          is active, so the final row is the one their code reports.
     --optimizer-reset    true (default): a fresh optimizer per task; false: one optimizer for the

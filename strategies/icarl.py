@@ -11,6 +11,15 @@ exemplar is the example minimising ‖μ − (φ(x) + Σ_{j<k} φ(p_j)) / k‖, 
 Classification: nearest mean of exemplars, argmin_y ‖φ(x) − μ_y‖ over the classes seen, μ_y the
 normalised mean of y's exemplar features (the network's own outputs only before the first task).
 
+van de Ven & Tolias's 2019 code (the "Three scenarios" comparison, its iCaRL row) takes the
+earlier classes' targets at a temperature, sigmoid(y_old / T) with T = 2 (its distillation
+temperature): `--icarl-temperature 2`. The rest matches: exemplars in the task's shuffled batches,
+the summed BCE over the classes seen so far, m = ⌊K / s⌋, herding and NME on normalised features
+of the last hidden layer. Theirs re-normalises the class mean that herding aims at (clsim aims at
+the plain mean of the normalised features: a slightly different choice of exemplars, left as is),
+and trains 2000 iterations per task, where clsim's epochs run over the union with the exemplars
+(21 epochs: ~2,300 steps per task from task 2 on).
+
 Deviations: no horizontally flipped copies in the class means (clsim has no flip for every
 input kind); features come from the model in eval mode. Exemplars are raw examples and the union
 is batched here, not by a mechanism: under a privacy mechanism every task's ε is ∞ (the ledger
@@ -58,6 +67,8 @@ class ICaRL(Strategy):
     @dataclass
     class Options:
         icarl_memory: int = opt(2000, "K: exemplars kept over all classes seen", low=1)
+        icarl_temperature: float = opt(1.0, "T: the earlier classes' targets are sigmoid(old logits / T) (the "
+                                       "paper: 1; van de Ven & Tolias's code: 2)", low=0.0, low_open=True)
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
@@ -92,7 +103,8 @@ class ICaRL(Strategy):
         columns = self.seen + list(self.task.classes)
         targets = F.one_hot(batch.y, outputs.shape[1]).float()[:, columns]
         if self.old is not None:
-            old = torch.sigmoid(frozen_call(self.learner.model, self.old, batch.x, batch.t))
+            old = frozen_call(self.learner.model, self.old, batch.x, batch.t)
+            old = torch.sigmoid(old / self.options.icarl_temperature)
             targets[:, :len(self.seen)] = old[:, self.seen]
         return F.binary_cross_entropy_with_logits(outputs[:, columns], targets, reduction="none").sum(1)
 

@@ -8,6 +8,14 @@ LwF), over the whole head in domain_il. The paper writes the old-task term as th
 −Σ y'_o log ŷ'_o; the KL differs from it by the old model's entropy, a constant, so the gradient
 is the same, and the term is zero when the model still equals its old copy.
 
+van de Ven & Tolias's 2019 code (the "Three scenarios" comparison) weighs the two terms
+differently: (1/t)·CE + (1 − 1/t)·T²·mean of the distillation terms (t the tasks so far, one term
+per earlier head in task_il): `--lwf-balance true` with α = T². In class_il its student softmax
+spans every class seen so far (the current task's too, whose target probability is 0), which
+pushes the current classes' logits down on the earlier classes' evidence: clsim does so when
+`--active-classes` is on (the softmax then spans those classes), and otherwise distils the earlier
+classes' logits alone.
+
 Deviations: the old model's outputs are computed on each batch as it is drawn (the paper records
 them once before training; the same on un-augmented data), and the paper's warm-up phase that
 trains only the new head first is not done. Each example's term reads only that example, so
@@ -38,9 +46,11 @@ def frozen_call(module, state: dict, *args):
 
 
 def distillation(new: torch.Tensor, old: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Per-example KL(softmax(old/T) ‖ softmax(new/T))."""
-    return F.kl_div(F.log_softmax(new / temperature, 1), F.log_softmax(old / temperature, 1),
-                    reduction="none", log_target=True).sum(1)
+    """Per-example KL(softmax(old/T) ‖ softmax(new/T)); `new`'s columns past `old`'s (classes the
+    old model never learned) take part in the student's softmax with target probability 0."""
+    log_old = F.log_softmax(old / temperature, 1)
+    log_new = F.log_softmax(new / temperature, 1)[:, :old.shape[1]]
+    return (log_old.exp() * (log_old - log_new)).sum(1)
 
 
 @register_strategy("lwf")
@@ -53,6 +63,9 @@ class LwF(Strategy):
     class Options:
         lwf_alpha: float = opt(1.0, "α: weight of the distillation term (the paper's λ_o)", low=0.0)
         lwf_temperature: float = opt(2.0, "T: softmax temperature of the distillation", low=0.0, low_open=True)
+        lwf_balance: bool = opt(False, "weigh the current loss by 1/t and the distillation (averaged over the "
+                                "earlier heads) by 1 − 1/t, t the tasks so far (van de Ven & Tolias's code; "
+                                "theirs also multiplies it by T², so α = T² matches)")
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
@@ -76,13 +89,18 @@ class LwF(Strategy):
             term = sum(distillation(model.heads[j](features),
                                     frozen_call(model.heads[j], self._sub(self.old, f"heads.{j}."), old_features),
                                     o.lwf_temperature) for j in (t.index for t in self.seen))
+            terms = len(self.seen)
         else:
             old = frozen_call(model, self.old, batch.x, batch.t)
             if self.scenario.setting == "class_il":
-                columns = sorted({c for t in self.seen for c in t.classes})
-                outputs, old = outputs[:, columns], old[:, columns]
-            term = distillation(outputs, old, o.lwf_temperature)
+                earlier = sorted({c for t in self.seen for c in t.classes})
+                student = earlier + [c for c in self.learner.active_classes or () if c not in earlier]
+                outputs, old = outputs[:, student], old[:, earlier]
+            term, terms = distillation(outputs, old, o.lwf_temperature), 1
         self._last = term.detach().mean()
+        if o.lwf_balance:
+            t = len(self.seen) + 1
+            return losses / t + (1 - 1 / t) * o.lwf_alpha * term / terms
         return losses + o.lwf_alpha * term
 
     @staticmethod

@@ -168,6 +168,24 @@ def test_lwf_term_is_zero_for_the_old_model_and_the_tempered_kl_after_a_change(s
     assert float(kl.detach().min()) > 0
 
 
+def test_lwf_balanced_as_van_de_ven_with_active_classes_spans_the_current_classes_too():
+    """Their Class-IL LwF at t = 2: ½·CE + ½·α·Σ_{c∈{0,1}} p_old(c)·(log p_old(c) − log q(c)), q the
+    student's softmax over every class seen so far ({0,1,2,3}), p_old the old model's over {0,1}."""
+    from strategies.lwf import LwF
+    scenario, learner, mechanism = digits("class_il")
+    lwf = LwF(LwF.Options(lwf_alpha=4.0, lwf_temperature=2.0, lwf_balance=True))
+    lwf.setup(learner, scenario, mechanism)
+    lwf.after_task(scenario.tasks[0])
+    learner.span_classes([0, 1, 2, 3])
+    batch = first_batch(learner, scenario.tasks[1])
+    losses, outputs = learner.forward(batch)
+    p_old = F.softmax(outputs[:, [0, 1]].detach() / 2.0, 1)   # the model is still its old copy
+    log_q = F.log_softmax(outputs[:, [0, 1, 2, 3]] / 2.0, 1)[:, [0, 1]]
+    kd = (p_old * (p_old.log() - log_q)).sum(1)
+    assert float(kd.detach().min()) > 0            # the current classes' share is pushed down already
+    torch.testing.assert_close(lwf.loss(batch, losses, outputs), 0.5 * losses + 0.5 * 4.0 * kd)
+
+
 # ---------------------------------------------------------------- a-gem, gem
 
 def memory_and_gradients(strategy_cls, options, n_done=1):
@@ -287,6 +305,29 @@ def test_icarl_herding_picks_the_example_closest_to_the_mean_first():
     assert int((features - mean).norm(dim=1).argmin()) == 1
     assert herding(features, 3).tolist() == [1, 0, 2]
     assert herding(features, 1).tolist() == [1]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_icarl_loss_targets_earlier_classes_with_the_old_models_tempered_sigmoid(temperature):
+    """Task 1 of class_il: BCE summed over classes {0,1,2,3}; targets sigmoid(y_old/T) on {0,1} (T = 2 in
+    van de Ven & Tolias's code), the one-hot label on the current classes {2,3}."""
+    from strategies.icarl import ICaRL
+    scenario, learner, mechanism = digits("class_il")
+    icarl = ICaRL(ICaRL.Options(icarl_memory=20, icarl_temperature=temperature))
+    icarl.setup(learner, scenario, mechanism)
+    icarl.before_task(scenario.tasks[0])
+    icarl.after_task(scenario.tasks[0])
+    with torch.no_grad():
+        learner.model.backbone.body[1].weight.mul_(1.5)   # the model moves away from its old copy
+    icarl.before_task(scenario.tasks[1])
+    batch = first_batch(learner, scenario.tasks[1])
+    _, outputs = learner.forward(batch)
+    with torch.no_grad():
+        learner.model.backbone.body[1].weight.div_(1.5)
+        old = learner.model(batch.x, 1)
+    targets = torch.cat([torch.sigmoid(old[:, [0, 1]] / temperature), F.one_hot(batch.y - 2, 2).float()], 1)
+    expected = F.binary_cross_entropy_with_logits(outputs[:, [0, 1, 2, 3]], targets, reduction="none").sum(1)
+    torch.testing.assert_close(icarl.loss(batch, None, outputs), expected)
 
 
 @pytest.mark.parametrize("args, message", [
