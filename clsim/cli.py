@@ -168,5 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         threading.excepthook = previous[1]
     print(f"ACC {summary['acc']:.2f}  BWT {summary['bwt']:.2f}  FWT {summary['fwt']:.2f}  "
           f"forgetting {summary['forgetting']:.2f}")
+    if "task_aware" in summary:   # class_il: the same model with the task identity given at test time
+        aware = summary["task_aware"]
+        print(f"task-aware ACC {aware['acc']:.2f}  BWT {aware['bwt']:.2f}  forgetting {aware['forgetting']:.2f}")
     print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
     return 0

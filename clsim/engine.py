@@ -32,6 +32,11 @@ def setup(scenario, strategy, learner, mechanism, ledger, epochs: int) -> None:
     then the strategy (which may re-initialise weights: the last step allowed to change the model
     before training; see docs/architecture.md)."""
     mechanism.setup(learner, scenario, ledger)
+    # class_il: every evaluation also gives the task-aware score of the same outputs (Mammoth's
+    # Task-IL column); task_il already evaluates with the task's own head, and domain_il's tasks
+    # share every output, so masking to a task's classes has no meaning there
+    learner.task_aware = (scenario.setting == "class_il" and learner.kind == "supervised"
+                          and all(t.classes for t in scenario.tasks))
     strategy.epochs = epochs   # schedules within a task (e.g. SparCL's mask updates) need it
     strategy.setup(learner, scenario, mechanism)
 
@@ -57,7 +62,8 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
                 mechanism.step(optimizer); strategy.after_step(); loggers.step(record)
             strategy.after_task; mechanism.after_task
             R row = [learner.evaluate(t) for t in tasks]; loggers.task(record)
-        returns the summary (matrix, ACC, BWT, FWT, forgetting, memory, wall time, privacy)
+        returns the summary (matrix, ACC, BWT, FWT, forgetting, memory, wall time, privacy; in
+        class_il also `task_aware`: the same figures with the task identity given at test time)
 
     `protocol` (clsim/protocol.py) sets the per-epoch lr schedule and early stopping.
     `checkpoint(state)` is called after every task with everything needed to continue; passing
@@ -70,11 +76,14 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
     if resume is None:
         initial = [learner.evaluate(t) for t in scenario.tasks]
         details = {name: {"initial": row, "matrix": []} for name, row in learner.score_details().items()}
+        aware_initial = learner.task_aware_scores()
+        aware = None if aware_initial is None else {"accuracy_matrix": [], "initial_scores": aware_initial}
         R: list[list[float]] = []
         step = examples = 0
         elapsed = 0.0
     else:
         initial, details, R = resume["initial"], resume["details"], resume["R"]
+        aware = resume.get("task_aware")   # absent: a checkpoint written before clsim recorded it
         step, examples, elapsed = resume["step"], resume["examples"], resume["elapsed"]
         timer.totals = dict(resume["wall_time"])
         restore(resume, learner, strategy, ledger)
@@ -151,25 +160,41 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
         row_details = learner.score_details()   # e.g. raw RL returns behind normalised scores
         for name, row in row_details.items():
             details[name]["matrix"].append(row)
+        aware_row = learner.task_aware_scores()
+        if aware is not None:
+            if len(aware_row) != len(scenario.tasks):
+                raise RuntimeError(f"{len(aware_row)} task-aware scores for {len(scenario.tasks)} tasks: an "
+                                   f"evaluate() that skips learner.accuracy records none")
+            aware["accuracy_matrix"].append(aware_row)
         timer.add("eval", t2)
         i = task.index
-        emit("task", {"task": i, "step": step, "row": R[-1], "acc": metrics.acc(R, i),
-                      "bwt": metrics.bwt(R, i), "fwt": metrics.fwt(R, initial, i),
-                      "forgetting": metrics.forgetting(R, i), "details": row_details,
+        emit("task", {"task": i, "step": step, "row": R[-1], **metrics.after_task(R, initial, i),
+                      **({} if aware is None else {"task_aware": task_aware_figures(aware, i, row=True)}),
+                      "details": row_details,
                       "memory": memory(learner, strategy), "wall_time": dict(timer.totals),
                       "strategy": strategy.task_metrics(), "schedule": schedule_figures,
                       "privacy": ledger.report()})
         if checkpoint is not None:   # after the task's record: a checkpoint never runs ahead of the log
-            checkpoint(snapshot(learner, strategy, ledger, initial=initial, details=details, R=R, step=step,
+            checkpoint(snapshot(learner, strategy, ledger, initial=initial, details=details, R=R, task_aware=aware,
+                                step=step,
                                 examples=examples, elapsed=time.perf_counter() - start,
                                 wall_time=dict(timer.totals),
                                 **({} if kept is None else {"optimizer": kept.state_dict()})))
     return {"accuracy_matrix": R, "initial_scores": initial, "score_details": details,
             **metrics.summary(R, initial),
+            **({} if aware is None else {"task_aware": task_aware_figures(aware, len(R) - 1)}),
             "memory": memory(learner, strategy),
             "wall_time": {**timer.totals, "total": time.perf_counter() - start},
             "privacy": ledger.report(), "steps": step,
             **({} if private else {"examples_seen": examples})}
+
+
+def task_aware_figures(aware: dict, i: int, row: bool = False) -> dict:
+    """ACC, BWT, FWT and forgetting of the task-aware matrix after task i, with that task's row
+    (a task record) or the whole matrix and initial scores (the summary)."""
+    M, b = aware["accuracy_matrix"], aware["initial_scores"]
+    figures = metrics.after_task(M, b, i)
+    return {"row": M[i], **figures} if row else {**aware, **figures}
 
 
 class _HostCopy:

@@ -3,6 +3,7 @@
     from clsim import Experiment
     result = Experiment(scenario="split_digits", strategy="ewc", ewc_lambda=5, epochs=1, seed=3).run()
     result.summary["acc"], result.run_dir, result.matrix
+    result.task_aware_acc, result.task_aware_matrix   # class_il: the task identity given at test time
 
 The same options come from Python keyword arguments, a YAML file (`Experiment.from_yaml`) or the
 command line (`Experiment.from_argv`, what run_scenario.py does): every way ends in
@@ -58,6 +59,18 @@ class Result:
     @property
     def acc(self) -> float:
         return self.summary["acc"]
+
+    @property
+    def task_aware_acc(self) -> float | None:
+        """class_il: final ACC of the same model with the task identity given at test time
+        (Mammoth's Task-IL column); None in task_il and domain_il runs."""
+        return self.summary["task_aware"]["acc"] if "task_aware" in self.summary else None
+
+    @property
+    def task_aware_matrix(self) -> np.ndarray | None:
+        """class_il: the task-aware accuracy matrix, laid out as `matrix`; None otherwise."""
+        aware = self.summary.get("task_aware")
+        return None if aware is None else np.asarray(aware["accuracy_matrix"], dtype=float)
 
 
 @dataclass

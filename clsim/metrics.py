@@ -36,9 +36,13 @@ def forgetting(R: list[list[float]], i: int) -> float:
     return sum(max(R[l][j] for l in range(i)) - R[i][j] for j in range(i)) / i
 
 
-def summary(R: list[list[float]], b: list[float]) -> dict[str, float]:
-    i = len(R) - 1
+def after_task(R: list[list[float]], b: list[float], i: int) -> dict[str, float]:
+    """ACC, BWT, FWT and forgetting after task i."""
     return {"acc": acc(R, i), "bwt": bwt(R, i), "fwt": fwt(R, b, i), "forgetting": forgetting(R, i)}
+
+
+def summary(R: list[list[float]], b: list[float]) -> dict[str, float]:
+    return after_task(R, b, len(R) - 1)
 
 
 def tensor_bytes(tensors) -> int:

@@ -135,9 +135,7 @@ class ICaRL(Strategy):
         """Accuracy (%) of the nearest-mean-of-exemplars classifier on the task's test set."""
         if self.means is None:
             return self._network_evaluate(task)
-        nearest = torch.cdist(self.features(task.test.x), self.means).argmin(1).cpu()
-        predicted = torch.tensor(self.seen)[nearest]
-        return 100.0 * (predicted == task.test.y).float().mean().item()
+        return self.learner.accuracy(task, -torch.cdist(self.features(task.test.x), self.means), self.seen)
 
     def task_metrics(self):
         return {"exemplars": sum(len(x) for x, _ in self.exemplars.values())}

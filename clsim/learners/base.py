@@ -51,6 +51,9 @@ class Learner:
     privacy_unit = "example"
     # step_metrics() keys computed from training data: left out of the logs under a mechanism.
     training_figures: tuple[str, ...] = ()
+    # class_il (set by clsim.engine.setup): evaluate() also records the task-aware score of the
+    # same outputs, read back by `task_aware_scores`
+    task_aware = False
 
     def __init__(self, model: nn.Module, lr: float, momentum: float, batch_size: int,
                  device: torch.device, generator: torch.Generator, optimizer: str = "sgd"):
@@ -137,6 +140,13 @@ class Learner:
         """Learner figures for the step just taken (e.g. RL episode return, env steps/sec):
         numbers, or 0-dim tensors (read as in Strategy.step_metrics)."""
         return {}
+
+    def task_aware_scores(self) -> list[float] | None:
+        """The task-aware scores of the evaluate() calls since the last call, in call order, then
+        forgets them; None for a learner without them. Set `task_aware` (clsim.engine.setup does,
+        in class_il) and a supervised learner also scores each evaluation's outputs with the task
+        identity given (clsim/learners/supervised.py)."""
+        return None
 
     def score_details(self) -> dict[str, list[float]]:
         """Figures behind the scores of the evaluate() calls since the last call, one list per

@@ -40,6 +40,7 @@ class SupervisedLearner(Learner):
         self._on_device: dict[int, tuple[TaskData, TaskData]] = {}
         self.active_classes: list[int] | None = None   # output units the softmax spans (None: all)
         self._inactive: torch.Tensor | None = None
+        self._task_aware: list[float] = []   # task-aware scores of evaluate() calls, until read
 
     def span_classes(self, classes: list[int] | None) -> None:
         """Let the training loss, the validation loss and the Fisher's softmax span only the output
@@ -127,17 +128,38 @@ class SupervisedLearner(Learner):
         return out
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor, task_index: int) -> torch.Tensor:
+    def test_outputs(self, task) -> torch.Tensor:
+        """The model's outputs (eval mode) on the task's test set, on the learner's device."""
         was_training = self.model.training
         self.model.eval()
-        preds = torch.cat([self.model(chunk.to(self.device), task_index).argmax(1).cpu()
-                           for chunk in x.split(self.eval_batch_size)])
+        out = torch.cat([self.model(chunk, task.index) for chunk in self.resident(task.test).x.split(self.eval_batch_size)])
         self.model.train(was_training)
-        return preds
+        return out
 
     def evaluate(self, task) -> float:
-        preds = self.predict(self.resident(task.test).x, task.index)
-        return 100.0 * (preds == task.test.y).float().mean().item()
+        return self.accuracy(task, self.test_outputs(task))
+
+    def accuracy(self, task, scores: torch.Tensor, labels: list[int] | None = None) -> float:
+        """Accuracy (%) on the task's test set of the highest of `scores` (one row per test
+        example; column k scores label `labels[k]`, default k). Under `task_aware` (class_il) it
+        also records the accuracy with the task identity given: the highest among the columns of
+        the task's own classes (`task_aware_scores`). That is Mammoth's Task-IL figure of a
+        class-IL run (utils/evaluate.py, `mask_classes`: the other tasks' outputs set to -inf
+        before the argmax), from the same outputs: no second forward pass."""
+        label = torch.arange(scores.shape[1]) if labels is None else torch.as_tensor(labels)
+        label, y = label.to(scores.device), self.resident(task.test).y
+        correct = (label[scores.argmax(1)] == y).float().mean()
+        if self.task_aware:
+            others = ~torch.isin(label, torch.as_tensor(task.classes, device=scores.device))
+            aware = (label[scores.masked_fill(others, float("-inf")).argmax(1)] == y).float().mean()
+            self._task_aware.append(100.0 * aware.item())
+        return 100.0 * correct.item()
+
+    def task_aware_scores(self) -> list[float] | None:
+        if not self.task_aware:
+            return None
+        scores, self._task_aware = self._task_aware, []
+        return scores
 
     @torch.no_grad()
     def mean_loss(self, task, data: TaskData) -> float:

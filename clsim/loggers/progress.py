@@ -37,8 +37,10 @@ class ProgressLogger(Logger):
             self.bar.total = record["step"] + round(ratio * sum(self.planned[done:]))
             self.bar.refresh()
         if not self.silent:
+            aware = record.get("task_aware")
             self.bar.write(f"task {record['task']}: ACC {record['acc']:.2f}  BWT {record['bwt']:.2f}  "
-                           f"row {' '.join(f'{x:.1f}' for x in record['row'])}")
+                           f"row {' '.join(f'{x:.1f}' for x in record['row'])}"
+                           + ("" if aware is None else f"  task-aware ACC {aware['acc']:.2f}"))
 
     def close(self, summary):
         self.bar.close()

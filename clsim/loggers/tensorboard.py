@@ -11,7 +11,8 @@ from clsim.registry import register_logger
 
 @register_logger("tensorboard")
 class TensorBoardLogger(Logger):
-    """TensorBoard event files under tb/: train/*, eval/*, summary/*, memory/*, time/*, privacy/*, strategy/*."""
+    """TensorBoard event files under tb/: train/*, eval/*, summary/*, memory/*, time/*, privacy/*, strategy/*;
+    class_il runs also eval_task_aware/* and summary_task_aware/* (the task-aware figures)."""
 
     def __init__(self, context, options=None):
         super().__init__(context, options)
@@ -37,13 +38,16 @@ class TensorBoardLogger(Logger):
 
     def task(self, record):
         w, i = self.writer, record["task"]
-        for j, score in enumerate(record["row"]):
-            w.add_scalar(f"eval/acc_task_{j}", score, i)
         for name, row in record.get("details", {}).items():
             for j, value in enumerate(row):
                 w.add_scalar(f"eval/{name}_task_{j}", value, i)
-        for key, tag in (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "forgetting")):
-            w.add_scalar(f"summary/{tag}", record[key], i)
+        for suffix, figures in (("", record), ("_task_aware", record.get("task_aware"))):
+            if figures is None:   # only class_il runs have task-aware figures
+                continue
+            for j, score in enumerate(figures["row"]):
+                w.add_scalar(f"eval{suffix}/acc_task_{j}", score, i)
+            for key, tag in (("acc", "ACC"), ("bwt", "BWT"), ("fwt", "FWT"), ("forgetting", "forgetting")):
+                w.add_scalar(f"summary{suffix}/{tag}", figures[key], i)
         for tag, value in numbers(record["memory"], "memory/"):
             w.add_scalar(tag, value, i)
         for tag, value in numbers(record["wall_time"], "time/"):
@@ -69,5 +73,7 @@ class TensorBoardLogger(Logger):
         self.writer.add_image("summary/accuracy_matrix", figure_rgb(heatmap_figure(R, self.context.score_scale)),
                               len(R) - 1, dataformats="HWC")
         metrics = {f"hparam/{k}": summary[k] for k in ("acc", "bwt", "fwt", "forgetting")}
+        if "task_aware" in summary:
+            metrics["hparam/task_aware_acc"] = summary["task_aware"]["acc"]
         self.writer.add_hparams(self.hparams, metrics, run_name=".")
         self.writer.close()
