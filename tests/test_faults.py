@@ -29,7 +29,7 @@ from conftest import REPO
 # Small and quick: 5 tasks x 3 epochs x ~8 steps of a narrow MLP: a 31 kB checkpoint, 45 kB of TensorBoard events.
 ARGS = ["--epochs", "3", "--hidden", "20", "--seed", "1", "--progress", "false"]
 NAME = "split_digits-naive-class_il-seed1"
-FIGURES = ("accuracy_matrix", "initial_scores", "acc", "bwt", "fwt", "forgetting", "steps", "examples_seen")
+FIGURES = ("accuracy_matrix", "initial_scores", "acc", "bwt", "fwt", "forgetting", "task_aware", "steps", "examples_seen")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
