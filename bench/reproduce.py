@@ -15,7 +15,10 @@ CIFAR-10 stream (published: 1%), a regime closer to joint training than to the p
 the published protocol unchanged. Every run is an ordinary clsim run (--preset NAME --seed S plus
 the budget's flags); the table says which. Schedules counted in epochs that cannot act at the
 scaled epochs (SparCL's mask updates and data removal) are named on a `budget:` line and in
-OUT/reproduce.json ("budget_notes"), where all results also go.
+OUT/reproduce.json ("budget_notes"), where all results also go. A class_il preset's runs also
+record their task-aware ACC (the same model with the task identity given at test time), printed on
+a `task-aware:` line beside the paper's Task-IL column where the preset gives it
+(`published_task_il`).
 """
 from __future__ import annotations
 
@@ -75,7 +78,9 @@ def run_preset(preset: presets.Preset, seed: int, budget: float, common: list[st
             "--out", str(out), "--checkpoint", "false", "--progress", "false"]
     start = time.perf_counter()
     summary = Experiment.from_argv(argv).run().summary
+    aware = summary.get("task_aware")   # class_il runs only
     return {"seed": seed, preset.metric: summary[preset.metric], "bwt": summary["bwt"],
+            **({} if aware is None else {"task_aware_acc": aware["acc"]}),
             "seconds": time.perf_counter() - start, "argv": argv[:-6]}
 
 
@@ -83,6 +88,21 @@ def mean_sd(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.2f}"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def comparison(values: list[float], published: float | None) -> dict:
+    """Mean and sd of the measured values, and their gap to the published figure (None: not read)."""
+    mean = statistics.mean(values)
+    return {"published": published, "mean": mean, "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "gap": None if published is None else mean - published}
+
+
+def task_aware_line(values: list[float], figures: dict) -> str:
+    """The task-aware ACC measured beside the paper's Task-IL figure (`figures`: its `comparison`)."""
+    published = figures["published"]
+    paper = "not given" if published is None else f"{published:.2f}"
+    gap = "" if published is None else f", gap {figures['gap']:+.2f}"
+    return f"  task-aware: measured {mean_sd(values)}, published Task-IL {paper}{gap}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,19 +136,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {name}: {exc}", file=sys.stderr)
             return 2
         values = [r[preset.metric] for r in runs]
+        figures = comparison(values, preset.published)
         published = "not read" if preset.published is None else f"{preset.published:.2f}"
-        gap = "" if preset.published is None else f"{statistics.mean(values) - preset.published:+.2f}"
+        gap = "" if preset.published is None else f"{figures['gap']:+.2f}"
         seconds = statistics.mean(r["seconds"] for r in runs)
         print(f"{name:34s} {published:>9s} {mean_sd(values):>16s} {gap:>7s} {seconds:6.0f}  "
               f"{preset.paper.split(',')[0]}, {preset.table}", flush=True)
+        aware = [r["task_aware_acc"] for r in runs if "task_aware_acc" in r]   # class_il runs only
+        task_il = comparison(aware, preset.published_task_il) if aware else None
+        if task_il is not None:
+            print(task_aware_line(aware, task_il), flush=True)
         for note in budget_notes(preset, a.budget):
             print(f"  budget: {note}", flush=True)
         results.append({"preset": name, "paper": preset.paper, "table": preset.table, "metric": preset.metric,
                         "published": preset.published, "budget": a.budget, "seeds": seeds,
                         "budget_flags": budget_flags(preset, a.budget),
                         "budget_notes": budget_notes(preset, a.budget), "runs": runs,
-                        "mean": statistics.mean(values),
-                        "sd": statistics.stdev(values) if len(values) > 1 else 0.0})
+                        "mean": figures["mean"], "sd": figures["sd"],
+                        **({} if task_il is None else {"task_aware": task_il})})
     (out / "reproduce.json").write_text(json.dumps(results, indent=2))
     print(f"results: {out / 'reproduce.json'}")
     return 0

@@ -19,8 +19,10 @@ import numpy as np
 
 from clsim.errors import UserError
 
-#: figures of a whole run, in table order: (column, title in the markdown table)
-HEADLINE = (("acc", "ACC"), ("bwt", "BWT"), ("forgetting", "forgetting"), ("fwt", "FWT"),
+#: figures of a whole run, in table order: (column, title in the markdown table); task-aware ACC
+#: (class_il runs: the task identity given at test time) only where some run has it
+HEADLINE = (("acc", "ACC"), ("task_aware_acc", "task-aware ACC"), ("bwt", "BWT"), ("forgetting", "forgetting"),
+            ("fwt", "FWT"),
             ("epsilon_worst", "ε"), ("strategy_state_bytes", "strategy memory (bytes)"),
             ("wall_time_total", "time (s)"))
 #: hparams that do not define a group: the runs of one group differ only in these
@@ -42,6 +44,9 @@ class Run:
         """Every number summary.json holds about the run, flattened (`memory_*`, `wall_time_*`)."""
         s = self.summary
         out = {k: s[k] for k in ("acc", "bwt", "fwt", "forgetting", "steps", "examples_seen") if k in s}
+        for k, v in s.get("task_aware", {}).items():   # class_il runs: task_aware_acc, _bwt, ...
+            if k in ("acc", "bwt", "fwt", "forgetting"):
+                out[f"task_aware_{k}"] = v
         eps = s.get("privacy", {}).get("epsilon_worst")
         out["epsilon_worst"] = math.inf if eps is None else eps
         for section in ("memory", "wall_time"):
@@ -186,17 +191,22 @@ def _write_markdown(groups, stats, figures: dict[str, Path], path: Path) -> None
     runs = [r for g in groups.values() for r in g]
     common = [f"{n} {runs[0].summary[n]}" for n in ("scenario", "setting")
               if len({r.summary[n] for r in runs}) == 1]
+    aware = any("task_aware_acc" in by_fig for by_fig in stats.values())
+    headline = [(k, title) for k, title in HEADLINE if k != "task_aware_acc" or aware]
     lines = ["# clsim report", "",
              (f"All runs: {', '.join(common)}. " if common else "") +
              f"{len(runs)} runs in {len(groups)} groups "
              "(grouped by every option but the seed; mean ± sd over seeds, n runs).", "",
-             "| group | n | " + " | ".join(title for _, title in HEADLINE) + " |",
-             "|---|---|" + "---|" * len(HEADLINE)]
+             "| group | n | " + " | ".join(title for _, title in headline) + " |",
+             "|---|---|" + "---|" * len(headline)]
     for label, by_fig in stats.items():
-        cells = [_cell(by_fig[k]) if k in by_fig else "–" for k, _ in HEADLINE]
+        cells = [_cell(by_fig[k]) if k in by_fig else "–" for k, _ in headline]
         lines.append(f"| {label} | {len(groups[label])} | " + " | ".join(cells) + " |")
     lines += ["", "ε is the worst individual's ε at the run's δ (∞: some data was used without a "
               "privacy mechanism). Per-run figures: results.csv; every figure's mean, sd and n: summary.csv.",
+              *(["Task-aware ACC: the same class_il model with the task identity given at test time "
+                 "(outputs outside the task's classes masked; Mammoth's Task-IL column)."]
+                if aware else []),
               "", "## Figures", ""]
     lines += [f"![{name}]({p.name})" for name, p in figures.items()]
     path.write_text("\n".join(lines) + "\n")

@@ -121,3 +121,47 @@ def test_preset_files_ship_as_package_data():
     assert "*.yaml" in cfg["options"]["package_data"]["clsim.presets"]
     shipped = {p.name for p in resources.files("clsim.presets").iterdir() if p.name.endswith(".yaml")}
     assert shipped >= {"avalanche.yaml", "blip.yaml", "mammoth.yaml", "sparcl.yaml", "vandeven2019.yaml"}
+
+
+def test_published_task_il_figures_are_read_strictly_and_listed():
+    er = presets.get("mammoth-seqcifar10-er500")
+    assert (er.published, er.published_task_il) == (57.74, 93.61)   # DER Table 2 via Co2L Table 1
+    assert presets.get("vdv-splitmnist-task-none").published_task_il is None
+    assert "(published ACC 57.74, Task-IL 93.61)" in "\n".join(presets.listing())
+    doc = {"paper": "P", "source": "https://x", "metric": "acc", "train_per_class": 10,
+           "common": {"scenario": "split_digits", "setting": "class_il"}}
+
+    def read(**entry):
+        return presets.parse({**doc, "presets": {"p": {"table": "T", "published": 50, "options": {}, **entry}}}, "f.yaml")
+
+    assert read(published_task_il=90)[0].published_task_il == 90.0
+    for bad in ("93.6", True, 0, 101, [90]):   # text, a flag, out of (0, 100], a list: refused
+        with pytest.raises(ValueError, match="f.yaml, preset p: published_task_il must be a percentage"):
+            read(published_task_il=bad)
+    with pytest.raises(ValueError, match="published must be a percentage"):
+        read(published="57.74")
+    with pytest.raises(ValueError, match="Task-IL column of a class_il run; this preset's setting is task_il"):
+        read(published_task_il=90, options={"setting": "task_il"})
+    with pytest.raises(ValueError, match="keys"):   # a misspelt key is not silently ignored
+        read(published_taskil=90)
+
+
+@pytest.mark.slow
+def test_reproduce_records_the_task_aware_acc_of_class_il_presets(mnist_root, tmp_path, capsys):
+    reproduce = load_reproduce()
+    assert reproduce.main(["--preset", "vdv-splitmnist-class-none", "--preset", "vdv-splitmnist-domain-none",
+                           "--budget", "0.01", "--seeds", "0", "--data-root", str(mnist_root),
+                           "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    class_il, domain_il = json.loads((tmp_path / "reproduce.json").read_text())
+    run = class_il["runs"][0]
+    summary = json.loads(next((tmp_path / "vdv-splitmnist-class-none").glob("*/summary.json")).read_text())
+    assert run["task_aware_acc"] == summary["task_aware"]["acc"] >= run["acc"]
+    assert class_il["task_aware"] == {"published": None, "mean": run["task_aware_acc"], "sd": 0.0, "gap": None}
+    assert f"task-aware: measured {run['task_aware_acc']:.2f}, published Task-IL not given" in out
+    assert "task_aware" not in domain_il and "task_aware_acc" not in domain_il["runs"][0]
+    # beside a published Task-IL figure: the gap to it
+    figures = reproduce.comparison([90.0, 92.0], presets.get("mammoth-seqcifar10-er500").published_task_il)
+    assert figures["gap"] == pytest.approx(91.0 - 93.61)
+    assert reproduce.task_aware_line([90.0, 92.0], figures) == \
+        "  task-aware: measured 91.00 ± 1.41, published Task-IL 93.61, gap -2.61"

@@ -43,6 +43,19 @@ def test_results_csv_holds_every_runs_figures(report):
     assert float(sparcl["strategy_train_flops"]) > 0
 
 
+def test_class_il_runs_carry_the_task_aware_acc_column(report, tmp_path):
+    rows = list(csv.DictReader(open(report / "results.csv")))
+    for row in rows:   # split_digits runs class_il: every run has the figure
+        s = json.loads(open(f"{row['run_dir']}/summary.json").read())
+        assert float(row["task_aware_acc"]) == pytest.approx(s["task_aware"]["acc"], rel=1e-12)
+    table = (report / "report.md").read_text().splitlines()
+    header = next(line for line in table if line.startswith("| group |"))
+    assert header.startswith("| group | n | ACC | task-aware ACC | BWT |")
+    task_il = Experiment(strategy="naive", setting="task_il", seed=0, out=str(tmp_path / "runs"), **TINY).run()
+    alone = write_report([str(task_il.run_dir)], tmp_path / "report").read_text()
+    assert "| group | n | ACC | BWT |" in alone and "task-aware" not in alone   # no column without the figure
+
+
 def test_nothing_to_report_is_one_line(tmp_path):
     with pytest.raises(UserError, match="no finished run"):
         write_report([str(tmp_path)], tmp_path / "report")
