@@ -8,7 +8,8 @@ A learner offers what strategies need, and nothing else:
   fisher_batches(task, n, empirical) and logits(x, t)
                                    data and the scores behind p(y|x) for Fisher-based strategies
   is_head(name)                    whether a parameter belongs to a task head
-Optional: step_metrics() (figures per step) and score_details() (e.g. raw RL returns recorded
-as extra matrices beside the score matrix).
+Optional: step_metrics() (figures per step), score_details() (e.g. raw RL returns recorded
+as extra matrices beside the score matrix) and task_aware_scores() (class_il: the same evaluation's
+outputs scored with the task identity given; the supervised learner records them in `accuracy`).
 """
 from clsim.learners.base import Batch, Learner, to_device  # noqa: F401
