@@ -175,9 +175,8 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
                       "strategy": strategy.task_metrics(), "schedule": schedule_figures,
                       "privacy": ledger.report()})
         if checkpoint is not None:   # after the task's record: a checkpoint never runs ahead of the log
-            checkpoint(snapshot(learner, strategy, ledger, initial=initial, details=details, R=R, task_aware=aware,
-                                step=step,
-                                examples=examples, elapsed=time.perf_counter() - start,
+            checkpoint(snapshot(learner, strategy, ledger, initial=initial, details=details, R=R,
+                                task_aware=aware, step=step, examples=examples, elapsed=time.perf_counter() - start,
                                 wall_time=dict(timer.totals),
                                 **({} if kept is None else {"optimizer": kept.state_dict()})))
     return {"accuracy_matrix": R, "initial_scores": initial, "score_details": details,

@@ -132,7 +132,8 @@ class SupervisedLearner(Learner):
         """The model's outputs (eval mode) on the task's test set, on the learner's device."""
         was_training = self.model.training
         self.model.eval()
-        out = torch.cat([self.model(chunk, task.index) for chunk in self.resident(task.test).x.split(self.eval_batch_size)])
+        x = self.resident(task.test).x
+        out = torch.cat([self.model(chunk, task.index) for chunk in x.split(self.eval_batch_size)])
         self.model.train(was_training)
         return out
 
