@@ -14,7 +14,9 @@ per earlier head in task_il): `--lwf-balance true` with α = T². In class_il it
 spans every class seen so far (the current task's too, whose target probability is 0), which
 pushes the current classes' logits down on the earlier classes' evidence: clsim does so when
 `--active-classes` is on (the softmax then spans those classes), and otherwise distils the earlier
-classes' logits alone.
+classes' logits alone. Their code of April 2019, which made the paper's table (arXiv v1, 15 April),
+averaged the distillation over the student's classes instead of summing it (fixed on 17 May 2019,
+commit 26f00db): `--lwf-per-class true`, a distillation 2t times weaker in Class-IL at task t.
 
 Deviations: the old model's outputs are computed on each batch as it is drawn (the paper records
 them once before training; the same on un-augmented data), and the paper's warm-up phase that
@@ -45,12 +47,14 @@ def frozen_call(module, state: dict, *args):
         return functional_call(module, state, args)
 
 
-def distillation(new: torch.Tensor, old: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation(new: torch.Tensor, old: torch.Tensor, temperature: float, per_class: bool = False) -> torch.Tensor:
     """Per-example KL(softmax(old/T) ‖ softmax(new/T)); `new`'s columns past `old`'s (classes the
-    old model never learned) take part in the student's softmax with target probability 0."""
+    old model never learned) take part in the student's softmax with target probability 0.
+    `per_class`: divided by the student's number of classes (a mean over classes, not a sum)."""
     log_old = F.log_softmax(old / temperature, 1)
     log_new = F.log_softmax(new / temperature, 1)[:, :old.shape[1]]
-    return (log_old.exp() * (log_old - log_new)).sum(1)
+    kl = (log_old.exp() * (log_old - log_new)).sum(1)
+    return kl / new.shape[1] if per_class else kl
 
 
 @register_strategy("lwf")
@@ -66,6 +70,9 @@ class LwF(Strategy):
         lwf_balance: bool = opt(False, "weigh the current loss by 1/t and the distillation (averaged over the "
                                 "earlier heads) by 1 − 1/t, t the tasks so far (van de Ven & Tolias's code; "
                                 "theirs also multiplies it by T², so α = T² matches)")
+        lwf_per_class: bool = opt(False, "divide each distillation term by the student's number of classes (a "
+                                  "mean over classes: van de Ven & Tolias's code until May 2019, after the "
+                                  "paper's table; fixed to a sum in its commit 26f00db)")
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
@@ -88,7 +95,7 @@ class LwF(Strategy):
             old_features = frozen_call(model.backbone, self._sub(self.old, "backbone."), batch.x)
             term = sum(distillation(model.heads[j](features),
                                     frozen_call(model.heads[j], self._sub(self.old, f"heads.{j}."), old_features),
-                                    o.lwf_temperature) for j in (t.index for t in self.seen))
+                                    o.lwf_temperature, o.lwf_per_class) for j in (t.index for t in self.seen))
             terms = len(self.seen)
         else:
             old = frozen_call(model, self.old, batch.x, batch.t)
@@ -96,7 +103,7 @@ class LwF(Strategy):
                 earlier = sorted({c for t in self.seen for c in t.classes})
                 student = earlier + [c for c in self.learner.active_classes or () if c not in earlier]
                 outputs, old = outputs[:, student], old[:, earlier]
-            term, terms = distillation(outputs, old, o.lwf_temperature), 1
+            term, terms = distillation(outputs, old, o.lwf_temperature, o.lwf_per_class), 1
         self._last = term.detach().mean()
         if o.lwf_balance:
             t = len(self.seen) + 1

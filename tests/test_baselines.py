@@ -168,12 +168,14 @@ def test_lwf_term_is_zero_for_the_old_model_and_the_tempered_kl_after_a_change(s
     assert float(kl.detach().min()) > 0
 
 
-def test_lwf_balanced_as_van_de_ven_with_active_classes_spans_the_current_classes_too():
+@pytest.mark.parametrize("per_class", [False, True])
+def test_lwf_balanced_as_van_de_ven_with_active_classes_spans_the_current_classes_too(per_class):
     """Their Class-IL LwF at t = 2: ½·CE + ½·α·Σ_{c∈{0,1}} p_old(c)·(log p_old(c) − log q(c)), q the
-    student's softmax over every class seen so far ({0,1,2,3}), p_old the old model's over {0,1}."""
+    student's softmax over every class seen so far ({0,1,2,3}), p_old the old model's over {0,1};
+    their code of April 2019 averaged that sum over the student's 4 classes."""
     from strategies.lwf import LwF
     scenario, learner, mechanism = digits("class_il")
-    lwf = LwF(LwF.Options(lwf_alpha=4.0, lwf_temperature=2.0, lwf_balance=True))
+    lwf = LwF(LwF.Options(lwf_alpha=4.0, lwf_temperature=2.0, lwf_balance=True, lwf_per_class=per_class))
     lwf.setup(learner, scenario, mechanism)
     lwf.after_task(scenario.tasks[0])
     learner.span_classes([0, 1, 2, 3])
@@ -183,6 +185,7 @@ def test_lwf_balanced_as_van_de_ven_with_active_classes_spans_the_current_classe
     log_q = F.log_softmax(outputs[:, [0, 1, 2, 3]] / 2.0, 1)[:, [0, 1]]
     kd = (p_old * (p_old.log() - log_q)).sum(1)
     assert float(kd.detach().min()) > 0            # the current classes' share is pushed down already
+    kd = kd / 4 if per_class else kd
     torch.testing.assert_close(lwf.loss(batch, losses, outputs), 0.5 * losses + 0.5 * 4.0 * kd)
 
 
