@@ -5,6 +5,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from clsim.errors import UserError
+
 
 class MLP(nn.Module):
     def __init__(self, in_features: int, hidden: tuple[int, ...] = (400, 400)):
@@ -74,22 +76,45 @@ class ResNet18(nn.Module):
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
 
+#: task_il output layouts (--task-heads): one Linear per task, or one Linear whose row blocks are the tasks' heads
+TASK_HEADS = ("separate", "shared")
+
+
 class MultiHeadNet(nn.Module):
     """A backbone and one linear head per task (task_il) or one shared head (class_il/domain_il).
 
     `forward(x, t)`: `t` is the task index of the batch (an int) or of each example (a tensor);
-    with a shared head it is ignored. Mixed-task batches are padded with -inf logits to the
+    with a single head it is ignored. Mixed-task batches are padded with -inf logits to the
     widest head so a cross-entropy over them is exact; each of their heads runs on the whole
     batch and is kept on its own task's rows, so every layer call covers every example (what
-    per-example gradients under a privacy mechanism need; a head is one small matmul)."""
+    per-example gradients under a privacy mechanism need; a head is one small matmul).
 
-    def __init__(self, backbone: nn.Module, head_sizes: list[int]):
+    `shared=True` (task_il, --task-heads shared) lays the tasks' heads out as consecutive row
+    blocks of ONE Linear (task t's logits are rows sum(sizes[:t]) .. +sizes[t]), as van de Ven &
+    Tolias's code (one output unit per class, a task's "active classes") and Mammoth's Task-IL
+    evaluation (the single head's logits masked to the task's classes) do. The layer is then one
+    parameter tensor: it is not a task head (`Learner.is_head`), so penalties cover all of it, and
+    an optimiser with state (Adam) keeps moving earlier tasks' rows on their decaying moments
+    while later tasks train. Per-task heads, by contrast, take no step while their task is not
+    trained (their gradient is None). Every forward calls the one layer once, on every example."""
+
+    def __init__(self, backbone: nn.Module, head_sizes: list[int], shared: bool = False):
         super().__init__()
         self.backbone = backbone
-        self.heads = nn.ModuleList(nn.Linear(backbone.out_features, k) for k in head_sizes)
+        self.shared = shared and len(head_sizes) > 1
+        widths = [sum(head_sizes)] if self.shared else head_sizes
+        self.heads = nn.ModuleList(nn.Linear(backbone.out_features, k) for k in widths)
+        self.sizes = list(head_sizes)
+        self.starts = [sum(head_sizes[:t]) for t in range(len(head_sizes))]
+
+    def columns(self, t: int) -> slice:
+        """The rows of the shared layer (columns of its output) that are task t's head."""
+        return slice(self.starts[t], self.starts[t] + self.sizes[t])
 
     def forward(self, x, t=0):
         features = self.backbone(x)
+        if self.shared:
+            return self._shared_forward(self.heads[0](features), t)
         if len(self.heads) == 1:
             return self.heads[0](features)
         if isinstance(t, int):
@@ -103,6 +128,18 @@ class MultiHeadNet(nn.Module):
             mine = (t == task)[:, None]
             out[:, :head.out_features] = torch.where(mine, head(features), out[:, :head.out_features])
         return out
+
+    def _shared_forward(self, every: torch.Tensor, t) -> torch.Tensor:
+        """Each example's task columns of the one layer's output, padded with -inf to the widest task."""
+        if isinstance(t, int):
+            return every[:, self.columns(t)]
+        if bool((t == t[0]).all()):
+            return every[:, self.columns(int(t[0]))]
+        t = t.to(every.device)
+        starts, sizes = (torch.tensor(v, device=every.device)[t][:, None] for v in (self.starts, self.sizes))
+        offsets = torch.arange(max(self.sizes), device=every.device)
+        picked = every.gather(1, (starts + offsets).clamp(max=every.shape[1] - 1))
+        return picked.masked_fill(offsets >= sizes, float("-inf"))
 
 
 BACKBONES = ("mlp", "cnn", "resnet18")
@@ -124,6 +161,12 @@ def make_backbone(name: str, input_shape: tuple[int, ...], hidden: tuple[int, ..
 
 
 def make_model(backbone: str, input_shape, setting: str, head_sizes_task_il: list[int],
-               n_classes: int, **kwargs) -> MultiHeadNet:
+               n_classes: int, task_heads: str = "separate", **kwargs) -> MultiHeadNet:
+    """The backbone and the setting's head(s); `task_heads` lays out task_il's heads (TASK_HEADS)."""
+    if task_heads not in TASK_HEADS:
+        raise UserError(f"--task-heads {task_heads!r} is not one of: {', '.join(TASK_HEADS)}")
+    if task_heads == "shared" and setting != "task_il":
+        raise UserError(f"--task-heads shared lays out task_il's heads; {setting} always has one head: "
+                        f"drop --task-heads or use --setting task_il")
     heads = head_sizes_task_il if setting == "task_il" else [n_classes]
-    return MultiHeadNet(make_backbone(backbone, tuple(input_shape), **kwargs), heads)
+    return MultiHeadNet(make_backbone(backbone, tuple(input_shape), **kwargs), heads, shared=task_heads == "shared")

@@ -6,7 +6,9 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from clsim.config import opt
 from clsim.errors import UserError
+from clsim.models import TASK_HEADS
 
 SETTINGS = ("class_il", "task_il", "domain_il")
 
@@ -82,6 +84,16 @@ class ScenarioOptions:
     def setting_of(self, run) -> str:
         """--setting if given, else this scenario's default setting."""
         return run.setting or self.SETTING
+
+
+@dataclass
+class SupervisedOptions(ScenarioOptions):
+    """Base of the options of the supervised scenarios whose model is clsim.models.make_model's:
+    the output-layer options, declared once (pass `task_heads=` on to make_model)."""
+    task_heads: str = opt("separate", "task_il: separate (one linear head per task) or shared (ONE output layer "
+                          "over every task's classes, a task's logits its own rows' outputs, as van de Ven & "
+                          "Tolias's code and Mammoth's Task-IL; penalties cover the whole layer, and under Adam "
+                          "earlier tasks' rows keep moving on their moments)", choices=TASK_HEADS)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from clsim.config import opt
 from clsim.errors import UserError
 from clsim.models import BACKBONES, make_model
 from clsim.registry import register_scenario
-from clsim.scenario import SETTINGS, Scenario, ScenarioOptions, Source, Task, TaskData, single_head_width
+from clsim.scenario import SETTINGS, Scenario, Source, SupervisedOptions, Task, TaskData, single_head_width
 
 
 def _tensors(dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +53,9 @@ def from_avalanche(benchmark, name: str = "avalanche", setting: str | None = Non
     renumbered 0..k-1 in sorted class order) or domain_il (labels renumbered likewise, one shared
     head of the largest experience's size, no task id); None infers it (distinct task labels
     -> task_il, the same classes in every experience -> domain_il, else class_il).
-    backbone: a clsim backbone name (`mlp`, `cnn`, `resnet18`, with `backbone_kwargs` such as
-    hidden= or width=), or a function (head_sizes, n_classes) -> model whose forward is (x, t).
+    backbone: a clsim backbone name (`mlp`, `cnn`, `resnet18`, with `backbone_kwargs` of
+    clsim.models.make_model such as hidden=, width= or task_heads=), or a function
+    (head_sizes, n_classes) -> model whose forward is (x, t).
     defaults: epochs / lr / batch_size for the run (clsim's CLI defaults otherwise).
     input_kind: what the inputs are ("digits", "natural_images"), for defaults that depend on it
     (BLIP's F_prior); None leaves it undeclared.
@@ -152,7 +153,7 @@ def class_ids(benchmark, x_train: torch.Tensor, y_train: torch.Tensor) -> list[t
 
 
 @dataclass
-class AvalancheOptions(ScenarioOptions):
+class AvalancheOptions(SupervisedOptions):
     DEFAULTS_DEPEND_ON = "avalanche_data"
     avalanche_data: str = opt("split_digits", "local data Avalanche's nc_benchmark splits: split_digits "
                               "(scikit-learn digits) or split_cifar (500/100 CIFAR-10 images per class "
@@ -180,6 +181,7 @@ def avalanche_scenario(o: AvalancheOptions, run) -> Scenario:
                              n_experiences=o.n_tasks, task_labels=setting == "task_il",
                              fixed_class_order=class_order(10, o.class_order_seed))
     kwargs = {"hidden": (100, 100)} if backbone == "mlp" else {}
+    kwargs["task_heads"] = o.task_heads
     scenario = from_avalanche(benchmark, name="avalanche", setting=setting, backbone=backbone,
                               defaults=o.run_defaults(), individuals=class_ids(benchmark, x_train, y_train),
                               input_kind="digits" if o.avalanche_data == "split_digits" else "natural_images", **kwargs)

@@ -12,7 +12,7 @@ from clsim.data import load_mnist
 from clsim.errors import UserError
 from clsim.models import make_model
 from clsim.registry import register_scenario
-from clsim.scenario import Scenario, ScenarioOptions, Source, Task, TaskData, class_split, single_head_width
+from clsim.scenario import Scenario, Source, SupervisedOptions, Task, TaskData, class_split, single_head_width
 from scenarios.split_cifar import first_per_class
 from scenarios.split_digits import class_order
 
@@ -28,7 +28,7 @@ PROTOCOLS = {
 
 
 @dataclass
-class MnistOptions(ScenarioOptions):
+class MnistOptions(SupervisedOptions):
     DEFAULTS_DEPEND_ON = "mnist_protocol"
     mnist_protocol: str = opt("standard", "standard: MLP 784-400-400, lr 0.1, batch 128; blip: BLIP's "
                               "MLP 784-1200 (one hidden layer), lr 0.01, batch 64", choices=tuple(PROTOCOLS))
@@ -84,7 +84,8 @@ def _hidden(o: MnistOptions) -> tuple[int, ...]:
 def _scenario(name, o, setting, tasks, n_classes, shape, info) -> Scenario:
     hidden, heads = _hidden(o), [t.n_outputs for t in tasks]
     return Scenario(name, setting, tasks, input_kind="digits",
-                    make_model=lambda: make_model("mlp", shape, setting, heads, n_classes, hidden=hidden),
+                    make_model=lambda: make_model("mlp", shape, setting, heads, n_classes,
+                                                       task_heads=o.task_heads, hidden=hidden),
                     defaults=o.run_defaults(),
                     info={**info, "hidden": list(hidden), "protocol": o.mnist_protocol})
 

@@ -12,12 +12,12 @@ from clsim.config import opt
 from clsim.data import load_cifar10
 from clsim.models import make_model
 from clsim.registry import register_scenario
-from clsim.scenario import Scenario, ScenarioOptions, class_split, single_head_width
+from clsim.scenario import Scenario, SupervisedOptions, class_split, single_head_width
 from scenarios.split_digits import class_order
 
 
 @dataclass
-class SplitCifarOptions(ScenarioOptions):
+class SplitCifarOptions(SupervisedOptions):
     # Per backbone. 1 epoch (13 SGD steps at 200 images per class) left tasks at chance for every
     # strategy. Mammoth trains 50 epochs at batch 32 (lr 0.03 for online EWC and DER++ on
     # seq-cifar10), BLIP's AlexNet up to 200; these keep a full-data run short on a GPU and the
@@ -85,7 +85,7 @@ def split_cifar(o: SplitCifarOptions, run) -> Scenario:
     return Scenario("split_cifar", setting, tasks, input_kind="natural_images",
                     make_model=lambda: make_model(o.backbone, (3, 32, 32), setting, heads,
                                                   single_head_width(tasks, setting, 10),
-                                                  width=o.backbone_width or None),
+                                                  task_heads=o.task_heads, width=o.backbone_width or None),
                     defaults=o.run_defaults(),
                     learner_kwargs={"augment": crop_flip} if o.augment else {},
                     info={"train_size": len(keep_train), "test_size": len(keep_test),

@@ -9,11 +9,11 @@ import torch
 from clsim.config import opt
 from clsim.models import make_model
 from clsim.registry import register_scenario
-from clsim.scenario import Scenario, ScenarioOptions, class_split, single_head_width
+from clsim.scenario import Scenario, SupervisedOptions, class_split, single_head_width
 
 
 @dataclass
-class SplitDigitsOptions(ScenarioOptions):
+class SplitDigitsOptions(SupervisedOptions):
     RUN_DEFAULTS = {"epochs": 5, "lr": 0.05, "batch_size": 32}
     n_tasks: int = opt(5, "number of tasks (the 10 classes are split evenly)", low=1, high=10)
     class_order_seed: int = opt(-1, "seed of a random class order (-1: natural order 0..9)", low=-1)
@@ -47,6 +47,6 @@ def split_digits(o: SplitDigitsOptions, run) -> Scenario:
     return Scenario("split_digits", setting, tasks,
                     make_model=lambda: make_model("mlp", (1, 8, 8), setting, [t.n_outputs for t in tasks],
                                                   single_head_width(tasks, setting, 10),
-                                                  hidden=(o.hidden, o.hidden)),
+                                                  task_heads=o.task_heads, hidden=(o.hidden, o.hidden)),
                     defaults=o.run_defaults(), input_kind="digits",
                     info={"train_size": int((~test).sum()), "test_size": int(test.sum())})

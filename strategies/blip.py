@@ -10,8 +10,10 @@ What is quantised: the weight and bias of every linear and convolution layer amo
 shared parameters (`learner.shared_parameters()`), so the same code serves MLPs, CNNs, ResNets
 and policy networks. task_il heads are float and free (each task owns its head). In class_il and
 domain_il the single head is shared by every task, so it is quantised too (option
-`blip_quantise_head`); class_il still forgets more, because the old classes' logits compete with
-the new ones in one softmax whatever the frozen bits.
+`blip_quantise_head`), as is task_il's one output layer under --task-heads shared (task t's
+Fisher reaches only its own rows, so later tasks' rows keep no frozen bits until they are
+trained; the authors' networks have a head per task); class_il still forgets more, because the
+old classes' logits compete with the new ones in one softmax whatever the frozen bits.
 
 Other shared parameters (batch-norm / layer-norm affine weights) cannot be quantised by the rule
 above; they are frozen whole after task 0, and batch-norm modules keep the running statistics of
@@ -105,8 +107,9 @@ class BLIP(Strategy):
         blip_fisher_batch: int = opt(0, "B: the Fisher is divided by B², the scale of the authors' Fisher "
                                      "(per-example rows of a loss averaged over B) on which the published "
                                      "F_prior values live (0: theirs, 100; RL 62; 1: the true Fisher)", low=0)
-        blip_quantise_head: bool = opt(True, "class_il/domain_il: quantise the single head shared "
-                                       "by all tasks too (task_il heads are always float and free)")
+        blip_quantise_head: bool = opt(True, "quantise the single head shared by all tasks too (class_il, "
+                                       "domain_il, task_il with --task-heads shared: a task's Fisher "
+                                       "reaches its own rows only); per-task heads are always float and free")
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
@@ -118,7 +121,7 @@ class BLIP(Strategy):
         self.f_prior = o.blip_f_prior or self.default_f_prior(scenario)
         rule = o.blip_bound_rule if o.blip_bound_rule != "auto" else ("max_fan" if self.is_rl else "fan_in")
         shared = dict(learner.shared_parameters())
-        if scenario.setting != "task_il":
+        if not learner.per_task_heads:
             # The single output head, by name (learner.is_head also names e.g. RL critics).
             head = {n: p for n, p in learner.model.named_parameters() if n.startswith(learner.HEAD_PREFIXES)}
             shared = {**shared, **head} if o.blip_quantise_head else \

@@ -2,11 +2,13 @@
 
 While task t trains, the model of the end of task t−1 (a frozen copy) gives soft targets on the
 current batch, and each example's loss gains α·Σ KL(softmax(y_old/T) ‖ softmax(y_new/T)):
-summed over the previous tasks' heads in task_il (the paper's multi-head setting), over the
-previously seen classes' logits of the one head in class_il (van de Ven et al. 2022's class-IL
-LwF), over the whole head in domain_il. The paper writes the old-task term as the cross-entropy
-−Σ y'_o log ŷ'_o; the KL differs from it by the old model's entropy, a constant, so the gradient
-is the same, and the term is zero when the model still equals its old copy.
+summed over the previous tasks' heads in task_il (the paper's multi-head setting; with
+--task-heads shared, over each previous task's rows of the one output layer, as van de Ven's
+Task-IL LwF), over the previously seen classes' logits of the one head in class_il (van de Ven
+et al. 2022's class-IL LwF), over the whole head in domain_il. The paper writes the old-task term
+as the cross-entropy −Σ y'_o log ŷ'_o; the KL differs from it by the old model's entropy, a
+constant, so the gradient is the same, and the term is zero when the model still equals its old
+copy.
 
 van de Ven & Tolias's 2019 code (the "Three scenarios" comparison) weighs the two terms
 differently: (1/t)·CE + (1 − 1/t)·T²·mean of the distillation terms (t the tasks so far, one term
@@ -80,8 +82,11 @@ class LwF(Strategy):
         self.seen: list = []                  # tasks finished
         self._last = None
         self._features = None
-        if len(learner.model.heads) > 1:   # the backbone's output of the training forward, for the old heads
-            learner.model.backbone.register_forward_hook(self._keep_features)
+        model = learner.model
+        if getattr(model, "shared", False):   # task_il heads as rows of one layer: its output of the training forward
+            model.heads[0].register_forward_hook(self._keep_features)
+        elif len(model.heads) > 1:   # the backbone's output of the training forward, for the old heads
+            model.backbone.register_forward_hook(self._keep_features)
 
     def _keep_features(self, module, args, output):
         self._features = output
@@ -90,12 +95,21 @@ class LwF(Strategy):
         if self.old is None:
             return losses
         o, model = self.options, self.learner.model
-        if len(model.heads) > 1:   # task_il: every previous task's head, on the training forward's features
-            features = self._features   # reusing them keeps one forward per layer (DP-SGD's ghost clipping)
+        shared = getattr(model, "shared", False)
+        if len(model.heads) > 1 or shared:   # task_il: every previous task's head, from the training forward
+            # Reusing its features (or, with --task-heads shared, its one call of the output layer)
+            # keeps one call per layer a step (DP-SGD's ghost and bk clipping). Read before the
+            # frozen calls below, which run the hooked module too.
+            kept = self._features
             old_features = frozen_call(model.backbone, self._sub(self.old, "backbone."), batch.x)
-            term = sum(distillation(model.heads[j](features),
-                                    frozen_call(model.heads[j], self._sub(self.old, f"heads.{j}."), old_features),
-                                    o.lwf_temperature, o.lwf_per_class) for j in (t.index for t in self.seen))
+            if shared:
+                old = frozen_call(model.heads[0], self._sub(self.old, "heads.0."), old_features)
+                pairs = [(kept[:, model.columns(j)], old[:, model.columns(j)]) for j in self._seen_ids()]
+            else:
+                pairs = [(model.heads[j](kept),
+                          frozen_call(model.heads[j], self._sub(self.old, f"heads.{j}."), old_features))
+                         for j in self._seen_ids()]
+            term = sum(distillation(new, old, o.lwf_temperature, o.lwf_per_class) for new, old in pairs)
             terms = len(self.seen)
         else:
             old = frozen_call(model, self.old, batch.x, batch.t)
@@ -109,6 +123,9 @@ class LwF(Strategy):
             t = len(self.seen) + 1
             return losses / t + (1 - 1 / t) * o.lwf_alpha * term / terms
         return losses + o.lwf_alpha * term
+
+    def _seen_ids(self) -> list[int]:
+        return [t.index for t in self.seen]
 
     @staticmethod
     def _sub(state: dict, prefix: str) -> dict:

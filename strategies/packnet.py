@@ -11,8 +11,8 @@ epoch the pruning happens after it, without retraining, as with Continual World'
 frozen (as Continual World does; batch-norm running statistics too). Evaluating task j uses the
 weights owned by tasks ≤ j, the later ones zeroed.
 
-Task heads are left to their tasks. Defined for task_il (evaluation must know the task) with
-supervised and RL learners. Deviation from the paper: an equal share of the free weights per
+Task heads are left to their tasks (--task-heads shared is refused: see `setup`). Defined for
+task_il (evaluation must know the task) with supervised and RL learners. Deviation from the paper: an equal share of the free weights per
 task (Continual World's schedule) instead of a fixed pruning ratio. Under a privacy mechanism
 only the mechanism's gradients are masked and only trained weights pruned: accounted.
 """
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from clsim.config import opt
+from clsim.errors import UserError
 from clsim.registry import register_strategy
 from clsim.strategy import Strategy
 
@@ -41,6 +42,10 @@ class PackNet(Strategy):
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
+        if getattr(learner.model, "shared", False):
+            raise UserError("packnet gives every shared weight to one task and trains biases on the first task "
+                            "only, so later tasks' rows of a shared output layer would stay untrained: use "
+                            "--task-heads separate")
         shared = learner.shared_parameters()
         self.kernels = [n for n, p in shared.items() if p.dim() > 1]
         self.others = [n for n, p in shared.items() if p.dim() <= 1]

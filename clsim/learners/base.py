@@ -81,7 +81,8 @@ class Learner:
 
     def is_head(self, name: str) -> bool:
         """Whether a parameter belongs to a task-specific head; a single head serves every task
-        (class_il/domain_il), so penalties and masks protect it like the trunk."""
+        (class_il/domain_il, and task_il's one output layer under --task-heads shared), so
+        penalties and masks protect it like the trunk."""
         return name.startswith(self.HEAD_PREFIXES) and self.per_task_heads
 
     def shared_parameters(self) -> dict[str, nn.Parameter]:
