@@ -15,10 +15,11 @@ from clsim.privacy.mechanism import Mechanism
 from scenarios.split_digits import SplitDigitsOptions, split_digits
 
 
-def digits(setting="task_il", hidden=8, n_tasks=5, lr=0.05, momentum=0.0):
+def digits(setting="task_il", hidden=8, n_tasks=5, lr=0.05, momentum=0.0, task_heads="separate"):
     """A real split_digits scenario, learner and plain mechanism (seeded)."""
     torch.manual_seed(0)
-    scenario = split_digits(SplitDigitsOptions(hidden=hidden, n_tasks=n_tasks), RunOptions(setting=setting))
+    scenario = split_digits(SplitDigitsOptions(hidden=hidden, n_tasks=n_tasks, task_heads=task_heads),
+                            RunOptions(setting=setting))
     learner = SupervisedLearner(scenario.make_model(), lr=lr, momentum=momentum, batch_size=32,
                                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     mechanism = Mechanism()
@@ -145,10 +146,13 @@ def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm():
 
 # ---------------------------------------------------------------- lwf
 
-@pytest.mark.parametrize("setting, per_class", [("task_il", False), ("class_il", False), ("task_il", True)])
-def test_lwf_term_is_zero_for_the_old_model_and_the_tempered_kl_after_a_change(setting, per_class):
+@pytest.mark.parametrize("setting,per_class,task_heads", [
+    ("task_il", False, "separate"), ("class_il", False, "separate"), ("task_il", True, "separate"),
+    ("task_il", False, "shared")])
+def test_lwf_term_is_zero_for_the_old_model_and_the_tempered_kl_after_a_change(setting, per_class, task_heads):
+    """(task_il with --task-heads shared: the KL over task 0's rows of the one output layer.)"""
     from strategies.lwf import LwF
-    scenario, learner, mechanism = digits(setting)
+    scenario, learner, mechanism = digits(setting, task_heads=task_heads)
     lwf = LwF(LwF.Options(lwf_alpha=0.5, lwf_temperature=2.0, lwf_per_class=per_class))
     lwf.setup(learner, scenario, mechanism)
     lwf.after_task(scenario.tasks[0])
@@ -156,8 +160,9 @@ def test_lwf_term_is_zero_for_the_old_model_and_the_tempered_kl_after_a_change(s
     losses, outputs = learner.forward(batch)
     assert torch.equal(lwf.loss(batch, losses, outputs), losses)   # the model equals its old copy
     old = learner.model(batch.x, 0).detach()
-    with torch.no_grad():
-        learner.model.backbone.body[1].weight.mul_(1.5)
+    with torch.no_grad():   # a change that moves the logits well past assert_close's tolerance
+        for p in learner.model.backbone.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     losses, outputs = learner.forward(batch)
     new = learner.model(batch.x, 0)
     if setting == "class_il":
@@ -166,7 +171,7 @@ def test_lwf_term_is_zero_for_the_old_model_and_the_tempered_kl_after_a_change(s
     kl = (p_old * (p_old.log() - F.log_softmax(new / 2.0, 1))).sum(1)
     kl = kl / 2 if per_class else kl   # averaged over the head's two classes
     torch.testing.assert_close(lwf.loss(batch, losses, outputs) - losses, 0.5 * kl)
-    assert float(kl.detach().min()) > 0
+    assert float(kl.detach().min()) > 0.1
 
 
 @pytest.mark.parametrize("per_class", [False, True])

@@ -32,13 +32,14 @@ TRUNKS = {"conv": conv_trunk,   # clsim's own backbones, small, on 1x8x8 digits 
           "resnet": lambda: make_backbone("resnet18", (1, 8, 8), width=4)}
 
 
-def private_step(clipping, trunk, setting, sigma, penalty, mixed=False):
+def private_step(clipping, trunk, setting, sigma, penalty, mixed=False, task_heads="separate"):
     """One DP-SGD step's gradient on the first Poisson batch of task 1 (`mixed`: with task 0's
     first one appended, as joint training or GDumb mix tasks in a batch), and the ledger's ε."""
     torch.manual_seed(0)
-    scenario = split_digits(SplitDigitsOptions(hidden=16), RunOptions(setting=setting))
+    scenario = split_digits(SplitDigitsOptions(hidden=16, task_heads=task_heads), RunOptions(setting=setting))
     heads = [t.n_outputs for t in scenario.tasks] if setting == "task_il" else [10]
-    model = MultiHeadNet(TRUNKS[trunk](), heads) if trunk in TRUNKS else scenario.make_model()
+    model = MultiHeadNet(TRUNKS[trunk](), heads, shared=task_heads == "shared") if trunk in TRUNKS \
+        else scenario.make_model()
     learner = SupervisedLearner(model, lr=0.1, momentum=0.0, batch_size=32, device=torch.device("cpu"),
                                 generator=torch.Generator().manual_seed(0))
     mechanism = DPSGD(config.build(DPSGD.Options, {"noise_multiplier": sigma, "max_grad_norm": 0.5,
@@ -81,13 +82,19 @@ def test_fast_clipping_gives_the_hooks_gradient(clipping, trunk, setting, penalt
     assert eps_fast == eps_hooks
 
 
-@pytest.mark.parametrize("clipping", ["ghost", "bk"])
-def test_a_batch_mixing_tasks_is_clipped_alike(clipping):
-    """task_il heads each run on the whole batch (kept on their own task's rows), so every mode
-    sees whole-batch layer calls: the same clipped gradient, both heads' included."""
-    hooks, _ = private_step("hooks", "conv", "task_il", 0.0, False, mixed=True)
-    fast, _ = private_step(clipping, "conv", "task_il", 0.0, False, mixed=True)
-    assert set(fast) == set(hooks) and {"heads.0.weight", "heads.1.weight"} <= set(hooks)
+@pytest.mark.parametrize("clipping,task_heads", [("ghost", "separate"), ("bk", "separate"),
+                                                 ("ghost", "shared"), ("bk", "shared")])
+def test_a_batch_mixing_tasks_is_clipped_alike(clipping, task_heads):
+    """task_il heads each run on the whole batch (kept on their own task's rows), and a shared
+    output layer runs once on it (--task-heads shared), so every mode sees whole-batch layer
+    calls: the same clipped gradient, both tasks' heads (or rows) included."""
+    hooks, _ = private_step("hooks", "conv", "task_il", 0.0, False, mixed=True, task_heads=task_heads)
+    fast, _ = private_step(clipping, "conv", "task_il", 0.0, False, mixed=True, task_heads=task_heads)
+    assert set(fast) == set(hooks)
+    if task_heads == "shared":
+        assert all(hooks["heads.0.weight"][rows].abs().sum() > 0 for rows in (slice(0, 2), slice(2, 4)))
+    else:
+        assert {"heads.0.weight", "heads.1.weight"} <= set(hooks)
     for n in hooks:
         torch.testing.assert_close(fast[n], hooks[n], rtol=1e-5, atol=1e-5)
 
