@@ -427,7 +427,8 @@ class DPSGD(Mechanism):
         self._released += 1
 
     def head_filtered(self, tasks: set[int]) -> set[nn.Parameter]:
-        """Trainable parameters minus the heads of tasks not in `tasks` (multi-head models)."""
+        """Trainable parameters minus the heads of tasks not in `tasks` (multi-head models; a
+        --task-heads shared output layer is one tensor, noised whole at every step)."""
         heads = getattr(self.learner.model, "heads", None)
         unused = set()
         if heads is not None and len(heads) > 1:
