@@ -91,11 +91,11 @@ class MultiHeadNet(nn.Module):
 
     `shared=True` (task_il, --task-heads shared) lays the tasks' heads out as consecutive row
     blocks of ONE Linear (task t's logits are rows sum(sizes[:t]) .. +sizes[t]), as van de Ven &
-    Tolias's code (one output unit per class, a task's "active classes") and Mammoth's Task-IL
-    evaluation (the single head's logits masked to the task's classes) do. The layer is then one
-    parameter tensor: it is not a task head (`Learner.is_head`), so penalties cover all of it, and
-    an optimiser with state (Adam) keeps moving earlier tasks' rows on their decaying moments
-    while later tasks train. Per-task heads, by contrast, take no step while their task is not
+    Tolias's Task-IL code does (one output unit per class, a task's "active classes"; Mammoth
+    scores Task-IL likewise, on a class-IL-trained head's logits masked to the task's classes).
+    The layer is then one parameter tensor: it is not a task head (`Learner.is_head`), so
+    penalties cover all of it, and an optimiser with state (Adam) keeps moving earlier tasks' rows
+    on their decaying moments while later tasks train. Per-task heads, by contrast, take no step while their task is not
     trained (their gradient is None). Every forward calls the one layer once, on every example."""
 
     def __init__(self, backbone: nn.Module, head_sizes: list[int], shared: bool = False):

@@ -92,7 +92,7 @@ class SupervisedOptions(ScenarioOptions):
     the output-layer options, declared once (pass `task_heads=` on to make_model)."""
     task_heads: str = opt("separate", "task_il: separate (one linear head per task) or shared (ONE output layer "
                           "over every task's classes, a task's logits its own rows' outputs, as van de Ven & "
-                          "Tolias's code and Mammoth's Task-IL; penalties cover the whole layer, and under Adam "
+                          "Tolias's Task-IL code; penalties cover the whole layer, and under Adam "
                           "earlier tasks' rows keep moving on their moments)", choices=TASK_HEADS)
 
 
