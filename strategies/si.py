@@ -14,7 +14,8 @@ continual-learning, the "Three scenarios" comparison) instead: g is the gradient
 SI's own penalty included, and Ω is not clamped at 0 (a weight can get a negative importance). The
 rest is the same in both: ξ added to the squared drift of the task, Ω summed over tasks, no ½ in
 the penalty, θ* the weights at the end of the last task. Their single output layer is penalised
-whole; clsim's per-task heads (task_il) are not penalised, as for every anchor here.
+whole, as clsim's is in class_il/domain_il and in task_il with `--task-heads shared`; separate
+task_il heads are not penalised, as for every anchor here.
 """
 from __future__ import annotations
 
