@@ -89,13 +89,24 @@ def test_shared_heads_resume_exactly_from_a_weights_only_checkpoint(tmp_path):
     assert losses(resumed) == losses(whole)
 
 
-def test_blip_freezes_bits_only_in_the_rows_a_task_trained():
-    """BLIP quantises a shared output layer like class_il's single head: after task 0 its rows hold
-    frozen bits, the rows of tasks not yet trained none (task 0's Fisher does not reach them)."""
-    parts = built(strategy="blip", n_tasks=3, epochs=1, task_heads="shared")
-    parts.scenario.tasks = parts.scenario.tasks[:1]
-    parts.train()
-    bits, rows = parts.strategy.bits["heads.0.weight"], parts.learner.model.columns(0)
+def test_ewc_and_blip_protect_only_the_rows_a_task_trained():
+    """A shared output layer is one shared tensor: EWC penalises it (its Fisher after task 0 sits on
+    task 0's rows, none on the rows of tasks not yet trained), where separate heads are left out;
+    BLIP quantises it like class_il's single head, with frozen bits in task 0's rows only."""
+    def after_task_0(**options):
+        parts = built(n_tasks=3, epochs=1, task_heads="shared", **options)
+        parts.scenario.tasks = parts.scenario.tasks[:1]
+        parts.train()
+        return parts.strategy, parts.learner.model.columns(0)
+
+    ewc, rows = after_task_0(strategy="ewc", fisher="predicted", fisher_samples=50)
+    sizes = [p.numel() for p in ewc.learner.shared_parameters().values()]
+    fisher = dict(zip(ewc.names, ewc.importance.split(sizes)))["heads.0.weight"].view(10, 16)
+    assert fisher[rows].sum() > 0 and fisher[rows.stop:].sum() == 0
+    assert not any(n.startswith("heads.") for n in built(strategy="ewc", n_tasks=3).strategy.names)
+
+    blip, rows = after_task_0(strategy="blip")
+    bits = blip.bits["heads.0.weight"]
     assert bits[rows].float().mean() > 0 and bits[rows.stop:].sum() == 0
 
 
