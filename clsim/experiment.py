@@ -172,6 +172,9 @@ class Experiment:
         self.protocol_options: config.ProtocolOptions = built["training protocol"]
         self.audit_options: AuditOptions = built["privacy audit"]
         self.scenario_options = built[f"scenario {self.scenario_name}"]
+        if self.model is not None and getattr(self.scenario_options, "task_heads", "separate") != "separate":
+            raise UserError("task_heads lays out the output layer of the scenario's own model; a model you pass "
+                            "brings its own heads: drop task_heads, or build the layout into your model")
         self.strategy_options = built[f"strategy {self.strategy_name}"]
         self.mechanism_options = built.get(f"privacy {self.mechanism_name}")
         if getattr(self.mechanism_options, "noise_multiplier", None) == 0:

@@ -128,3 +128,15 @@ def test_dpsgd_with_shared_heads_spends_the_same_budget():
                              hidden=16, **QUIET).run().summary
         eps[task_heads] = {k: d["epsilon"] for k, d in summary["privacy"]["datasets"].items()}
     assert eps["shared"] == eps["separate"] and all(0 < e < math.inf for e in eps["shared"].values())
+
+
+def test_a_model_of_ones_own_refuses_the_layout_option_instead_of_ignoring_it():
+    from clsim import Experiment
+    from clsim.errors import UserError
+    from clsim.models import make_model
+
+    def own():
+        return make_model("mlp", (64,), "task_il", [2] * 5, 10, hidden=(16,))
+    with pytest.raises(UserError, match="task_heads lays out the output layer of the scenario's own model"):
+        Experiment(scenario="split_digits", strategy="naive", setting="task_il", task_heads="shared", model=own)
+    assert Experiment(scenario="split_digits", strategy="naive", setting="task_il", model=own).model is own
