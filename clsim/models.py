@@ -95,8 +95,9 @@ class MultiHeadNet(nn.Module):
     scores Task-IL likewise, on a class-IL-trained head's logits masked to the task's classes).
     The layer is then one parameter tensor: it is not a task head (`Learner.is_head`), so
     penalties cover all of it, and an optimiser with state (Adam) keeps moving earlier tasks' rows
-    on their decaying moments while later tasks train. Per-task heads, by contrast, take no step while their task is not
-    trained (their gradient is None). Every forward calls the one layer once, on every example."""
+    on their decaying moments while later tasks train. Per-task heads, by contrast, take no step
+    while their task is not trained (their gradient is None). Every forward calls the one layer
+    once, on every example."""
 
     def __init__(self, backbone: nn.Module, head_sizes: list[int], shared: bool = False):
         super().__init__()
@@ -106,6 +107,10 @@ class MultiHeadNet(nn.Module):
         self.heads = nn.ModuleList(nn.Linear(backbone.out_features, k) for k in widths)
         self.sizes = list(head_sizes)
         self.starts = [sum(head_sizes[:t]) for t in range(len(head_sizes))]
+        # the same as tensors that follow the model to its device, for mixed-task batches: no
+        # host-to-device copy in the training step (not saved: they follow from head_sizes)
+        self.register_buffer("_starts", torch.tensor(self.starts), persistent=False)
+        self.register_buffer("_sizes", torch.tensor(self.sizes), persistent=False)
 
     def columns(self, t: int) -> slice:
         """The rows of the shared layer (columns of its output) that are task t's head."""
@@ -136,7 +141,7 @@ class MultiHeadNet(nn.Module):
         if bool((t == t[0]).all()):
             return every[:, self.columns(int(t[0]))]
         t = t.to(every.device)
-        starts, sizes = (torch.tensor(v, device=every.device)[t][:, None] for v in (self.starts, self.sizes))
+        starts, sizes = self._starts[t][:, None], self._sizes[t][:, None]
         offsets = torch.arange(max(self.sizes), device=every.device)
         picked = every.gather(1, (starts + offsets).clamp(max=every.shape[1] - 1))
         return picked.masked_fill(offsets >= sizes, float("-inf"))

@@ -85,7 +85,7 @@ def _scenario(name, o, setting, tasks, n_classes, shape, info) -> Scenario:
     hidden, heads = _hidden(o), [t.n_outputs for t in tasks]
     return Scenario(name, setting, tasks, input_kind="digits",
                     make_model=lambda: make_model("mlp", shape, setting, heads, n_classes,
-                                                       task_heads=o.task_heads, hidden=hidden),
+                                                  task_heads=o.task_heads, hidden=hidden),
                     defaults=o.run_defaults(),
                     info={**info, "hidden": list(hidden), "protocol": o.mnist_protocol})
 

@@ -12,9 +12,10 @@ frozen (as Continual World does; batch-norm running statistics too). Evaluating 
 weights owned by tasks ≤ j, the later ones zeroed.
 
 Task heads are left to their tasks (--task-heads shared is refused: see `setup`). Defined for
-task_il (evaluation must know the task) with supervised and RL learners. Deviation from the paper: an equal share of the free weights per
-task (Continual World's schedule) instead of a fixed pruning ratio. Under a privacy mechanism
-only the mechanism's gradients are masked and only trained weights pruned: accounted.
+task_il (evaluation must know the task) with supervised and RL learners. Deviation from the
+paper: an equal share of the free weights per task (Continual World's schedule) instead of a
+fixed pruning ratio. Under a privacy mechanism only the mechanism's gradients are masked and
+only trained weights pruned: accounted.
 """
 from __future__ import annotations
 
