@@ -126,7 +126,7 @@ def cost(data_root: str, backbone: str, per_class: str, epochs: int, repeats: in
     from clsim.learners.supervised import SupervisedLearner
     from clsim.privacy.ledger import Ledger
     from clsim.privacy.mechanism import Mechanism
-    from strategies.blip import BLIP
+    from clsim.strategies.blip import BLIP
     experiment = Experiment.from_argv(["--scenario", "split_cifar", "--setting", "task_il", "--data-root", data_root,
                                        "--backbone", backbone, "--train-per-class", per_class, "--test-per-class", "10"])
     scenario = experiment.scenario_entry.target(experiment.scenario_options, experiment.run_options)

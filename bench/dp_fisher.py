@@ -29,7 +29,7 @@ from clsim.privacy import accounting  # noqa: E402
 from clsim.privacy.dp_fisher import dp_fisher  # noqa: E402
 from clsim.privacy.ledger import Ledger  # noqa: E402
 from clsim.privacy.mechanism import Mechanism  # noqa: E402
-from strategies.blip import BLIP, information_gain  # noqa: E402
+from clsim.strategies.blip import BLIP, information_gain  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "mnist"
 
@@ -37,11 +37,11 @@ DEFAULT_ROOT = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 def scenario_and_learner(root: str, seed: int):
     torch.manual_seed(seed)
     if (Path(root) / "train-images-idx3-ubyte.gz").is_file():
-        from scenarios.mnist import SplitMnistOptions, split_mnist
+        from clsim.scenarios.mnist import SplitMnistOptions, split_mnist
         scenario = split_mnist(SplitMnistOptions(), RunOptions(data_root=root, setting="task_il"))
         lr, name = 0.1, "split_mnist task 0 (MLP 784-400-400)"
     else:
-        from scenarios.split_digits import SplitDigitsOptions, split_digits
+        from clsim.scenarios.split_digits import SplitDigitsOptions, split_digits
         scenario = split_digits(SplitDigitsOptions(), RunOptions(setting="task_il"))
         lr, name = 0.05, "split_digits task 0 (MLP 64-100-100)"
     learner = SupervisedLearner(scenario.make_model(), lr=lr, momentum=0.0, batch_size=32,

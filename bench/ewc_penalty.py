@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clsim.learners.supervised import SupervisedLearner  # noqa: E402
 from clsim.models import make_model  # noqa: E402
-from strategies.ewc import EWC  # noqa: E402
+from clsim.strategies.ewc import EWC  # noqa: E402
 
 
 class GivenFisher:

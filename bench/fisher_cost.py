@@ -28,8 +28,8 @@ from clsim.errors import UserError  # noqa: E402
 from clsim.learners.supervised import SupervisedLearner  # noqa: E402
 from clsim.privacy.ledger import Ledger  # noqa: E402
 from clsim.privacy.mechanism import Mechanism  # noqa: E402
-from strategies.blip import BLIP  # noqa: E402
-from strategies.ewc import EWC  # noqa: E402
+from clsim.strategies.blip import BLIP  # noqa: E402
+from clsim.strategies.ewc import EWC  # noqa: E402
 
 STRATEGIES = {"blip": (BLIP, "blip_fisher_samples"), "ewc": (EWC, "fisher_samples")}
 

@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clsim import Experiment  # noqa: E402
 from clsim.learners.supervised import SupervisedLearner  # noqa: E402
-from scenarios.avalanche import tensor_dataset  # noqa: E402
-from scenarios.split_cifar import SplitCifarOptions, split_cifar  # noqa: E402
-from strategies.ewc import EWC  # noqa: E402
+from clsim.scenarios.avalanche import tensor_dataset  # noqa: E402
+from clsim.scenarios.split_cifar import SplitCifarOptions, split_cifar  # noqa: E402
+from clsim.strategies.ewc import EWC  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "cifar10"
 

@@ -1,4 +1,5 @@
-"""Readers for the datasets clsim ships scenarios for. Nothing is ever downloaded.
+"""Readers for the datasets clsim ships scenarios for, and the helpers the scenarios share.
+Nothing is ever downloaded.
 
 Every failure a user can cause (missing or corrupt file) becomes a UserError naming the file
 and what to put where.
@@ -8,10 +9,12 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from clsim.errors import UserError
 
@@ -141,3 +144,50 @@ def load_mnist(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         out += [torch.from_numpy(images.astype(np.float32) / 255).unsqueeze(1),
                 torch.from_numpy(labels.astype(np.int64))]
     return tuple(out)
+
+
+@lru_cache(maxsize=2)
+def cached_cifar10(root: str):
+    """`load_cifar10`, kept per process (decoding the pickles takes seconds); `root` resolved."""
+    return load_cifar10(root)
+
+
+@lru_cache(maxsize=2)
+def cached_mnist(root: str):
+    """`load_mnist`, kept per process; `root` resolved."""
+    return load_mnist(root)
+
+
+# -- shared by the scenarios ----------------------------------------------------------------
+
+def class_order(n_classes: int, seed: int) -> list[int]:
+    """The order in which classes are split into tasks: natural (seed < 0) or a seeded permutation."""
+    if seed < 0:
+        return list(range(n_classes))
+    return torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def first_per_class(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the first `k` examples of every class, in file order (all when k == 0)."""
+    if k == 0:
+        return torch.arange(len(y))
+    rank = torch.zeros_like(y)
+    for c in y.unique().tolist():
+        rows = y == c
+        rank[rows] = torch.arange(int(rows.sum()))
+    return torch.nonzero(rank < k).squeeze(1)
+
+
+def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crops of the zero-padded images and random horizontal flips, one gather for the
+    whole batch (no loop over images)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
+    flip = torch.rand(n, 1, generator=generator) < 0.5
+    cols = torch.arange(w).expand(n, w)
+    cols = torch.where(flip, w - 1 - cols, cols) + dx            # flipped columns read right to left
+    rows = torch.arange(h).expand(n, h) + dy
+    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]

@@ -10,7 +10,7 @@ command line (`Experiment.from_argv`, what run_scenario.py does): every way ends
 `Experiment(**values)`, so every way accepts the same names and fails with the same one-line
 UserError. Option names are the dataclass fields of the run, the audit, the scenario, the
 strategy and the privacy mechanism (`--ewc-lambda` is `ewc_lambda=`). Objects may stand where a
-name would go: a Scenario (e.g. `scenarios.avalanche.from_avalanche(benchmark)`), a Strategy
+name would go: a Scenario (e.g. `clsim.scenarios.avalanche.from_avalanche(benchmark)`), a Strategy
 subclass or instance, a Mechanism instance, a model (an nn.Module, or a function making one).
 Objects are used as given: a model or strategy instance run twice continues from its trained
 state; pass a model factory and a Strategy subclass for fresh ones per run.

@@ -69,8 +69,8 @@ class Registry:
         return [self._entries[n] for n in self.names()]
 
 
-SCENARIOS = Registry("scenario", "scenarios", "clsim.scenarios")
-STRATEGIES = Registry("strategy", "strategies", "clsim.strategies")
+SCENARIOS = Registry("scenario", "clsim.scenarios", "clsim.scenarios")
+STRATEGIES = Registry("strategy", "clsim.strategies", "clsim.strategies")
 MECHANISMS = Registry("privacy mechanism", "clsim.privacy", "clsim.mechanisms")
 LOGGERS = Registry("logger", "clsim.loggers", "clsim.loggers")
 

@@ -2,7 +2,7 @@
 as tensors and returns a clsim Scenario that `clsim.engine.run` (or any strategy) can train on.
 
     from avalanche.benchmarks import nc_benchmark
-    from scenarios.avalanche import from_avalanche
+    from clsim.scenarios.avalanche import from_avalanche
     scenario = from_avalanche(nc_benchmark(train_ds, test_ds, n_experiences=5, task_labels=False),
                               name="my_split", backbone="cnn")
 
@@ -125,9 +125,9 @@ def local_data(name: str, run):
         y = torch.tensor(d.target, dtype=torch.long)
         test = torch.from_numpy(np.random.default_rng(12345).random(len(y)) < 0.3)
         return x[~test], y[~test], x[test], y[test], "mlp"
-    from scenarios.split_cifar import _load, first_per_class
+    from clsim.data import cached_cifar10, first_per_class
     from pathlib import Path
-    x_train, y_train, x_test, y_test = _load(str(Path(run.data_root).resolve()))
+    x_train, y_train, x_test, y_test = cached_cifar10(str(Path(run.data_root).resolve()))
     tr, te = first_per_class(y_train, 500), first_per_class(y_test, 100)
     return x_train[tr], y_train[tr], x_test[te], y_test[te], "cnn"
 
@@ -172,7 +172,7 @@ def avalanche_scenario(o: AvalancheOptions, run) -> Scenario:
         from avalanche.benchmarks import nc_benchmark
     except ImportError:
         raise UserError("the avalanche scenario needs avalanche-lib: pip install avalanche-lib==0.6.0") from None
-    from scenarios.split_digits import class_order
+    from clsim.data import class_order
     if 10 % o.n_tasks:
         raise UserError(f"--n-tasks {o.n_tasks} must divide the 10 classes evenly for Avalanche's nc_benchmark")
     x_train, y_train, x_test, y_test, backbone = local_data(o.avalanche_data, run)

@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from clsim.config import opt
-from clsim.data import load_mnist
+from clsim.data import cached_mnist, class_order, first_per_class
 from clsim.errors import UserError
 from clsim.models import make_model
 from clsim.registry import register_scenario
 from clsim.scenario import Scenario, Source, SupervisedOptions, Task, TaskData, class_split, single_head_width
-from scenarios.split_cifar import first_per_class
-from scenarios.split_digits import class_order
 
 # Protocols: MLP hidden sizes and the defaults of --epochs/--lr/--batch-size (flags still win).
 # "blip" is BLIP's MNIST network and flags (Shi et al. 2021; networks/q_mlp.py, run_mnist.sh): ONE
@@ -55,13 +52,8 @@ class PermutedMnistOptions(MnistOptions):
     permutation_seed: int = opt(0, "seed of the pixel permutations (independent of --seed)", low=0)
 
 
-@lru_cache(maxsize=2)
-def _load(root: str):
-    return load_mnist(root)
-
-
 def _subset(o: MnistOptions, run):
-    x_train, y_train, x_test, y_test = _load(str(Path(run.data_root).resolve()))
+    x_train, y_train, x_test, y_test = cached_mnist(str(Path(run.data_root).resolve()))
     tr, te = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
     x_train, x_test = x_train[tr], x_test[te]
     if o.mnist_standardise:

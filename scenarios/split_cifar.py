@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from clsim.config import opt
-from clsim.data import load_cifar10
+from clsim.data import cached_cifar10, class_order, crop_flip, first_per_class
 from clsim.models import make_model
 from clsim.registry import register_scenario
 from clsim.scenario import Scenario, SupervisedOptions, class_split, single_head_width
-from scenarios.split_digits import class_order
 
 
 @dataclass
@@ -41,42 +39,10 @@ class SplitCifarOptions(SupervisedOptions):
         return dict(self.BACKBONE_DEFAULTS[self.backbone])
 
 
-@lru_cache(maxsize=2)
-def _load(root: str):
-    """The decoded dataset, kept per process: decoding the pickles takes seconds."""
-    return load_cifar10(root)
-
-
-def first_per_class(y: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the first `k` examples of every class, in file order (all when k == 0)."""
-    if k == 0:
-        return torch.arange(len(y))
-    rank = torch.zeros_like(y)
-    for c in y.unique().tolist():
-        rows = y == c
-        rank[rows] = torch.arange(int(rows.sum()))
-    return torch.nonzero(rank < k).squeeze(1)
-
-
-def crop_flip(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crops of the zero-padded images and random horizontal flips, one gather for the
-    whole batch (no loop over images)."""
-    n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator)
-    flip = torch.rand(n, 1, generator=generator) < 0.5
-    cols = torch.arange(w).expand(n, w)
-    cols = torch.where(flip, w - 1 - cols, cols) + dx            # flipped columns read right to left
-    rows = torch.arange(h).expand(n, h) + dy
-    return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None],
-                  rows[:, None, :, None], cols[:, None, None, :]]
-
-
 @register_scenario("split_cifar", SplitCifarOptions)
 def split_cifar(o: SplitCifarOptions, run) -> Scenario:
     """Real CIFAR-10 from --data-root/cifar-10-batches-py, 5 tasks x 2 classes (class_il, task_il or domain_il)."""
-    x_train, y_train, x_test, y_test = _load(str(Path(run.data_root).resolve()))
+    x_train, y_train, x_test, y_test = cached_cifar10(str(Path(run.data_root).resolve()))
     keep_train, keep_test = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
     setting = o.setting_of(run)
     tasks = class_split(x_train[keep_train], y_train[keep_train], x_test[keep_test], y_test[keep_test],

@@ -9,6 +9,7 @@ import torch
 from clsim.config import opt
 from clsim.models import make_model
 from clsim.registry import register_scenario
+from clsim.data import class_order
 from clsim.scenario import Scenario, SupervisedOptions, class_split, single_head_width
 
 
@@ -20,11 +21,6 @@ class SplitDigitsOptions(SupervisedOptions):
     test_fraction: float = opt(0.3, "share of each class held out for testing", low=0.05, high=0.9)
     hidden: int = opt(100, "width of the MLP's two hidden layers", low=1)
 
-
-def class_order(n_classes: int, seed: int) -> list[int]:
-    if seed < 0:
-        return list(range(n_classes))
-    return torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 @register_scenario("split_digits", SplitDigitsOptions)

@@ -36,7 +36,7 @@ from clsim.config import opt
 from clsim.learners import Batch
 from clsim.registry import register_strategy
 from clsim.strategy import Strategy
-from strategies.lwf import frozen_call, frozen_copy
+from clsim.strategies.lwf import frozen_call, frozen_copy
 
 
 def herding(features: torch.Tensor, m: int) -> torch.Tensor:

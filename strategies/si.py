@@ -25,7 +25,7 @@ import torch
 
 from clsim.config import opt
 from clsim.registry import register_strategy
-from strategies.mas import ImportanceAnchor
+from clsim.strategies.mas import ImportanceAnchor
 
 
 @register_strategy("si")

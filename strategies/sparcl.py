@@ -47,7 +47,7 @@ from clsim.errors import UserError
 from clsim.flops import weight_layers
 from clsim.learners import to_device
 from clsim.registry import register_strategy
-from strategies.replay import DERPP, ER, Replay, ReplayOptions
+from clsim.strategies.replay import DERPP, ER, Replay, ReplayOptions
 
 
 def masked_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -8,8 +8,8 @@ import torch
 from clsim import Experiment, cli
 from clsim.errors import UserError
 from conftest import read_summary
-from scenarios.avalanche import from_avalanche, tensor_dataset
-from strategies.naive import Naive
+from clsim.scenarios.avalanche import from_avalanche, tensor_dataset
+from clsim.strategies.naive import Naive
 
 nc_benchmark = pytest.importorskip("avalanche.benchmarks").nc_benchmark
 

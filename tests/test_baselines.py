@@ -12,7 +12,7 @@ from clsim.learners.supervised import SupervisedLearner
 from clsim.models import MultiHeadNet
 from clsim.privacy.ledger import Ledger
 from clsim.privacy.mechanism import Mechanism
-from scenarios.split_digits import SplitDigitsOptions, split_digits
+from clsim.scenarios.split_digits import SplitDigitsOptions, split_digits
 
 
 def digits(setting="task_il", hidden=8, n_tasks=5, lr=0.05, momentum=0.0, task_heads="separate"):
@@ -47,7 +47,7 @@ class Scalar(nn.Module):
 # ---------------------------------------------------------------- l2
 
 def test_l2_penalty_is_the_squared_distance_to_the_last_tasks_weights():
-    from strategies.l2 import L2
+    from clsim.strategies.l2 import L2
     scenario, learner, mechanism = digits()
     l2 = L2(L2.Options(l2_strength=3.0))
     l2.setup(learner, scenario, mechanism)
@@ -69,7 +69,7 @@ def test_si_importance_on_a_quadratic_is_the_path_integral_over_the_squared_drif
     """Gradient descent on L(w) = ½a(w − b)², from w0 = 0 with a = 2, b = 1, lr = 0.1: w − b shrinks by
     r = 1 − lr·a = 0.8 a step, so after 3 steps ω = Σ g·(lr·g) = lr·a²·(1 + r² + r⁴) = 0.81984,
     the drift is w3 = 1 − 0.8³ = 0.488, and Ω = ω / (0.488² + ξ) with ξ = 1e-3."""
-    from strategies.si import SI
+    from clsim.strategies.si import SI
     scenario, _, mechanism = digits(n_tasks=2)
     learner = SupervisedLearner(MultiHeadNet(Scalar(0.0), [1, 1]), lr=0.1, momentum=0.0, batch_size=1,
                                 device=torch.device("cpu"), generator=torch.Generator().manual_seed(0))
@@ -123,7 +123,7 @@ def test_si_importance_on_a_quadratic_is_the_path_integral_over_the_squared_drif
 # ---------------------------------------------------------------- mas
 
 def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm():
-    from strategies.mas import MAS
+    from clsim.strategies.mas import MAS
     scenario, learner, mechanism = digits(hidden=4)
     task = scenario.tasks[0]
     mas = MAS(MAS.Options(mas_lambda=2.0, mas_samples=10_000))   # every training example
@@ -151,7 +151,7 @@ def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm():
     ("task_il", False, "shared")])
 def test_lwf_term_is_zero_for_the_old_model_and_the_tempered_kl_after_a_change(setting, per_class, task_heads):
     """(task_il with --task-heads shared: the KL over task 0's rows of the one output layer.)"""
-    from strategies.lwf import LwF
+    from clsim.strategies.lwf import LwF
     scenario, learner, mechanism = digits(setting, task_heads=task_heads)
     lwf = LwF(LwF.Options(lwf_alpha=0.5, lwf_temperature=2.0, lwf_per_class=per_class))
     lwf.setup(learner, scenario, mechanism)
@@ -179,7 +179,7 @@ def test_lwf_balanced_as_van_de_ven_with_active_classes_spans_the_current_classe
     """Their Class-IL LwF at t = 2: ½·CE + ½·α·Σ_{c∈{0,1}} p_old(c)·(log p_old(c) − log q(c)), q the
     student's softmax over every class seen so far ({0,1,2,3}), p_old the old model's over {0,1};
     their code of April 2019 averaged that sum over the student's 4 classes."""
-    from strategies.lwf import LwF
+    from clsim.strategies.lwf import LwF
     scenario, learner, mechanism = digits("class_il")
     lwf = LwF(LwF.Options(lwf_alpha=4.0, lwf_temperature=2.0, lwf_balance=True, lwf_per_class=per_class))
     lwf.setup(learner, scenario, mechanism)
@@ -225,7 +225,7 @@ def get_grad(params):
 
 
 def test_agem_projects_a_conflicting_gradient_onto_the_reference_gradients_half_space():
-    from strategies.agem import AGEM
+    from clsim.strategies.agem import AGEM
     scenario, learner, _, agem, params, (ref,) = memory_and_gradients(AGEM, AGEM.Options(gem_memory=100, agem_batch=500))
     assert len(agem.memory[0][1]) == 20 and scenario.tasks[0].dataset_id in agem.ledger.accesses
     torch.manual_seed(1)
@@ -266,7 +266,7 @@ def test_agem_counts_projected_steps_as_integers_in_every_step_record():
 
 
 def test_gem_solves_its_dual_qp_one_constraint_by_hand_and_two_constraints_feasible():
-    from strategies.agem import GEM
+    from clsim.strategies.agem import GEM
     _, _, _, gem, params, (m,) = memory_and_gradients(GEM, GEM.Options(gem_memory=100, gem_margin=0.5))
     conflicting = -0.7 * m
     set_grad(params, conflicting)
@@ -289,7 +289,7 @@ def test_gem_solves_its_dual_qp_one_constraint_by_hand_and_two_constraints_feasi
 
 @pytest.mark.parametrize("setting", ["class_il", "task_il"])
 def test_gdumb_memory_stays_class_balanced_and_full(setting):
-    from strategies.gdumb import GDumb
+    from clsim.strategies.gdumb import GDumb
     scenario, learner, mechanism = digits(setting)
     gdumb = GDumb(GDumb.Options(gdumb_memory=50))
     gdumb.setup(learner, scenario, mechanism)
@@ -305,7 +305,7 @@ def test_gdumb_memory_stays_class_balanced_and_full(setting):
 
 
 def test_icarl_herding_picks_the_example_closest_to_the_mean_first():
-    from strategies.icarl import herding
+    from clsim.strategies.icarl import herding
     # unit vectors at angles 0, 80 and −60 degrees; their mean is closest to the 0-degree one, and then
     # the pair whose running mean (φ0 + φ)/2 is closest to the mean is (0, 80): herding, not nearest-first.
     angles = torch.tensor([80.0, 0.0, -60.0]) * torch.pi / 180
@@ -320,7 +320,7 @@ def test_icarl_herding_picks_the_example_closest_to_the_mean_first():
 def test_icarl_loss_targets_earlier_classes_with_the_old_models_tempered_sigmoid(temperature):
     """Task 1 of class_il: BCE summed over classes {0,1,2,3}; targets sigmoid(y_old/T) on {0,1} (T = 2 in
     van de Ven & Tolias's code), the one-hot label on the current classes {2,3}."""
-    from strategies.icarl import ICaRL
+    from clsim.strategies.icarl import ICaRL
     scenario, learner, mechanism = digits("class_il")
     icarl = ICaRL(ICaRL.Options(icarl_memory=20, icarl_temperature=temperature))
     icarl.setup(learner, scenario, mechanism)
@@ -383,7 +383,7 @@ def test_protective_strategies_forget_less_than_naive_on_split_digits_task_il(na
 
 def test_packnet_frozen_weights_never_change_and_task_scores_stay_exact():
     from clsim import engine
-    from strategies.packnet import PackNet
+    from clsim.strategies.packnet import PackNet
     scenario, learner, mechanism = digits("task_il", hidden=16, n_tasks=3, lr=0.2, momentum=0.9)
     packnet = PackNet(PackNet.Options(packnet_retrain_epochs=1))
     snapshots = []
@@ -415,7 +415,7 @@ def test_packnet_frozen_weights_never_change_and_task_scores_stay_exact():
 def test_hat_masks_gate_the_gradients_of_units_earlier_tasks_use():
     """Task 0's embeddings set by hand to +6 (used) or −6 (free): σ(400·±6) is exactly 1 or 0, so on
     task 1 a weight's gradient is multiplied by 1 − min(a_out, a_in): zero between used units only."""
-    from strategies.hat import HAT
+    from clsim.strategies.hat import HAT
     scenario, learner, mechanism = digits("task_il", hidden=6)
     hat = HAT(HAT.Options())
     hat.setup(learner, scenario, mechanism)

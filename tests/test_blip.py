@@ -16,7 +16,7 @@ from clsim.privacy.ledger import Ledger
 from clsim.privacy.mechanism import Mechanism
 from clsim.registry import SCENARIOS, STRATEGIES
 from clsim.scenario import Scenario
-from strategies.blip import BLIP, information_gain, quantise
+from clsim.strategies.blip import BLIP, information_gain, quantise
 from conftest import read_summary
 
 # Settings where naive fine-tuning visibly forgets on split_digits task_il (BWT about -10).

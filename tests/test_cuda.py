@@ -44,7 +44,7 @@ def test_conv_fisher_on_cuda_matches_cpu(cifar_root):
     on real CIFAR-10: CUDA equals CPU, with no fallback to torch.func."""
     from types import SimpleNamespace
 
-    from scenarios.split_cifar import SplitCifarOptions, split_cifar
+    from clsim.scenarios.split_cifar import SplitCifarOptions, split_cifar
     scenario = split_cifar(SplitCifarOptions(n_tasks=2, train_per_class=32, test_per_class=2, backbone="resnet18"),
                            SimpleNamespace(data_root=str(cifar_root), setting="class_il"))
     torch.manual_seed(0)

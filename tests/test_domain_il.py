@@ -11,7 +11,7 @@ import torch
 
 from clsim import config
 from clsim.registry import SCENARIOS
-from scenarios.split_digits import class_order
+from clsim.data import class_order
 from conftest import read_summary
 from test_scenarios import digits_as_mnist, main_in_process
 

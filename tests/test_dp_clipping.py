@@ -16,7 +16,7 @@ from clsim.models import MultiHeadNet, make_backbone
 from clsim.privacy import bk
 from clsim.privacy.dpsgd import DPSGD
 from clsim.privacy.ledger import Ledger
-from scenarios.split_digits import SplitDigitsOptions, split_digits
+from clsim.scenarios.split_digits import SplitDigitsOptions, split_digits
 
 
 def conv_trunk():

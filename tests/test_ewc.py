@@ -6,8 +6,8 @@ from clsim import Experiment
 from clsim.config import RunOptions
 from clsim.metrics import tensor_bytes
 from clsim.privacy.mechanism import Mechanism
-from scenarios.split_digits import SplitDigitsOptions, split_digits
-from strategies.ewc import EWC
+from clsim.scenarios.split_digits import SplitDigitsOptions, split_digits
+from clsim.strategies.ewc import EWC
 
 
 class RecordingMechanism(Mechanism):

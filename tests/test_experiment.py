@@ -72,9 +72,9 @@ def test_out_none_writes_nothing_and_gives_the_same_figures(tmp_path, monkeypatc
 
 
 def test_objects_stand_where_names_go():
-    from scenarios.split_digits import SplitDigitsOptions, split_digits
+    from clsim.scenarios.split_digits import SplitDigitsOptions, split_digits
     from clsim.config import RunOptions
-    from strategies.ewc import EWC
+    from clsim.strategies.ewc import EWC
     scenario = split_digits(SplitDigitsOptions(n_tasks=2, hidden=8), RunOptions(setting="task_il"))
     model = make_model("mlp", (1, 8, 8), "task_il", [5, 5], 10, hidden=(12,))
     strategy = EWC(EWC.Options(ewc_lambda=3.0))
@@ -98,7 +98,7 @@ def test_objects_stand_where_names_go():
 def test_build_order_each_model_step_is_named():
     """make_model, then the mechanism's check (DP-SGD swaps BatchNorm), then strategy.setup (BLIP
     re-initialises the weights it quantises): the parts come out fully set up."""
-    from strategies.blip import BLIP
+    from clsim.strategies.blip import BLIP
     parts = Experiment(strategy="blip", setting="task_il", privacy="dpsgd", noise_multiplier=1.0, **FAST,
                        out=None).build()
     assert isinstance(parts.strategy, BLIP) and parts.mechanism.name == "dpsgd"
@@ -119,9 +119,9 @@ def test_capabilities_are_declared_and_checked_before_training():
     with pytest.raises(UserError, match=r"--audit mia attacks labelled examples, which scenario cartpole \(rl\) does not have"):
         Experiment(scenario="cartpole", audit="mia", ppo_eval_episodes=1, out=None).build()
     import dataclasses
-    from scenarios.split_digits import SplitDigitsOptions, split_digits
+    from clsim.scenarios.split_digits import SplitDigitsOptions, split_digits
     from clsim.config import RunOptions
-    from strategies.blip import F_PRIOR_DEFAULTS
+    from clsim.strategies.blip import F_PRIOR_DEFAULTS
     digits = split_digits(SplitDigitsOptions(n_tasks=2, hidden=8), RunOptions(setting="task_il"))
     assert Experiment(scenario=digits, strategy="blip", out=None).build().strategy.f_prior == \
         F_PRIOR_DEFAULTS["digits"]

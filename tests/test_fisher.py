@@ -5,7 +5,7 @@ import torch
 from clsim.config import RunOptions
 from clsim.fisher import diagonal_fisher
 from clsim.learners.supervised import SupervisedLearner
-from scenarios.split_digits import SplitDigitsOptions, split_digits
+from clsim.scenarios.split_digits import SplitDigitsOptions, split_digits
 
 
 def make_learner(setting, seed=0):

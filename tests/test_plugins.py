@@ -191,3 +191,38 @@ def test_four_plugins_from_one_installed_package_run_with_clsim_unchanged(plugin
     assert tasks[-1]["strategy"]["shrink_calls"] == summary["steps"]             # the strategy ran
     bad = run(plugin_path, "--scenario", "digit_pairs", "--pairs", "9", "--out", str(tmp_path / "bad"), check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --pairs must be <= 5, got 9"
+
+
+def test_a_users_own_strategies_and_scenarios_folders_do_not_shadow_clsims(tmp_path):
+    """clsim's plugin folders install as clsim.scenarios / clsim.strategies: a user's working
+    directory with folders of the same names (which would fail on import) changes nothing."""
+    for name in ("strategies", "scenarios"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text(f"raise ImportError('the user\\'s own {name} was imported')\n")
+        (tmp_path / name / "ewc.py").write_text("raise ImportError('the user\\'s own module was imported')\n")
+    code = ("import sys; sys.path.insert(0, '.')\n"
+            "from clsim import Experiment\n"
+            "r = Experiment(strategy='ewc', epochs=1, n_tasks=2, out=None).run()\n"
+            "print('ACC', r.acc)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("ACC ")
+    cli = subprocess.run([sys.executable, "-m", "clsim", "--strategy", "ewc", "--epochs", "1", "--n-tasks", "2",
+                          "--out", str(tmp_path / "runs")], cwd=tmp_path, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(next((tmp_path / "runs").glob("*/summary.json")).read_text())["strategy"] == "ewc"
+
+
+def test_setup_cfg_lists_every_package_directory():
+    """setup.cfg names the packages explicitly (the plugin folders are mapped under clsim), so a new
+    sub-package must be added there or the wheel would ship without it."""
+    import configparser
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    listed = set(cfg["options"]["packages"].split())
+    mapped = {line.split("=")[0].strip(): line.split("=")[1].strip()
+              for line in cfg["options"]["package_dir"].strip().splitlines()}
+    on_disk = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "clsim").rglob("__init__.py")}
+    on_disk |= {pkg for pkg, folder in mapped.items() if (REPO / folder / "__init__.py").exists()}
+    assert listed == on_disk

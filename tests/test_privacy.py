@@ -20,7 +20,7 @@ from clsim.privacy.dplis import DPlis
 from clsim.privacy.dpsgd import DPSGD
 from clsim.privacy.ledger import Ledger
 from clsim.strategy import Strategy
-from scenarios.split_digits import SplitDigitsOptions, split_digits
+from clsim.scenarios.split_digits import SplitDigitsOptions, split_digits
 from conftest import read_summary, run_cli
 
 
@@ -348,7 +348,7 @@ def test_empty_poisson_draws_are_steps_with_the_penalty_and_after_step():
 
 
 def test_joint_under_dpsgd_marks_every_dataset_it_trains_on_in_its_own_batches_raw():
-    from strategies.joint import Joint
+    from clsim.strategies.joint import Joint
     scenario, learner, mechanism, ledger = make(DPSGD, noise_multiplier=1.0)
     strategy = Joint()
     strategy.setup(learner, scenario, mechanism)

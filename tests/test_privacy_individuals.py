@@ -19,8 +19,8 @@ from clsim.privacy.audit import one_run_epsilon, p_value
 from clsim.privacy.dpsgd import DPSGD, DPOptions
 from clsim.privacy.ledger import Ledger, individual_groups
 from conftest import SHARED, read_summary
-from scenarios.split_digits import SplitDigitsOptions, split_digits
-from strategies.blip import BLIP
+from clsim.scenarios.split_digits import SplitDigitsOptions, split_digits
+from clsim.strategies.blip import BLIP
 
 QUIET = ("--progress", "false", "--checkpoint", "false")
 CARTPOLE = ("--scenario", "cartpole", "--cartpole-tasks", "default,swap", "--ppo-timesteps", "128",
@@ -80,7 +80,7 @@ def test_split_tasks_are_disjoint_groups_and_permuted_tasks_one_group(mnist_root
     groups = individual_groups(split.tasks)
     assert [g.tasks for g in groups] == [(t.dataset_id,) for t in split.tasks]
     assert sum(g.count for g in groups) == sum(len(t.train) for t in split.tasks)
-    from scenarios.mnist import PermutedMnistOptions, permuted_mnist
+    from clsim.scenarios.mnist import PermutedMnistOptions, permuted_mnist
     permuted = permuted_mnist(PermutedMnistOptions(n_permutations=3, train_per_class=5, test_per_class=5),
                               RunOptions(data_root=str(mnist_root)))
     (group,) = individual_groups(permuted.tasks)

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from clsim.flops import TrainingFlops, example_flops, forward_flops
 from clsim.models import MultiHeadNet
-from strategies.replay import ReservoirBuffer
+from clsim.strategies.replay import ReservoirBuffer
 from clsim import Experiment
 from clsim.cli import main
 from conftest import read_summary

@@ -159,7 +159,7 @@ def test_pendulum_stream_runs_through_ewc_and_blip(tmp_path, strategy):
 
 
 def test_pendulum_neg_reverses_the_torque_and_training_rewards_are_scaled():
-    from scenarios.rl_pendulum import REWARD_SCALE, make_env
+    from clsim.scenarios.rl_pendulum import REWARD_SCALE, make_env
     torques = [np.array([1.5], np.float32)] * 5
     runs = {}
     for name, train in (("default", False), ("neg", False), ("default", True)):

@@ -6,7 +6,7 @@ import pytest
 
 from clsim.cli import main
 from clsim.config import RunOptions, build
-from scenarios.rl_cartpole import make_env, parse_task
+from clsim.scenarios.rl_cartpole import make_env, parse_task
 
 
 def rollout(env, actions, seed=5):
@@ -47,7 +47,7 @@ def test_bad_rl_options_exit_2(argv, message, tmp_path, capsys):
 def test_minigrid_scenario_one_hot_views_and_success_figures():
     pytest.importorskip("minigrid")
     from clsim.rl.ppo import PPOLearner
-    from scenarios.rl_minigrid import MiniGridOptions, minigrid_sequence
+    from clsim.scenarios.rl_minigrid import MiniGridOptions, minigrid_sequence
     import torch
     o = build(MiniGridOptions, {"minigrid_tasks": "Empty-Random-5x5,LavaGapS5", "ppo_eval_episodes": 4})
     sc = minigrid_sequence(o, build(RunOptions, {}))
@@ -73,7 +73,7 @@ def test_atari_env_is_preprocessed_capped_and_rewards_clipped_for_training():
     pytest.importorskip("cv2")
     import ale_py
     import gymnasium as gym
-    from scenarios.rl_atari import make_env as make_atari
+    from clsim.scenarios.rl_atari import make_env as make_atari
     gym.register_envs(ale_py)
     for train in (True, False):
         env = make_atari("Boxing", 300)(train)

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from clsim import cli
 from clsim.data import read_idx
 from clsim.errors import UserError
-from scenarios.mnist import PermutedMnistOptions, SplitMnistOptions, permuted_mnist, split_mnist
-from scenarios.split_cifar import SplitCifarOptions, crop_flip, first_per_class, split_cifar
-from scenarios.split_digits import class_order
+from clsim.scenarios.mnist import PermutedMnistOptions, SplitMnistOptions, permuted_mnist, split_mnist
+from clsim.data import crop_flip, first_per_class
+from clsim.scenarios.split_cifar import SplitCifarOptions, split_cifar
+from clsim.data import class_order
 from conftest import read_summary, run_cli
 
 IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,

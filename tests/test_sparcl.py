@@ -45,7 +45,7 @@ def cifar_args(root, *extra):
 
 
 def test_masked_layers_are_the_convolutions_after_the_stem(cifar_root):
-    from strategies.sparcl import masked_layers
+    from clsim.strategies.sparcl import masked_layers
     from clsim.models import make_model
     cnn = make_model("cnn", (3, 32, 32), "class_il", [2] * 5, 10, width=8)
     assert list(masked_layers(cnn)) == ["backbone.body.2", "backbone.body.5", "backbone.body.7"]
@@ -258,7 +258,7 @@ def test_full_resnet18_counts_match_the_design_note():
     at s=0.75 with DGM 0.8 a per-example cost of ~0.245 of dense (the note's own derivation)."""
     from clsim.flops import example_flops
     from clsim.models import make_model
-    from strategies.sparcl import masked_layers
+    from clsim.strategies.sparcl import masked_layers
     model = make_model("resnet18", (3, 32, 32), "class_il", [2] * 5, 10, width=64)
     layers = forward_flops(model, torch.zeros(1, 3, 32, 32))
     masked = masked_layers(model)

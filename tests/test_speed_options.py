@@ -8,7 +8,7 @@ import torch
 from clsim.config import RunOptions
 from clsim.learners.base import Batch
 from clsim.learners.supervised import SupervisedLearner
-from scenarios.split_digits import SplitDigitsOptions, split_digits
+from clsim.scenarios.split_digits import SplitDigitsOptions, split_digits
 from conftest import read_summary, run_cli
 
 
