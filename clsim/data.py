@@ -66,17 +66,44 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        data, labels = batch[b"data"], batch[b"labels"]
     except _Refused as exc:
         raise UserError(f"refused CIFAR-10 file {path}: it asks to load {exc}, which the official format "
                         f"never holds (a pickle can run code; this one was not loaded): {CIFAR_HINT}") from None
     except Exception as exc:  # any unpickling problem means the file is not a CIFAR batch
         raise UserError(f"corrupt CIFAR-10 file {path} ({type(exc).__name__}): {CIFAR_HINT}") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data) or \
-            labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
-        raise UserError(f"corrupt CIFAR-10 file {path} (expected N x 3072 uint8 and labels 0..9): {CIFAR_HINT}")
-    return data, labels
+    # checked before any conversion: a cast would wrap pixels mod 256, truncate labels, or turn
+    # images saved as floats in [0, 1] into black ones
+    data = whole_numbers(data, 0, 255, f"CIFAR-10 file {path}", "pixel", CIFAR_HINT)
+    labels = whole_numbers(labels, 0, 9, f"CIFAR-10 file {path}", "label", CIFAR_HINT)
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
+        raise UserError(f"corrupt CIFAR-10 file {path} (pixels {data.shape}, labels {labels.shape}; expected "
+                        f"N x 3072 and N): {CIFAR_HINT}")
+    return data.astype(np.uint8), labels.astype(np.int64)
+
+
+def whole_numbers(values, low: int, high: int, where: str, noun: str, hint: str) -> np.ndarray:
+    """`values` (an array, or a list as CIFAR's labels are) as an integer array, refused unless
+    every value is a whole number of an integer type within `low`..`high`: nothing is cast before
+    it is checked. `where` names the file, `noun` one value ("label", "pixel")."""
+    if isinstance(values, list):
+        odd = next((v for v in values if type(v) is not int), None)
+        if odd is not None:
+            raise UserError(f"{where} holds a {noun} of type {type(odd).__name__} ({odd!r}), not a whole number "
+                            f"{low}..{high}: {hint}")
+        bad = next((i for i, v in enumerate(values) if not low <= v <= high), None)
+        if bad is not None:
+            raise UserError(f"{where} holds {noun} {values[bad]} at index {bad}; {noun}s are {low}..{high}: {hint}")
+        return np.array(values, dtype=np.int64)
+    if not isinstance(values, np.ndarray) or values.dtype.kind not in "iu":
+        kind = values.dtype if isinstance(values, np.ndarray) else type(values).__name__
+        raise UserError(f"{where} holds {noun}s of type {kind}, not whole numbers {low}..{high} "
+                        f"(saved as floats, or rescaled?): {hint}")
+    bad = np.flatnonzero((values < low) | (values > high))
+    if len(bad):
+        i = int(bad[0])
+        raise UserError(f"{where} holds {noun} {values.flat[i]} at index {i}; {noun}s are {low}..{high}: {hint}")
+    return values
 
 
 def load_cifar10(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -137,10 +164,10 @@ def load_mnist(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
         labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"MNIST {prefix} images {images.shape} and labels {labels.shape} do not match: {MNIST_HINT}")
-        bad = np.flatnonzero((labels < 0) | (labels > 9))   # class_split would drop them silently
-        if len(bad):
-            raise UserError(f"MNIST label file {_find_idx(root, f'{prefix}-labels-idx1-ubyte')} holds label "
-                            f"{int(labels[bad[0]])} at index {int(bad[0])}; MNIST labels are 0..9: {MNIST_HINT}")
+        labels = whole_numbers(labels, 0, 9, f"MNIST label file {_find_idx(root, f'{prefix}-labels-idx1-ubyte')}",
+                               "label", MNIST_HINT)
+        images = whole_numbers(images, 0, 255, f"MNIST image file {_find_idx(root, f'{prefix}-images-idx3-ubyte')}",
+                               "pixel", MNIST_HINT)
         out += [torch.from_numpy(images.astype(np.float32) / 255).unsqueeze(1),
                 torch.from_numpy(labels.astype(np.int64))]
     return tuple(out)

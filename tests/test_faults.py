@@ -366,6 +366,68 @@ def test_an_out_of_range_mnist_label_is_refused_naming_file_and_index(tmp_path):
     assert f"{tmp_path / 'train-labels-idx1-ubyte.gz'} holds label 12 at index 3" in str(info.value)
 
 
+def cifar_batch(folder: Path, name: str, data, labels) -> None:
+    folder.mkdir(exist_ok=True)
+    batch = {b"batch_label": b"x", b"labels": labels, b"data": data, b"filenames": [b"a"] * len(labels)}
+    (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+@pytest.mark.parametrize("data,labels,expected", [
+    (np.full((2, 3072), 0.5), [1, 2], "holds pixels of type float64, not whole numbers 0..255"),   # saved /255
+    (np.full((2, 3072), 300.0, np.float32), [1, 2], "holds pixels of type float32"),
+    (np.full((2, 3072), 300, np.int64), [1, 2], "holds pixel 300 at index 0; pixels are 0..255"),   # would wrap to 44
+    (np.full((2, 3072), -1, np.int16), [1, 2], "holds pixel -1 at index 0"),
+    (np.zeros((2, 3072), np.uint8), [1.0, 2.7], "holds a label of type float (1.0), not a whole number 0..9"),
+    (np.zeros((2, 3072), np.uint8), np.array([1.0, 2.0]), "holds labels of type float64"),
+    (np.zeros((2, 3072), np.uint8), [1, 10], "holds label 10 at index 1; labels are 0..9"),
+    (np.zeros((2, 3072), np.uint8), [True, 2], "holds a label of type bool"),
+    (np.zeros((2, 3072), np.uint8), [1, 2 ** 70], f"holds label {2 ** 70} at index 1"),
+])
+def test_a_cifar_batch_is_checked_before_it_is_converted(tmp_path, capsys, data, labels, expected):
+    """A cast would have trained on black images (floats in [0, 1] -> 0), wrapped pixels mod 256
+    or truncated labels, and exited 0."""
+    folder = tmp_path / "cifar-10-batches-py"
+    cifar_batch(folder, "data_batch_1", data, labels)
+    assert cli.main(["--scenario", "split_cifar", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, f"CIFAR-10 file {folder / 'data_batch_1'} {expected}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_integer_cifar_pixels_in_range_of_any_integer_type_are_read_exactly(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    pixels = np.arange(2 * 3072).reshape(2, 3072) % 256
+    cifar_batch(folder, "test_batch", pixels.astype(np.int64), np.array([3, 9], np.int32))
+    x, y = data._read_cifar_batch(folder / "test_batch")
+    assert x.dtype == np.uint8 and (x == pixels).all() and y.tolist() == [3, 9] and y.dtype == np.int64
+
+
+def write_typed_idx(path: Path, array: np.ndarray) -> None:
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(">f8"): 0x0E, np.dtype(">i4"): 0x0C}
+    header = struct.pack(">HBB", 0, codes[array.dtype], array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.mark.parametrize("images,labels,expected", [
+    (np.zeros((6, 28, 28), np.uint8), np.array([0, 1, 2, 9.5, 4, 5], ">f8"),
+     "label file {root}/train-labels-idx1-ubyte.gz holds labels of type >f8, not whole numbers 0..9"),
+    (np.full((6, 28, 28), 0.5, ">f8"), np.arange(6, dtype=np.uint8),
+     "image file {root}/train-images-idx3-ubyte.gz holds pixels of type >f8"),
+    (np.full((6, 28, 28), 256, ">i4"), np.arange(6, dtype=np.uint8),
+     "image file {root}/train-images-idx3-ubyte.gz holds pixel 256 at index 0; pixels are 0..255"),
+])
+def test_mnist_idx_values_are_checked_before_they_are_converted(tmp_path, images, labels, expected):
+    """A label stored as 9.5 was refused as 'holds label 9'; float or wide-integer images were
+    divided by 255 into values outside [0, 1]."""
+    write_typed_idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    write_typed_idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    write_typed_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((6, 28, 28), np.uint8))
+    write_typed_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(6, dtype=np.uint8))
+    with pytest.raises(UserError) as info:
+        data.load_mnist(tmp_path)
+    assert "MNIST " + expected.format(root=tmp_path) in str(info.value)
+
+
 def test_noise_multiplier_zero_under_privacy_says_epsilon_is_infinite(capsys):
     Experiment.from_argv(["--privacy", "dpsgd", "--noise-multiplier", "0"])
     lines = capsys.readouterr().err.strip().splitlines()
