@@ -1,4 +1,4 @@
-"""BLIP: bit-level information preserving (Shi et al., CVPR 2021; ../shared/design/blip.md).
+"""BLIP: bit-level information preserving (Shi et al., CVPR 2021).
 
 After each task the Fisher information of every quantised parameter is turned into a number of
 bits; that many leading bits of the parameter's quantised value are frozen, and later tasks may

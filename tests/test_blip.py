@@ -1,4 +1,4 @@
-"""BLIP (strategies/blip.py, ../shared/design/blip.md): hand-computed formulas, and the promises
+"""BLIP (strategies/blip.py): hand-computed formulas, and the promises
 of the note checked on real split_digits runs through the engine."""
 from __future__ import annotations
 

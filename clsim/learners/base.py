@@ -35,7 +35,7 @@ class PrivacyPlan(NamedTuple):
 
 
 class Learner:
-    """Declares what it offers (clsim/capabilities.py): `kind`, `privacy_unit`, whether it draws its
+    """Declares what it offers (docs/architecture.md, "Capabilities"): `kind`, `privacy_unit`, whether it draws its
     own private batches, and (from its model) whether there is one head per task."""
     HEAD_PREFIXES: tuple[str, ...] = ("heads.",)
     #: "supervised" (tasks carry datasets) or "rl" (tasks carry environments)
