@@ -1,9 +1,12 @@
 """The engine loop: streams a scenario's tasks through a strategy and emits records."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,8 +18,8 @@ from clsim.protocol import TaskSchedule
 
 
 class Timer:
-    def __init__(self, device: torch.device):
-        self.totals: dict[str, float] = {}
+    def __init__(self, device: torch.device, totals: dict[str, float]):
+        self.totals = totals   # seconds by phase, added to in place
         self.device = device
 
     def add(self, phase: str, since: float) -> float:
@@ -41,15 +44,53 @@ def setup(scenario, strategy, learner, mechanism, ledger, epochs: int) -> None:
     strategy.setup(learner, scenario, mechanism)
 
 
-def run(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
-        checkpoint=None, resume: dict | None = None, protocol: ProtocolOptions | None = None) -> dict:
+@dataclass
+class Parts:
+    """An assembled run (`clsim.Experiment.build()`, or made by hand): everything the loop trains with."""
+    scenario: Any
+    learner: Any
+    strategy: Any
+    mechanism: Any
+    ledger: Any
+    loggers: list
+    epochs: int
+    hparams: dict = field(default_factory=dict)
+
+    def train(self, checkpoint=None, resume: dict | None = None, protocol: ProtocolOptions | None = None) -> dict:
+        """Train these (set-up) parts through `loop`; returns its summary figures."""
+        return loop(self, checkpoint, resume, protocol)
+
+
+@dataclass
+class Progress:
+    """How far a run has come: everything the loop accumulates besides the parts' own state. A
+    checkpoint saves it and a resume restores it whole (`snapshot`, `restore`)."""
+    initial: list              # scores before any training
+    details: dict              # name -> {"initial": row, "matrix": rows} (e.g. raw RL returns)
+    matrix: list = field(default_factory=list)   # R: row i = scores on every task after task i
+    task_aware: dict | None = None   # class_il: the same with the task identity given at test time
+    step: int = 0
+    examples: int = 0
+    elapsed: float = 0.0       # seconds of training so far (the step records' wall_time)
+    wall_time: dict = field(default_factory=dict)   # seconds by phase
+
+    @classmethod
+    def start(cls, learner, scenario) -> "Progress":
+        """Before the first task: the initial scores (the b of FWT)."""
+        initial = [learner.evaluate(t) for t in scenario.tasks]
+        details = {name: {"initial": row, "matrix": []} for name, row in learner.score_details().items()}
+        aware = learner.task_aware_scores()
+        return cls(initial, details, task_aware=None if aware is None else
+                   {"accuracy_matrix": [], "initial_scores": aware})
+
+
+def run(parts: Parts, checkpoint=None, resume: dict | None = None, protocol: ProtocolOptions | None = None) -> dict:
     """`setup`, then `loop`: for parts built by hand (clsim.Experiment.build does both steps)."""
-    setup(scenario, strategy, learner, mechanism, ledger, epochs)
-    return loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs, checkpoint, resume, protocol)
+    setup(parts.scenario, parts.strategy, parts.learner, parts.mechanism, parts.ledger, parts.epochs)
+    return loop(parts, checkpoint, resume, protocol)
 
 
-def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
-         checkpoint=None, resume: dict | None = None, protocol: ProtocolOptions | None = None) -> dict:
+def loop(parts: Parts, checkpoint=None, resume: dict | None = None, protocol: ProtocolOptions | None = None) -> dict:
     """Train on every task in order; evaluate on all tasks after each (the parts are set up).
 
         b = initial scores
@@ -66,49 +107,42 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
         class_il also `task_aware`: the same figures with the task identity given at test time)
 
     `protocol` (clsim/protocol.py) sets the per-epoch lr schedule and early stopping.
-    `checkpoint(state)` is called after every task with everything needed to continue; passing
-    that state back as `resume` continues the run exactly where it stopped. The call graph of one
-    step is drawn in docs/architecture.md.
+    `checkpoint(state)` is called after every task with everything needed to continue (`snapshot`);
+    passing that state back as `resume` continues the run exactly where it stopped. The call graph
+    of one step is drawn in docs/architecture.md.
     """
+    scenario, strategy, learner, mechanism, ledger = (parts.scenario, parts.strategy, parts.learner,
+                                                      parts.mechanism, parts.ledger)
     protocol = protocol or ProtocolOptions()
-    emit = _Emitter(loggers)
-    timer = Timer(learner.device)
+    emit = _Emitter(parts.loggers)
+    kept = None if protocol.optimizer_reset else learner.make_optimizer()   # --optimizer-reset false
     if resume is None:
-        initial = [learner.evaluate(t) for t in scenario.tasks]
-        details = {name: {"initial": row, "matrix": []} for name, row in learner.score_details().items()}
-        aware_initial = learner.task_aware_scores()
-        aware = None if aware_initial is None else {"accuracy_matrix": [], "initial_scores": aware_initial}
-        R: list[list[float]] = []
-        step = examples = 0
-        elapsed = 0.0
+        progress = Progress.start(learner, scenario)
     else:
-        initial, details, R = resume["initial"], resume["details"], resume["R"]
-        aware = resume.get("task_aware")   # absent: a checkpoint written before clsim recorded it
-        step, examples, elapsed = resume["step"], resume["examples"], resume["elapsed"]
-        timer.totals = dict(resume["wall_time"])
-        restore(resume, learner, strategy, ledger)
-    start = time.perf_counter() - elapsed
+        progress = restore(resume, parts, kept)
+    R, aware = progress.matrix, progress.task_aware
+    timer = Timer(learner.device, progress.wall_time)
+    start = time.perf_counter() - progress.elapsed
     private = not mechanism.logs_training_figures()
     hidden = {"loss", "examples_seen", *getattr(learner, "training_figures", ())} if private else set()
     params = [p for p in learner.model.parameters()]
-    kept = None if protocol.optimizer_reset else kept_optimizer(learner, resume)
     for task in scenario.tasks[len(R):]:
         t0 = time.perf_counter()
         strategy.before_task(task)
         own_optimizer = learner.make_optimizer() if kept is None else restarted(kept, learner.lr)
         if protocol.active_classes:   # class_il: the softmax spans the classes seen so far
             learner.span_classes(sorted({c for seen in scenario.tasks[:task.index + 1] for c in seen.classes}))
-        schedule = TaskSchedule(protocol, own_optimizer, learner, task, epochs, ledger)
+        schedule = TaskSchedule(protocol, own_optimizer, learner, task, parts.epochs, ledger)
         optimizer = mechanism.before_task(task, own_optimizer)
         learner.model.train()
         queued = None   # a GPU step's record, its tensor figures on their way to the host
 
         def report(epoch: int, losses, n: int) -> None:
             """Emit the step's record; under a mechanism without figures read from training data."""
-            nonlocal step, examples, queued
-            step, examples = step + 1, examples + n
-            record = {"step": step, "task": task.index, "epoch": epoch, "loss": losses,
-                      "lr": optimizer.param_groups[0]["lr"], "examples_seen": examples,
+            nonlocal queued
+            progress.step, progress.examples = progress.step + 1, progress.examples + n
+            record = {"step": progress.step, "task": task.index, "epoch": epoch, "loss": losses,
+                      "lr": optimizer.param_groups[0]["lr"], "examples_seen": progress.examples,
                       "wall_time": time.perf_counter() - start, **learner.step_metrics(),
                       **strategy.step_metrics(), **mechanism.step_metrics()}
             record = {k: v for k, v in record.items() if k not in hidden and v is not None}
@@ -135,7 +169,7 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
                 strategy.after_step()
                 report(epoch, None, 0)
 
-        for epoch in range(epochs):
+        for epoch in range(parts.epochs):
             subset = strategy.select_examples(task, epoch)
             batches = with_noise_steps(mechanism.batches(task, epoch, subset), epoch)
             for batch in strategy.train_batches(task, batches):
@@ -159,7 +193,7 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
         R.append([learner.evaluate(t) for t in scenario.tasks])
         row_details = learner.score_details()   # e.g. raw RL returns behind normalised scores
         for name, row in row_details.items():
-            details[name]["matrix"].append(row)
+            progress.details[name]["matrix"].append(row)
         aware_row = learner.task_aware_scores()
         if aware is not None:
             if len(aware_row) != len(scenario.tasks):
@@ -168,24 +202,22 @@ def loop(scenario, strategy, learner, mechanism, ledger, loggers, epochs: int,
             aware["accuracy_matrix"].append(aware_row)
         timer.add("eval", t2)
         i = task.index
-        emit("task", {"task": i, "step": step, "row": R[-1], **metrics.after_task(R, initial, i),
+        emit("task", {"task": i, "step": progress.step, "row": R[-1], **metrics.after_task(R, progress.initial, i),
                       **({} if aware is None else {"task_aware": task_aware_figures(aware, i, row=True)}),
                       "details": row_details,
                       "memory": memory(learner, strategy), "wall_time": dict(timer.totals),
                       "strategy": strategy.task_metrics(), "schedule": schedule_figures,
                       "privacy": ledger.report()})
         if checkpoint is not None:   # after the task's record: a checkpoint never runs ahead of the log
-            checkpoint(snapshot(learner, strategy, ledger, initial=initial, details=details, R=R,
-                                task_aware=aware, step=step, examples=examples, elapsed=time.perf_counter() - start,
-                                wall_time=dict(timer.totals),
-                                **({} if kept is None else {"optimizer": kept.state_dict()})))
-    return {"accuracy_matrix": R, "initial_scores": initial, "score_details": details,
-            **metrics.summary(R, initial),
+            progress.elapsed = time.perf_counter() - start
+            checkpoint(snapshot(parts, progress, kept))
+    return {"accuracy_matrix": R, "initial_scores": progress.initial, "score_details": progress.details,
+            **metrics.summary(R, progress.initial),
             **({} if aware is None else {"task_aware": task_aware_figures(aware, len(R) - 1)}),
             "memory": memory(learner, strategy),
             "wall_time": {**timer.totals, "total": time.perf_counter() - start},
-            "privacy": ledger.report(), "steps": step,
-            **({} if private else {"examples_seen": examples})}
+            "privacy": ledger.report(), "steps": progress.step,
+            **({} if private else {"examples_seen": progress.examples})}
 
 
 def task_aware_figures(aware: dict, i: int, row: bool = False) -> dict:
@@ -233,18 +265,6 @@ def _report_step(emit, record: dict) -> None:
     emit("step", record)
 
 
-def kept_optimizer(learner, resume: dict | None) -> torch.optim.Optimizer:
-    """The one optimizer of a run that keeps it across tasks (--optimizer-reset false), with its
-    state as the checkpoint holds it when resuming."""
-    optimizer = learner.make_optimizer()
-    if resume is not None:
-        if "optimizer" not in resume:
-            raise UserError("this checkpoint holds no optimizer state, which --optimizer-reset false needs; "
-                            "resume it with the options it was written with")
-        optimizer.load_state_dict(resume["optimizer"])
-    return optimizer
-
-
 def restarted(optimizer: torch.optim.Optimizer, lr: float) -> torch.optim.Optimizer:
     """`optimizer` with its lr back at `lr`: a task's schedule starts from there, its state stays."""
     for group in optimizer.param_groups:
@@ -252,27 +272,40 @@ def restarted(optimizer: torch.optim.Optimizer, lr: float) -> torch.optim.Optimi
     return optimizer
 
 
-def snapshot(learner, strategy, ledger, **progress) -> dict:
-    """The state a run continues from: progress figures, model, strategy, ledger and every RNG,
-    as tensors and plain data only (a resume loads it with torch.load(weights_only=True))."""
+def snapshot(parts: Parts, progress: Progress, optimizer: torch.optim.Optimizer | None = None) -> dict:
+    """The state a run continues from: its progress, model, strategy, ledger, the run's one
+    optimizer (--optimizer-reset false) and every RNG, as tensors and plain data only (a resume
+    loads it with torch.load(weights_only=True))."""
     name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {**progress, "model": learner.model.state_dict(), "strategy": strategy.state_dict(),
-            "ledger": ledger.state_dict(),
+    return {"progress": dataclasses.asdict(progress), "model": parts.learner.model.state_dict(),
+            "learner": parts.learner.state_dict(),
+            "strategy": parts.strategy.state_dict(), "ledger": parts.ledger.state_dict(),
+            **({} if optimizer is None else {"optimizer": optimizer.state_dict()}),
             "rng": {"torch": torch.get_rng_state(),
                     "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-                    "python": random.getstate(), "learner": learner.generator.get_state()}}
+                    "python": random.getstate(), "learner": parts.learner.generator.get_state()}}
 
 
-def restore(state: dict, learner, strategy, ledger) -> None:
-    learner.model.load_state_dict(state["model"])
-    strategy.load_state_dict(state["strategy"])
-    ledger.load_state_dict(state["ledger"])
+def restore(state: dict, parts: Parts, optimizer: torch.optim.Optimizer | None = None) -> Progress:
+    """Put `snapshot`'s state back into the parts (and `optimizer`); returns the progress."""
+    if "progress" not in state:
+        raise UserError("this checkpoint was written by an older clsim (no progress record); start the run again")
+    if optimizer is not None:
+        if "optimizer" not in state:
+            raise UserError("this checkpoint holds no optimizer state, which --optimizer-reset false needs; "
+                            "resume it with the options it was written with")
+        optimizer.load_state_dict(state["optimizer"])
+    parts.learner.model.load_state_dict(state["model"])
+    parts.learner.load_state_dict(state["learner"])
+    parts.strategy.load_state_dict(state["strategy"])
+    parts.ledger.load_state_dict(state["ledger"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     name, keys, pos, has_gauss, cached = rng["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(rng["python"])
-    learner.generator.set_state(rng["learner"])
+    parts.learner.generator.set_state(rng["learner"])
+    return Progress(**state["progress"])
 
 
 def memory(learner, strategy) -> dict:

@@ -25,15 +25,16 @@ import os
 import platform
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from clsim import config, engine, presets, protocol, rundir
+from clsim.engine import Parts
 from clsim.errors import UserError
 from clsim.loggers import LogContext, Logger, to_json
 from clsim.loggers.progress import ProgressLogger
@@ -71,24 +72,6 @@ class Result:
         """class_il: the task-aware accuracy matrix, laid out as `matrix`; None otherwise."""
         aware = self.summary.get("task_aware")
         return None if aware is None else np.asarray(aware["accuracy_matrix"], dtype=float)
-
-
-@dataclass
-class Parts:
-    """An assembled run (`Experiment.build()`): everything `clsim.engine.loop` trains with."""
-    scenario: Scenario
-    learner: Any
-    strategy: Strategy
-    mechanism: Mechanism
-    ledger: Ledger
-    loggers: list
-    epochs: int
-    hparams: dict = field(default_factory=dict)
-
-    def train(self, checkpoint=None, resume: dict | None = None, protocol=None) -> dict:
-        """Train these parts through clsim.engine.loop; returns its summary figures."""
-        return engine.loop(self.scenario, self.strategy, self.learner, self.mechanism, self.ledger,
-                           self.loggers, self.epochs, checkpoint=checkpoint, resume=resume, protocol=protocol)
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -407,7 +390,7 @@ class Experiment:
             directory = rundir.RunDirectory.reopen(resume_dir)
         with directory.guard():
             state = directory.load_checkpoint() if directory.resumed else None
-            parts.loggers = self.make_loggers(parts, directory.path, None if state is None else state["step"])
+            parts.loggers = self.make_loggers(parts, directory.path, None if state is None else state["progress"]["step"])
             if state is None:
                 directory.write_config(to_json({
                     **parts.hparams, "argv": self.as_argv(), "run": dataclasses.asdict(run),

@@ -176,6 +176,10 @@ class SparCL(Replay):
     # -- data removal ----------------------------------------------------------------------------
     def before_task(self, task):
         super().before_task(task)
+        # A task's first mask update prunes from sparsity s to s, which keeps exactly the active set
+        # (inactive entries have w = 0 and a masked g = 0), so the previous task's gradients never
+        # score anything: dropped here, a checkpoint (taken between tasks) need not keep them.
+        self.last_grads = {}
         n = len(task.train)
         self.kept = torch.arange(n)
         self.removed_in_task = torch.zeros(0, dtype=torch.long)

@@ -363,7 +363,7 @@ def digits_bwt(name: str, **options) -> float:
     from clsim.registry import STRATEGIES
     scenario, learner, _ = digits("task_il", hidden=16, lr=0.2)
     cls = STRATEGIES.get(name).target
-    return engine.run(scenario, cls(cls.Options(**options)), learner, Mechanism(), Ledger(), [], 3)["bwt"]
+    return engine.run(engine.Parts(scenario, learner, cls(cls.Options(**options)), Mechanism(), Ledger(), [], 3))["bwt"]
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +395,7 @@ def test_packnet_frozen_weights_never_change_and_task_scores_stay_exact():
         def task(self, record):
             snapshots.append({n: p.detach().clone() for n, p in learner.shared_parameters().items()})
 
-    result = engine.run(scenario, packnet, learner, mechanism, Ledger(), [Snapshot()], 2)
+    result = engine.run(engine.Parts(scenario, learner, packnet, mechanism, Ledger(), [Snapshot()], 2))
     owner = packnet.owner
     first = snapshots[0]
     for later in snapshots[1:]:

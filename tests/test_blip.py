@@ -43,7 +43,7 @@ def cli(out, *args: str) -> None:
 
 
 def run(scenario, strat, learner, loggers=(), epochs=EPOCHS):
-    return engine.run(scenario, strat, learner, Mechanism(), Ledger(), list(loggers), epochs)
+    return engine.run(engine.Parts(scenario, learner, strat, Mechanism(), Ledger(), list(loggers), epochs))
 
 
 class IntervalWatch:

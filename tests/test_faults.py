@@ -224,7 +224,7 @@ def test_every_strategy_checkpoint_loads_without_running_code(tmp_path, strategy
     run_dir = Experiment(strategy=strategy, setting=setting, n_tasks=2, epochs=1, hidden=20, progress=False,
                          out=str(tmp_path)).run().run_dir
     state = rundir._load(run_dir / "checkpoint.pt")
-    assert state["step"] > 0 and len(state["R"]) == 2
+    assert state["progress"]["step"] > 0 and len(state["progress"]["matrix"]) == 2
 
 
 def test_a_private_run_checkpoint_loads_without_running_code(tmp_path):
@@ -521,7 +521,7 @@ def test_a_nan_after_the_first_task_keeps_the_run_and_says_where(tmp_path, capsy
     partial = out / ".split_digits-ewc-class_il-seed0.partial"
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "the loss became nan at task 1" in err[0] and f"kept in {partial}" in err[0]
-    assert rundir._load(partial / "checkpoint.pt")["R"] and '"kind": "task"' in (partial / "log.jsonl").read_text()
+    assert rundir._load(partial / "checkpoint.pt")["progress"]["matrix"] and '"kind": "task"' in (partial / "log.jsonl").read_text()
 
 
 def test_a_full_disk_is_named_with_the_file_that_could_not_be_written(tmp_path):

@@ -339,7 +339,7 @@ def test_empty_poisson_draws_are_steps_with_the_penalty_and_after_step():
     scenario, learner, mechanism, ledger = make(DPSGD, batch_size=1, noise_multiplier=1.0)
     scenario.tasks[:] = scenario.tasks[:1]
     strategy, steps = Counting(), Steps()
-    engine.run(scenario, strategy, learner, mechanism, ledger, [steps], epochs=1)
+    engine.run(engine.Parts(scenario, learner, strategy, mechanism, ledger, [steps], epochs=1))
     releases = mechanism.steps_per_epoch[scenario.tasks[0].dataset_id]    # q = 1/N: ~1/e of draws empty
     assert ledger.accesses[scenario.tasks[0].dataset_id][-1]["steps"] == releases
     assert strategy.penalties == strategy.after_steps == len(steps.records) == releases

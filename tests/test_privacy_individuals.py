@@ -247,7 +247,8 @@ def test_blip_under_dp_with_a_tiny_sample_rate_never_leaves_its_intervals():
         def task(self, record):
             pass
 
-    engine.run(scenario, strategy, learner, mechanism, Ledger(**mechanism.ledger_options()), [Watch()], epochs=1)
+    ledger = Ledger(**mechanism.ledger_options())
+    engine.run(engine.Parts(scenario, learner, strategy, mechanism, ledger, [Watch()], epochs=1))
     assert seen["checked"] > 100 and seen["empty"] > 20     # q = 1/N: about a third of draws are empty
 
 

@@ -136,6 +136,14 @@ class Learner:
         y = self.sample_targets(out)
         return self.log_prob(out, y), y
 
+    def state_dict(self) -> dict:
+        """What the learner carries from task to task besides its model and generator (plain data
+        a checkpoint keeps, e.g. running training figures); none by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
     # Optional figures; the defaults add nothing.
     def step_metrics(self) -> dict:
         """Learner figures for the step just taken (e.g. RL episode return, env steps/sec):

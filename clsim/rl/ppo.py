@@ -313,6 +313,15 @@ class PPOLearner(Learner):
                                   "clip_fraction": ((ratio - 1).abs() > o.ppo_clip).float().mean()}
         return policy + o.ppo_value_coef * 0.5 * value_loss - o.ppo_entropy_coef * self.actions.entropy(out), out
 
+    def state_dict(self) -> dict:
+        """The running training figures (env steps, recent episode returns) span tasks."""
+        return {"env_steps": self.env_steps, "recent_returns": list(self.recent_returns)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.env_steps = state["env_steps"]
+        self.recent_returns.clear()
+        self.recent_returns.extend(state["recent_returns"])
+
     def step_metrics(self) -> dict:
         steps, since = self._task_start
         out = {"env_steps": self.env_steps,

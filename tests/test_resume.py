@@ -1,0 +1,62 @@
+"""Every registered strategy (and PPO with EWC and BLIP) stopped after its first task and resumed
+from the checkpoint gives the uninterrupted run's summary and log.jsonl, record for record."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from clsim import Experiment, rundir
+from clsim.loggers import Logger
+from clsim.registry import STRATEGIES
+
+# Wall-clock and process figures differ between any two runs; everything else must match.
+CLOCK = {"wall_time", "steps_per_sec", "env_steps_per_sec", "memory", "peak_rss_bytes"}
+SUPERVISED = {"scenario": "split_digits", "epochs": 1, "n_tasks": 3, "hidden": "32", "seed": 2}
+CARTPOLE = {"scenario": "cartpole", "ppo_timesteps": 256, "ppo_epochs": 1, "batch_size": 128,
+            "ppo_eval_episodes": 2, "cartpole_tasks": "default,swap,default", "seed": 2}
+#: SparCL with a mask update (prune and regrow) at the start of every epoch, task 1's first included
+OPTIONS = {"sparcl": {"epochs": 2, "sparcl_update_every": 1, "sparcl_remove_every": 1}}
+
+
+class StopInSecondTask(Logger):
+    """Presses Ctrl-C at the first step of the second task (after the first checkpoint)."""
+    writes_files = False
+
+    def step(self, record):
+        if record["task"] == 1:
+            raise KeyboardInterrupt
+
+
+def without_clock(value):
+    if isinstance(value, dict):
+        return {k: without_clock(v) for k, v in value.items() if k not in CLOCK}
+    if isinstance(value, list):
+        return [without_clock(v) for v in value]
+    return value
+
+
+CASES = [pytest.param({**SUPERVISED, **OPTIONS.get(name, {})}, name, id=name)
+         for name in sorted(e.name for e in STRATEGIES.entries())] + \
+        [pytest.param(CARTPOLE, name, id=f"ppo-{name}") for name in ("ewc", "blip")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("options,strategy", CASES)
+def test_a_run_stopped_after_its_first_task_resumes_to_the_same_summary_and_log(tmp_path, options, strategy):
+    run = {**options, "strategy": strategy, "progress": False, "loggers": "jsonl"}
+    whole = Experiment(**run, out=str(tmp_path / "whole")).run()
+    with pytest.raises(rundir.Interrupted) as stopped:
+        Experiment(**{**run, "loggers": ["jsonl", StopInSecondTask]}, out=str(tmp_path / "cut")).run()
+    resumed = Experiment(**run, out=str(tmp_path / "cut")).run(resume_dir=stopped.value.partial)
+    assert without_clock(resumed.summary) == without_clock(whole.summary)
+    log = lambda r: [without_clock(json.loads(line)) for line in (r.run_dir / "log.jsonl").read_text().splitlines()]
+    assert log(resumed) == log(whole)
