@@ -1,6 +1,6 @@
 """Continual-learning metrics as pure functions of the score matrix R (metrics.md).
 
-R[i][j]: score on task j after training task i (0-based here); b[j]: the initial model's score.
+`R[i][j]`: score on task j after training task i (0-based here); `b[j]`: the initial model's score.
 """
 from __future__ import annotations
 
@@ -16,21 +16,21 @@ def acc(R: list[list[float]], i: int) -> float:
 
 
 def bwt(R: list[list[float]], i: int) -> float:
-    """Backward transfer after task i: mean over j < i of R[i][j] - R[j][j] (0 for i = 0)."""
+    """Backward transfer after task i: mean over j < i of `R[i][j] - R[j][j]` (0 for i = 0)."""
     if i == 0:
         return 0.0
     return sum(R[i][j] - R[j][j] for j in range(i)) / i
 
 
 def fwt(R: list[list[float]], b: list[float], i: int) -> float:
-    """Forward transfer up to task i: mean over 1 <= j <= i of R[j-1][j] - b[j] (0 for i = 0)."""
+    """Forward transfer up to task i: mean over 1 <= j <= i of `R[j-1][j] - b[j]` (0 for i = 0)."""
     if i == 0:
         return 0.0
     return sum(R[j - 1][j] - b[j] for j in range(1, i + 1)) / i
 
 
 def forgetting(R: list[list[float]], i: int) -> float:
-    """Mean over j < i of max_{l<i} R[l][j] - R[i][j] (Chaudhry et al. 2018; 0 for i = 0)."""
+    """Mean over j < i of `max_{l<i} R[l][j] - R[i][j]` (Chaudhry et al. 2018; 0 for i = 0)."""
     if i == 0:
         return 0.0
     return sum(max(R[l][j] for l in range(i)) - R[i][j] for j in range(i)) / i

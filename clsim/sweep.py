@@ -209,6 +209,20 @@ def sweep(spec_path: str, out: str = "sweeps", address: str | None = None,
     return sweep_dir, _write_status(sweep_dir, resolved)
 
 
+def runtime_env(threads: int, local: bool) -> dict:
+    """What each trial's worker process gets: this clsim on its path, `threads` threads, and on a
+    local Ray the normal scheduling priority. Ray starts its workers at nice 15 (its
+    `worker_niceness`), which on a machine shared with other work left each trial a few percent of
+    a core; RAY_worker_niceness in the environment still chooses another value. A cluster's own
+    setting is left alone."""
+    project = str(Path(__file__).resolve().parent.parent)   # workers import this clsim
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": str(threads)}
+    if local:
+        env["RAY_worker_niceness"] = os.environ.get("RAY_worker_niceness", "0")
+    return {"env_vars": env}
+
+
 def _run_on_ray(pending: list[dict], sweep_dir: Path, threads: int, address: str | None,
                 workers: int | None, progress) -> None:
     try:
@@ -218,9 +232,7 @@ def _run_on_ray(pending: list[dict], sweep_dir: Path, threads: int, address: str
         raise UserError("clsim sweep runs on Ray: pip install 'clsim[sweep]' (or 'ray[tune]')") from None
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     logging.getLogger("ray.tune").setLevel(logging.CRITICAL)   # a failed trial is one line, below
-    project = str(Path(__file__).resolve().parent.parent)   # workers import this clsim
-    env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")])),
-                        "OMP_NUM_THREADS": str(threads)}}
+    env = runtime_env(threads, local=not address)
     try:
         if address:
             ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level="ERROR")

@@ -1,6 +1,7 @@
 # strategies/l2.py
 """The plain L2 anchor (Continual World's L2 baseline, Wolczyk et al. 2021): λ·Σ (θ - θ*)² over the
-shared weights, θ* where the previous task left them. This file is also the README's worked example."""
+shared weights, θ* where the previous task left them. This file is also the worked example of
+docs/extending.md."""
 from dataclasses import dataclass
 
 from clsim.config import opt

@@ -1,19 +1,10 @@
-"""Declared capabilities: the README's table is the registry's, and undeclared settings are refused."""
+"""Declared capabilities: --list shows them (the docs' table is generated from the same registry,
+tests/test_docs.py), and undeclared settings are refused."""
 import re
-from pathlib import Path
 
 import pytest
 
 from clsim import cli
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def test_readme_strategy_table_is_generated_from_the_registry():
-    block = re.search(r"<!-- strategy-table:begin -->\n(.*?)\n<!-- strategy-table:end -->",
-                      README.read_text(), re.S).group(1)
-    assert block == cli.strategy_table(), \
-        "README's strategy table is stale: paste the output of python -c 'from clsim.cli import strategy_table; print(strategy_table())'"
 
 
 def test_list_shows_every_strategys_settings_learners_and_privacy(capsys):

@@ -1,0 +1,83 @@
+"""MLflow: step and task figures as an MLflow run, in a file store under the run directory by default.
+
+Install with `pip install 'clsim[mlflow]'`. The default store is `mlruns/` in the run directory (MLflow's
+file store, which MLflow ≥ 3 keeps in maintenance mode: this logger opts in for its own client with
+MLFLOW_ALLOW_FILE_STORE); `--mlflow-tracking-uri` points it at a server or a database instead. In the
+file store every metric is a file appended line by line, so a resumed run, which cuts the claimed
+`mlruns/` back to its checkpoint, continues the same MLflow run as an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from clsim.config import opt
+from clsim.errors import UserError
+from clsim.loggers import Logger, numbers
+from clsim.loggers.wandb import SKIP, finite, task_figures
+from clsim.registry import register_logger
+
+RUN_TAG = "clsim.run"
+
+
+@register_logger("mlflow")
+class MlflowLogger(Logger):
+    """MLflow run (local file store by default): hparams as params, step and task figures as metrics."""
+
+    @dataclass
+    class Options:
+        mlflow_tracking_uri: str = opt("", "MLflow tracking URI (default: a file store, mlruns/ in the run directory)")
+        mlflow_experiment: str = opt("clsim", "MLflow experiment name")
+
+    def __init__(self, context, options=None):
+        super().__init__(context, options)
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise UserError("--loggers mlflow needs MLflow: pip install 'clsim[mlflow]'") from None
+        options = options or self.Options()
+        uri = options.mlflow_tracking_uri
+        if not uri:
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = self.path("mlruns").resolve().as_uri()
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(options.mlflow_experiment)
+        experiment = found.experiment_id if found else self.client.create_experiment(options.mlflow_experiment)
+        name = context.run_dir.name
+        earlier = self.client.search_runs([experiment], filter_string=f"tags.`{RUN_TAG}` = '{name}'") \
+            if context.resume_step is not None else []
+        if earlier:
+            self.run_id = earlier[0].info.run_id
+        else:
+            self.run_id = self.client.create_run(experiment, run_name=name.strip(".").removesuffix(".partial"),
+                                                 tags={RUN_TAG: name}).info.run_id
+            params = [Param(k, str(v)[:6000]) for k, v in context.hparams.items()]
+            self.client.log_batch(self.run_id, params=params)
+        self.pending = []
+
+    def _log(self, figures: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.pending += [Metric(k, float(v), now, step) for k, v in figures.items()]
+
+    def step(self, record):
+        self._log(finite((f"train/{k}" if "/" not in k else k, v) for k, v in numbers(record) if k not in SKIP),
+                  record["step"])
+        if len(self.pending) >= 1000:   # MLflow's batch limit
+            self.flush()
+
+    def task(self, record):
+        self._log(task_figures(record), record["step"])
+        self.flush()
+
+    def flush(self):
+        for start in range(0, len(self.pending), 1000):
+            self.client.log_batch(self.run_id, metrics=self.pending[start:start + 1000])
+        self.pending = []
+
+    def close(self, summary):
+        self.flush()
+        self.client.set_terminated(self.run_id)

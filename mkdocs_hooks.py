@@ -1,0 +1,191 @@
+"""MkDocs hooks (mkdocs.yml `hooks:`): the pages that are generated rather than written.
+
+A page asks for generated content with a line `<!-- generated: NAME -->`, replaced at build time:
+`cli` (every option of every party, from the options dataclasses, and the subcommands' --help),
+`reproduction` (the presets in clsim/presets/ beside the measured figures of docs/results.yaml) and
+`strategy-capabilities` (what `--list` prints of each strategy). Pages in docs/ that mkdocs.yml's
+nav does not name are added under "More", so a new page is never unreachable.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import re
+from pathlib import Path
+
+import yaml
+
+DOCS = Path(__file__).resolve().parent / "docs"
+RESULTS = DOCS / "results.yaml"
+ENTRY_KEYS = {"source", "figure", "value", "sd", "seeds", "budget", "command", "machine", "date", "note"}
+SOURCES = ("clsim", "authors_code")
+
+
+# ---------------------------------------------------------------- results.yaml
+
+def load_results(path: Path = RESULTS) -> dict[str, list[dict]]:
+    """docs/results.yaml, checked: preset name -> entries, each with the keys of ENTRY_KEYS
+    (`note` optional) and a known preset name."""
+    from clsim.presets import all_presets
+
+    doc = yaml.safe_load(path.read_text()) or {}
+    known = all_presets()
+    for name, entries in doc.items():
+        if name not in known:
+            raise ValueError(f"{path.name}: {name!r} is not a preset (clsim/presets/*.yaml)")
+        for i, entry in enumerate(entries):
+            where = f"{path.name}: {name}[{i}]"
+            missing = ENTRY_KEYS - {"note"} - set(entry)
+            if missing or set(entry) - ENTRY_KEYS:
+                raise ValueError(f"{where}: keys {sorted(entry)}; expected {sorted(ENTRY_KEYS)}")
+            if entry["source"] not in SOURCES:
+                raise ValueError(f"{where}: source must be one of {SOURCES}, got {entry['source']!r}")
+            if not isinstance(entry["value"], (int, float)) or not isinstance(entry["seeds"], list):
+                raise ValueError(f"{where}: value must be a number and seeds a list")
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(entry["date"])):
+                raise ValueError(f"{where}: date must be YYYY-MM-DD, got {entry['date']!r}")
+    return doc
+
+
+def _figure(entry: dict) -> str:
+    sd = "" if entry["sd"] is None else f" ± {entry['sd']:.2f}"
+    return f"{entry['value']:.2f}{sd}"
+
+
+def _seeds(seeds: list) -> str:
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"{seeds[0]}–{seeds[-1]}"
+    return ",".join(map(str, seeds))
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def reproduction_page() -> str:
+    """Per paper: each preset's published figure beside clsim's (and the authors' code's, where
+    run), with budget, seeds and the gap; then each measurement's command, machine and note."""
+    from clsim.presets import all_presets
+
+    results = load_results()
+    out, paper = [], None
+    presets = list(all_presets().values())
+    for preset in presets:
+        if preset.paper != paper:
+            paper = preset.paper
+            out += ["", f"## {paper}", "", f"Source: {preset.source}", "",
+                    "| preset | figure | published | measured | source | budget | seeds | gap |",
+                    "|---|---|---|---|---|---|---|---|"]
+        entries = results.get(preset.name, [])
+        published = {"acc": preset.published, "task_aware_acc": preset.published_task_il}
+        if not entries:
+            shown = "not read" if preset.published is None else f"{preset.published:.2f}"
+            out.append(f"| [`{preset.name}`](#{preset.name}) | acc | {shown} | not measured | | | | |")
+        for e in entries:
+            target = published.get(e["figure"])
+            shown = "—" if e["figure"] not in published else "not read" if target is None else f"{target:.2f}"
+            gap = "" if target is None else f"{e['value'] - target:+.2f}"
+            source = "clsim" if e["source"] == "clsim" else "authors' code"
+            out.append(f"| [`{preset.name}`](#{preset.name}) | {e['figure']} | {shown} | {_figure(e)} | {source} "
+                       f"| {_cell(e['budget'])} | {_seeds(e['seeds'])} | {gap} |")
+    out += ["", "## Each preset", ""]
+    for preset in presets:
+        out += [f"### {preset.name} {{#{preset.name}}}", "", f"{preset.paper}: {preset.table}. Published: "
+                + ("not read" if preset.published is None else f"{preset.published:g}")
+                + ("" if preset.published_task_il is None else f" (Task-IL {preset.published_task_il:g})")
+                + ".", ""]
+        if preset.note:
+            out += [f"Preset note: {preset.note.strip()}", ""]
+        for e in results.get(preset.name, []):
+            note = f" {e['note'].strip()}" if e.get("note") else ""
+            out += [f"- **{_figure(e)}** ({e['figure']}, {e['source']}, budget {e['budget']}, seeds "
+                    f"{_seeds(e['seeds'])}; {e['machine']}, {e['date']}): `{e['command']}`.{note}"]
+        out.append("")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------- command line
+
+def _options_table(cls, defaults: dict | None = None) -> list[str]:
+    from clsim import config
+
+    rows = ["| flag | default | description |", "|---|---|---|"]
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = (defaults or {}).get(f.name, "—" if default is None else repr(default) if default == "" else default)
+        choices = f.metadata.get("choices")
+        help_text = f.metadata.get("help", "") + (f" One of: {', '.join(map(str, choices))}." if choices else "")
+        rows.append(f"| `{config.flag(f.name)}` | {_cell(shown)} | {_cell(help_text)} |")
+    return rows
+
+
+def _help(argv: list[str]) -> str:
+    """The --help text a command prints (its parser is the source of truth)."""
+    from clsim import commands
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
+        commands.main(argv)
+    return buffer.getvalue().rstrip()
+
+
+def cli_page() -> str:
+    """Every option of every party, generated from the options dataclasses (the same fields that
+    make the flags, YAML keys and Python keyword arguments), then the subcommands' help."""
+    from clsim.experiment import Experiment
+    from clsim.registry import LOGGERS, MECHANISMS, SCENARIOS, STRATEGIES
+
+    out = []
+    groups = Experiment().option_groups()
+    for title in ("run options", "training protocol", "privacy audit"):
+        out += ["", f"## {title.capitalize()}", "", *_options_table(groups[title])]
+    for kind, registry in (("Scenario", SCENARIOS), ("Strategy", STRATEGIES),
+                           ("Privacy mechanism", MECHANISMS), ("Logger", LOGGERS)):
+        out += ["", f"## {kind} options"]
+        for entry in registry.entries():
+            out += ["", f"### {entry.name}", "", entry.description, ""]
+            fields = dataclasses.fields(entry.options) if dataclasses.is_dataclass(entry.options) else ()
+            out += _options_table(entry.options) if fields else ["No options of its own."]
+    for sub in ("sweep", "report"):
+        out += ["", f"## clsim {sub}", "", "```text", _help([sub, "--help"]), "```"]
+    return "\n".join(out)
+
+
+def strategy_capabilities() -> str:
+    from clsim.cli import strategy_table
+
+    return strategy_table()
+
+
+GENERATORS = {"cli": cli_page, "reproduction": reproduction_page,
+              "strategy-capabilities": strategy_capabilities}
+MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.M)
+
+
+def expand(markdown: str) -> str:
+    """The page with every `<!-- generated: NAME -->` line replaced by its content."""
+    return MARKER.sub(lambda m: GENERATORS[m.group(1)](), markdown)
+
+
+# ---------------------------------------------------------------- MkDocs events
+
+def _named(nav) -> set[str]:
+    if isinstance(nav, str):
+        return {nav}
+    items = nav.values() if isinstance(nav, dict) else nav
+    return set().union(*(_named(item) for item in items)) if items else set()
+
+
+def on_config(config):
+    docs = Path(config["docs_dir"])
+    named = _named(config["nav"] or [])
+    extra = sorted(str(p.relative_to(docs)) for p in docs.rglob("*.md") if str(p.relative_to(docs)) not in named)
+    if extra and config["nav"] is not None:
+        config["nav"].append({"More": extra})
+    return config
+
+
+def on_page_markdown(markdown, page, config, files):
+    return expand(markdown)
+

@@ -1,0 +1,130 @@
+"""The documentation runs as printed: every code block of README.md and docs/*.md, each in a scratch
+directory (python blocks executed, bash blocks run by bash, yaml blocks parsed), unless preceded by
+`<!-- skip: reason -->`; `<!-- slow: reason -->` marks a block for the slow tier. Blocks marked
+`text`, or with no language, are listings, not code. Also: the generated pages build, the worked
+strategy example is the shipped file, docs/results.yaml is well-formed, and the site builds with
+warnings as errors."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
+BLOCK = re.compile(r"(?:^<!-- (skip|slow): ([^\n]*?) -->\n)?^```([\w-]*)[^\n]*\n(.*?)^```$", re.M | re.S)
+RUN = {"python", "bash", "sh", "shell", "yaml"}
+BASH = {"bash", "sh", "shell"}
+
+
+def hooks():
+    spec = importlib.util.spec_from_file_location("mkdocs_hooks", REPO / "mkdocs_hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def blocks():
+    """(page, line, language, code, marker, reason) for every fenced block of every page."""
+    for page in PAGES:
+        text = page.read_text()
+        for m in BLOCK.finditer(text):
+            line = text.count("\n", 0, m.start(3) if m.group(1) is None else m.start()) + 1
+            yield page, line, m.group(3), m.group(4), m.group(1), m.group(2)
+
+
+def runnable():
+    params = []
+    for page, line, language, code, marker, reason in blocks():
+        if language not in RUN or marker == "skip":
+            continue
+        marks = [pytest.mark.slow] if marker == "slow" else []
+        params.append(pytest.param(page, language, code, marks=marks, id=f"{page.relative_to(REPO)}:{line}"))
+    return params
+
+
+def test_every_skip_says_why_and_precedes_a_block():
+    for page in PAGES:
+        for m in re.finditer(r"^<!-- (skip|slow):(.*?)-->\n(.?.?.?)", page.read_text(), re.M):
+            assert m.group(2).strip(), f"{page.name}: a {m.group(1)} marker without a reason"
+            assert m.group(3) == "```", f"{page.name}: '<!-- {m.group(1)}: ... -->' must be right above a code block"
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """A directory like a clone's top (run_scenario.py, sweeps/, examples/) whose runs/ is scratch."""
+    for name in ("run_scenario.py", "sweeps", "examples", "bench", "strategies"):
+        if (REPO / name).exists():
+            (tmp_path / name).symlink_to(REPO / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize("page,language,code", runnable())
+def test_code_block_runs_as_printed(page, language, code, scratch):
+    if language == "yaml":
+        assert yaml.safe_load(code) is not None
+    elif language == "python":
+        exec(compile(code, str(page), "exec"), {"__name__": "__docs__"})
+    else:
+        bindir = str(Path(sys.executable).parent)   # `python` and `clsim` of this environment
+        env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(["bash", "-euo", "pipefail", "-c", code], cwd=scratch, env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, f"{page.name} block failed ({proc.returncode}):\n{code}\n{proc.stderr[-3000:]}"
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_the_worked_strategy_is_the_shipped_file():
+    code = re.search(r"```python\n(# strategies/l2\.py\n.*?)```", (REPO / "docs" / "extending.md").read_text(), re.S)
+    assert code.group(1) == (REPO / "strategies" / "l2.py").read_text()
+
+
+def test_readme_is_short_and_keeps_the_set_up_commands_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 250
+    ci = (REPO / ".ci" / "run").read_text()
+    test_command = re.search(r'^pip install .*"\.\[dev\]".*$', readme, re.M).group(0)
+    assert test_command in ci, "the README's test command must be what .ci/run runs"
+
+
+def test_results_are_well_formed_and_name_shipped_presets():
+    results = hooks().load_results()
+    assert results, "docs/results.yaml holds no measurement"
+    for name, entries in results.items():
+        for e in entries:
+            assert e["seeds"] and all(isinstance(s, int) for s in e["seeds"]), name
+
+
+def test_generated_pages_hold_every_preset_option_and_measurement():
+    from clsim.presets import all_presets
+    from clsim.registry import STRATEGIES
+
+    h = hooks()
+    page = h.reproduction_page()
+    for name in all_presets():
+        assert f"### {name} {{#{name}}}" in page
+    first = next(iter(h.load_results().values()))[0]
+    assert first["command"] in page
+    cli = h.cli_page()
+    for flag in ("--seed", "--epsilon", "--ewc-lambda", "--lr-schedule", "--audit"):
+        assert f"`{flag}`" in cli, flag
+    assert "usage: clsim sweep" in cli and "usage: clsim report" in cli
+    assert all(f"### {name}" in cli for name in STRATEGIES.names())
+    assert h.expand("a\n<!-- generated: strategy-capabilities -->\nb").count("| `ewc` |") == 1
+
+
+@pytest.mark.slow
+def test_site_builds_with_warnings_as_errors(tmp_path):
+    pytest.importorskip("mkdocs", reason="the docs extra (pip install -e '.[docs]') builds the site")
+    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert (tmp_path / "site" / "reproducing" / "index.html").is_file()
+    assert "vdv-splitmnist-task-ewc" in (tmp_path / "site" / "reproducing" / "index.html").read_text()
