@@ -1,6 +1,7 @@
 """The engine loop: streams a scenario's tasks through a strategy and emits records."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import random
@@ -286,26 +287,61 @@ def snapshot(parts: Parts, progress: Progress, optimizer: torch.optim.Optimizer 
                     "python": random.getstate(), "learner": parts.learner.generator.get_state()}}
 
 
+def _rows(rows, n: int) -> bool:
+    """`rows` is a list of score rows of `n` tasks each."""
+    return isinstance(rows, list) and all(isinstance(r, list) and len(r) == n and
+                                          all(isinstance(v, (int, float)) for v in r) for r in rows)
+
+
+@contextlib.contextmanager
+def checkpoint_fields():
+    """Reading a checkpoint being resumed. Its identity matched this run (clsim/rundir.py), so a
+    field that is missing or does not fit means the file was damaged or edited: one line."""
+    try:
+        yield
+    except KeyError as exc:
+        raise UserError(f"the checkpoint lacks {exc} (it was damaged or edited); start the run again") from None
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        why = " ".join(str(exc).split())[:200]
+        raise UserError(f"the checkpoint does not fit this run ({type(exc).__name__}: {why}); it was damaged "
+                        f"or edited: start the run again") from None
+
+
 def restore(state: dict, parts: Parts, optimizer: torch.optim.Optimizer | None = None) -> Progress:
     """Put `snapshot`'s state back into the parts (and `optimizer`); returns the progress."""
     if "progress" not in state:
         raise UserError("this checkpoint was written by an older clsim (no progress record); start the run again")
-    if optimizer is not None:
-        if "optimizer" not in state:
-            raise UserError("this checkpoint holds no optimizer state, which --optimizer-reset false needs; "
-                            "resume it with the options it was written with")
-        optimizer.load_state_dict(state["optimizer"])
-    parts.learner.model.load_state_dict(state["model"])
-    parts.learner.load_state_dict(state["learner"])
-    parts.strategy.load_state_dict(state["strategy"])
-    parts.ledger.load_state_dict(state["ledger"])
-    rng = state["rng"]
-    torch.set_rng_state(rng["torch"])
-    name, keys, pos, has_gauss, cached = rng["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(rng["python"])
-    parts.learner.generator.set_state(rng["learner"])
-    return Progress(**state["progress"])
+    if optimizer is not None and "optimizer" not in state:
+        raise UserError("this checkpoint holds no optimizer state, which --optimizer-reset false needs; "
+                        "resume it with the options it was written with")
+    with checkpoint_fields():
+        missing = {f.name for f in dataclasses.fields(Progress)} - set(state["progress"])
+        if missing:   # Progress's defaults are for a start, not for a checkpoint that lost a figure
+            raise KeyError(f"progress.{sorted(missing)[0]}")
+        progress = Progress(**state["progress"])
+        n = len(parts.scenario.tasks)
+        if not (_rows(progress.matrix, n) and len(progress.matrix) <= n and _rows([progress.initial], n)
+                and isinstance(progress.step, int) and isinstance(progress.examples, int)
+                and isinstance(progress.elapsed, float)):
+            raise TypeError(f"its progress is not that of a run of {n} tasks")
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        parts.learner.model.load_state_dict(state["model"])
+        bad = next((name for name, p in parts.learner.model.named_parameters() if not p.detach().isfinite().all()),
+                   None)
+        if bad is not None:   # training stops before a checkpoint could hold them: the file was changed
+            raise UserError(f"the checkpoint holds non-finite weights ({bad}); it was damaged or edited: "
+                            f"start the run again")
+        parts.learner.load_state_dict(state["learner"])
+        parts.strategy.load_state_dict(state["strategy"])
+        parts.ledger.load_state_dict(state["ledger"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        name, keys, pos, has_gauss, cached = rng["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+        random.setstate(rng["python"])
+        parts.learner.generator.set_state(rng["learner"])
+    return progress
 
 
 def memory(learner, strategy) -> dict:

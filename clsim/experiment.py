@@ -21,6 +21,8 @@ builds, trains through clsim.engine and writes the run directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import os
 import platform
 import random
@@ -388,13 +390,16 @@ class Experiment:
                 run.out, f"{self.scenario_name}-{self.strategy_name}-{parts.scenario.setting}-seed{run.seed}")
         else:
             directory = rundir.RunDirectory.reopen(resume_dir)
+        config = to_json({**parts.hparams, "argv": self.as_argv(), "run": dataclasses.asdict(run),
+                          "audit": dataclasses.asdict(self.audit_options), "versions": versions(),
+                          "scenario_info": parts.scenario.info})
         with directory.guard():
-            state = directory.load_checkpoint() if directory.resumed else None
-            parts.loggers = self.make_loggers(parts, directory.path, None if state is None else state["progress"]["step"])
+            state = directory.load_checkpoint(config) if directory.resumed else None
+            with engine.checkpoint_fields():
+                resume_step = None if state is None else state["progress"]["step"]
+            parts.loggers = self.make_loggers(parts, directory.path, resume_step)
             if state is None:
-                directory.write_config(to_json({
-                    **parts.hparams, "argv": self.as_argv(), "run": dataclasses.asdict(run),
-                    "versions": versions(), "scenario_info": parts.scenario.info}))
+                directory.write_config(config)
             summary = self._train(parts, directory, state)
             final = directory.finish(to_json(summary))
         return Result(summary, final, np.asarray(summary["accuracy_matrix"], dtype=float))
@@ -464,9 +469,11 @@ def torch_device(name: str) -> torch.device:
 
 
 def versions() -> dict:
+    """What the figures depend on besides the options: library versions and a digest of clsim's
+    own source (its version string does not change with every edit of a clone)."""
     import clsim
     out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-           "clsim": clsim.__version__}
+           "clsim": clsim.__version__, "clsim_source": source_digest()}
     for pkg in ("opacus", "gymnasium", "avalanche-lib"):
         try:
             from importlib.metadata import version
@@ -474,3 +481,20 @@ def versions() -> dict:
         except Exception:
             pass
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def source_digest() -> str:
+    """sha256 (first 16 hex digits) of the .py files of clsim and its scenarios and strategies."""
+    import clsim
+    import clsim.scenarios
+    import clsim.strategies
+    digest = hashlib.sha256()
+    for package in (clsim, clsim.scenarios, clsim.strategies):
+        root = Path(package.__path__[0])
+        for path in sorted(root.rglob("*.py")):
+            if package is clsim and path.relative_to(root).parts[0] in ("scenarios", "strategies"):
+                continue   # a checkout may link them inside clsim/; each file is read once
+            digest.update(f"{package.__name__}/{path.relative_to(root)}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]

@@ -153,6 +153,7 @@ class RunDirectory:
         self.root, self.final_name, self._fd, self.resumed = root, final_name, fd, resumed
         self.path = root / f".{final_name}.partial"
         self.tasks_done = 0
+        self.config: str | None = None   # the run's identity as JSON text, recorded in every checkpoint
 
     @classmethod
     def claim(cls, out: str, name: str) -> RunDirectory:
@@ -184,13 +185,18 @@ class RunDirectory:
 
     # --- files ------------------------------------------------------------------------------
     def saved_argv(self) -> list[str]:
-        try:
-            return json.loads((self.path / CONFIG).read_text())["argv"]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UserError(f"{self.path} holds no readable {CONFIG}; start the run again") from None
+        """The flags the run started with, as its checkpoint records them (config.json is a copy
+        for people; `load_checkpoint` refuses a run whose copy was edited)."""
+        argv = _recorded_config(_load(self.path / CHECKPOINT), self.path / CHECKPOINT)["argv"]
+        if not argv:
+            raise UserError(f"{self.path} was started from Python with objects that have no flags; resume it "
+                            f"there: Experiment(<the same arguments>).run(resume_dir=...)")
+        return argv
 
     def write_config(self, config: dict) -> None:
-        _write_atomic(self.path / CONFIG, json.dumps(config, indent=2).encode())
+        """config.json, and the run's identity every checkpoint records (`load_checkpoint` compares)."""
+        self.config = json.dumps(config, indent=2)
+        _write_atomic(self.path / CONFIG, self.config.encode())
 
     def task_finished(self, state: dict | None, logger_files: dict[str, int] | None = None) -> None:
         """The engine's checkpoint callback: after every task, with the state to continue from
@@ -204,13 +210,31 @@ class RunDirectory:
             with open(self.path / name, "rb") as f:
                 os.fsync(f.fileno())
         buffer = io.BytesIO()
-        torch.save({**state, "logger_files": files}, buffer)
+        torch.save({**state, "logger_files": files, "config": self.config}, buffer)
         _write_atomic(self.path / CHECKPOINT, buffer.getbuffer())
 
-    def load_checkpoint(self) -> dict:
-        """The checkpoint to resume from; the loggers' files are cut back to the records it covers
-        (files it does not know, written after it, are removed)."""
+    def load_checkpoint(self, config: dict) -> dict:
+        """The checkpoint to resume from, when it is this run's: the configuration it records must
+        equal config.json (an edit would otherwise be ignored, then copied into the finished run),
+        and its identity (resolved options, seed, code and library versions, data; not the
+        OBSERVERS) that of `config`, the experiment rebuilt now. The loggers' files are cut back to the records it
+        covers (files it does not know, written after it, are removed)."""
         state = _load(self.path / CHECKPOINT)
+        recorded = _recorded_config(state, self.path / CHECKPOINT)
+        try:
+            on_disk = json.loads((self.path / CONFIG).read_text())
+        except (OSError, ValueError):
+            raise UserError(f"{self.path} holds no readable {CONFIG} (it was removed or damaged); restore it "
+                            f"or start the run again") from None
+        edit = difference(recorded, on_disk)
+        if edit:
+            raise UserError(f"{self.path / CONFIG} was changed after the run started ({edit}); a run resumes "
+                            f"only as it started: undo the change, or start a new run with the options you want")
+        changed = difference(_identity(recorded), _identity(json.loads(json.dumps(config))))
+        if changed:
+            raise UserError(f"{self.path} cannot be resumed by this code with these options ({changed}); "
+                            f"resume it with the clsim and libraries it started with, or start it again")
+        self.config = state.pop("config")
         files = state.pop("logger_files", None)
         if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in files.items()):
             raise UserError(f"{self.path / CHECKPOINT} is not a clsim checkpoint (no logger file sizes); "
@@ -304,6 +328,47 @@ def _load(path: Path) -> dict:
         raise UserError(f"{path} is not a clsim checkpoint (it holds a {type(state).__name__}, not a dict); "
                         f"start the run again")
     return state
+
+
+def _recorded_config(state: dict, path: Path) -> dict:
+    try:
+        config = json.loads(state["config"])
+        if isinstance(config, dict) and isinstance(config.get("argv"), list):
+            return config
+    except (KeyError, TypeError, ValueError):
+        pass
+    raise UserError(f"{path} records no run configuration (it was written by an older clsim, or damaged); "
+                    f"start the run again")
+
+
+#: what config.json records that does not change the figures: how the run was asked for (its
+#: resolved options are compared), where it writes and who watches it
+OBSERVERS = {"argv": None, "run": ("loggers", "progress", "out")}
+
+
+def _identity(config: dict) -> dict:
+    """A run's configuration less its OBSERVERS: what a resumed run must share with its checkpoint."""
+    out = {k: v for k, v in config.items() if k not in OBSERVERS or OBSERVERS[k]}
+    for key, dropped in OBSERVERS.items():
+        if dropped and isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items() if k not in dropped}
+    return out
+
+
+def difference(then, now, where: str = "") -> str | None:
+    """The first place two JSON values differ, as 'key: then -> now' (None when equal)."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        for key in sorted(set(then) | set(now), key=str):
+            if key not in now or key not in then:
+                return f"{where}{key}: {'absent' if key not in then else repr(then[key])} when it started, " \
+                       f"{'absent' if key not in now else repr(now[key])} now"
+            found = difference(then[key], now[key], f"{where}{key}.")
+            if found:
+                return found
+        return None
+    if then != now or type(then) is not type(now):
+        return f"{where.rstrip('.') or 'value'}: {then!r} when it started, {now!r} now"
+    return None
 
 
 def _note_interrupted(partial: Path) -> None:

@@ -566,3 +566,114 @@ def test_fsync_dir_passes_over_directories_that_cannot_be_fsynced():
         os.close(fd)
     assert refused.value.errno == errno.EINVAL
     rundir.fsync_dir(Path("/proc"))   # ... which is no failure of the run
+
+
+# ------------------------------------------------------------------ resume only what the checkpoint is
+
+SMALL = ["--n-tasks", "2", "--epochs", "1", "--hidden", "20", "--loggers", "jsonl", "--progress", "false"]
+SMALL_NAME = "split_digits-naive-class_il-seed0"
+
+
+@pytest.fixture(scope="module")
+def finished_small(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("small")
+    assert cli.main([*SMALL, "--out", str(out)]) == 0
+    return out / SMALL_NAME
+
+
+@pytest.fixture
+def partial(finished_small, tmp_path) -> Path:
+    """A copy of a finished run as an interrupted one (its checkpoint, config and log, hidden)."""
+    import shutil
+    partial = tmp_path / f".{SMALL_NAME}.partial"
+    shutil.copytree(finished_small, partial)
+    (partial / "summary.json").unlink()
+    return partial
+
+
+def refused_resume(partial: Path, capsys, *expected: str) -> None:
+    """`--resume` exits 2 with one line and changes nothing in the directory."""
+    before = {p.name: p.read_bytes() for p in partial.iterdir()}
+    assert cli.main(["--resume", str(partial)]) == 2
+    one_line_error(capsys.readouterr().err, *expected)
+    assert {p.name: p.read_bytes() for p in partial.iterdir()} == before
+
+
+@pytest.mark.parametrize("key,value,shown", [
+    ("strategy", "ewc", "strategy: 'naive' when it started, 'ewc' now"),
+    ("hidden", 400, "hidden: 20 when it started, 400 now"),
+    ("lr", 0.5, "lr: 0.05 when it started, 0.5 now"),
+    ("seed", 5, "seed: 0 when it started, 5 now"),
+    ("argv", ["--epochs", "2"], "argv: "),   # would have trained tasks 1.. at 2 epochs, task 0 at 1
+    ("scenario_info", {}, "scenario_info.test_size: 539 when it started, absent now"),
+])
+def test_an_edited_config_json_is_refused_not_ignored_or_copied(partial, capsys, key, value, shown):
+    config = json.loads((partial / "config.json").read_text())
+    original = config[key]
+    config[key] = [*original, *value] if key == "argv" else value
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    refused_resume(partial, capsys, f"{partial / 'config.json'} was changed after the run started ({shown}",
+                   "undo the change, or start a new run")
+    config[key] = original   # undone: the run resumes, and its config.json is the one it started with
+    (partial / "config.json").write_text(json.dumps(config, indent=2))
+    assert cli.main(["--resume", str(partial)]) == 0
+    finished = partial.parent / SMALL_NAME
+    assert json.loads((finished / "config.json").read_text()) == config
+    assert json.loads((finished / "summary.json").read_text())["strategy"] == config["strategy"]
+
+
+def test_an_edited_argv_seed_cannot_relabel_the_figures(partial, capsys):
+    """The run resumes with the checkpoint's own flags; an edited config.json is refused, so a
+    summary can never say seed 5 over seed 0's figures."""
+    config = json.loads((partial / "config.json").read_text())
+    config["argv"] += ["--seed", "5"]
+    (partial / "config.json").write_text(json.dumps(config))
+    refused_resume(partial, capsys, "was changed after the run started (argv:")
+
+
+def rewrite_checkpoint(partial: Path, change) -> None:
+    state = torch.load(partial / "checkpoint.pt", weights_only=True)
+    change(state)
+    torch.save(state, partial / "checkpoint.pt")
+
+
+def _nan_weight(state):
+    state["model"][next(iter(state["model"]))][0] = float("nan")
+
+
+def _wider(state):
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.zeros(3, *state["model"][name].shape)
+
+
+@pytest.mark.parametrize("change,expected", [
+    (lambda s: s.pop("rng"), "the checkpoint lacks 'rng' (it was damaged or edited); start the run again"),
+    (lambda s: s.pop("model"), "the checkpoint lacks 'model'"),
+    (lambda s: s["rng"].pop("learner"), "the checkpoint lacks 'learner'"),
+    (lambda s: s["progress"].update(matrix="x"), "the checkpoint does not fit this run (TypeError: its progress"),
+    (lambda s: s["progress"].pop("step"), "the checkpoint lacks 'progress.step'"),
+    (lambda s: s["progress"].update(extra=1), "the checkpoint does not fit this run (TypeError"),
+    (_wider, "the checkpoint does not fit this run (RuntimeError: Error(s) in loading state_dict"),
+    (_nan_weight, "the checkpoint holds non-finite weights (backbone.body.1.weight); it was damaged or edited"),
+    (lambda s: s.pop("config"), "records no run configuration (it was written by an older clsim, or damaged)"),
+])
+def test_a_damaged_checkpoint_is_one_line_not_a_traceback_or_a_nan_loss(partial, capsys, change, expected):
+    rewrite_checkpoint(partial, change)
+    refused_resume(partial, capsys, expected)
+
+
+def test_a_run_is_not_resumed_by_other_code_or_other_options(partial, monkeypatch):
+    from clsim import experiment
+    options = dict(n_tasks=2, epochs=1, hidden=20, loggers="jsonl", progress=False, out=str(partial.parent))
+    with pytest.raises(UserError, match=re.escape("cannot be resumed by this code with these options (lr: 0.05 "
+                                                  "when it started, 0.1 now)")):
+        Experiment(**options, lr=0.1).run(resume_dir=partial)
+    with pytest.raises(UserError, match="cannot be resumed by this code with these options .audit.audit: None"):
+        Experiment(**options, audit="mia").run(resume_dir=partial)
+    monkeypatch.setattr(experiment, "source_digest", lambda: "0123456789abcdef")   # clsim edited meanwhile
+    with pytest.raises(UserError, match=r"\(versions.clsim_source: '[0-9a-f]{16}' when it started, "
+                                        r"'0123456789abcdef' now\); resume it with the clsim"):
+        Experiment(**options).run(resume_dir=partial)
+    monkeypatch.undo()
+    # who watches a run is no part of it: other loggers, progress and out resume it
+    assert Experiment(**{**options, "loggers": "jsonl,csv", "progress": True}).run(resume_dir=partial).acc >= 0
