@@ -317,7 +317,7 @@ def restore(state: dict, parts: Parts, optimizer: torch.optim.Optimizer | None =
     with checkpoint_fields():
         missing = {f.name for f in dataclasses.fields(Progress)} - set(state["progress"])
         if missing:   # Progress's defaults are for a start, not for a checkpoint that lost a figure
-            raise KeyError(f"progress.{sorted(missing)[0]}")
+            raise KeyError(sorted(missing)[0])
         progress = Progress(**state["progress"])
         n = len(parts.scenario.tasks)
         if not (_rows(progress.matrix, n) and len(progress.matrix) <= n and _rows([progress.initial], n)

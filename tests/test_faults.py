@@ -651,7 +651,7 @@ def _wider(state):
     (lambda s: s.pop("model"), "the checkpoint lacks 'model'"),
     (lambda s: s["rng"].pop("learner"), "the checkpoint lacks 'learner'"),
     (lambda s: s["progress"].update(matrix="x"), "the checkpoint does not fit this run (TypeError: its progress"),
-    (lambda s: s["progress"].pop("step"), "the checkpoint lacks 'progress.step'"),
+    (lambda s: s["progress"].pop("step"), "the checkpoint lacks 'step'"),
     (lambda s: s["progress"].update(extra=1), "the checkpoint does not fit this run (TypeError"),
     (_wider, "the checkpoint does not fit this run (RuntimeError: Error(s) in loading state_dict"),
     (_nan_weight, "the checkpoint holds non-finite weights (backbone.body.1.weight); it was damaged or edited"),
