@@ -347,8 +347,7 @@ class Experiment:
             self.mechanism_entry.target(self.mechanism_options) if self.mechanism_entry else Mechanism()
         ledger = Ledger(**mechanism.ledger_options())
         speed_options(learner, run, mechanism)
-        mechanism.model_forwards = strategy.model_forwards
-        mechanism.check(learner, scenario, epochs, strategy.fisher_releases)
+        mechanism.check(learner, scenario, epochs, strategy.fisher_releases, model_forwards=strategy.model_forwards)
         mechanism.attach(learner)
         engine.setup(scenario, strategy, learner, mechanism, ledger, epochs)
         hparams = {"scenario": scenario.name, "strategy": self.strategy_name, "setting": scenario.setting,

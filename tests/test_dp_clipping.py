@@ -181,24 +181,19 @@ def test_several_forwards_give_each_row_the_sum_of_its_examples_gradients():
     only the buffer reached included (padded with zero rows)."""
     import copy
 
-    from opacus import GradSampleModule
-    from opacus.optimizers import DPOptimizer
+    from clsim.privacy.clipping import Hooks
     torch.manual_seed(0)
     trunk = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.Tanh())
     trunk.out_features = 8
     model = MultiHeadNet(trunk, [3, 3])
     plain = copy.deepcopy(model)
-    GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    clipper = Hooks(model, max_grad_norm=1.0, forwards=2)
     x_now, y_now, t_now = torch.randn(5, 1, 8, 8), torch.randint(0, 3, (5,)), torch.ones(5, dtype=torch.long)
     x_old, y_old, t_old = torch.randn(3, 1, 8, 8), torch.randint(0, 3, (3,)), torch.tensor([0, 1, 0])
     ce = nn.functional.cross_entropy
     losses = torch.cat([ce(model(x_now, t_now), y_now, reduction="none"),
                         ce(model(x_old, t_old), y_old, reduction="none")])
-    mechanism = DPSGD(config.build(DPSGD.Options, {}))
-    mechanism.model_forwards = 2
-    mechanism.optimizer = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
-                                      max_grad_norm=1.0, expected_batch_size=5)
-    active = mechanism.per_example_grads(losses)
+    active = clipper.clipped_sum(losses, None, list(model.parameters()))
     assert {len(p.grad_sample) for p in active} == {5}
     for i in range(5):
         loss = ce(plain(x_now[i:i + 1], t_now[i:i + 1]), y_now[i:i + 1])
@@ -237,4 +232,4 @@ def test_bk_leaves_torch_func_transforms_of_the_model_alone():
     params = {n: p.detach() for n, p in learner.model.named_parameters()}
     norm = lambda p, x: functional_call(learner.model, p, (x[None], 0)).square().sum()  # noqa: E731
     g = vmap(grad(norm), in_dims=(None, 0))(params, scenario.tasks[0].train.x[:5])
-    assert g["backbone.0.weight"].shape[0] == 5 and not mechanism.book.calls
+    assert g["backbone.0.weight"].shape[0] == 5 and not mechanism.clipper.calls

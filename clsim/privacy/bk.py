@@ -28,11 +28,14 @@ not be modified in place (the same rule as Opacus's backward hooks).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from clsim.errors import UserError
 from clsim.fisher import conv_patches, layer_rows, supported_layer
+from clsim.privacy.clipping import Clipper
 
 COVERED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 CHUNK = 32      # examples whose per-layer norms or rows are formed together
@@ -133,14 +136,18 @@ def _ghost_cheaper(layer: nn.Module, a: torch.Tensor, calls: int) -> bool:
     return False
 
 
-class BookKeeping:
+class BookKeeping(Clipper):
     """The trainable layers' taps on a model, and the clipped sum of one batch's gradients."""
 
-    def __init__(self, layers: dict[nn.Module, list[tuple[str, nn.Parameter]]]):
+    name = "bk"
+
+    def __init__(self, layers: dict[nn.Module, list[tuple[str, nn.Parameter]]], max_grad_norm: float):
+        super().__init__(max_grad_norm)
         self.layers = layers
         self.calls: list[_Call] = []
         self.probe = None
         self.handles = []
+        self.attach()
 
     def attach(self) -> None:
         self.handles = [m.register_forward_hook(self._record) for m in self.layers]
@@ -154,6 +161,15 @@ class BookKeeping:
             h.remove()
         self.handles, self.calls = [], []
 
+    @contextmanager
+    def lifted(self):
+        """Taps off meanwhile (they would keep, say, the DP-Fisher's forwards for a step)."""
+        self.detach()
+        try:
+            yield
+        finally:
+            self.attach()
+
     def _record(self, module, inputs, output):
         """Tap a training forward's layer output (forwards without gradients, and torch.func's,
         e.g. MAS's importances, are left alone)."""
@@ -166,7 +182,7 @@ class BookKeeping:
         self.calls.append(call)
         return _Tap.apply(output, self.probe, call.take)
 
-    def clipped_sum(self, losses: torch.Tensor, max_grad_norm: float) -> set[nn.Parameter]:
+    def clipped_sum(self, losses: torch.Tensor, batch=None, params=None) -> set[nn.Parameter]:
         """Leave Σ_i c_i ∇loss_i in p.grad of every parameter the batch reached and return
         those; the taps of this batch's forward are used up."""
         calls, self.calls = self.calls, []
@@ -196,7 +212,7 @@ class BookKeeping:
                 norm2 += call.norm2
         for r in rows.values():
             norm2 += torch.linalg.vector_norm(r.reshape(n, -1), dim=1).square()
-        coef = (max_grad_norm / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
+        coef = (self.max_grad_norm / (norm2.sqrt() + 1e-6)).clamp(max=1.0)
         for p, r in rows.items():
             p.grad = torch.tensordot(coef, r, 1)
         for p, call in ghosts.items():

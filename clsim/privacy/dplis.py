@@ -6,10 +6,9 @@ s = radius·lr·σ·C/B: `radius` times the std of the noise one DP-SGD step add
 perturbation would be B times that, e.g. a std of 1.5 per weight at lr 0.05, σ 1.5, radius 20,
 which wipes out the model instead of smoothing its loss.
 Example i's gradient is the mean over k of ∇θ ℓ(θ + u_k; x_i) (the paper allows the sum too; the
-mean keeps the scale of C comparable with DP-SGD). It is clipped once and handed to Opacus's
-DPOptimizer as p.grad_sample, so clipping, noise and accounting are exactly DP-SGD's with the
-same (q, σ, steps): the perturbations are data-independent, and each example still contributes
-one clipped vector.
+mean keeps the scale of C comparable with DP-SGD). It is clipped once (the `Smoothed` clipper),
+so noise and accounting are exactly DP-SGD's with the same (q, σ, steps): the perturbations are
+data-independent, and each example still contributes one clipped vector.
 
 The per-example gradients come from torch.func (functional_call + vmap(grad)), vectorised over
 examples and over chunks of the K copies (`dplis_k_chunk`); the sum over copies happens inside
@@ -25,6 +24,7 @@ from torch.func import functional_call, grad, vmap
 
 from clsim.config import opt
 from clsim.errors import UserError
+from clsim.privacy.clipping import Clipper, clip_rows, head_filtered
 from clsim.privacy.dpsgd import DPOptions, DPSGD
 from clsim.registry import register_mechanism
 
@@ -51,48 +51,42 @@ class _Loss(nn.Module):
         return self._forward(batch)[0]
 
 
-class DPlis(DPSGD):
-    """DPlis: DP-SGD on a smoothed loss, K parameter perturbations averaged per example."""
+class Smoothed(Clipper):
+    """Each example's gradient averaged over K perturbed copies of the parameters, then clipped
+    like Opacus's rows; the rows stay in p.grad_sample (one per example, never K)."""
 
-    name = "dplis"
-    Options = DPlisOptions
+    name = "smoothed"
 
-    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0) -> None:
-        if learner.privacy_unit != "example":
-            raise UserError(f"dplis smooths per-example losses; this scenario's privacy unit is the "
-                            f"{learner.privacy_unit}: use --privacy dpsgd")
-        super().check(learner, scenario, epochs, fisher_releases)
+    def __init__(self, learner, options: DPlisOptions, sigma: float, step_size, generator: torch.Generator):
+        super().__init__(options.max_grad_norm)
+        self.learner, self.options, self.sigma = learner, options, sigma
+        self.step_size = step_size          # () -> the optimizer's learning rate now
+        self.generator = generator
+        self.wrapper = _Loss(learner)       # no Opacus hooks: gradients come from torch.func
 
-    def prepare(self, learner) -> None:
-        self.wrapper = _Loss(learner)    # no Opacus hooks: gradients come from torch.func
-        if self.options.dp_clipping != "hooks":
-            self._log("--dp-clipping does not apply to dplis: its smoothed per-example gradients come "
-                      "from torch.func and are clipped one by one")
-
-    def per_example_grads(self, losses: torch.Tensor) -> set[nn.Parameter]:
-        batch = self._batch
+    def clipped_sum(self, losses, batch, params):
         if batch is None or len(batch.y) != len(losses):
             raise UserError("dplis re-evaluates the loss of the sampled batch at perturbed parameters; "
                             "strategies that change the batches or add data terms cannot use it")
-        tasks = set(batch.t.unique().tolist())
-        active = self.head_filtered(tasks)
-        free = {n: p for n, p in self.learner.model.named_parameters() if p in active}  # fixed order
+        model = self.learner.model
+        active = set(head_filtered(model, params, set(batch.t.unique().tolist())))
+        free = {n: p for n, p in model.named_parameters() if p in active}    # fixed order
         grads = self.smoothed_grads(batch, free)
         for n, p in free.items():
             p.grad_sample = grads[n]
+        clip_rows({p: p.grad_sample for p in params if p in active}, self.max_grad_norm)
         return active
 
     def smoothed_grads(self, batch, free: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
         """Per-example mean over K perturbations of ∇ℓ, for the `free` parameters; rows in batch order."""
         o, model = self.options, self.learner.model
-        lr = self.optimizer.param_groups[0]["lr"]
-        scale = o.dplis_radius * lr * self.sigma * o.max_grad_norm / self.learner.batch_size
+        scale = o.dplis_radius * self.step_size() * self.sigma * o.max_grad_norm / self.learner.batch_size
         theta = {n: p.detach() for n, p in free.items()}
         fixed = {f"model.{n}": t.detach() for n, t in list(model.named_parameters()) + list(model.named_buffers())
                  if n not in free}
         K = o.dplis_k
         # K draws for every parameter, shared across the batch (one stream, seeded from --seed).
-        perturb = {n: scale * torch.randn((K, *t.shape), generator=self.perturb_generator, device=t.device)
+        perturb = {n: scale * torch.randn((K, *t.shape), generator=self.generator, device=t.device)
                    for n, t in theta.items()}
         # The K dimension is summed inside the per-example gradient, so one gradient per example
         # is stored, never K. Vectorising copies costs their activations (and on CPU measured
@@ -126,6 +120,35 @@ class DPlis(DPSGD):
             return 1
         numel = sum(t.numel() for t in theta.values())   # one copy's per-example work ~ B x numel
         return max(1, min(self.options.dplis_k, (self.options.dplis_memory_mb << 20) // (4 * numel * batch_size)))
+
+
+class DPlis(DPSGD):
+    """DPlis: DP-SGD on a smoothed loss, K parameter perturbations averaged per example."""
+
+    name = "dplis"
+    Options = DPlisOptions
+
+    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0, model_forwards: int = 1) -> None:
+        if learner.privacy_unit != "example":
+            raise UserError(f"dplis smooths per-example losses; this scenario's privacy unit is the "
+                            f"{learner.privacy_unit}: use --privacy dpsgd")
+        super().check(learner, scenario, epochs, fisher_releases, model_forwards)
+
+    def make_clipper(self, learner) -> Clipper:
+        if self.options.dp_clipping != "hooks":
+            self._log("--dp-clipping does not apply to dplis: its smoothed per-example gradients come "
+                      "from torch.func and are clipped one by one")
+        self.perturb_generator = torch.Generator(learner.device)
+        return Smoothed(learner, self.options, self.sigma, lambda: self.optimizer.param_groups[0]["lr"],
+                        self.perturb_generator)
+
+    def setup(self, learner, scenario, ledger) -> None:
+        super().setup(learner, scenario, ledger)
+        self.perturb_generator.manual_seed(self.seed + 1)
+
+    def before_task(self, task, optimizer):
+        self.perturb_generator.manual_seed(self.seed + 2 * task.index + 1)
+        return super().before_task(task, optimizer)
 
 
 register_mechanism("dplis")(DPlis)

@@ -1,8 +1,10 @@
 """DP-SGD (Abadi et al. 2016) through Opacus, with a per-dataset ledger and a DP-Fisher.
 
 Per step: a Poisson batch (each example of the task kept with probability q = B/N), the
-per-example gradients of the data losses (Opacus's GradSampleModule), each clipped to norm C,
-summed, plus N(0, σ²C²), divided by B (Opacus's DPOptimizer). The strategy's data-independent
+per-example gradients of the data losses, each clipped to norm C and summed (a clipper of
+clsim/privacy/clipping.py), plus N(0, σ²C²), divided by B (Opacus's DPOptimizerFastGradientClipping,
+the one place noise is added). σ and δ: clsim/privacy/calibration.py; each release goes into the
+ledger (clsim/privacy/ledger.py) in `_release`. The strategy's data-independent
 penalty (EWC's) has its gradient added after the noise: post-processing, no privacy cost.
 All of that happens in `backward`, so gradient masks applied afterwards (after_backward) are
 post-processing too. Each step is one subsampled-Gaussian release on the task's dataset.
@@ -16,8 +18,6 @@ per epoch; only those are accounted.
 from __future__ import annotations
 
 import sys
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -26,16 +26,13 @@ from torch import nn
 from clsim.config import opt
 from clsim.errors import UserError
 from clsim.fisher import diagonal_fisher
-from clsim.privacy import accounting
-from clsim.privacy.bk import BookKeeping, bk_layers
+from clsim.privacy import clipping
+from clsim.privacy.calibration import DEFAULT_DELTA, DEFAULT_FISHER_NOISE, DEFAULT_NOISE, calibrate
+from clsim.privacy.clipping import Clipper, head_filtered
 from clsim.privacy.dp_fisher import dp_fisher
-from clsim.privacy.ledger import individual_groups
 from clsim.privacy.mechanism import Mechanism
 from clsim.registry import register_mechanism
 
-DEFAULT_DELTA = 1e-5
-DEFAULT_NOISE = 1.0
-DEFAULT_FISHER_NOISE = 10.0
 DEFAULT_FISHER_SHARE = 0.1
 DEFAULT_FISHER_CLIP = 1e-3
 
@@ -117,19 +114,26 @@ class DPSGD(Mechanism):
         self.sigma = self.options.noise_multiplier
         self.notes: list[str] = []
         self.optimizer = self.task = self._batch = None
-        self.clipping = "hooks"     # set by prepare(): hooks, ghost or bk
-        self.book = None            # bk's taps (clsim/privacy/bk.py)
+        self.clipper: Clipper | None = None      # made by attach()
+        self.model_forwards = 1
+
+    @property
+    def clipping(self) -> str:
+        """The clipper's name: hooks, ghost, bk (or dplis's smoothed)."""
+        return self.clipper.name if self.clipper is not None else ""
 
     # --- before anything runs -------------------------------------------------------------
-    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0) -> None:
-        """Validate the settings and choose σ (and σ_F) for the whole stream; changes nothing.
-        `fisher_releases`: DP-Fisher passes the strategy makes per task (its `fisher_releases`)."""
+    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0, model_forwards: int = 1) -> None:
+        """Validate the settings and choose σ (and σ_F) for the whole stream; changes nothing
+        but this mechanism. `fisher_releases`: DP-Fisher passes the strategy makes per task;
+        `model_forwards`: forwards of the model in one step (replay: 2; only hooks clip those)."""
         o = self.options
         if o.noise_multiplier is not None and o.epsilon is not None:
             raise UserError("give either --noise-multiplier or --epsilon, not both")
         if o.fisher_noise_multiplier is not None and o.epsilon is not None and fisher_releases:
             raise UserError("under --epsilon the DP-Fisher's noise follows --fisher-budget-share; "
                             "drop --fisher-noise-multiplier or give --noise-multiplier instead of --epsilon")
+        self.model_forwards = model_forwards
         self.plans = {t.dataset_id: learner.privacy_plan(t) for t in scenario.tasks}
         for dataset, plan in self.plans.items():
             if plan.sample_rate > 1:
@@ -139,103 +143,25 @@ class DPSGD(Mechanism):
                 self.notes.append(plan.note)
         self.sample_rate = {d: plan.sample_rate for d, plan in self.plans.items()}
         self.steps_per_epoch = {d: plan.releases_per_epoch for d, plan in self.plans.items()}
-        largest = max(plan.units for plan in self.plans.values())
-        if o.delta is None:
-            self.delta = min(DEFAULT_DELTA, 1.0 / (10 * largest))
-            rule = "1e-5" if self.delta == DEFAULT_DELTA else f"1/(10·N) with N={largest}"
-            self.notes.append(f"delta={self.delta:g} (default: {rule})")
-        else:
-            self.delta = o.delta
-            self.notes.append(f"delta={self.delta:g} (given)")
-        if self.delta >= 1.0 / largest:
-            raise UserError(f"--delta {self.delta:g} must be < 1/N = {1.0 / largest:.3g} (N = {largest}, the "
-                            f"largest task): δ ≥ 1/N allows releasing an example outright")
-        self.fisher_sigma = o.fisher_noise_multiplier or DEFAULT_FISHER_NOISE
-        if o.epsilon is not None:
-            self.calibrate(individual_groups(scenario.tasks), epochs, fisher_releases)
-        elif self.sigma is None:
-            self.sigma = DEFAULT_NOISE
-
-    def calibrate(self, groups, epochs: int, fisher_releases: int) -> None:
-        """σ_F so that the DP-Fisher releases alone cost --fisher-budget-share of ε for the worst
-        group of individuals (counted at sample rate 1: the Fisher's own rate is never higher),
-        then σ so that each group's training steps and Fisher releases together meet ε."""
-        o = self.options
-        fisher = fisher_releases if o.fisher_privacy == "dp" else 0
-        name = {g: f"{g.population} in {', '.join(g.tasks)}" for g in groups}
-        if fisher:
-            self.fisher_sigma = accounting.noise_for_target(
-                o.fisher_budget_share * o.epsilon, self.delta,
-                {name[g]: ([(1.0, fisher * len(g.tasks))], []) for g in groups}, o.accountant)
-        plan = {name[g]: ([(self.sample_rate[d], epochs * self.steps_per_epoch[d]) for d in g.tasks],
-                          [accounting.gaussian(1.0, self.fisher_sigma, fisher * len(g.tasks))] if fisher else [])
-                for g in groups}
-        self.sigma = accounting.noise_for_target(o.epsilon, self.delta, plan, o.accountant)
-        fisher_text = (f" and DP-Fisher noise_multiplier={self.fisher_sigma:.4g} ({fisher} release(s) per task, "
-                       f"{o.fisher_budget_share:g} of the budget)" if fisher else "")
-        self.notes.append(f"noise_multiplier={self.sigma:.4g}{fisher_text} chosen so that every individual "
-                          f"meets epsilon={o.epsilon:g} over {epochs} epoch(s) of every task that holds them")
+        noise = calibrate(o, self.plans, scenario.tasks, epochs, fisher_releases)
+        self.delta, self.sigma, self.fisher_sigma = noise.delta, noise.sigma, noise.fisher_sigma
+        self.notes.extend(noise.notes)
 
     def attach(self, learner) -> None:
-        """Make the model private-trainable: swap layers Opacus cannot handle, add its hooks."""
+        """Make the model private-trainable: swap layers Opacus cannot handle, attach the clipper."""
         learner.model = replace_unsupported_layers(learner.model, self._log).to(learner.device)
-        self.prepare(learner)
+        self.clipper = self.make_clipper(learner)
+
+    def make_clipper(self, learner) -> Clipper:
+        name, why = clipping.choose(self.options.dp_clipping, learner.model, learner.privacy_unit,
+                                    self.model_forwards)
+        self._log(f"--dp-clipping {name}: {why}")
+        return clipping.make(name, learner.model, self.options.max_grad_norm, learner.privacy_unit,
+                             self.model_forwards)
 
     def _log(self, line: str) -> None:
         print(f"privacy: {line}", file=sys.stderr)
         self.notes.append(line)
-
-    def prepare(self, learner) -> None:
-        """Attach Opacus's hooks: per-example norms (ghost) or per-example gradients (hooks), or
-        bk's taps on the layer outputs; DPlis computes its own instead."""
-        from opacus import GradSampleModule
-        from opacus.grad_sample import GradSampleModuleFastGradientClipping
-        self.clipping, why = self._clipping(learner)
-        self._log(f"--dp-clipping {self.clipping}: {why}")
-        if self.clipping == "bk":
-            self.book = BookKeeping(bk_layers(learner.model)[0])
-            self.book.attach()
-            return
-        try:
-            if self.clipping == "ghost":
-                self.sample_module = GradSampleModuleFastGradientClipping(
-                    learner.model, batch_first=True, loss_reduction="sum",
-                    max_grad_norm=self.options.max_grad_norm, use_ghost_clipping=True)
-            else:
-                self.sample_module = GradSampleModule(learner.model, batch_first=True, loss_reduction="sum")
-        except NotImplementedError as exc:
-            raise UserError(f"Opacus cannot make this model private: {exc}") from None
-
-    def _clipping(self, learner) -> tuple[str, str]:
-        """How to clip (hooks, ghost or bk), and why."""
-        from opacus.grad_sample import GradSampleModuleFastGradientClipping
-        asked = self.options.dp_clipping
-        if learner.privacy_unit != "example":
-            return "hooks", (f"the privacy unit is the {learner.privacy_unit}, whose rows' gradients are summed "
-                             f"before clipping, which needs them one by one")
-        forwards = getattr(self, "model_forwards", 1)
-        if forwards > 1:
-            if asked in ("ghost", "bk"):
-                raise UserError(f"--dp-clipping {asked} needs one forward of the model per step; this strategy "
-                                f"makes {forwards} (e.g. a replay buffer's): use --dp-clipping hooks or auto")
-            return "hooks", f"the strategy forwards the model {forwards} times a step, which ghost clipping cannot clip"
-        layers, uncovered = bk_layers(learner.model)
-        if asked == "bk" and layers is None:
-            raise UserError(f"--dp-clipping bk covers Linear, Conv2d and GroupNorm layers, not {uncovered}: "
-                            f"use --dp-clipping hooks or auto")
-        if asked != "auto":
-            return asked, "as asked"
-        if layers is not None:
-            return "bk", ("book-keeping covers every trained layer (one backward; bench/privacy_cost.py: "
-                          "about half the time of hooks on conv nets, faster than ghost on MLPs)")
-        others = sorted({type(m).__name__ for m in learner.model.modules()
-                         if any(p.requires_grad for p in m.parameters(recurse=False))
-                         and type(m) not in GradSampleModuleFastGradientClipping.NORM_SAMPLERS})
-        if others:
-            return "hooks", (f"book-keeping does not cover {uncovered} and Opacus has no ghost norms for "
-                             f"{', '.join(others)} (their per-layer per-example gradients plus a second "
-                             f"backward cost more than hooks)")
-        return "ghost", f"book-keeping does not cover {uncovered}; Opacus has ghost norms for every trained layer"
 
     def ledger_options(self) -> dict:
         return {"accountant": self.options.accountant}
@@ -251,21 +177,20 @@ class DPSGD(Mechanism):
         # and reseeded at every task, so a run resumed at a task boundary draws the same noise.
         self.seed = int(torch.randint(0, 2 ** 60, (1,), generator=learner.generator))
         self.noise_generator = torch.Generator(learner.device).manual_seed(self.seed)
-        self.perturb_generator = torch.Generator(learner.device).manual_seed(self.seed + 1)
 
     # --- one task ---------------------------------------------------------------------------
     def before_task(self, task, optimizer):
-        from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+        from opacus.optimizers import DPOptimizerFastGradientClipping
         self.task, self._released = task, 0
         if self.options.log_training_figures:
             self.ledger.raw(task.dataset_id, "training figures logged (--log-training-figures)")
         self.noise_generator.manual_seed(self.seed + 2 * task.index)
-        self.perturb_generator.manual_seed(self.seed + 2 * task.index + 1)
-        kind = DPOptimizer if self.clipping == "hooks" else DPOptimizerFastGradientClipping
-        self.optimizer = kind(optimizer, noise_multiplier=self.sigma,
-                                     max_grad_norm=self.options.max_grad_norm,
-                                     expected_batch_size=self.plans[task.dataset_id].expected_batch,
-                                     loss_reduction="mean", generator=self.noise_generator)
+        # The clippers leave the clipped sum in p.grad: this optimizer adds the noise and divides
+        # by the expected batch (it clips nothing itself).
+        self.optimizer = DPOptimizerFastGradientClipping(
+            optimizer, noise_multiplier=self.sigma, max_grad_norm=self.options.max_grad_norm,
+            expected_batch_size=self.plans[task.dataset_id].expected_batch, loss_reduction="mean",
+            generator=self.noise_generator)
         return self.optimizer
 
     def batches(self, task, epoch: int, subset):
@@ -304,17 +229,7 @@ class DPSGD(Mechanism):
             raise UserError(f"{self.name} needs one loss per example, but the strategy returned a "
                             f"{losses.dim()}-d loss; this strategy cannot train under --privacy")
         penalty_grads = self._penalty_grads(penalty)
-        if self.clipping == "bk":
-            active = self.book.clipped_sum(losses, self.options.max_grad_norm)
-        elif self.clipping == "ghost":
-            active = self.clipped_sum(losses)
-        else:
-            active = self.per_example_grads(losses)
-            if self.learner.privacy_unit != "example":
-                if self._batch is None or len(self._batch.index) != len(losses):
-                    raise UserError(f"the privacy unit here is the {self.learner.privacy_unit}: the strategy "
-                                    f"must keep the mechanism's batches as they are")
-                self._sum_rows_per_unit(active, self._batch.index)
+        active = self.clipper.clipped_sum(losses, self._batch, self.optimizer.params)
         self._release(active)
         self._add(penalty_grads)
 
@@ -323,13 +238,9 @@ class DPSGD(Mechanism):
         penalty's gradient (data-independent), like any other step."""
         penalty_grads = self._penalty_grads(penalty)
         active = self.head_filtered({self.task.index})
-        if self.book is not None:
-            self.book.forget()
+        self.clipper.forget()
         for p in active:
-            if self.clipping != "hooks":
-                p.grad = torch.zeros_like(p)
-            else:
-                p.grad_sample = p.new_zeros((0, *p.shape))
+            p.grad = torch.zeros_like(p)
         self._release(active)
         self._add(penalty_grads)
 
@@ -345,71 +256,9 @@ class DPSGD(Mechanism):
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
 
-    def clipped_sum(self, losses: torch.Tensor) -> set[nn.Parameter]:
-        """Ghost clipping (Opacus's fast gradient clipping): a first backward leaves each
-        example's gradient norm in p._norm_sample (Linear layers from their activations and
-        backprops alone, others from per-layer per-example gradients dropped at once); a second
-        backward of Σ_i c_i·loss_i, c_i = min(1, C/(‖g_i‖ + 1e-6)) as in Opacus's DPOptimizer,
-        leaves the clipped sum in p.grad. Returns the parameters the batch used (see
-        `per_example_grads`)."""
-        params = self.optimizer.params
-        for p in params:
-            p._norm_sample = None
-        with warnings.catch_warnings():   # inputs need no gradient: PyTorch's note about it is noise
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            losses.sum().backward(retain_graph=True)
-            active = {p for p in params if p._norm_sample is not None}
-            for p in params:
-                p.grad = None
-            if not active:
-                return active
-            norms = torch.stack([p._norm_sample for p in params if p in active]).norm(2, dim=0)
-            coef = (self.options.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-            self.sample_module.disable_hooks()
-            try:
-                (losses * coef.detach()).sum().backward()
-            finally:
-                self.sample_module.enable_hooks()
-        return active
-
-    def per_example_grads(self, losses: torch.Tensor) -> set[nn.Parameter]:
-        """Fill p.grad_sample (one row per example) and return the parameters the batch used.
-        Opacus's hooks fill it for every layer the loss reached; a head the batch did not use
-        gets none and is left out of this step (else it would take a noise-only update)."""
-        with warnings.catch_warnings():   # inputs need no gradient: PyTorch's note about it is noise
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            losses.sum().backward()
-        active = {p for p in self.optimizer.params if getattr(p, "grad_sample", None) is not None}
-        if getattr(self, "model_forwards", 1) > 1:
-            self._align_rows(active)
-        return active
-
-    @staticmethod
-    def _align_rows(active: set[nn.Parameter]) -> None:
-        """Several forwards a step (replay: the current batch, then buffer draws): Opacus adds
-        each forward's per-example gradients row by row from row 0, so row i is the sum of every
-        forward's i-th example, and a layer has as many rows as the largest batch that reached
-        it. A task head that only a smaller forward reached (task_il: an old task's head, used
-        by the buffer draw alone) has fewer rows: the missing rows are examples that never
-        reached it, whose gradient there is zero; pad them so all layers clip the same rows."""
-        rows = max(len(p.grad_sample) for p in active) if active else 0
-        for p in active:
-            short = rows - len(p.grad_sample)
-            if short > 0:
-                p.grad_sample = torch.cat([p.grad_sample, p.grad_sample.new_zeros((short, *p.shape))])
-
-    @staticmethod
-    def _sum_rows_per_unit(active: set[nn.Parameter], unit: torch.Tensor) -> None:
-        """One gradient per unit (e.g. an episode): the sum of its rows' gradients, then clipped."""
-        _, group = torch.unique(unit, return_inverse=True)
-        group = group.to(next(iter(active)).device)
-        n = int(group.max()) + 1
-        for p in active:
-            rows = p.grad_sample
-            p.grad_sample = rows.new_zeros((n, *rows.shape[1:])).index_add_(0, group, rows)
-
     def _release(self, active: set[nn.Parameter]) -> None:
-        """Opacus's clipping, noise and scaling over the active parameters; one ledger step."""
+        """Noise on the clipped sum of the active parameters, scaled by 1/B (Opacus); one
+        ledger step. Parameters the batch did not reach take no step at all."""
         idle = [p for p in self.optimizer.params if p not in active]
         for p in idle:
             p.requires_grad_(False)     # DPOptimizer.params skips them for this step
@@ -427,13 +276,7 @@ class DPSGD(Mechanism):
         self._released += 1
 
     def head_filtered(self, tasks: set[int]) -> set[nn.Parameter]:
-        """Trainable parameters minus the heads of tasks not in `tasks` (multi-head models; a
-        --task-heads shared output layer is one tensor, noised whole at every step)."""
-        heads = getattr(self.learner.model, "heads", None)
-        unused = set()
-        if heads is not None and len(heads) > 1:
-            unused = {id(p) for j, h in enumerate(heads) if j not in tasks for p in h.parameters()}
-        return {p for p in self.optimizer.params if id(p) not in unused}
+        return set(head_filtered(self.learner.model, self.optimizer.params, tasks))
 
     def step(self, optimizer) -> None:
         # The gradient is already private (backward); the step itself is plain SGD.
@@ -453,39 +296,19 @@ class DPSGD(Mechanism):
         """DP-Fisher (clsim/privacy/dp_fisher.py): Poisson-sampled examples, gradients clipped to
         C_F, squared, summed, plus Gaussian noise σ_F·C_F²; one accounted release."""
         with self.hooks_lifted():
-            return self._fisher(task, names, n_samples, empirical, purpose)
+            o = self.options
+            if o.fisher_privacy == "raw":
+                self.ledger.raw(task.dataset_id, purpose)
+                return diagonal_fisher(self.learner, task, names, n_samples, empirical)
+            fisher, q = dp_fisher(self.learner, task, names, n_samples, empirical,
+                                  noise_multiplier=self.fisher_sigma, max_grad_norm=o.fisher_max_grad_norm,
+                                  generator=self.noise_generator, granularity=o.fisher_granularity)
+            self.ledger.gaussian(task.dataset_id, f"dp-fisher ({purpose})", q, self.fisher_sigma)
+            return fisher
 
-    @contextmanager
     def hooks_lifted(self):
-        """torch.func transforms cannot pass Opacus's backward hooks: lift them meanwhile (and
-        bk's taps, which would keep the Fisher's forwards for a step)."""
-        if self.book is not None:
-            self.book.detach()
-            try:
-                yield
-            finally:
-                self.book.attach()
-            return
-        module = getattr(self, "sample_module", None)
-        if module is None:
-            yield
-            return
-        module.remove_hooks()
-        try:
-            yield
-        finally:
-            module.add_hooks(loss_reduction="sum", batch_first=True)
-
-    def _fisher(self, task, names, n_samples, empirical, purpose):
-        o = self.options
-        if o.fisher_privacy == "raw":
-            self.ledger.raw(task.dataset_id, purpose)
-            return diagonal_fisher(self.learner, task, names, n_samples, empirical)
-        fisher, q = dp_fisher(self.learner, task, names, n_samples, empirical, noise_multiplier=self.fisher_sigma,
-                              max_grad_norm=o.fisher_max_grad_norm, generator=self.noise_generator,
-                              granularity=o.fisher_granularity)
-        self.ledger.gaussian(task.dataset_id, f"dp-fisher ({purpose})", q, self.fisher_sigma)
-        return fisher
+        """The clipper's hooks off meanwhile: torch.func transforms cannot pass them."""
+        return self.clipper.lifted()
 
 
 register_mechanism("dpsgd")(DPSGD)
