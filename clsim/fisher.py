@@ -164,9 +164,10 @@ def sampled(learner, x, y, t) -> torch.Tensor:
         return learner.sample_targets(learner.logits(x, t))
 
 
-def _backprops(learner, layers, x, y, t, check: int = 0):
+def _backprops(learner, layers, x, y, t, check: int = 0, scale: torch.Tensor | None = None):
     """Each call of each layer in `layers` (see `layers_of`) as its input and the gradient of the
-    summed log-likelihood w.r.t. its output (None if unused), from one batched forward and one
+    summed log-likelihood (each example's times `scale[i]` if given) w.r.t. its output (None if
+    unused), from one batched forward and one
     backward to the layer outputs (no parameter gradients are formed); the targets (when y is
     None, sampled from that same forward's output); and, for the first `check` examples, each
     one's gradient by plain autograd through that same forward (the check's reference, else None)."""
@@ -186,6 +187,8 @@ def _backprops(learner, layers, x, y, t, check: int = 0):
                 ll, y = learner.sampled_log_likelihood(x, t)
             else:
                 ll = learner.log_likelihood(x, y, t)
+            if scale is not None:
+                ll = ll * scale
             outputs = [out for m in layers for _, out in calls[m]]
             out_grads = iter(torch.autograd.grad(ll.sum(), outputs, allow_unused=True, retain_graph=check > 0))
             reference = _autograd_rows(layers, ll, check) if check else None
@@ -242,15 +245,16 @@ def layerwise_grads(learner, layers, x, y, t, check: bool = False) -> tuple[dict
     return rows, y
 
 
-def layerwise_squares(learner, layers, x, y, t, check: bool = False) -> dict[str, torch.Tensor]:
+def layerwise_squares(learner, layers, x, y, t, check: bool = False,
+                      scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Σ_i of the squared per-example gradients of the parameters in `layers`. A Linear layer
     called once on (examples x features) inputs has per-example weight gradient g_i a_iᵀ, so the
     sum of its squares is (g²)ᵀ(a²): one matmul, no per-example gradients (Σ_i g_i² for its
     bias). Any other layer (Conv2d, normalisation, inputs with positions, several calls, whose
     rows add up before squaring) squares its per-example rows. `check`: the same sums over the
     first examples (from this batch's backward) must match plain autograd's (`_autograd_rows`),
-    else `LayerwiseMismatch`."""
-    backprops, y, reference = _backprops(learner, layers, x, y, t, CHECKED_EXAMPLES if check else 0)
+    else `LayerwiseMismatch`. `scale`: example i's gradient times scale[i] (see `squared_sums`)."""
+    backprops, y, reference = _backprops(learner, layers, x, y, t, CHECKED_EXAMPLES if check else 0, scale)
     if check:
         k = min(CHECKED_EXAMPLES, len(x))
         _compare(_squares(layers, backprops, k), {n: g.square().sum(0) for n, g in reference.items()})
@@ -309,18 +313,26 @@ def full_float32():
         torch.set_float32_matmul_precision(matmul)
 
 
+def _weighted(rows: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """Row i of `rows` times weight[i] (in place; unchanged without weights)."""
+    return rows if weight is None else rows.mul_(weight.reshape(-1, *[1] * (rows.dim() - 1)))
+
+
 class LayerwiseMismatch(RuntimeError):
     """The layer-wise per-example gradients of a parameter differ from plain autograd's."""
 
 
-def squared_sums(learner, names: list[str], x, y, t, check: bool = False) -> dict[str, torch.Tensor]:
-    """Σ_i of the squared gradients of log p(y_i | x_i) w.r.t. the named parameters; layer by
-    layer where possible (see `layerwise_squares`), else torch.func. `check` as there."""
+def squared_sums(learner, names: list[str], x, y, t, check: bool = False,
+                 weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Σ_i (weight[i] ·) the squared gradients of log p(y_i | x_i) w.r.t. the named parameters;
+    layer by layer where possible (see `layerwise_squares`, each gradient scaled by √weight[i]),
+    else torch.func. `check` as there."""
     layers = layers_of(learner.model, names)
     if layers is None:
-        return {n: g.pow_(2).sum(0) for n, g in vmap_grads(learner, names, x, sampled(learner, x, y, t), t).items()}
+        rows = vmap_grads(learner, names, x, sampled(learner, x, y, t), t)
+        return {n: _weighted(g.pow_(2), weight).sum(0) for n, g in rows.items()}
     with full_float32() if check else nullcontext():
-        return layerwise_squares(learner, layers, x, y, t, check)
+        return layerwise_squares(learner, layers, x, y, t, check, None if weight is None else weight.sqrt())
 
 
 def expected_squares(learner, names: list[str], x, t, check: bool = False,
@@ -355,7 +367,9 @@ def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: 
     gradients) unless `empirical`: True takes the data's labels, "expected" the exact
     expectation over the model's labels (`expected_squares`; classifiers), "predicted" the
     model's most probable label (van de Ven & Tolias's 2019 code; on a confident model far below
-    the expectation, which weights the rare labels' large gradients by their probability). `reduce` turns a batch's
+    the expectation, which weights the rare labels' large gradients by their probability),
+    "weighted" the data's label with its squared gradient times the model's probability of that
+    label, p(y_i|x_i)·g_i² (Mammoth's ewc_on, models/ewc_on.py end_task). `reduce` turns a batch's
     squared per-example gradients (one row per example) into their sum; the DP-Fisher clips
     there. Without it the sums come straight from `squared_sums` (no per-example gradients
     where the layers allow). The model is in eval mode meanwhile (frozen normalisation
@@ -373,17 +387,22 @@ def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: 
         if expected:
             squared = expected_squares(learner, names, x, t, check, torch_func=fallback)
             return reduce(squared) if reduce is not None else {n: s.sum(0) for n, s in squared.items()}
+        weight = None
+        if empirical == "weighted":
+            with torch.no_grad():
+                weight = learner.log_likelihood(x, y, t).exp()
         if fallback:
             rows = vmap_grads(learner, names, x, sampled(learner, x, y, t), t)
         elif reduce is None:
-            return squared_sums(learner, names, x, y, t, check)
+            return squared_sums(learner, names, x, y, t, check, weight)
         else:
             rows = per_example_grads(learner, names, x, y, t, check)
-        squared = {n: g.pow_(2) for n, g in rows.items()}   # the rows are ours: in place
+        squared = {n: _weighted(g.pow_(2), weight) for n, g in rows.items()}   # the rows are ours: in place
         return reduce(squared) if reduce is not None else {n: s.sum(0) for n, s in squared.items()}
 
     try:
-        for i, (x, y, t) in enumerate(learner.fisher_batches(task, n_samples, empirical is True)):
+        labelled = empirical is True or empirical == "weighted"
+        for i, (x, y, t) in enumerate(learner.fisher_batches(task, n_samples, labelled)):
             if empirical == "predicted":
                 with torch.no_grad():
                     y = learner.logits(x, t).argmax(1)

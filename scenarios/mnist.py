@@ -43,6 +43,21 @@ class MnistOptions(SupervisedOptions):
 class SplitMnistOptions(MnistOptions):
     n_tasks: int = opt(5, "number of tasks (the 10 digits are split evenly)", low=1, high=10)
     class_order_seed: int = opt(-1, "seed of a random class order (-1: natural order 0..9)", low=-1)
+    class_order: str = opt("", "the ten digits in task order, comma-separated, e.g. 7,2,0,... (empty: "
+                           "--class-order-seed's); replays another code's split, such as van de Ven's per seed")
+
+
+def _digit_order(o: SplitMnistOptions) -> list[int]:
+    if not o.class_order:
+        return class_order(10, o.class_order_seed)
+    try:
+        order = [int(d) for d in o.class_order.split(",")]
+    except ValueError:
+        order = []
+    if sorted(order) != list(range(10)):
+        raise UserError(f"--class-order {o.class_order!r} must list each digit 0-9 once, comma-separated, "
+                        "e.g. 0,1,2,3,4,5,6,7,8,9")
+    return order
 
 
 @dataclass
@@ -87,7 +102,7 @@ def split_mnist(o: SplitMnistOptions, run) -> Scenario:
     """MNIST from the IDX files under --data-root, 5 tasks x 2 digits (class_il, task_il or domain_il)."""
     x_train, y_train, x_test, y_test = _subset(o, run)
     setting = o.setting_of(run)
-    tasks = class_split(x_train, y_train, x_test, y_test, class_order(10, o.class_order_seed), o.n_tasks, setting,
+    tasks = class_split(x_train, y_train, x_test, y_test, _digit_order(o), o.n_tasks, setting,
                         population="MNIST training images")
     return _scenario("split_mnist", o, setting, tasks, single_head_width(tasks, setting, 10), tuple(x_train.shape[1:]),
                      {"train_size": len(y_train), "test_size": len(y_test)})

@@ -44,8 +44,12 @@ ppo_blip.py, run_blip.py, RL/run_blip.sh):
   the true Fisher, not the empirical Fisher of the data's labels; clsim's BLIP does the same
   (clsim/fisher.py's sampled targets, eval mode).
 - Differences: their Fisher uses 8000 samples in batches of 100 (clsim: `blip_fisher_samples`, in
-  the learner's chunks; the batching only sets the scale above); in RL theirs comes from the last
-  rollout only, clsim's from the task's kept rollout states (PPOLearner.fisher_batches).
+  the learner's chunks; the batching only sets the scale above), and their estimate_fisher asserts
+  that the task has them (80 batches of 100): their code stops on a task of fewer than 8,000
+  training examples, where clsim takes all the task has (every budget below 0.67 of MNIST-5's
+  ~12,000 images a task; bench/blip_authors.py lowers their batch count to match). In RL theirs
+  comes from the last rollout only, clsim's from the task's kept rollout states
+  (PPOLearner.fisher_batches).
 """
 from __future__ import annotations
 

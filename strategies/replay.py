@@ -3,7 +3,8 @@
 Both keep a reservoir buffer of training examples seen so far (Vitter's algorithm R: the n-th
 example seen enters with probability size/n, replacing a uniformly chosen slot), drawn from the
 learner's seeded generator. As in Mammoth (models/er.py, models/derpp.py), every step on which
-the buffer holds examples replays it, i.e. from the second step of the first task on:
+the buffer holds examples replays it, i.e. from the second step of the first task on
+(`--replay-from-task T`: only from task T on, the buffer filling all the same):
 
     ER:    the mean cross-entropy over the current batch and one buffer draw concatenated
            (buffer rows weighted by er_weight, 1 in Mammoth)
@@ -111,6 +112,9 @@ class ReplayOptions:
     replay_batch: int = opt(32, "examples in each buffer draw (0: the learner's batch size)", low=0)
     replay_mask_current: bool = opt(False, "class_il: the current batch's cross-entropy sees only the "
                                     "current task's classes (SparCL's use_cl_mask; off in standard ER/DER++)")
+    replay_from_task: int = opt(0, "draw from the buffer only from this task (0-based) on; it fills from the "
+                                "first (0: whenever it holds examples, as Mammoth; 1: SparCL's official code)",
+                                low=0)
 
 
 class Replay(Strategy):
@@ -151,7 +155,7 @@ class Replay(Strategy):
     def loss(self, batch, losses, outputs):
         losses = self.current_losses(batch, losses, outputs)
         forwarded = [self.host_task_ids(len(batch.y))]   # task ids on the host, for the FLOP count
-        if self.buffer.count:            # as Mammoth: whenever the buffer holds examples
+        if self.buffer.count and self.task.index >= self.options.replay_from_task:
             k = self.options.replay_batch or self.learner.batch_size
             losses, self._last_terms = self.add_replay(losses, k, forwarded)
         self._forwarded = torch.cat(forwarded)

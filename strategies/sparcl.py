@@ -30,8 +30,10 @@ Three mechanisms, as the authors' code runs them (see the design note sparcl.md)
 - As the official script: the current batch's cross-entropy sees only the current task's classes
   in class_il (`replay_mask_current`, on by default here, off for plain ER/DER++), and each
   epoch's last batch is dropped when smaller than the batch size (`sparcl_drop_last`).
-- Replay follows Mammoth (strategies/replay.py): from the second step of the first task, where
-  the official code replays from the second task on.
+- Replay. The official training loop (main_sparse_train_w_data_gradient_efficient.py, train())
+  draws from the buffer only when `t > 0`, from the second task on, and fills it from the first.
+  clsim's replay default follows Mammoth (strategies/replay.py: from the first task's second
+  step); `--replay-from-task 1`, which the sparcl presets set, follows the official code.
 
 Training FLOPs are counted by clsim.flops with the measured weight and gradient densities.
 """

@@ -29,11 +29,12 @@ def set_up(scenario, ewc, mechanism=None):
                       seed=0, progress=False, out=None).build().learner
 
 
-def run_tasks(mode, gamma=1.0, lam=7.0, n_tasks=4):
+def run_tasks(mode, gamma=1.0, lam=7.0, n_tasks=4, penalty="half"):
     """Three tasks' Fishers at three different weights, then the weights moved once more."""
     scenario = split_digits(SplitDigitsOptions(hidden=16), RunOptions(setting="task_il"))
     mechanism = RecordingMechanism()
-    ewc = EWC(EWC.Options(ewc_lambda=lam, mode=mode, gamma=gamma, fisher="empirical", fisher_samples=200))
+    ewc = EWC(EWC.Options(ewc_lambda=lam, mode=mode, gamma=gamma, fisher="empirical", fisher_samples=200,
+                          ewc_penalty=penalty))
     learner = set_up(scenario, ewc, mechanism)
     anchors, state_bytes = [], []
     for task in scenario.tasks[:n_tasks - 1]:
@@ -55,11 +56,14 @@ def value_and_grad(penalty, learner):
     return penalty.item(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
-def test_separate_mode_is_the_sum_of_every_tasks_term():
-    learner, ewc, fishers, anchors, state_bytes = run_tasks("separate")
+@pytest.mark.parametrize("penalty, factor", [("half", 0.5), ("full", 1.0)])
+def test_separate_mode_is_the_sum_of_every_tasks_term(penalty, factor):
+    """(λ/2)·Σ_t F_t (θ - θ*_t)² by default (Kirkpatrick et al., van de Ven's code); λ·Σ ... under
+    --ewc-penalty full (Mammoth's ewc_on and Avalanche's EWCPlugin have no ½)."""
+    learner, ewc, fishers, anchors, state_bytes = run_tasks("separate", penalty=penalty)
     assert len(fishers) == 3 and not any(n.startswith("heads.") for n in fishers[0])   # heads excluded
     params = dict(learner.model.named_parameters())
-    reference = 0.5 * 7.0 * sum((f[n] * (params[n] - a[n]).pow(2)).sum() for f, a in zip(fishers, anchors) for n in f)
+    reference = factor * 7.0 * sum((f[n] * (params[n] - a[n]).pow(2)).sum() for f, a in zip(fishers, anchors) for n in f)
     ours, ours_grad = value_and_grad(ewc.penalty(), learner)
     ref, ref_grad = value_and_grad(reference, learner)
     assert ours == pytest.approx(ref, rel=1e-5) and ref > 0
@@ -70,13 +74,14 @@ def test_separate_mode_is_the_sum_of_every_tasks_term():
     assert state_bytes == [2 * 4 * shared] * 3
 
 
-def test_online_mode_decays_the_running_fisher_and_anchors_at_the_last_task():
-    learner, ewc, fishers, anchors, _ = run_tasks("online", gamma=0.5)
+@pytest.mark.parametrize("penalty, factor", [("half", 0.5), ("full", 1.0)])
+def test_online_mode_decays_the_running_fisher_and_anchors_at_the_last_task(penalty, factor):
+    learner, ewc, fishers, anchors, _ = run_tasks("online", gamma=0.5, penalty=penalty)
     running = fishers[0]
     for f in fishers[1:]:
         running = {n: 0.5 * running[n] + f[n] for n in f}
     params = dict(learner.model.named_parameters())
-    reference = 0.5 * 7.0 * sum((running[n] * (params[n] - anchors[-1][n]).pow(2)).sum() for n in running)
+    reference = factor * 7.0 * sum((running[n] * (params[n] - anchors[-1][n]).pow(2)).sum() for n in running)
     ours, ours_grad = value_and_grad(ewc.penalty(), learner)
     ref, ref_grad = value_and_grad(reference, learner)
     assert ours == pytest.approx(ref, rel=1e-5) and ref > 0

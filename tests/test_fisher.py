@@ -50,6 +50,28 @@ def test_fisher_matches_per_example_loop(setting, empirical):
         assert slow[n].abs().sum() > 0
 
 
+def test_weighted_fisher_is_mammoths_probability_weighted_empirical_fisher():
+    """--fisher weighted, as Mammoth's ewc_on end_task: one example at a time with its own label,
+    fish += p(y|x)·(∇ log p(y|x))², over every example, divided by their number."""
+    scenario, learner = make_learner("class_il")
+    task = scenario.tasks[1]
+    names = list(learner.shared_parameters())
+    learner.model.eval()
+    params = dict(learner.model.named_parameters())
+    data = learner.resident(task.train)
+    reference = {n: torch.zeros_like(params[n]) for n in names}
+    for i in range(len(data.y)):
+        ll = learner.log_likelihood(data.x[i:i + 1], data.y[i:i + 1], task.index).sum()
+        for n, g in zip(names, torch.autograd.grad(ll, [params[n] for n in names])):
+            reference[n] += ll.exp().detach() * g.square()
+    weighted = diagonal_fisher(learner, task, names, len(data.y), "weighted")
+    empirical = diagonal_fisher(learner, task, names, len(data.y), True)
+    for n in names:
+        torch.testing.assert_close(weighted[n], reference[n] / len(data.y), rtol=1e-4, atol=1e-9)
+        assert reference[n].abs().sum() > 0 and (weighted[n] <= empirical[n] * (1 + 1e-4) + 1e-12).all()
+    assert sum(float(weighted[n].sum()) for n in names) < 0.99 * sum(float(empirical[n].sum()) for n in names)
+
+
 def test_heads_are_not_shared_parameters():
     _, learner = make_learner("task_il")
     names = list(learner.shared_parameters())

@@ -33,6 +33,16 @@ def test_every_preset_resolves_with_its_options_and_cites_its_source():
                 assert values[key] == value, (name, key)
 
 
+def test_presets_select_their_sources_forms_of_ewc_and_replay():
+    """Mammoth's oEWC and Avalanche's EWC have no ½ in the penalty; Mammoth's Fisher weights each
+    image's squared label gradient by p(label), over every image; SparCL's loop replays from task 1."""
+    oewc = presets.get("mammoth-seqcifar10-oewc").options
+    assert (oewc["ewc_penalty"], oewc["fisher"]) == ("full", "weighted") and oewc["fisher_samples"] >= 10000
+    assert presets.get("avalanche-pmnist-ewc").options["ewc_penalty"] == "full"
+    for sparsity in ("0.75", "0.90", "0.95"):
+        assert presets.get(f"sparcl-derpp-{sparsity}").options["replay_from_task"] == 1
+
+
 def test_flags_override_a_preset_and_list_shows_it(capsys):
     e = Experiment.from_argv(["--preset", "blip-mnist5", "--epochs", "3", "--lr", "0.05"])
     assert (e.run_options.epochs, e.run_options.lr, e.run_options.batch_size) == (3, 0.05, 64)

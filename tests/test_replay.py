@@ -175,6 +175,16 @@ def test_replay_starts_at_the_second_step_of_the_first_task_as_mammoth(strategy,
     assert per_step[2] > 1.9 * per_step[0]
 
 
+@pytest.mark.parametrize("strategy, term", [("er", "strategy/replay_ce"), ("sparcl", "strategy/derpp_mse")])
+def test_replay_from_task_one_fills_the_buffer_in_task_0_and_draws_only_from_task_1(strategy, term):
+    """--replay-from-task 1, as SparCL's official train() (`t > 0`): task 0 trains on its own
+    batches while the buffer fills; task 1 replays from its first step (what the buffer holds)."""
+    strat, _, records = _digits_run(strategy, "--replay-from-task", "1", tasks=2)
+    first, second = [r for r in records if r["task"] == 0], [r for r in records if r["task"] == 1]
+    assert first and not any(term in r for r in first) and all(term in r for r in second)
+    assert strat.buffer.seen == records[-1]["examples_seen"]     # every trained example was offered
+
+
 def test_er_loss_is_the_mean_over_the_concatenated_current_and_buffer_batch():
     """ER's loss at a step of task 0 recomputed by hand: the buffer draw (same generator state)
     joins the batch and one cross-entropy is averaged over all 64 examples (Mammoth's er.py)."""

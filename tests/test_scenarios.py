@@ -16,7 +16,7 @@ from clsim import cli
 from clsim.data import read_idx
 from clsim.errors import UserError
 from clsim.scenarios.mnist import PermutedMnistOptions, SplitMnistOptions, permuted_mnist, split_mnist
-from clsim.data import crop_flip, first_per_class
+from clsim.data import cached_mnist, crop_flip, first_per_class
 from clsim.scenarios.split_cifar import SplitCifarOptions, split_cifar
 from clsim.data import class_order
 from conftest import read_summary, run_cli
@@ -134,6 +134,22 @@ def test_split_mnist_task_il_relabels_each_pair(mnist_root):
         assert set(t.train.y.tolist()) == {0, 1} and len(t.train) == 60
         assert t.train.x.shape[1:] == (1, 28, 28) and float(t.train.x.max()) <= 1.0
     assert [h.out_features for h in sc.make_model().heads] == [2] * 5
+
+
+def test_split_mnist_explicit_class_order_pairs_and_labels_digits_in_that_order(mnist_root):
+    """--class-order replays another code's split (van de Ven's seed 1: 4/6, 0/5, 3/9, 2/7, 8/1):
+    each task holds its two digits, the first labelled 0 in domain_il; a list that is not the ten
+    digits once each is a UserError."""
+    run = SimpleNamespace(data_root=str(mnist_root), setting="domain_il")
+    sc = split_mnist(SplitMnistOptions(class_order="4,6,0,5,3,9,2,7,8,1", train_per_class=30), run)
+    assert [t.classes for t in sc.tasks] == [(4, 6), (0, 5), (3, 9), (2, 7), (8, 1)]
+    _, y_train, _, _ = cached_mnist(str(Path(mnist_root).resolve()))
+    digits = y_train[first_per_class(y_train, 30)]
+    for t in sc.tasks:
+        assert torch.equal(t.train.y, (digits[torch.isin(digits, torch.tensor(t.classes))] == t.classes[1]).long())
+    for bad in ("1,2", "0,1,2,3,4,5,6,7,8,8", "a,b"):
+        with pytest.raises(UserError, match="--class-order"):
+            split_mnist(SplitMnistOptions(class_order=bad), run)
 
 
 @pytest.mark.slow
