@@ -3,8 +3,9 @@
 A run is a directory holding `summary.json` (and `log.jsonl`, whose task records give the
 figures after every task). Runs are grouped by everything in their hparams but the seed; each
 group gives one row of mean ± sd over its seeds. Written: `results.csv` (one row per run, every
-summary figure), `summary.csv` (mean, sd, n per group and figure), `report.md` and PNG figures
-(also added to TensorBoard's images under `tb/`).
+summary figure), `summary.csv` (mean, sd, n per group and figure; no sd for one run),
+`report.md` and PNG figures (also added to TensorBoard's images under `tb/`), by default into
+`<DIR>/report`. A summary.json that is not a clsim run's is skipped with a warning.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import csv
 import json
 import math
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +81,8 @@ class Run:
 
 def find_runs(paths: list[str]) -> list[Run]:
     """Every finished run under `paths` (a run directory, or a tree of them); hidden (partial or
-    failed) directories are skipped."""
+    failed) directories are skipped, and so is, with a warning, a summary.json that is not a
+    clsim run's (another tool's, or damaged): one such file does not refuse the others."""
     runs = []
     for p in map(Path, paths):
         if not p.exists():
@@ -89,24 +92,116 @@ def find_runs(paths: list[str]) -> list[Run]:
             run_dir = c if c.is_dir() else c.parent
             if any(part.startswith(".") for part in run_dir.relative_to(p).parts):
                 continue
-            runs.append(load_run(run_dir.resolve()))
+            run = load_run(run_dir.resolve())
+            if run is not None:
+                runs.append(run)
     if not runs:
-        raise UserError(f"no finished run (a directory with summary.json) under {', '.join(paths)}")
+        raise UserError(f"no finished run (a directory with a clsim summary.json) under {', '.join(paths)}")
     return runs
 
 
-def load_run(run_dir: Path) -> Run:
+def load_run(run_dir: Path) -> Run | None:
+    """The run in `run_dir`; None (said on stderr) when its summary.json is not a clsim summary.
+    A log.jsonl that is not one leaves the run without its per-task figures (also said)."""
+    path = run_dir / "summary.json"
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        tasks = []
-        log = run_dir / "log.jsonl"
-        if log.is_file():
-            tasks = [r for r in map(json.loads, log.read_text().splitlines()) if r.get("kind") == "task"]
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{run_dir} holds an unreadable summary.json or log.jsonl ({exc})") from None
-    if not isinstance(summary, dict) or "accuracy_matrix" not in summary:
-        raise UserError(f"{run_dir}/summary.json is not a clsim summary (no accuracy_matrix)")
+        summary = json.loads(path.read_text())
+        problem = summary_problem(summary)
+    except OSError as exc:
+        problem = f"it cannot be read ({exc.strerror})"
+    except ValueError:
+        problem = "it is not JSON"
+    if problem:
+        print(f"warning: skipped {path}: {problem}", file=sys.stderr)
+        return None
+    tasks, log = [], run_dir / "log.jsonl"
+    if log.is_file():
+        try:
+            lines = log.read_text().splitlines()
+        except (OSError, ValueError) as exc:
+            lines, problem = [], (0, f"it cannot be read ({exc})")
+        for n, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                problem = (n, "not JSON")
+                break
+            if isinstance(record, dict) and record.get("kind") == "task":
+                why = _task_problem(record)
+                if why:
+                    problem = (n, why)
+                    break
+                tasks.append(record)
+        if not problem and len(tasks) != len(summary["accuracy_matrix"]):
+            problem = (len(lines), f"{len(tasks)} task records for {len(summary['accuracy_matrix'])} tasks")
+        if problem:
+            print(f"warning: {log} line {problem[0]}: {problem[1]}; per-task figures left out for this run",
+                  file=sys.stderr)
+            tasks = []
     return Run(run_dir, summary, tasks)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _square(R) -> bool:
+    return isinstance(R, list) and len(R) > 0 and \
+        all(isinstance(r, list) and len(r) == len(R) and all(map(_number, r)) for r in R)
+
+
+def _numbers_in(section, where: str, keys=None) -> str | None:
+    """What is wrong with a summary's mapping of figures (None: nothing)."""
+    if not isinstance(section, dict):
+        return f"{where} is not a mapping"
+    bad = next((k for k, v in section.items() if (keys is None or k in keys) and not (_number(v) or v is None)), None)
+    return None if bad is None else f"{where}.{bad} is not a number ({section[bad]!r})"
+
+
+def summary_problem(s) -> str | None:
+    """Why `s` is not a summary.json of a finished clsim run, as far as the report reads it (None: it is)."""
+    if not isinstance(s, dict):
+        return f"it is not a clsim summary (a {type(s).__name__}, not a mapping)"
+    if "accuracy_matrix" not in s:
+        return "it is not a clsim summary (no accuracy_matrix)"
+    if not _square(s["accuracy_matrix"]):
+        return "accuracy_matrix is not a square matrix of scores (one row of every task's score per task)"
+    for key in ("acc", "bwt", "fwt", "forgetting"):
+        if not _number(s.get(key)):
+            return f"{key} is not a number ({s.get(key)!r})"
+    for key in ("scenario", "strategy", "setting"):
+        if not isinstance(s.get(key), str):
+            return f"{key} is not a name ({s.get(key)!r})"
+    if not (isinstance(s.get("seed"), int) and not isinstance(s["seed"], bool)):
+        return f"seed is not a whole number ({s.get('seed')!r})"
+    if not isinstance(s.get("hparams"), dict):
+        return "hparams is not a mapping"
+    for key in ("steps", "examples_seen"):
+        if key in s and not _number(s[key]):
+            return f"{key} is not a number ({s[key]!r})"
+    if "task_aware" in s:
+        aware = s["task_aware"]
+        problem = _numbers_in(aware, "task_aware", ("acc", "bwt", "fwt", "forgetting"))
+        if problem or not _square(aware.get("accuracy_matrix")):
+            return problem or "task_aware.accuracy_matrix is not a square matrix of scores"
+    for key in ("memory", "wall_time", "privacy"):
+        problem = _numbers_in(s[key], key, ("epsilon_worst",) if key == "privacy" else None) if key in s else None
+        if problem:
+            return problem
+    return None
+
+
+def _task_problem(t: dict) -> str | None:
+    """Why a log.jsonl task record cannot give per-task figures (None: it can)."""
+    if not _number(t.get("acc")):
+        return f"the task record's acc is not a number ({t.get('acc')!r})"
+    if "strategy" in t and not isinstance(t["strategy"], dict):
+        return "the task record's strategy is not a mapping"
+    for key in ("privacy", "memory"):
+        problem = _numbers_in(t[key], key, ("epsilon_worst",) if key == "privacy" else None) if key in t else None
+        if problem:
+            return f"the task record's {problem}"
+    return None
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
@@ -138,11 +233,17 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
         return math.nan, math.nan
     if any(math.isinf(v) for v in values):
         return math.inf, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan   # n = 1: no spread
 
 
-def write_report(paths: list[str], out: Path) -> Path:
-    """Group the runs under `paths` and write the tables and figures into `out`."""
+def write_report(paths: list[str], out: Path | None = None) -> Path:
+    """Group the runs under `paths` and write the tables and figures into `out`: by default
+    `<DIR>/report` for one directory, where `clsim sweep` writes a sweep's report (several
+    directories have no one place, so they need `out`)."""
+    if out is None:
+        if len(paths) != 1:
+            raise UserError("several directories have no one report place: give --out DIR")
+        out = Path(paths[0]) / "report"
     groups = group_runs(find_runs(paths))
     out.mkdir(parents=True, exist_ok=True)
     _write_results_csv(groups, out / "results.csv")
@@ -174,7 +275,7 @@ def _write_summary_csv(groups, path: Path) -> dict:
         w.writerow(["group", "figure", "mean", "sd", "n"])
         for label, by_fig in stats.items():
             for name, (m, sd, n) in by_fig.items():
-                w.writerow([label, name, m, sd, n])
+                w.writerow([label, name, m, "" if math.isnan(sd) else sd, n])
     return stats
 
 
@@ -184,6 +285,8 @@ def _cell(stat) -> str:
         return "∞"
     if math.isnan(m):
         return "–"
+    if math.isnan(sd):   # one run: a mean, not a spread of zero
+        return f"{m:.2f}" if abs(m) < 1e4 else f"{m:.3g}"
     return f"{m:.2f} ± {sd:.2f}" if abs(m) < 1e4 else f"{m:.3g} ± {sd:.2g}"
 
 
@@ -274,36 +377,52 @@ def _curves(groups, key: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _line_plot(curves: dict[str, np.ndarray], ylabel: str, title: str, path: Path) -> Path:
+def _spread(m, sd, limits: tuple[float, float]) -> np.ndarray:
+    """The lengths below and above means `m` of ± `sd` bars clipped to the metric's range `limits`
+    (an ACC band never above 100 %), as matplotlib's asymmetric errors; no bar where sd is NaN."""
+    m, sd = np.atleast_1d(np.asarray(m, dtype=float)), np.nan_to_num(np.atleast_1d(np.asarray(sd, dtype=float)))
+    return np.stack([m - np.clip(m - sd, *limits), np.clip(m + sd, *limits) - m])
+
+
+def _line_figure(curves: dict[str, np.ndarray], ylabel: str, title: str, limits: tuple[float, float]):
+    """Mean over seeds per group, with a ± sd band clipped to `limits` (none for one seed)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 2.8))
     for label, a in curves.items():
         x = np.arange(1, a.shape[1] + 1)
-        m, sd = a.mean(0), a.std(0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1])
+        m = a.mean(0)
         ax.plot(x, m, marker="o", ms=3, label=f"{label} (n={len(a)})")
-        ax.fill_between(x, m - sd, m + sd, alpha=0.2)
+        if len(a) > 1:
+            below, above = _spread(m, a.std(0, ddof=1), limits)
+            ax.fill_between(x, m - below, m + above, alpha=0.2)
     ax.set_xlabel("tasks trained")
     ax.set_ylabel(ylabel)
     ax.set_xticks(np.arange(1, max(a.shape[1] for a in curves.values()) + 1))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="best", frameon=False)
-    return _save(fig, path)
+    return fig
+
+
+def _line_plot(curves: dict[str, np.ndarray], ylabel: str, title: str, path: Path,
+               limits: tuple[float, float] = (0.0, math.inf)) -> Path:
+    return _save(_line_figure(curves, ylabel, title, limits), path)
 
 
 def plot_all(groups, out: Path) -> dict[str, Path]:
     """Every figure the runs have data for; returns name -> PNG path."""
     figures = {}
+    score_scale = _score_scale([r for g in groups.values() for r in g])
     for k, (label, runs) in enumerate(groups.items()):
         mean_R = np.mean([r.summary["accuracy_matrix"] for r in runs], axis=0)
         fig = heatmap_figure(mean_R, _score_scale(runs), f"{label}\n(mean of {len(runs)})")
         figures[f"accuracy matrix: {label}"] = _save(fig, out / f"matrix_{k}.png")
     acc = _curves(groups, "acc")
     if acc:
-        scale = "accuracy (%)" if _score_scale([r for g in groups.values() for r in g]) == 100 else "score"
+        scale = "accuracy (%)" if score_scale == 100 else "score"
         figures["ACC after each task"] = _line_plot(acc, f"ACC, {scale}", "ACC after each task (mean ± sd)",
-                                                    out / "acc_per_task.png")
-    figures["forgetting and BWT"] = _bars(groups, out / "forgetting_bwt.png")
+                                                    out / "acc_per_task.png", (0.0, score_scale))
+    figures["forgetting and BWT"] = _bars(groups, out / "forgetting_bwt.png", score_scale)
     mem = _curves(groups, "strategy_state_bytes")
     if mem:
         figures["strategy memory"] = _line_plot({k: v / 2**20 for k, v in mem.items()},
@@ -311,35 +430,43 @@ def plot_all(groups, out: Path) -> dict[str, Path]:
                                                 out / "memory_per_task.png")
     eps = {k: v for k, v in _curves(groups, "epsilon").items() if np.isfinite(v).all() and k in acc}
     if eps:
-        points = {k: (e.mean(0), acc[k].mean(0), None, acc[k].std(0)) for k, e in eps.items()}
+        points = {k: (e.mean(0), acc[k].mean(0), None, _sd(acc[k])) for k, e in eps.items()}
         figures["privacy–utility"] = _points_plot(points, "ε spent (worst individual)", "ACC after the task",
                                                   "privacy–utility, one point per task",
-                                                  out / "privacy_utility.png")
+                                                  out / "privacy_utility.png", (0.0, score_scale))
     flops = {label: runs for label, runs in groups.items()
              if all("strategy_train_flops" in r.figures() for r in runs)}
     if flops:
         points = {}
         for label, runs in flops.items():
-            x = [r.figures()["strategy_train_flops"] for r in runs]
-            y = [r.summary["acc"] for r in runs]
-            points[label] = (np.mean(x), np.mean(y), np.std(x), np.std(y))
+            x = np.array([r.figures()["strategy_train_flops"] for r in runs], dtype=float)
+            y = np.array([r.summary["acc"] for r in runs], dtype=float)
+            points[label] = (x.mean(), y.mean(), _sd(x), _sd(y))
         figures["FLOPs against ACC"] = _points_plot(points, "training FLOPs (counted, whole stream)",
                                                     "final ACC", "compute against accuracy",
-                                                    out / "flops_acc.png", log_x=True)
+                                                    out / "flops_acc.png", (0.0, score_scale), log_x=True)
     capacity = _curves(groups, "blip_capacity")
     if capacity:
         figures["BLIP capacity"] = _line_plot({k: 100 * v for k, v in capacity.items()},
                                               "capacity used (%)", "BLIP: bits frozen over tasks",
-                                              out / "blip_capacity.png")
+                                              out / "blip_capacity.png", (0.0, 100.0))
     return figures
 
 
-def _points_plot(points: dict, xlabel: str, ylabel: str, title: str, path: Path, log_x=False) -> Path:
-    """One marker series per group: label -> (x, y, x error or None, y error)."""
+def _sd(a: np.ndarray):
+    """The sd over seeds (axis 0); NaN for one seed, which has no spread."""
+    return a.std(0, ddof=1) if len(a) > 1 else np.full(np.shape(a)[1:], math.nan)
+
+
+def _points_plot(points: dict, xlabel: str, ylabel: str, title: str, path: Path,
+                 y_limits: tuple[float, float], log_x=False) -> Path:
+    """One marker series per group: label -> (x, y, x sd or None, y sd); bars clipped to the
+    figures' ranges (x is a count or ε: never below 0)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 2.8))
-    for label, (x, y, xerr, yerr) in points.items():
-        ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", ms=3, capsize=2, label=label)
+    for label, (x, y, x_sd, y_sd) in points.items():
+        xerr = None if x_sd is None else _spread(x, x_sd, (0.0, math.inf))
+        ax.errorbar(x, y, xerr=xerr, yerr=_spread(y, y_sd, y_limits), marker="o", ms=3, capsize=2, label=label)
     if log_x:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -350,14 +477,14 @@ def _points_plot(points: dict, xlabel: str, ylabel: str, title: str, path: Path,
     return _save(fig, path)
 
 
-def _bars(groups, path: Path) -> Path:
+def _bars(groups, path: Path, score_scale: float) -> Path:
     plt = _pyplot()
     labels = list(groups)
     fig, ax = plt.subplots(figsize=(max(3.5, 0.9 * len(labels) + 1.5), 2.8))
     x, width = np.arange(len(labels)), 0.38
     for k, (key, name) in enumerate((("forgetting", "forgetting"), ("bwt", "BWT"))):
-        stats = [mean_sd([r.summary[key] for r in groups[label]]) for label in labels]
-        ax.bar(x + (k - 0.5) * width, [m for m, _ in stats], width, yerr=[sd for _, sd in stats],
+        m, sd = np.array([mean_sd([r.summary[key] for r in groups[label]]) for label in labels]).T
+        ax.bar(x + (k - 0.5) * width, m, width, yerr=_spread(m, sd, (-score_scale, score_scale)),
                capsize=2, label=name)
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(x)

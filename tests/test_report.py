@@ -61,3 +61,69 @@ def test_nothing_to_report_is_one_line(tmp_path):
         write_report([str(tmp_path)], tmp_path / "report")
     with pytest.raises(UserError, match="does not exist"):
         write_report([str(tmp_path / "nope")], tmp_path / "report")
+
+
+def test_a_foreign_or_malformed_summary_is_skipped_with_a_warning(report, tmp_path, capsys):
+    """One bad summary.json no longer refuses the whole directory (nor is it a numpy traceback)."""
+    import shutil
+    runs = tmp_path / "runs"
+    shutil.copytree(report.parent, runs, ignore=shutil.ignore_patterns("report"))
+    good = sorted(p.parent for p in runs.glob("*/summary.json"))
+    bad = {"ragged": {"accuracy_matrix": [[1, 2], [3]]}, "foreign": {"loss": 0.1, "model": "resnet"},
+           "a_list": [1, 2], "text_acc": None, "not_json": None}
+    for name, content in bad.items():
+        (runs / name).mkdir()
+        summary = json.loads((good[0] / "summary.json").read_text())
+        if name == "text_acc":
+            content = {**summary, "acc": "97"}
+        (runs / name / "summary.json").write_text("{" if name == "not_json" else json.dumps(content))
+    capsys.readouterr()
+    write_report([str(runs)], tmp_path / "report")
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == len(bad) and all("skipped" in w for w in warnings)
+    said = "\n".join(warnings)
+    assert "ragged/summary.json: accuracy_matrix is not a square matrix of scores" in said
+    assert "foreign/summary.json: it is not a clsim summary (no accuracy_matrix)" in said
+    assert "a_list/summary.json: it is not a clsim summary (a list, not a mapping)" in said
+    assert "text_acc/summary.json: acc is not a number ('97')" in said
+    assert "not_json/summary.json: it is not JSON" in said
+    rows = list(csv.DictReader(open(tmp_path / "report" / "results.csv")))
+    assert sorted(r["run_dir"] for r in rows) == [str(p) for p in good]
+
+
+def test_a_torn_log_keeps_the_run_without_its_per_task_curve(report, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(next(report.parent.glob("*/summary.json")).parent, run)
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"kind": "task", "acc": ')
+    write_report([str(run)], tmp_path / "report")
+    err = capsys.readouterr().err
+    assert f"warning: {run}/log.jsonl line" in err and "per-task figures left out" in err
+    assert len(list(csv.DictReader(open(tmp_path / "report" / "results.csv")))) == 1
+
+
+def test_a_group_of_one_run_has_no_spread(report):
+    """n = 1: a mean with no '± 0.00' and an empty sd, never a spread of zero."""
+    table = (report / "report.md").read_text()
+    sparcl = next(line for line in table.splitlines() if line.startswith("| sparcl"))
+    assert "±" not in sparcl and "| 1 |" in sparcl
+    dpsgd = next(line for line in table.splitlines() if line.startswith("| dpsgd"))
+    assert "±" in dpsgd
+    rows = [r for r in csv.DictReader(open(report / "summary.csv")) if r["group"].startswith("sparcl")]
+    assert rows and all(r["sd"] == "" and r["n"] == "1" for r in rows)
+
+
+def test_bands_are_clipped_to_the_metrics_range():
+    """A mean near 100 % with a wide spread drew its band above 100 % (the README's figure)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import numpy as np
+    from clsim import report as rep
+    curves = {"a": np.array([[100.0, 99.0], [60.0, 100.0], [100.0, 20.0]])}
+    fig = rep._line_figure(curves, "ACC", "t", limits=(0.0, 100.0))
+    band = fig.axes[0].collections[0].get_paths()[0].vertices[:, 1]
+    assert band.max() <= 100.0 and band.min() >= 0.0
+    assert band.max() == 100.0   # the clip is where it bites, not a rescaled band
+    rep._pyplot().close(fig)
+
