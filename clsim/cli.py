@@ -77,6 +77,7 @@ def parse(argv: list[str]) -> tuple[dict, dict]:
     are read as text), so a flag fails as the same key in YAML or Python would; and which of them
     the file gave (key -> path, so that an error can name it). The parser knows the chosen
     scenario's, strategy's, mechanism's and loggers' flags, for --help and for spelling."""
+    argv = [a for arg in argv for a in (("--download", "false") if arg == "--no-download" else (arg,))]
     pre = _Parser(add_help=False)
     for name in (*NAMING_KEYS, "config", "preset"):
         pre.add_argument(config.flag(name))

@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from clsim.download import default_data_root
 from clsim.errors import UserError
 
 
@@ -157,7 +158,12 @@ class RunOptions:
     seed: int = opt(0, "one seed for everything: data order, initialisation, sampling", low=0, high=2**32 - 1)
     setting: str | None = opt(None, "class_il, task_il or domain_il (default: the scenario's)",
                        choices=("class_il", "task_il", "domain_il"))
-    data_root: str = opt("data", "directory holding the datasets (cifar-10-batches-py/, MNIST IDX files)")
+    data_root: str = opt(default_data_root(), "directory holding the datasets; one that is missing is "
+                         "downloaded there (docs/datasets.md)")
+    download: bool | None = opt(None, "download a missing dataset's official files, checksum verified "
+                                "(default: true, false when CLSIM_NO_DOWNLOAD=1); --no-download is --download false")
+    data_mirror: str | None = opt(None, "fetch the official files from this URL (a folder holding them) instead "
+                                  "of their publishers' servers; still checked against the official checksums")
     out: str = opt("runs", "directory under which the run directory is created")
     privacy: str | None = opt(None, "train any strategy under a privacy mechanism (e.g. dpsgd, dplis) "
                               "(default: the strategy's own: none but for the dpsgd and dplis strategies)")

@@ -1,5 +1,5 @@
 """Readers for the datasets clsim ships scenarios for, and the helpers the scenarios share.
-Nothing is ever downloaded.
+Downloads are clsim/download.py's and clsim/datasets.py's; these read what is on disk.
 
 Every failure a user can cause (missing or corrupt file) becomes a UserError naming the file
 and what to put where.
@@ -60,25 +60,28 @@ class _Refused(Exception):
     """A global that the CIFAR-10 format never holds."""
 
 
-def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar_batch(path: Path, labels_key: bytes = b"labels", n_classes: int = 10,
+                      name: str = "CIFAR-10", hint: str = CIFAR_HINT) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of the official CIFAR python version (CIFAR-100's: `labels_key` b"fine_labels",
+    100 classes): images N x 3072 uint8 and labels, read with the restricted unpickler."""
     if not path.is_file():
-        raise UserError(f"missing CIFAR-10 file {path}: {CIFAR_HINT}")
+        raise UserError(f"missing {name} file {path}: {hint}")
     try:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="bytes").load()
-        data, labels = batch[b"data"], batch[b"labels"]
+        data, labels = batch[b"data"], batch[labels_key]
     except _Refused as exc:
-        raise UserError(f"refused CIFAR-10 file {path}: it asks to load {exc}, which the official format "
-                        f"never holds (a pickle can run code; this one was not loaded): {CIFAR_HINT}") from None
+        raise UserError(f"refused {name} file {path}: it asks to load {exc}, which the official format "
+                        f"never holds (a pickle can run code; this one was not loaded): {hint}") from None
     except Exception as exc:  # any unpickling problem means the file is not a CIFAR batch
-        raise UserError(f"corrupt CIFAR-10 file {path} ({type(exc).__name__}): {CIFAR_HINT}") from None
+        raise UserError(f"corrupt {name} file {path} ({type(exc).__name__}): {hint}") from None
     # checked before any conversion: a cast would wrap pixels mod 256, truncate labels, or turn
     # images saved as floats in [0, 1] into black ones
-    data = whole_numbers(data, 0, 255, f"CIFAR-10 file {path}", "pixel", CIFAR_HINT)
-    labels = whole_numbers(labels, 0, 9, f"CIFAR-10 file {path}", "label", CIFAR_HINT)
+    data = whole_numbers(data, 0, 255, f"{name} file {path}", "pixel", hint)
+    labels = whole_numbers(labels, 0, n_classes - 1, f"{name} file {path}", "label", hint)
     if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
-        raise UserError(f"corrupt CIFAR-10 file {path} (pixels {data.shape}, labels {labels.shape}; expected "
-                        f"N x 3072 and N): {CIFAR_HINT}")
+        raise UserError(f"corrupt {name} file {path} (pixels {data.shape}, labels {labels.shape}; expected "
+                        f"N x 3072 and N): {hint}")
     return data.astype(np.uint8), labels.astype(np.int64)
 
 
@@ -147,30 +150,49 @@ def read_idx(path: str | Path) -> np.ndarray:
         raise UserError(f"corrupt IDX file {path} ({exc}): {MNIST_HINT}") from None
 
 
-def _find_idx(root: Path, stem: str) -> Path:
-    for folder in (root / "MNIST" / "raw", root / "MNIST", root):
+def _find_idx(root: Path, stem: str, folder: str = "MNIST") -> Path | None:
+    for where in (root / folder / "raw", root / folder, root):
         for name in (stem, stem + ".gz"):
-            if (folder / name).is_file():
-                return folder / name
-    raise UserError(f"missing MNIST file {stem}[.gz] under {root}: {MNIST_HINT}")
+            if (where / name).is_file():
+                return where / name
+    return None
+
+
+IDX_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def idx_found(root: str | Path, folder: str = "MNIST") -> bool:
+    """Whether any IDX file of an MNIST-format dataset is under `root` (in a layout read): then the
+    user put it there, nothing is downloaded, and `idx_arrays` names any file missing."""
+    return any(_find_idx(Path(root), stem, folder) is not None for stem in IDX_STEMS)
+
+
+def idx_arrays(root: str | Path, folder: str = "MNIST", name: str = "MNIST",
+               hint: str = MNIST_HINT) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """An MNIST-format dataset (MNIST, Fashion-MNIST) from its official IDX files under `root`,
+    `root/folder` or `root/folder/raw`: images N x 28 x 28 uint8 and labels 0..9, train then test."""
+    root = Path(root)
+    out = []
+    for prefix in ("train", "t10k"):
+        paths = []
+        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
+            paths.append(_find_idx(root, f"{prefix}-{kind}", folder))
+            if paths[-1] is None:
+                raise UserError(f"missing {name} file {prefix}-{kind}[.gz] under {root}: {hint}")
+        images, labels = read_idx(paths[0]), read_idx(paths[1])
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UserError(f"{name} {prefix} images {images.shape} and labels {labels.shape} do not match: {hint}")
+        labels = whole_numbers(labels, 0, 9, f"{name} label file {paths[1]}", "label", hint)
+        images = whole_numbers(images, 0, 255, f"{name} image file {paths[0]}", "pixel", hint)
+        out += [images.astype(np.uint8), labels.astype(np.int64)]
+    return tuple(out)
 
 
 def load_mnist(root: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """MNIST from the official IDX files: images as float32 N x 1 x 28 x 28 in [0, 1]."""
-    root = Path(root)
-    out = []
-    for prefix in ("train", "t10k"):
-        images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
-        labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise UserError(f"MNIST {prefix} images {images.shape} and labels {labels.shape} do not match: {MNIST_HINT}")
-        labels = whole_numbers(labels, 0, 9, f"MNIST label file {_find_idx(root, f'{prefix}-labels-idx1-ubyte')}",
-                               "label", MNIST_HINT)
-        images = whole_numbers(images, 0, 255, f"MNIST image file {_find_idx(root, f'{prefix}-images-idx3-ubyte')}",
-                               "pixel", MNIST_HINT)
-        out += [torch.from_numpy(images.astype(np.float32) / 255).unsqueeze(1),
-                torch.from_numpy(labels.astype(np.int64))]
-    return tuple(out)
+    x_train, y_train, x_test, y_test = idx_arrays(root)
+    return (torch.from_numpy(x_train.astype(np.float32) / 255).unsqueeze(1), torch.from_numpy(y_train),
+            torch.from_numpy(x_test.astype(np.float32) / 255).unsqueeze(1), torch.from_numpy(y_test))
 
 
 @lru_cache(maxsize=2)

@@ -76,6 +76,51 @@ class ResNet18(nn.Module):
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
 
 
+class VdvConvNet(nn.Module):
+    """van de Ven, Tuytelaars & Tolias (2022)'s network for CIFAR (their code: models/conv/nets.py
+    ConvLayers and models/classifier.py with the defaults of params/param_values.py for CIFAR-100):
+    five 3x3 convolutions of 16, 32, 64, 128, 256 channels (bias, stride 1 then 2, padding 1), each
+    but the last followed by batch norm and a ReLU (their no_fnl: the last is a plain convolution),
+    flattened (256 x 2 x 2 on 32x32 inputs) into two fully connected ReLU layers of 2000 units.
+    `conv` is the part their --pre-convE pre-trains on CIFAR-10 (clsim/pretrain.py)."""
+
+    def __init__(self, in_channels: int = 3, width: int = 16, image_size: int = 32, fc_units: int = 2000):
+        super().__init__()
+        layers, cin = [], in_channels
+        for i in range(5):
+            cout = width * 2 ** i   # 16, 32, 64, 128, 256: doubled in every reducing (stride-2) layer
+            layers.append(nn.Conv2d(cin, cout, 3, stride=1 if i == 0 else 2, padding=1))
+            if i < 4:
+                layers += [nn.BatchNorm2d(cout), nn.ReLU()]
+            cin = cout
+        self.conv = nn.Sequential(*layers, nn.Flatten())
+        side = image_size
+        for _ in range(4):
+            side = (side + 1) // 2
+        self.conv_out_features = cin * side * side
+        self.fc = nn.Sequential(nn.Linear(self.conv_out_features, fc_units), nn.ReLU(),
+                                nn.Linear(fc_units, fc_units), nn.ReLU())
+        self.out_features = fc_units
+
+    def forward(self, x):
+        return self.fc(self.conv(x))
+
+
+class FromUint8(nn.Module):
+    """Images held as uint8 (each once, in memory) enter the network here: scaled to [0, 1] and
+    standardised per channel, batch by batch."""
+
+    def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.backbone = backbone
+        self.out_features = backbone.out_features
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        return self.backbone((x.float() / 255 - self.mean) / self.std)
+
+
 #: task_il output layouts (--task-heads): one Linear per task, or one Linear whose row blocks are the tasks' heads
 TASK_HEADS = ("separate", "shared")
 
@@ -147,31 +192,48 @@ class MultiHeadNet(nn.Module):
         return picked.masked_fill(offsets >= sizes, float("-inf"))
 
 
-BACKBONES = ("mlp", "cnn", "resnet18")
+#: name -> (what it is, where it comes from); make_backbone builds them (widths as published)
+BACKBONES = {
+    "mlp": "fully connected ReLU layers (hidden sizes given by the scenario)",
+    "cnn": "four 3x3 convolutions and ReLUs, no normalisation (SmallCNN)",
+    "resnet18": "ResNet-18 for 32x32 inputs, first layer 20 channels unless --backbone-width says otherwise",
+    "resnet18_mammoth": "Mammoth's ResNet-18 (backbone/ResNet18.py, nf 64): 11.2M parameters with a 10-way head",
+    "resnet18_reduced": "the reduced ResNet-18 of GEM and A-GEM (model/common.py ResNet18(nf=20))",
+    "vdv_conv": "van de Ven et al. 2022's 5-layer convnet (16-256 channels) and two 2000-unit layers",
+}
+_WIDTHS = {"cnn": 32, "resnet18": 20, "resnet18_mammoth": 64, "resnet18_reduced": 20, "vdv_conv": 16}
 
 
 def make_backbone(name: str, input_shape: tuple[int, ...], hidden: tuple[int, ...] = (400, 400),
                   width: int | None = None) -> nn.Module:
     channels = input_shape[0]
+    width = width or _WIDTHS.get(name)
     if name == "mlp":
         numel = 1
         for d in input_shape:
             numel *= d
         return MLP(numel, hidden)
     if name == "cnn":
-        return SmallCNN(channels, width or 32)
-    if name == "resnet18":
-        return ResNet18(channels, width or 20)
+        return SmallCNN(channels, width)
+    if name.startswith("resnet18"):
+        return ResNet18(channels, width)
+    if name == "vdv_conv":
+        return VdvConvNet(channels, width, input_shape[-1])
     raise ValueError(f"unknown backbone {name}")
 
 
 def make_model(backbone: str, input_shape, setting: str, head_sizes_task_il: list[int],
-               n_classes: int, task_heads: str = "separate", **kwargs) -> MultiHeadNet:
-    """The backbone and the setting's head(s); `task_heads` lays out task_il's heads (TASK_HEADS)."""
+               n_classes: int, task_heads: str = "separate", standardise: tuple | None = None,
+               **kwargs) -> MultiHeadNet:
+    """The backbone and the setting's head(s); `task_heads` lays out task_il's heads (TASK_HEADS).
+    `standardise` (mean, std per channel): the inputs are uint8 images (FromUint8)."""
     if task_heads not in TASK_HEADS:
         raise UserError(f"--task-heads {task_heads!r} is not one of: {', '.join(TASK_HEADS)}")
     if task_heads == "shared" and setting != "task_il":
         raise UserError(f"--task-heads shared lays out task_il's heads; {setting} always has one head: "
                         f"drop --task-heads or use --setting task_il")
     heads = head_sizes_task_il if setting == "task_il" else [n_classes]
-    return MultiHeadNet(make_backbone(backbone, tuple(input_shape), **kwargs), heads, shared=task_heads == "shared")
+    body = make_backbone(backbone, tuple(input_shape), **kwargs)
+    if standardise is not None:
+        body = FromUint8(body, *standardise)
+    return MultiHeadNet(body, heads, shared=task_heads == "shared")

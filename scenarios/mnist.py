@@ -1,13 +1,18 @@
-"""split_mnist and permuted_mnist: MNIST from the official IDX files under --data-root."""
+"""split_mnist, permuted_mnist and rotated_mnist: MNIST from the official IDX files under --data-root
+(downloaded on first use)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from clsim.config import opt
 from clsim.data import cached_mnist, class_order, first_per_class
+from clsim.datasets import mnist_available, mnist_uint8
 from clsim.errors import UserError
 from clsim.models import make_model
 from clsim.registry import register_scenario
@@ -68,7 +73,8 @@ class PermutedMnistOptions(MnistOptions):
 
 
 def _subset(o: MnistOptions, run):
-    x_train, y_train, x_test, y_test = cached_mnist(str(Path(run.data_root).resolve()))
+    mnist_available(run)
+    x_train, y_train, x_test, y_test = cached_mnist(str(Path(run.data_root).expanduser().resolve()))
     tr, te = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
     x_train, x_test = x_train[tr], x_test[te]
     if o.mnist_standardise:
@@ -88,11 +94,11 @@ def _hidden(o: MnistOptions) -> tuple[int, ...]:
     return sizes
 
 
-def _scenario(name, o, setting, tasks, n_classes, shape, info) -> Scenario:
+def _scenario(name, o, setting, tasks, n_classes, shape, info, standardise=None) -> Scenario:
     hidden, heads = _hidden(o), [t.n_outputs for t in tasks]
     return Scenario(name, setting, tasks, input_kind="digits",
-                    make_model=lambda: make_model("mlp", shape, setting, heads, n_classes,
-                                                  task_heads=o.task_heads, hidden=hidden),
+                    make_model=lambda: make_model("mlp", shape, setting, heads, n_classes, task_heads=o.task_heads,
+                                                  hidden=hidden, standardise=standardise),
                     defaults=o.run_defaults(),
                     info={**info, "hidden": list(hidden), "protocol": o.mnist_protocol})
 
@@ -128,3 +134,59 @@ def permuted_mnist(o: PermutedMnistOptions, run) -> Scenario:
     n_classes = 10 * o.n_permutations if setting == "class_il" else 10
     return _scenario("permuted_mnist", o, setting, tasks, n_classes, shape,
                      {"train_size": len(y_train), "test_size": len(y_test), "permutation_seed": o.permutation_seed})
+
+
+@dataclass
+class RotatedMnistOptions(MnistOptions):
+    SETTING = "domain_il"
+    n_rotations: int = opt(10, "number of tasks, each all of MNIST rotated by one fixed angle", low=1)
+    rotation_seed: int = opt(0, "seed of the angles: task t's is uniform in [180t/n, 180(t+1)/n) degrees, "
+                             "as in GEM's mnist_rotations.py (independent of --seed)", low=0)
+    rotation_angles: str = opt("", "the angles in degrees, comma-separated, one per task (empty: drawn "
+                               "by --rotation-seed; overrides --n-rotations)")
+
+
+def _angles(o: RotatedMnistOptions) -> list[float]:
+    if o.rotation_angles:
+        try:
+            return [float(a) for a in o.rotation_angles.split(",")]
+        except ValueError:
+            raise UserError(f"--rotation-angles {o.rotation_angles!r} must be numbers separated by commas, "
+                            f"e.g. 0,45,90") from None
+    u = torch.rand(o.n_rotations, generator=torch.Generator().manual_seed(o.rotation_seed), dtype=torch.float64)
+    return [180.0 * (t + float(u[t])) / o.n_rotations for t in range(o.n_rotations)]
+
+
+def rotate(x: torch.Tensor, degrees: float, chunk: int = 10000) -> torch.Tensor:
+    """uint8 images N x C x H x W rotated anticlockwise about their centre (bilinear, black corners)."""
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])   # output -> input
+    out = torch.empty_like(x)
+    for i in range(0, len(x), chunk):
+        part = x[i:i + chunk].float()
+        grid = F.affine_grid(theta.expand(len(part), 2, 3), list(part.shape), align_corners=False)
+        out[i:i + chunk] = F.grid_sample(part, grid, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+@register_scenario("rotated_mnist", RotatedMnistOptions)
+def rotated_mnist(o: RotatedMnistOptions, run) -> Scenario:
+    """MNIST rotated by a fixed angle per task (domain_il: one shared 10-way head; class_il, task_il too)."""
+    mnist_available(run)
+    arrays = mnist_uint8(str(Path(run.data_root).expanduser().resolve()))
+    x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in arrays)
+    tr, te = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
+    x_train, y_train, x_test, y_test = x_train[tr], y_train[tr], x_test[te], y_test[te]
+    setting, angles = o.setting_of(run), _angles(o)
+    everyone = Source("MNIST training images", torch.arange(len(y_train)))   # the same people in every task
+    tasks = []
+    for i, angle in enumerate(angles):
+        offset = 10 * i if setting == "class_il" else 0   # class_il tells the rotations apart by label
+        parts = [TaskData(rotate(x, angle), y + offset) for x, y in ((x_train, y_train), (x_test, y_test))]
+        tasks.append(Task(i, f"rot{angle:.0f}", tuple(range(offset, offset + 10)), parts[0], parts[1],
+                          n_outputs=10, source=everyone))
+    standardise = ((MNIST_MEAN,), (MNIST_STD,)) if o.mnist_standardise else ((0.0,), (1.0,))
+    held = sum(t.train.x.numel() + t.test.x.numel() for t in tasks)
+    return _scenario("rotated_mnist", o, setting, tasks, 10 * len(tasks) if setting == "class_il" else 10,
+                     tuple(x_train.shape[1:]), {"train_size": len(y_train), "test_size": len(y_test),
+                                                "angles": angles, "image_bytes": held}, standardise)

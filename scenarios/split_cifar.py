@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from clsim.config import opt
 from clsim.data import cached_cifar10, class_order, crop_flip, first_per_class
+from clsim.datasets import cifar10_available
 from clsim.models import make_model
 from clsim.registry import register_scenario
 from clsim.scenario import Scenario, SupervisedOptions, class_split, single_head_width
@@ -41,8 +42,9 @@ class SplitCifarOptions(SupervisedOptions):
 
 @register_scenario("split_cifar", SplitCifarOptions)
 def split_cifar(o: SplitCifarOptions, run) -> Scenario:
-    """Real CIFAR-10 from --data-root/cifar-10-batches-py, 5 tasks x 2 classes (class_il, task_il or domain_il)."""
-    x_train, y_train, x_test, y_test = cached_cifar10(str(Path(run.data_root).resolve()))
+    """Real CIFAR-10 from --data-root/cifar-10-batches-py (downloaded on first use), 5 tasks x 2 classes (class_il, task_il or domain_il)."""
+    cifar10_available(run)
+    x_train, y_train, x_test, y_test = cached_cifar10(str(Path(run.data_root).expanduser().resolve()))
     keep_train, keep_test = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
     setting = o.setting_of(run)
     tasks = class_split(x_train[keep_train], y_train[keep_train], x_test[keep_test], y_test[keep_test],

@@ -12,6 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 CACHE = Path(os.environ.get("CLSIM_CACHE", REPO / ".cache"))
+# Tests reach nothing outside 127.0.0.1: a missing dataset is an error, never a download, unless a
+# test asks for one (--download true, from its own server; tests/test_datasets.py).
+os.environ["CLSIM_NO_DOWNLOAD"] = "1"
 
 
 def build_cifar10() -> Path | None:
