@@ -2,22 +2,29 @@
 
 `mia` (heuristic): members are training examples of a task, non-members its held-out test
 examples (same number of each); an example is called a member when its score (minus its loss)
-passes a threshold. For (ε, δ)-DP every test satisfies TPR ≤ e^ε·FPR + δ and TNR ≤ e^ε·FNR + δ,
-so ε ≥ max(log((TPR − δ)/FPR), log((TNR − δ)/FNR)). The threshold is chosen on one half of the
-examples, the rates measured on the other with 95% Clopper–Pearson bounds. It is a heuristic,
-not a guarantee: members and non-members were not assigned at random (training and test sets
-may differ in distribution), so a positive figure can come from that difference alone.
+passes a threshold. For (ε, δ)-DP every test satisfies TPR ≤ e^ε·FPR + δ and TNR ≤ e^ε·FNR + δ
+when membership is decided at random, so log((TPR − δ)/FPR) and log((TNR − δ)/FNR) would bound ε
+from below. The threshold is chosen on one half of the examples, the rates measured on the other
+with 95% Clopper–Pearson bounds. The figure (`mia_heuristic_epsilon`) is a heuristic, never a
+bound: members and non-members were not assigned at random (training and test sets may differ
+in distribution), so a positive figure can come from that difference alone, and it may exceed
+the accountant's ε.
 
 `one-run` (Steinke, Nasr & Jagielski, NeurIPS 2023, "Privacy auditing with one (1) training
 run"): m canaries (training examples of the last task with a wrong label, the paper's "input
 space" canaries) are each kept in the training set with probability ½ and removed otherwise,
 by a coin drawn before training. Afterwards the auditor guesses "in" for the k highest-scoring
 canaries and "out" for the k lowest (score: minus the loss at the canary's label; k fixed in
-advance) and counts the correct guesses v of r = 2k. Their Corollary 5.4 (Appendix D's
-p-value) bounds P[≥ v correct] under (ε, δ)-DP; the reported ε is the largest one rejected at
-level 0.05, a lower bound that holds with 95% confidence. clsim differs from the paper only in
-using a single fixed (k, k) split of guesses rather than reporting the best of several (which
-would need a correction for the multiple tries).
+advance) and counts the correct guesses v of r = 2k. The statement implemented (cited by its
+content: the search tools here could not show the paper's numbering, so none is given) is their
+main theorem for (ε, δ)-DP with m canaries each included independently with probability ½:
+P[at least v of the r guesses correct] ≤ P[Binomial(r, e^ε/(1+e^ε)) ≥ v] + 2mδ·max_{i=1..v}
+P[v > Binomial(r, e^ε/(1+e^ε)) ≥ v − i]/i, evaluated as in their appendix's `p_value_DP_audit`
+(`p_value` below). The reported ε is the largest one rejected at level 0.05, a lower bound that
+holds with 95% confidence. The theorem needs the inclusion coins independent of the mechanism:
+they come from a stream of their own (clsim/privacy/streams.py). clsim differs from the paper
+only in using a single fixed (k, k) split of guesses rather than reporting the best of several
+(which would need a correction for the multiple tries).
 """
 from __future__ import annotations
 
@@ -28,12 +35,13 @@ import torch
 
 from clsim.config import opt
 from clsim.errors import UserError
+from clsim.privacy import streams
 
 
 @dataclass
 class AuditOptions:
     audit: str | None = opt(None, "after training, audit privacy empirically: mia (loss-threshold heuristic, "
-                            "members vs held-out test examples of each task) or one-run (Steinke et al. 2023: "
+                            "members vs held-out test examples of each task; its figures bound nothing) or one-run (Steinke et al. 2023: "
                             "canaries kept at random, a lower bound on ε at 95% confidence)",
                             choices=("mia", "one-run"))
     audit_examples: int = opt(1000, "mia: most members (and as many non-members) per task", low=10)
@@ -88,10 +96,11 @@ def _bound(tp: float, fp: float, delta: float) -> float:
     return max(0.0, math.log((tp - delta) / fp))
 
 
-def empirical_epsilon(members: torch.Tensor, nonmembers: torch.Tensor, delta: float,
-                      generator: torch.Generator, alpha: float = 0.05) -> float:
-    """ε lower bound (confidence 1 − alpha, under the heuristic's assumptions) of the tests
-    'score > τ means member' and its mirror, through both one-sided DP inequalities."""
+def mia_heuristic_epsilon(members: torch.Tensor, nonmembers: torch.Tensor, delta: float,
+                          generator: torch.Generator, alpha: float = 0.05) -> float:
+    """The ε that the tests 'score > τ means member' and its mirror would imply through both
+    one-sided DP inequalities, from rates bounded at level 1 − alpha (Clopper–Pearson). Not a
+    bound on the mechanism's ε: members and non-members were not assigned at random."""
     pm = torch.randperm(len(members), generator=generator)
     pn = torch.randperm(len(nonmembers), generator=generator)
     m_fit, m_test = members[pm[: len(pm) // 2]], members[pm[len(pm) // 2:]]
@@ -119,7 +128,7 @@ def empirical_epsilon(members: torch.Tensor, nonmembers: torch.Tensor, delta: fl
 
 def mia(learner, scenario, ledger, examples: int, seed: int) -> dict:
     """The summary.json `audit` section: per task AUC, empirical ε and the accountant's ε."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = streams.generator(seed, streams.MIA)
     tasks = {}
     for task in scenario.tasks:
         if task.train is None or task.test is None:
@@ -133,12 +142,13 @@ def mia(learner, scenario, ledger, examples: int, seed: int) -> dict:
         accountant = ledger.epsilon(task.dataset_id)
         tasks[task.dataset_id] = {
             "auc": roc_auc(members, nonmembers),
-            "epsilon_lower_bound": empirical_epsilon(members, nonmembers, ledger.delta, generator),
+            "mia_heuristic_epsilon": mia_heuristic_epsilon(members, nonmembers, ledger.delta, generator),
             "epsilon_accountant": accountant if math.isfinite(accountant) else None,
             "members": n, "nonmembers": n}
-    return {"attack": "loss threshold (heuristic: no guarantee)", "delta": ledger.delta, "confidence": 0.95,
+    return {"attack": "loss threshold (heuristic: no guarantee)", "delta": ledger.delta,
+            "mia_heuristic_rates_level": 0.95,
             "auc_max": max((t["auc"] for t in tasks.values()), default=None),
-            "epsilon_lower_bound_max": max((t["epsilon_lower_bound"] for t in tasks.values()), default=None),
+            "mia_heuristic_epsilon_max": max((t["mia_heuristic_epsilon"] for t in tasks.values()), default=None),
             "tasks": tasks}
 
 
@@ -163,7 +173,7 @@ def plant_canaries(scenario, m: int, seed: int) -> Canaries:
     if len(labels) < 2 or m > len(task.train) // 2:
         raise UserError(f"--audit-canaries {m}: the last task has {len(task.train)} examples and "
                         f"{len(labels)} label(s); use at most half its examples, and a task with two labels or more")
-    g = torch.Generator().manual_seed(seed)
+    g = streams.generator(seed, streams.CANARIES)     # shared with no other draw of the run
     pick = torch.randperm(len(task.train), generator=g)[:m]
     x, y = task.train.x[pick], task.train.y[pick]
     shift = torch.randint(1, len(labels), (m,), generator=g)     # another label of the task, uniformly
@@ -180,8 +190,8 @@ def plant_canaries(scenario, m: int, seed: int) -> Canaries:
 
 def p_value(m: int, r: int, v: int, eps: float, delta: float) -> float:
     """P[at least v of r guesses correct] bound under (ε, δ)-DP with m canaries (Steinke et al.
-    2023, Corollary 5.4): P[Binomial(r, q) ≥ v] + 2mδ·max_i P[v > Binomial(r, q) ≥ v − i]/i,
-    q = e^ε/(1 + e^ε)."""
+    2023, their main theorem, see the module docstring): P[Binomial(r, q) ≥ v] + 2mδ·max_i
+    P[v > Binomial(r, q) ≥ v − i]/i, q = e^ε/(1 + e^ε)."""
     from scipy.stats import binom
     q = 1 / (1 + math.exp(-eps))
     tail = float(binom.sf(v - 1, r, q))

@@ -26,7 +26,7 @@ from torch import nn
 from clsim.config import opt
 from clsim.errors import UserError
 from clsim.fisher import diagonal_fisher
-from clsim.privacy import clipping
+from clsim.privacy import clipping, streams
 from clsim.privacy.calibration import DEFAULT_DELTA, DEFAULT_FISHER_NOISE, DEFAULT_NOISE, calibrate
 from clsim.privacy.clipping import Clipper, head_filtered
 from clsim.privacy.dp_fisher import dp_fisher
@@ -170,11 +170,16 @@ class DPSGD(Mechanism):
         return self.options.log_training_figures
 
     def setup(self, learner, scenario, ledger) -> None:
+        """Also moves the learner's generator (seeded with --seed, like torch's global one that
+        initialised the model) to a stream of its own (clsim/privacy/streams.py): what it draws
+        from here on, Poisson masks (examples or episodes) and DP-Fisher samples among them,
+        must not repeat the numbers that became the initial weights."""
         super().setup(learner, scenario, ledger)
         ledger.delta = self.delta
         ledger.notes.extend(self.notes)
-        # Noise and perturbations get their own streams, seeded from --seed through the learner
-        # and reseeded at every task, so a run resumed at a task boundary draws the same noise.
+        learner.generator.manual_seed(streams.derived_seed(learner.generator.initial_seed(), streams.PRIVATE_TRAINING))
+        # Noise and perturbations get streams of their own, seeded from that one and reseeded
+        # at every task, so a run resumed at a task boundary draws the same noise.
         self.seed = int(torch.randint(0, 2 ** 60, (1,), generator=learner.generator))
         self.noise_generator = torch.Generator(learner.device).manual_seed(self.seed)
 
