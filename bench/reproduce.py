@@ -51,6 +51,9 @@ def budget_flags(preset: presets.Preset, budget: float) -> list[str]:
     flags = ["--epochs", str(scaled_epochs(preset, budget))]
     flags += ["--train-per-class", str(max(1, round(budget * preset.train_per_class))),
               "--test-per-class", str(max(100, round(budget * 1000)))]
+    if "pretrain_epochs" in preset.options:   # van de Ven's CIFAR-10 pre-training, scaled alike
+        flags += ["--pretrain-epochs", str(max(1, round(budget * int(preset.options["pretrain_epochs"])))),
+                  "--pretrain-per-class", str(max(1, round(budget * 5000)))]
     for name in MEMORY_OPTIONS:
         if name in preset.options:
             flags += ["--" + name.replace("_", "-"), str(max(1, round(budget * int(preset.options[name]))))]

@@ -113,7 +113,7 @@ class FromUint8(nn.Module):
     def __init__(self, backbone: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.backbone = backbone
-        self.out_features = backbone.out_features
+        self.out_features = getattr(backbone, "out_features", None)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 

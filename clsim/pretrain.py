@@ -86,7 +86,6 @@ def pretrained_conv(o, run) -> VdvConvNet:
     return net
 
 
-@torch.no_grad()
 def pretrained_features(o, run, arrays, mean, std):
     """(the images' features through the frozen pre-trained layers, train then test; a model builder
     for the fully connected part; what to record in summary.json)."""
@@ -100,6 +99,7 @@ def pretrained_features(o, run, arrays, mean, std):
     conv = FromUint8(net.conv, mean, std).to(run.device).eval()
     x_train, y_train, x_test, y_test = arrays
 
+    @torch.no_grad()
     def features(x):
         return torch.cat([conv(torch.from_numpy(np.ascontiguousarray(x[i:i + 1000])).to(run.device)).cpu()
                           for i in range(0, len(x), 1000)]).numpy()

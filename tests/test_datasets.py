@@ -410,3 +410,40 @@ def test_uint8_images_enter_the_model_standardised():
     x = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
     expected = model.heads[0](model.backbone.backbone((x.float() / 255 - 0.5) / 0.25))
     assert torch.allclose(model(x), expected)
+
+
+# ------------------------------------------------------------------ presets at a reduced budget
+
+def cifar10_archive(folder: Path, per_class: int = 2) -> Path:
+    rng = np.random.default_rng(2)
+    path = folder / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+            labels = [c for c in range(10) for _ in range(per_class)]
+            data = pickle.dumps({b"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8),
+                                 b"labels": labels}, protocol=2)
+            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+NEW_PRESETS = [name for name, p in __import__("clsim.presets", fromlist=["x"]).all_presets().items()
+               if p.options["scenario"] in ("split_cifar100", "seq_tinyimagenet")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NEW_PRESETS)
+def test_each_new_preset_runs_end_to_end_at_a_reduced_budget(tmp_path, server, monkeypatch, name):
+    """Every preset on fixtures in the official formats, at bench/reproduce.py's budget 0.002 (one
+    epoch, one image per class, memories of one example) and a narrow backbone, to keep it short."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from reproduce import budget_flags
+    from clsim import presets
+    preset = presets.get(name)
+    serve_as(monkeypatch, datasets.CIFAR100, server, cifar100_archive(server.folder, per_class=1))
+    serve_as(monkeypatch, datasets.TINY_IMAGENET, server, tiny_imagenet_zip(server.folder, train_per_class=1))
+    serve_as(monkeypatch, datasets.CIFAR10, server, cifar10_archive(server.folder))
+    s = run(tmp_path, "--preset", name, *budget_flags(preset, 0.002), "--backbone-width", "4",
+            "--data-root", str(tmp_path / "data"), "--download", "true", "--batch-size", "32")
+    assert len(s["accuracy_matrix"]) == 10 and s["strategy"] == preset.options["strategy"]
