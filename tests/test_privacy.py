@@ -160,6 +160,36 @@ def test_every_per_example_gradient_reaching_the_optimizer_is_clipped(mechanism_
     assert ledger.accesses[task.dataset_id][-1]["steps"] == 1
 
 
+def test_dplis_sum_form_clips_each_examples_sum_over_the_copies_as_the_authors_code_does():
+    """wangwenxiao/DPlis dp_train.py, --mode smooth_loss: per example Σ_k ∇ℓ(θ + u_k; x_i), clipped
+    to C, summed over the batch, plus N(0, σ²C²). The default mean form clips Σ_k/K instead."""
+    C, K, radius = 1.0, 3, 20.0
+    scenario, learner, mechanism, ledger = make(DPlis, noise_multiplier=1.0, max_grad_norm=C, dplis_k=K,
+                                                dplis_radius=radius, dplis_aggregate="sum")
+    task, optimizer, batch = first_batch(scenario, learner, mechanism)
+    optimizer.noise_multiplier = 0.0
+    used = {n: p for n, p in learner.model.named_parameters() if not n.startswith("heads.") or
+            n.startswith("heads.0.")}
+    g = torch.Generator().set_state(mechanism.perturb_generator.get_state())
+    s = radius * learner.lr * mechanism.sigma * C / learner.batch_size
+    draws = {n: s * torch.randn((K, *p.shape), generator=g) for n, p in used.items()}
+    with mechanism.hooks_lifted():
+        mean = reference_grads(learner, batch, used, [{n: d[k] for n, d in draws.items()} for k in range(K)])
+    losses, _ = learner.forward(batch)
+    mechanism.backward(losses, None)
+
+    def clipped_sum(rows):
+        norms = sum(r.flatten(1).pow(2).sum(1) for r in rows.values()).sqrt()
+        return norms, {n: torch.einsum("i,i...->...", (C / (norms + 1e-6)).clamp(max=1.0), r) for n, r in rows.items()}
+    mean_norms, mean_form = clipped_sum(mean)
+    _, sum_form = clipped_sum({n: K * r for n, r in mean.items()})
+    assert (mean_norms < C).any()                # so the two forms differ on this batch
+    for n, p in used.items():
+        torch.testing.assert_close(p.grad_sample, K * mean[n], rtol=1e-4, atol=1e-6)    # one row per example
+        torch.testing.assert_close(p.grad * learner.batch_size, sum_form[n], rtol=1e-4, atol=1e-6)
+    assert any(not torch.allclose(sum_form[n], mean_form[n], rtol=1e-3) for n in used)
+
+
 @pytest.mark.parametrize("mechanism_cls", [DPSGD, DPlis])
 def test_noise_has_std_sigma_c_over_b_on_a_zero_gradient_model(mechanism_cls):
     sigma, C, B = 2.0, 0.5, 32

@@ -5,10 +5,17 @@ s = radius·lr·σ·C/B: `radius` times the std of the noise one DP-SGD step add
 (lr times N(0, σ²C²) on the summed gradient, divided by the batch size B). Without the /B the
 perturbation would be B times that, e.g. a std of 1.5 per weight at lr 0.05, σ 1.5, radius 20,
 which wipes out the model instead of smoothing its loss.
-Example i's gradient is the mean over k of ∇θ ℓ(θ + u_k; x_i) (the paper allows the sum too; the
-mean keeps the scale of C comparable with DP-SGD). It is clipped once (the `Smoothed` clipper),
-so noise and accounting are exactly DP-SGD's with the same (q, σ, steps): the perturbations are
-data-independent, and each example still contributes one clipped vector.
+Example i's gradient is, by default, the mean over k of ∇θ ℓ(θ + u_k; x_i): the Monte-Carlo
+estimate of the gradient of the smoothed loss E_u[ℓ(θ + u; x_i)] that the paper defines, so C and
+the learning rate keep DP-SGD's meaning (with radius 0, any K is DP-SGD exactly). The authors' code
+(wangwenxiao/DPlis, dp_train.py, `--mode smooth_loss`) sums instead: per example Σ_k ∇ℓ(θ + u_k),
+then clipped to C, then noise σC; `--dplis-aggregate sum` is that form, which scales every
+unclipped gradient by K (so the signal-to-noise ratio and the learning rate that works differ by
+up to K: the authors' hyper-parameters transfer only with it; the sweep and the bench select it).
+Either way the vector is clipped once (the `Smoothed` clipper), so noise and accounting are
+exactly DP-SGD's with the same (q, σ, steps): the perturbations are data-independent, and each
+example still contributes one clipped vector. Their perturbation std, radius·lr·σ·C, is clsim's
+radius·lr·σ·C/B: their update applies lr to the noisy sum, clsim's (Opacus's) to the sum over B.
 
 The per-example gradients come from torch.func (functional_call + vmap(grad)), vectorised over
 examples and over chunks of the K copies (`dplis_k_chunk`); the sum over copies happens inside
@@ -31,9 +38,12 @@ from clsim.registry import register_mechanism
 
 @dataclass
 class DPlisOptions(DPOptions):
-    dplis_k: int = opt(10, "K: perturbed parameter copies averaged per step", low=1)
+    dplis_k: int = opt(10, "K: perturbed parameter copies per step", low=1)
     dplis_radius: float = opt(20.0, "perturbation std in units of one DP-SGD step's parameter noise "
                               "(s = radius·lr·σ·C/B)", low=0.0)
+    dplis_aggregate: str = opt("mean", "each example's gradient over the K copies: mean (the smoothed "
+                               "loss's gradient, C as in DP-SGD) or sum (the authors' dp_train.py: K times "
+                               "larger before clipping)", choices=("mean", "sum"))
     dplis_k_chunk: int = opt(0, "copies vectorised together (0: one at a time on CPU, where measured "
                              "fastest; on a GPU as many as --dplis-memory-mb allows)", low=0)
     dplis_memory_mb: int = opt(1024, "GPU: memory a chunk of copies may use (with --dplis-k-chunk 0)", low=1)
@@ -52,8 +62,8 @@ class _Loss(nn.Module):
 
 
 class Smoothed(Clipper):
-    """Each example's gradient averaged over K perturbed copies of the parameters, then clipped
-    like Opacus's rows; the rows stay in p.grad_sample (one per example, never K)."""
+    """Each example's gradient averaged (or summed) over K perturbed copies of the parameters,
+    then clipped like Opacus's rows; the rows stay in p.grad_sample (one per example, never K)."""
 
     name = "smoothed"
 
@@ -78,7 +88,8 @@ class Smoothed(Clipper):
         return active
 
     def smoothed_grads(self, batch, free: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-        """Per-example mean over K perturbations of ∇ℓ, for the `free` parameters; rows in batch order."""
+        """Per-example mean (or sum) over K perturbations of ∇ℓ, for the `free` parameters; rows in
+        batch order."""
         o, model = self.options, self.learner.model
         scale = o.dplis_radius * self.step_size() * self.sigma * o.max_grad_norm / self.learner.batch_size
         theta = {n: p.detach() for n, p in free.items()}
@@ -112,7 +123,7 @@ class Smoothed(Clipper):
                 g = per_example(theta, shifts, batch.x[rows], batch.y[rows])   # name -> [rows, *shape]
                 for n in total:
                     total[n][rows] += g[n]
-        return {n: v / K for n, v in total.items()}
+        return total if o.dplis_aggregate == "sum" else {n: v / K for n, v in total.items()}
 
     def auto_chunk(self, theta: dict[str, torch.Tensor], batch_size: int) -> int:
         device = next(iter(theta.values())).device
