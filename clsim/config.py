@@ -51,6 +51,11 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+#: the bound of every integer option that states none: no count in a run comes near it, and past
+#: it values overflow the C integers of torch and numpy (a traceback, or a silent wrap)
+INT_HIGH = 2**31 - 1
+
+
 def validate(options) -> None:
     """Check every field of an options dataclass against its bounds; raise UserError."""
     for f in dataclasses.fields(options):
@@ -65,6 +70,8 @@ def validate(options) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 raise OptionError(f.name, f"{flag(f.name)} must be a finite number, got {value}")
             low, high = meta.get("low"), meta.get("high")
+            if high is None and isinstance(value, int):
+                high = INT_HIGH
             if low is not None and (value < low or (meta.get("low_open") and value == low)):
                 rel = ">" if meta.get("low_open") else ">="
                 raise OptionError(f.name, f"{flag(f.name)} must be {rel} {low}, got {value}")

@@ -40,6 +40,7 @@ from clsim.engine import Parts
 from clsim.errors import UserError
 from clsim.loggers import LogContext, Logger, to_json
 from clsim.loggers.progress import ProgressLogger
+from clsim.models import check_size
 from clsim.privacy.audit import AuditOptions, one_run, plant_canaries
 from clsim.privacy.ledger import Ledger
 from clsim.privacy.mechanism import Mechanism
@@ -328,6 +329,8 @@ class Experiment:
         training = self.protocol_options
         from clsim.learners.supervised import SupervisedLearner
         learner_cls = scenario.learner_cls or SupervisedLearner
+        if not isinstance(self.model, nn.Module):
+            check_size(self.model or scenario.make_model, device)
         model = self.model if isinstance(self.model, nn.Module) else \
             (self.model or scenario.make_model)()
         learner = learner_cls(model, lr=run.lr or scenario.defaults.get("lr", 0.01), momentum=run.momentum,
@@ -410,20 +413,25 @@ class Experiment:
             def save(state):   # with the loggers' file sizes, to which a resumed run cuts them back
                 files = {k: v for logger in parts.loggers for k, v in logger.file_sizes().items()}
                 directory.task_finished(state if run.checkpoint else None, files)
-        result = parts.train(checkpoint=save, resume=state, protocol=self.protocol_options)
-        if self.audit_options.audit == "mia":
-            from clsim.privacy.audit import mia
-            result["audit"] = mia(parts.learner, parts.scenario, parts.ledger,
-                                  self.audit_options.audit_examples, run.seed)
-        if self.audit_options.audit == "one-run":
-            result["audit"] = one_run(parts.learner, parts.scenario, self.canaries, parts.ledger,
-                                      self.audit_options.audit_guesses)
-        summary = {"scenario": parts.scenario.name, "strategy": self.strategy_name,
-                   "setting": parts.scenario.setting, "seed": run.seed,
-                   "privacy_mechanism": parts.mechanism.name, "hparams": parts.hparams,
-                   "scenario_info": parts.scenario.info, **result}
-        for logger in parts.loggers:
-            logger.close(summary)
+        try:
+            result = parts.train(checkpoint=save, resume=state, protocol=self.protocol_options)
+            if self.audit_options.audit == "mia":
+                from clsim.privacy.audit import mia
+                result["audit"] = mia(parts.learner, parts.scenario, parts.ledger,
+                                      self.audit_options.audit_examples, run.seed)
+            if self.audit_options.audit == "one-run":
+                result["audit"] = one_run(parts.learner, parts.scenario, self.canaries, parts.ledger,
+                                          self.audit_options.audit_guesses)
+            summary = {"scenario": parts.scenario.name, "strategy": self.strategy_name,
+                       "setting": parts.scenario.setting, "seed": run.seed,
+                       "privacy_mechanism": parts.mechanism.name, "hparams": parts.hparams,
+                       "scenario_info": parts.scenario.info, **result}
+            for logger in parts.loggers:
+                logger.close(summary)
+        except BaseException:   # before the directory is removed or kept: no writer thread outlives it
+            for logger in parts.loggers:
+                logger.abort()
+            raise
         return summary
 
 

@@ -1,6 +1,10 @@
 """Backbones and the multi-head wrapper every supervised scenario uses."""
 from __future__ import annotations
 
+import random
+from typing import Callable
+
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -237,3 +241,39 @@ def make_model(backbone: str, input_shape, setting: str, head_sizes_task_il: lis
     if standardise is not None:
         body = FromUint8(body, *standardise)
     return MultiHeadNet(body, heads, shared=task_heads == "shared")
+
+
+
+def check_size(make: Callable[[], nn.Module], device: torch.device) -> None:
+    """Refuse, before anything is allocated, a model whose weights and their gradients alone exceed
+    the memory `device` has free (`--hidden 100000000` asked for 25 GB, then died). The model is
+    made once on torch's meta device (shapes, no storage), random states kept as they were; one
+    that cannot be made there is left to be made for real."""
+    state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            probe = make()
+        need = sum(2 * p.numel() * p.element_size() for p in probe.parameters()) + \
+            sum(b.numel() * b.element_size() for b in probe.buffers())
+    except Exception:
+        return
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+    free = free_memory(device)
+    if free is not None and need > free:
+        raise UserError(f"the model needs {need / 2**30:.1f} GiB for its weights and their gradients alone, "
+                        f"more than the {free / 2**30:.1f} GiB free on {device}; choose a smaller model "
+                        f"(its width or depth options)")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (CUDA: the driver's figure; CPU: MemAvailable); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

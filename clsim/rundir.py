@@ -80,10 +80,41 @@ def quiet_thread_errors(args) -> None:
         threading.__excepthook__(args)
 
 
+#: bytes a run writes below --out: its directory's name, then the longest of its files' (TensorBoard's
+#: tb/events.out.tfevents.<time>.<host>.<pid>.<n>, with a host name of up to 64)
+RUN_ROOM, FILE_ROOM = 256, 128
+
+
+def check_length(path: Path, what: str, room: int) -> None:
+    """Refuse a path that the file system cannot hold (each name within its NAME_MAX, the whole
+    with `room` bytes more below it within PATH_MAX), before the OSError 36 of the first write."""
+    name_max, path_max = _limits(path)
+    long = next((part for part in path.parts if len(os.fsencode(part)) > name_max), None)
+    if long is not None:
+        raise UserError(f"{what}: the name {long[:32]}... is {len(os.fsencode(long))} bytes long, more than the "
+                        f"{name_max} this file system allows; give a shorter one")
+    size = len(os.fsencode(path.absolute()))
+    if size + room > path_max:
+        raise UserError(f"{what}: the path is {size} bytes long, and what a run writes below it needs up to {room} "
+                        f"more, past the {path_max} this file system allows; give a shorter one")
+
+
+def _limits(path: Path) -> tuple[int, int]:
+    """NAME_MAX and PATH_MAX of the file system holding `path` (its nearest existing ancestor)."""
+    for p in (path.absolute(), *path.absolute().parents):
+        try:
+            return os.pathconf(p, "PC_NAME_MAX"), os.pathconf(p, "PC_PATH_MAX")
+        except (OSError, ValueError):
+            continue
+    return 255, 4096
+
+
 def check_out(out: str, create: bool = False) -> Path:
-    """Refuse an --out that is not (or cannot become) a writable directory; create it if asked.
-    Checked before any work, and without creating anything then."""
+    """Refuse an --out that is not (or cannot become) a writable directory, or whose path is too
+    long for a run to be written below it; create it if asked. Checked before any work, and
+    without creating anything then."""
     root = Path(out)
+    check_length(root, f"--out {out if len(out) < 80 else out[:60] + '...'}", RUN_ROOM)
     if create:
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -158,6 +189,7 @@ class RunDirectory:
     @classmethod
     def claim(cls, out: str, name: str) -> RunDirectory:
         root = check_out(out, create=True)
+        check_length(root / f".{name}-999.partial", f"the run directory of {name}", FILE_ROOM)   # room for -N
         for n in itertools.count(1):
             final = name if n == 1 else f"{name}-{n}"
             partial = root / f".{final}.partial"

@@ -2,7 +2,7 @@
 
 A logger is one file: a `Logger` subclass registered with `@register_logger("name")`; third-party
 packages register theirs through the entry-point group `clsim.loggers`. A logger has step(record),
-task(record) and close(summary) (none changes training), and writes only under paths it claims
+task(record), close(summary) and abort() (none changes training), and writes only under paths it claims
 with `self.path(name)` in its run directory, appending. That handles resuming once for every
 logger: at each checkpoint the run directory (clsim/rundir.py) records the sizes of the claimed
 files (`file_sizes`), and a resumed run cuts them back to those sizes, dropping what an
@@ -57,6 +57,10 @@ class Logger:
 
     def close(self, summary: dict) -> None:
         pass
+
+    def abort(self) -> None:
+        """The run failed: release open files and threads now (the run directory is removed or
+        kept next), writing no summary. Must not raise."""
 
     def file_sizes(self) -> dict[str, int]:
         """Claimed file (relative to the run directory) -> size, for the checkpoint."""

@@ -1,6 +1,7 @@
 """CSV files for spreadsheets and pandas: steps, task records and the score matrix."""
 from __future__ import annotations
 
+import contextlib
 import csv
 
 from clsim.loggers import Logger, numbers
@@ -39,6 +40,11 @@ class CsvLogger(Logger):
     def flush(self):
         for f in self.files.values():
             f.flush()
+
+    def abort(self):
+        for f in self.files.values():
+            with contextlib.suppress(OSError):
+                f.close()
 
     def close(self, summary):
         for f in self.files.values():

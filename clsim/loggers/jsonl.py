@@ -35,5 +35,9 @@ class JsonlLogger(Logger):
     def flush(self):
         self.file.flush()
 
+    def abort(self):
+        with contextlib.suppress(OSError):
+            self.file.close()
+
     def close(self, summary):
         self.file.close()

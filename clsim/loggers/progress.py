@@ -42,5 +42,8 @@ class ProgressLogger(Logger):
                            f"row {' '.join(f'{x:.1f}' for x in record['row'])}"
                            + ("" if aware is None else f"  task-aware ACC {aware['acc']:.2f}"))
 
+    def abort(self):
+        self.bar.close()
+
     def close(self, summary):
         self.bar.close()

@@ -1,6 +1,7 @@
 """TensorBoard: scalars per step and per task, the matrix as an image, the hparams table."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -66,6 +67,10 @@ class TensorBoardLogger(Logger):
 
     def flush(self):
         self.writer.flush()
+
+    def abort(self):
+        with contextlib.suppress(OSError):   # e.g. the full disk that stopped the run
+            self.writer.close()   # joins the writer thread, which would write into a removed directory
 
     def close(self, summary):
         R = summary["accuracy_matrix"]
