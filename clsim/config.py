@@ -12,6 +12,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import yaml
+
 from clsim.download import default_data_root
 from clsim.errors import UserError
 
@@ -209,3 +211,30 @@ class ProtocolOptions:
     val_fraction: float = opt(0.0, "hold out this share of each task's training set for validation "
                               "(0: the plateau schedule validates on the training set, as BLIP's "
                               "code does)", low=0.0, high=0.9)
+
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that gives one key twice (`load_yaml_unique`)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # <<: *base may override on purpose
+                continue
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(f"gives {key} twice (lines {seen[key]} and {line})")
+                seen[key] = line
+            except TypeError:   # an unhashable key: the base class refuses it
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml_unique(stream):
+    """yaml.safe_load (loading never runs code), refusing a mapping that gives one key twice: YAML
+    would keep the last silently, where the same flag given twice is refused."""
+    return yaml.load(stream, Loader=_UniqueKeyLoader)

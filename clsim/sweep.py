@@ -35,17 +35,24 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from clsim import rundir
+from clsim.config import DuplicateKeyError, load_yaml_unique
 from clsim.errors import UserError
 
 SPEC_KEYS = {"name", "base", "grid", "random", "threads"}
 SAMPLERS = {"choice", "uniform", "loguniform", "randint"}
+#: a sweep of more trials is refused unless --max-trials allows it (a typo in a grid, or a grid
+#: meant for a cluster, would otherwise run silently for hours)
+MAX_TRIALS = 1000
 
 
 def load_spec(path: str) -> dict:
     try:
-        spec = yaml.safe_load(Path(path).read_text())
+        spec = load_yaml_unique(Path(path).read_text())
     except OSError as exc:
         raise UserError(f"cannot read sweep spec {path}: {exc.strerror}") from None
+    except DuplicateKeyError as exc:
+        raise UserError(f"sweep spec {path} {exc}; keep one") from None
     except yaml.YAMLError as exc:
         raise UserError(f"sweep spec {path} is not valid YAML ({type(exc).__name__})") from None
     if not isinstance(spec, dict):
@@ -54,7 +61,10 @@ def load_spec(path: str) -> dict:
     if unknown:
         raise UserError(f"unknown key(s) in sweep spec {path}: {', '.join(sorted(map(str, unknown)))}; "
                         f"use {', '.join(sorted(SPEC_KEYS))}")
-    spec.setdefault("name", Path(path).stem)
+    name = str(spec.setdefault("name", Path(path).stem))
+    if name in ("", ".", "..") or "/" in name or "\0" in name or (os.altsep and os.altsep in name):
+        raise UserError(f"sweep spec {path}: name {name!r} must be one directory name (no '/', not '..'): "
+                        f"the sweep is written to --out/<name>")
     for key in ("base", "grid"):
         if not isinstance(spec.setdefault(key, {}), dict):
             raise UserError(f"sweep spec {path}: {key} must be a mapping of option names to values")
@@ -64,7 +74,22 @@ def load_spec(path: str) -> dict:
     threads = spec.setdefault("threads", 1)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UserError(f"sweep spec {path}: threads must be a positive integer, got {threads!r}")
+    random = spec.get("random")
+    samples = random.get("samples", 1) if isinstance(random, dict) else 1
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise UserError(f"sweep spec {path}: random.samples must be a positive integer, got {samples!r}")
     return spec
+
+
+def check_trial_count(spec: dict, path: str, max_trials: int) -> int:
+    """How many trials `trials(spec)` makes, counted without making them; refused above `max_trials`."""
+    count = spec["random"].get("samples", 1) if isinstance(spec.get("random"), dict) else 1
+    for values in spec["grid"].values():
+        count *= len(values)
+    if count > max_trials:
+        raise UserError(f"sweep spec {path} makes {count} trials, more than --max-trials {max_trials}; "
+                        f"check its grid and random.samples, or pass --max-trials {count} to run them all")
+    return count
 
 
 def trials(spec: dict) -> list[dict]:
@@ -86,9 +111,7 @@ def _random_samples(random: dict | None) -> list[dict]:
     if not isinstance(random, dict) or not isinstance(random.get("space"), dict):
         raise UserError("sweep spec: random needs a space mapping option names to a sampler, "
                         "e.g. {lr: {loguniform: [0.001, 0.1]}}")
-    n = random.get("samples", 1)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise UserError(f"sweep spec: random.samples must be a positive integer, got {n!r}")
+    n = random.get("samples", 1)   # checked by load_spec
     rng = np.random.default_rng(random.get("seed", 0))
     out = []
     for _ in range(n):
@@ -186,11 +209,14 @@ def _progress(total: int, skipped: int):
 
 
 def sweep(spec_path: str, out: str = "sweeps", address: str | None = None,
-          workers: int | None = None) -> tuple[Path, int]:
+          workers: int | None = None, max_trials: int = MAX_TRIALS) -> tuple[Path, int]:
     """Run every unfinished trial of the spec on Ray (locally on `workers` CPUs, default all of
-    them, or on the cluster at `address`); returns the sweep directory and how many trials failed."""
+    them, or on the cluster at `address`); returns the sweep directory and how many trials failed.
+    A spec of more than `max_trials` trials is refused before anything runs."""
     spec = load_spec(spec_path)
+    check_trial_count(spec, spec_path, max_trials)
     sweep_dir = Path(out) / str(spec["name"])
+    rundir.check_length(sweep_dir, f"the sweep directory {sweep_dir}", rundir.RUN_ROOM + 128)   # + trials/<id>/
     resolved = trials(spec)
     pending, skipped = [], 0
     for options in resolved:
@@ -255,6 +281,16 @@ def _run_on_ray(pending: list[dict], sweep_dir: Path, threads: int, address: str
         ray.shutdown()
 
 
+def _why(sweep_dir: Path, status: dict) -> str:
+    """Why a trial did not finish, pointing only at files that exist."""
+    if status.get("error"):
+        return status["error"]
+    tune_error = sweep_dir / "tune" / status["id"] / "error.txt"   # Ray Tune's, for a crash outside clsim
+    if tune_error.is_file():
+        return f"see {tune_error}"
+    return "it did not run to its end (the sweep was stopped?); run the same command again to run it"
+
+
 def _write_status(sweep_dir: Path, resolved: list[dict]) -> int:
     """sweep.json: every trial's options, its run directory or its one-line error; returns how
     many trials did not finish."""
@@ -272,8 +308,7 @@ def _write_status(sweep_dir: Path, resolved: list[dict]) -> int:
     (sweep_dir / "sweep.json").write_text(json.dumps(status, indent=2, default=str))
     failed = [s for s in status if s["status"] != "finished"]
     for s in failed:
-        where = s.get("error") or f"see tune/{s['id']}/error.txt"
-        print(f"trial {s['id']} {s['status']}: {where}", file=sys.stderr)
+        print(f"trial {s['id']} {s['status']}: {_why(sweep_dir, s)}", file=sys.stderr)
     print(f"sweep {sweep_dir}: {len(status) - len(failed)} of {len(status)} trials finished "
           f"({time.strftime('%H:%M:%S')})", file=sys.stderr)
     return len(failed)
