@@ -3,7 +3,8 @@
 A page asks for generated content with a line `<!-- generated: NAME -->`, replaced at build time:
 `cli` (every option of every party, from the options dataclasses, and the subcommands' --help),
 `reproduction` (the presets in clsim/presets/ beside the measured figures of docs/results.yaml) and
-`strategy-capabilities` (what `--list` prints of each strategy). Pages in docs/ that mkdocs.yml's
+`strategy-capabilities` (what `--list` prints of each strategy) and `durations` (what
+bench/durations.py measured, docs/durations.yaml). Pages in docs/ that mkdocs.yml's
 nav does not name are added under "More", so a new page is never unreachable.
 """
 from __future__ import annotations
@@ -158,8 +159,20 @@ def strategy_capabilities() -> str:
     return strategy_table()
 
 
+def durations_table() -> str:
+    """docs/durations.yaml (written by bench/durations.py) as a table: each command's wall and CPU
+    time, with the machine, its load and the date."""
+    measured = yaml.safe_load((DOCS / "durations.yaml").read_text()) or {}
+    rows = ["| what | command | wall | CPU | load (1 min) | machine, date |", "|---|---|---|---|---|---|"]
+    for r in measured.values():
+        rows.append(f"| {_cell(r['what'])} | `{_cell(r['command'])}` | {r['wall_s']:.0f} s | {r['cpu_s']:.0f} s "
+                    f"| {r['load_before']:g} → {r['load_after']:g} | {_cell(r['machine'])}, nice {r['niceness']}, "
+                    f"{r['date']} |")
+    return "\n".join(rows)
+
+
 GENERATORS = {"cli": cli_page, "reproduction": reproduction_page,
-              "strategy-capabilities": strategy_capabilities}
+              "strategy-capabilities": strategy_capabilities, "durations": durations_table}
 MARKER = re.compile(r"^<!-- generated: ([a-z-]+) -->$", re.M)
 
 

@@ -1,9 +1,9 @@
 """The documentation runs as printed: every code block of README.md and docs/*.md, each in a scratch
 directory (python blocks executed, bash blocks run by bash, yaml blocks parsed), unless preceded by
-`<!-- skip: reason -->`; `<!-- slow: reason -->` marks a block for the slow tier. Blocks marked
-`text`, or with no language, are listings, not code. Also: the generated pages build, the worked
-strategy example is the shipped file, docs/results.yaml is well-formed, and the site builds with
-warnings as errors."""
+`<!-- skip: reason -->`. The blocks train models, so they run in the slow tier (CI); blocks marked
+`text`, or with no language, are listings, not code. The quick tier checks the rest: the skip
+markers, the generated pages, the worked strategy example is the shipped file, docs/results.yaml
+is well-formed; and (slow) the site builds with warnings as errors."""
 from __future__ import annotations
 
 import importlib.util
@@ -18,7 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
-BLOCK = re.compile(r"(?:^<!-- (skip|slow): ([^\n]*?) -->\n)?^```([\w-]*)[^\n]*\n(.*?)^```$", re.M | re.S)
+BLOCK = re.compile(r"(?:^<!-- (skip): ([^\n]*?) -->\n)?^```([\w-]*)[^\n]*\n(.*?)^```$", re.M | re.S)
 RUN = {"python", "bash", "sh", "shell", "yaml"}
 BASH = {"bash", "sh", "shell"}
 
@@ -44,28 +44,32 @@ def runnable():
     for page, line, language, code, marker, reason in blocks():
         if language not in RUN or marker == "skip":
             continue
-        marks = [pytest.mark.slow] if marker == "slow" else []
-        params.append(pytest.param(page, language, code, marks=marks, id=f"{page.relative_to(REPO)}:{line}"))
+        params.append(pytest.param(page, language, code, id=f"{page.relative_to(REPO)}:{line}"))
     return params
 
 
 def test_every_skip_says_why_and_precedes_a_block():
     for page in PAGES:
-        for m in re.finditer(r"^<!-- (skip|slow):(.*?)-->\n(.?.?.?)", page.read_text(), re.M):
-            assert m.group(2).strip(), f"{page.name}: a {m.group(1)} marker without a reason"
-            assert m.group(3) == "```", f"{page.name}: '<!-- {m.group(1)}: ... -->' must be right above a code block"
+        for m in re.finditer(r"^<!-- skip:(.*?)-->\n(.?.?.?)", page.read_text(), re.M):
+            assert m.group(1).strip(), f"{page.name}: a skip marker without a reason"
+            assert m.group(2) == "```", f"{page.name}: '<!-- skip: ... -->' must be right above a code block"
 
 
 @pytest.fixture
 def scratch(tmp_path, monkeypatch):
-    """A directory like a clone's top (run_scenario.py, sweeps/, examples/) whose runs/ is scratch."""
-    for name in ("run_scenario.py", "sweeps", "examples", "bench", "strategies"):
+    """A directory like a clone's top (run_scenario.py, the sweep specs, examples/) where what the
+    blocks write (runs/, sweeps/NAME/) stays."""
+    for name in ("run_scenario.py", "examples", "bench", "strategies"):
         if (REPO / name).exists():
             (tmp_path / name).symlink_to(REPO / name)
+    (tmp_path / "sweeps").mkdir()
+    for spec in (REPO / "sweeps").glob("*.yaml"):
+        (tmp_path / "sweeps" / spec.name).symlink_to(spec)
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("page,language,code", runnable())
 def test_code_block_runs_as_printed(page, language, code, scratch):
     if language == "yaml":

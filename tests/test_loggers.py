@@ -63,7 +63,7 @@ def test_loggers_option_chooses_the_files(tmp_path):
     names = {p.name for p in result.run_dir.iterdir()}
     assert {"steps.csv", "tasks.csv", "matrix.csv", "summary.json", "config.json"} <= names
     assert not {"log.jsonl", "tb"} & names
-    with pytest.raises(UserError, match="unknown logger 'excel'; choose one of: csv, jsonl, tensorboard"):
+    with pytest.raises(UserError, match="unknown logger 'excel'; choose one of: csv, jsonl, mlflow, tensorboard, wandb"):
         Experiment(loggers="csv,excel")
     with pytest.raises(UserError, match="out=None writes no files"):
         Experiment(loggers="csv", out=None).run()

@@ -55,18 +55,26 @@ def wandb_records(path) -> list:
     return records
 
 
+def wandb_history(log) -> dict[int, dict]:
+    """step -> the figures W&B logged at that step."""
+    history = {}
+    for record in wandb_records(log):
+        if record.WhichOneof("record_type") == "history":
+            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
+            history.setdefault(items["_step"], {}).update(items)
+    return history
+
+
 def test_wandb_offline_run_holds_every_step_loss_and_the_final_figures(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="the wandb extra (pip install 'clsim[wandb]')")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    result = Experiment(**RUN, loggers="jsonl,wandb", out=str(tmp_path)).run()
-    [log] = result.run_dir.glob("wandb/offline-run-*/run-*.wandb")
-    history, config, summary = {}, {}, {}
+    result = Experiment(**RUN, loggers="jsonl,wandb", wandb_dir=str(tmp_path), out=str(tmp_path)).run()
+    [log] = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    assert log.name == f"run-{(result.run_dir / 'wandb_run_id').read_text().strip()}.wandb"
+    history, config, summary = wandb_history(log), {}, {}
     for record in wandb_records(log):
         kind = record.WhichOneof("record_type")
-        if kind == "history":
-            items = {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record.history.item}
-            history.setdefault(items["_step"], {}).update(items)
-        elif kind in ("config", "run"):   # the hparams come with the run record, later changes as config
+        if kind in ("config", "run"):   # the hparams come with the run record, later changes as config
             updates = record.config.update if kind == "config" else record.run.config.update
             config.update({i.key: json.loads(i.value_json) for i in updates})
         elif kind == "summary":
@@ -115,3 +123,20 @@ def test_a_resumed_mlflow_run_continues_the_same_run_to_the_same_metrics(tmp_pat
     for key in ("train/loss", "summary/acc", "eval/acc_task_0"):
         assert [s for s, _ in got[key]] == [s for s, _ in expected[key]], key
         assert [v for _, v in got[key]] == pytest.approx([v for _, v in expected[key]]), key
+
+
+@pytest.mark.slow
+def test_a_resumed_wandb_run_logs_to_the_same_run_from_its_checkpoint(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="the wandb extra (pip install 'clsim[wandb]')")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = {**RUN, "epochs": 2, "wandb_dir": str(tmp_path)}
+    with pytest.raises(rundir.Interrupted) as stopped:
+        Experiment(**run, loggers=["jsonl", "wandb", CtrlC], out=str(tmp_path / "cut")).run()
+    resumed = Experiment(**run, loggers="jsonl,wandb", out=str(tmp_path / "cut")).run(resume_dir=stopped.value.partial)
+    run_id = (resumed.run_dir / "wandb_run_id").read_text().strip()
+    first, second = (wandb_history(log) for log in sorted(tmp_path.glob(f"wandb/offline-run-*/run-{run_id}.wandb")))
+    steps = jsonl_steps(resumed.run_dir)
+    checkpoint = min(second) - 1   # the resumed run starts after the first task's last step
+    assert checkpoint == len(steps) // 2 and max(first) > checkpoint   # the interrupted run went past it
+    logged = {s: row["train/loss"] for h in (first, second) for s, row in h.items() if "train/loss" in row}
+    assert logged == pytest.approx(steps)

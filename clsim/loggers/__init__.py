@@ -11,6 +11,7 @@ docs/architecture.md ("Loggers").
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,3 +96,29 @@ def to_json(value):
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value
+
+
+#: a record's bookkeeping, not a figure
+SKIP = ("step", "task", "epoch", "row")
+
+
+def finite(pairs) -> dict:
+    """name -> value for the finite numbers among (name, value) pairs (ε = ∞ is not a figure)."""
+    return {name: value for name, value in pairs if math.isfinite(value)}
+
+
+def step_figures(record: dict) -> dict:
+    """A step record as flat figures, named as TensorBoard's (`train/loss`, `privacy/epsilon`)."""
+    return finite((k if "/" in k else f"train/{k}", v) for k, v in numbers(record) if k not in SKIP)
+
+
+def task_figures(record: dict) -> dict:
+    """A task record as flat figures: `eval/acc_task_j`, `summary/acc` (bwt, fwt, forgetting;
+    class_il also `summary_task_aware/*`), then memory, time, privacy and strategy figures."""
+    figures = {f"eval/acc_task_{j}": score for j, score in enumerate(record["row"])}
+    for key in ("acc", "bwt", "fwt", "forgetting"):
+        figures[f"summary/{key}"] = record[key]
+    if record.get("task_aware"):
+        figures.update({f"summary_task_aware/{k}": record["task_aware"][k] for k in ("acc", "bwt", "forgetting")})
+    rest = {k: v for k, v in record.items() if k not in (*SKIP, "acc", "bwt", "fwt", "forgetting", "task_aware")}
+    return finite([*figures.items(), *numbers(rest)])

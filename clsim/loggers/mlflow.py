@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 from clsim.config import opt
 from clsim.errors import UserError
-from clsim.loggers import Logger, numbers
-from clsim.loggers.wandb import SKIP, finite, task_figures
+from clsim.loggers import Logger, step_figures, task_figures
 from clsim.registry import register_logger
 
 RUN_TAG = "clsim.run"
@@ -64,8 +63,7 @@ class MlflowLogger(Logger):
         self.pending += [Metric(k, float(v), now, step) for k, v in figures.items()]
 
     def step(self, record):
-        self._log(finite((f"train/{k}" if "/" not in k else k, v) for k, v in numbers(record) if k not in SKIP),
-                  record["step"])
+        self._log(step_figures(record), record["step"])
         if len(self.pending) >= 1000:   # MLflow's batch limit
             self.flush()
 

@@ -1,38 +1,24 @@
 """Weights & Biases: step and task figures as a W&B run (offline by default; `wandb sync` uploads).
 
-Install with `pip install 'clsim[wandb]'`. The W&B files live under the run directory (`wandb/`);
-W&B writes them from its own process, so they are not cut back on a resume as the claimed files
-of the other loggers are: a resumed run logs to the same W&B run id (`resume="allow"`) from its
-checkpoint's step on.
+Install with `pip install 'clsim[wandb]'`. W&B keeps its files where it always does (`wandb/` in
+the current directory, or `--wandb-dir`), not in the run directory: W&B writes them from its own
+process, so they could not be cut back to a checkpoint as the other loggers' files are. The run
+directory keeps the W&B run id (`wandb_run_id`), and a resumed run logs to that same W&B run from
+its checkpoint's step on; the interrupted process's own W&B files stay as they were (with the steps
+it logged after the checkpoint, which the resumed run logs again).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from clsim.config import opt
 from clsim.errors import UserError
-from clsim.loggers import Logger, numbers
+from clsim.loggers import Logger, finite, numbers, step_figures, task_figures
 from clsim.registry import register_logger
 
-SKIP = ("step", "task", "epoch", "row")
-
-
-def finite(pairs) -> dict:
-    """name -> value for the finite numbers among (name, value) pairs (ε = ∞ is not a figure)."""
-    return {name: value for name, value in pairs if math.isfinite(value)}
-
-
-def task_figures(record: dict) -> dict:
-    """A task record as flat figures: accuracy per task, ACC/BWT/FWT/forgetting, memory, time,
-    privacy, strategy figures (the TensorBoard logger's names)."""
-    figures = {f"eval/acc_task_{j}": score for j, score in enumerate(record["row"])}
-    for key in ("acc", "bwt", "fwt", "forgetting"):
-        figures[f"summary/{key}"] = record[key]
-    if record.get("task_aware"):
-        figures.update({f"summary_task_aware/{k}": record["task_aware"][k] for k in ("acc", "bwt", "forgetting")})
-    rest = {k: v for k, v in record.items() if k not in (*SKIP, "acc", "bwt", "fwt", "forgetting", "task_aware")}
-    return finite([*figures.items(), *numbers(rest)])
+#: run directory -> its W&B run while open: a run interrupted in this process (a notebook, a test)
+#: never reached close(), and W&B refuses to reopen an id still in use
+_OPEN: dict = {}
 
 
 @register_logger("wandb")
@@ -42,8 +28,9 @@ class WandbLogger(Logger):
     @dataclass
     class Options:
         wandb_project: str = opt("clsim", "W&B project name")
-        wandb_mode: str = opt("offline", "offline (files under the run directory, `wandb sync` uploads them) "
-                              "or online", choices=("offline", "online"))
+        wandb_mode: str = opt("offline", "offline (files only; `wandb sync` uploads them) or online",
+                              choices=("offline", "online"))
+        wandb_dir: str = opt("", "directory for W&B's files (default: W&B's own, wandb/ in the current directory)")
 
     def __init__(self, context, options=None):
         super().__init__(context, options)
@@ -52,17 +39,21 @@ class WandbLogger(Logger):
         except ImportError:
             raise UserError("--loggers wandb needs W&B: pip install 'clsim[wandb]'") from None
         options = options or self.Options()
-        resumed = sorted(context.run_dir.glob("wandb/*run-*-*")) if context.resume_step is not None else []
-        self.run = wandb.init(project=options.wandb_project, mode=options.wandb_mode, dir=str(context.run_dir),
+        id_file = self.path("wandb_run_id")
+        resumed = context.resume_step is not None and id_file.is_file()
+        if str(context.run_dir) in _OPEN:
+            _OPEN.pop(str(context.run_dir)).finish(exit_code=1)
+        self.run = wandb.init(project=options.wandb_project, mode=options.wandb_mode, dir=options.wandb_dir or None,
                               name=context.run_dir.name.strip(".").removesuffix(".partial"),
-                              config=context.hparams, reinit="create_new",
-                              id=resumed[0].name.rsplit("-", 1)[1] if resumed else None,
+                              config=context.hparams, id=id_file.read_text().strip() if resumed else None,
                               resume="allow" if resumed else None,
-                              settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+                              reinit="create_new", settings=wandb.Settings(console="off", x_disable_stats=True,
+                                                                           silent=True))
+        _OPEN[str(context.run_dir)] = self.run
+        id_file.write_text(self.run.id + "\n")
 
     def step(self, record):
-        figures = finite((f"train/{k}" if "/" not in k else k, v) for k, v in numbers(record) if k not in SKIP)
-        self.run.log(figures, step=record["step"])
+        self.run.log(step_figures(record), step=record["step"])
 
     def task(self, record):
         self.run.log(task_figures(record), step=record["step"])
@@ -72,3 +63,4 @@ class WandbLogger(Logger):
         if summary.get("privacy", {}).get("epsilon_worst") is not None:
             self.run.summary["privacy/epsilon_worst"] = summary["privacy"]["epsilon_worst"]
         self.run.finish()
+        _OPEN.pop(str(self.context.run_dir), None)
