@@ -31,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from clsim import Experiment  # noqa: E402
+from clsim.cli import from_argv  # noqa: E402
 from clsim.errors import UserError  # noqa: E402
 from clsim.models import make_model  # noqa: E402
 from clsim.registry import SCENARIOS, register_scenario  # noqa: E402
@@ -40,7 +41,7 @@ from clsim.scenario import Scenario, Task, TaskData  # noqa: E402
 def run(*args: str) -> tuple[dict, list[dict]]:
     """One CLI run; returns its summary and its task-end records (from log.jsonl)."""
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-        result = Experiment.from_argv(["--out", out, "--checkpoint", "false", "--progress", "false", *args]).run()
+        result = from_argv(["--out", out, "--checkpoint", "false", "--progress", "false", *args]).run()
         run_dir, summary = result.run_dir, result.summary
         tasks = [r for r in map(json.loads, (run_dir / "log.jsonl").open()) if r["kind"] == "task"]
     return json.loads(json.dumps(summary, default=float)), tasks
@@ -127,9 +128,9 @@ def cost(data_root: str, backbone: str, per_class: str, epochs: int, repeats: in
     from clsim.privacy.ledger import Ledger
     from clsim.privacy.mechanism import Mechanism
     from clsim.strategies.blip import BLIP
-    experiment = Experiment.from_argv(["--scenario", "split_cifar", "--setting", "task_il", "--data-root", data_root,
+    experiment = from_argv(["--scenario", "split_cifar", "--setting", "task_il", "--data-root", data_root,
                                        "--backbone", backbone, "--train-per-class", per_class, "--test-per-class", "10"])
-    scenario = experiment.scenario_entry.target(experiment.scenario_options, experiment.run_options)
+    scenario = experiment.parties.scenario_entry.target(experiment.scenario_options, experiment.run_options)
     task = scenario.tasks[0]
     print(f"## cost of BLIP on split_cifar task 0 ({len(task.train)} images, {epochs} epochs, batch 32, "
           f"backbone {backbone}, {len(task.train)} Fisher samples; CPU seconds, 1 thread)")

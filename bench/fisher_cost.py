@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clsim import config  # noqa: E402
 from clsim import Experiment  # noqa: E402
+from clsim.cli import from_argv  # noqa: E402
 from clsim.errors import UserError  # noqa: E402
 from clsim.learners.supervised import SupervisedLearner  # noqa: E402
 from clsim.privacy.ledger import Ledger  # noqa: E402
@@ -35,8 +36,8 @@ STRATEGIES = {"blip": (BLIP, "blip_fisher_samples"), "ewc": (EWC, "fisher_sample
 
 
 def scenario_of(args: list[str]):
-    experiment = Experiment.from_argv(["--setting", "task_il", *args])
-    return experiment.scenario_entry.target(experiment.scenario_options, experiment.run_options), experiment
+    experiment = from_argv(["--setting", "task_il", *args])
+    return experiment.parties.scenario_entry.target(experiment.scenario_options, experiment.run_options), experiment
 
 
 def learner_of(scenario, batch_size: int, seed: int) -> SupervisedLearner:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clsim import Experiment  # noqa: E402
+from clsim.cli import from_argv  # noqa: E402
 from clsim.experiment import seed_everything  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "cifar10"
@@ -34,7 +35,7 @@ def bare_loop(experiment: Experiment) -> list[list[float]]:
     """What clsim's naive strategy computes, written as a plain PyTorch script."""
     run = experiment.run_options
     generator = seed_everything(run.seed)
-    scenario = experiment.scenario_entry.target(experiment.scenario_options, run)
+    scenario = experiment.parties.scenario_entry.target(experiment.scenario_options, run)
     model = scenario.make_model()
     epochs, lr, bs = run.epochs, run.lr, run.batch_size
 
@@ -78,8 +79,8 @@ def main() -> None:
                 "--train-per-class", str(a.train_per_class), "--test-per-class", str(a.test_per_class),
                 "--backbone", a.backbone, "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
                 "--lr", "0.05", "--seed", "0", "--out", out, "--progress", "false"]
-        experiment = Experiment.from_argv(argv)
-        experiment.scenario_entry.target(experiment.scenario_options, experiment.run_options)  # decode CIFAR once
+        experiment = from_argv(argv)
+        experiment.parties.scenario_entry.target(experiment.scenario_options, experiment.run_options)  # decode CIFAR once
         times = {"bare": [], "clsim": []}
         for i in range(a.repeats):
             for side in ("bare", "clsim") if i % 2 == 0 else ("clsim", "bare"):  # alternate who goes first
@@ -88,7 +89,7 @@ def main() -> None:
                     bare = bare_loop(experiment)
                 else:
                     with contextlib.redirect_stdout(io.StringIO()):     # clsim's per-task lines
-                        summary = Experiment.from_argv(argv).run().summary
+                        summary = from_argv(argv).run().summary
                 times[side].append(time.perf_counter() - t0)
         same = summary["accuracy_matrix"] == bare
     b, c = min(times["bare"]), min(times["clsim"])

@@ -23,13 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clsim import Experiment  # noqa: E402
+from clsim.cli import from_argv  # noqa: E402
 
 DEFAULT_ROOT = Path(__file__).resolve().parent.parent / ".cache" / "cifar10"
 
 
 def run(argv: list[str]) -> dict:
     with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):
-        summary = Experiment.from_argv([*argv, "--out", out, "--progress", "false",
+        summary = from_argv([*argv, "--out", out, "--progress", "false",
                                         "--checkpoint", "false"]).run().summary
     return summary
 

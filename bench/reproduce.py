@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clsim import Experiment, presets  # noqa: E402
+from clsim.cli import from_argv  # noqa: E402
 from clsim.errors import UserError  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def run_preset(preset: presets.Preset, seed: int, budget: float, common: list[st
     argv = ["--preset", preset.name, "--seed", str(seed), *budget_flags(preset, budget), *common,
             "--out", str(out), "--checkpoint", "false", "--progress", "false"]
     start = time.perf_counter()
-    summary = Experiment.from_argv(argv).run().summary
+    summary = from_argv(argv).run().summary
     aware = summary.get("task_aware")   # class_il runs only
     return {"seed": seed, preset.metric: summary[preset.metric], "bwt": summary["bwt"],
             **({} if aware is None else {"task_aware_acc": aware["acc"]}),

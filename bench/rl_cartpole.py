@@ -24,12 +24,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from clsim import Experiment  # noqa: E402
+from clsim.cli import from_argv  # noqa: E402
 from clsim.registry import STRATEGIES  # noqa: E402
 
 
 def run(*args: str) -> dict:
     with tempfile.TemporaryDirectory() as out:
-        summary = Experiment.from_argv(["--out", out, "--checkpoint", "false", "--progress", "false",
+        summary = from_argv(["--out", out, "--checkpoint", "false", "--progress", "false",
                                         *args]).run().summary
     return json.loads(json.dumps(summary, default=float))
 

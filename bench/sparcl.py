@@ -27,10 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clsim import Experiment  # noqa: E402
+from clsim.cli import from_argv  # noqa: E402
 
 
 def run_one(argv: list[str]) -> dict:
-    parts = Experiment.from_argv(argv).build()
+    parts = from_argv(argv).build()
     strategy = parts.strategy
     start = time.perf_counter()
     result = parts.train()

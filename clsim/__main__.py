@@ -1,6 +1,6 @@
-"""`python -m clsim ...`: the `clsim` command (run_scenario.py's options, or sweep / report)."""
+"""`python -m clsim ...`: the `clsim` command (clsim/cli.py)."""
 import sys
 
-from clsim.commands import main
+from clsim.cli import main
 
 sys.exit(main())

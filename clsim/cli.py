@@ -1,4 +1,10 @@
-"""The command line: a thin shell over clsim.Experiment (flags -> Experiment(**values).run())."""
+"""The command line, clsim's one door from argv: `clsim [run] FLAGS` (run_scenario.py takes the same
+flags), `clsim sweep SPEC.yaml` and `clsim report DIR...`.
+
+This module owns every parser, `--help` and the defaults it prints, and `--list`; a run's flags
+become `Experiment(**values)`, which converts and checks them as it does keyword arguments. Nothing
+else in clsim imports this module (docs/architecture.md, "Layers").
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +15,16 @@ import warnings
 from pathlib import Path
 
 from clsim import config, presets, rundir
-from clsim.errors import UserError
-from clsim.experiment import DEFAULT_SCENARIO, DEFAULT_STRATEGY, NAMING_KEYS, Experiment, load_yaml
-from clsim.registry import LOGGERS, MECHANISMS, SCENARIOS, STRATEGIES
+from clsim.errors import UserError, did_you_mean
+from clsim.experiment import Experiment
+from clsim.parties import DEFAULT_SCENARIO, DEFAULT_STRATEGY, NAMING_KEYS, Parties
+from clsim.registry import SCENARIOS, STRATEGIES
+from clsim.scenario import ScenarioOptions
+
+COMMANDS = """commands:
+  clsim run [FLAGS]        train one scenario with one strategy (the default command; run_scenario.py)
+  clsim sweep SPEC.yaml    many runs on Ray Tune, resumable, then a report (clsim sweep --help)
+  clsim report DIR...      tables and figures of finished runs, grouped over seeds (clsim report --help)"""
 
 
 class _StoreOnce(argparse.Action):
@@ -32,45 +45,23 @@ class _Parser(argparse.ArgumentParser):
     """No abbreviations (`--priv` must not mean --privacy), one value per option, one-line errors."""
 
     def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
+        super().__init__(allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
         self.register("action", None, _StoreOnce)
         self.register("action", "store", _StoreOnce)
+
+    def parse_args(self, args=None, namespace=None):
+        known, rest = self.parse_known_args(args, namespace)
+        if rest:
+            flags = [o for action in self._actions for o in action.option_strings]
+            hint = did_you_mean(rest[0].split("=", 1)[0], flags) if rest[0].startswith("--") else ""
+            self.error(f"unrecognized arguments: {' '.join(rest)}{hint}")
+        return known
 
     def error(self, message):
         raise UserError(f"{message} (see --help)")
 
 
-def listing() -> str:
-    lines = ["scenarios:"]
-    lines += [f"  {e.name:16s} {e.description}" for e in SCENARIOS.entries()]
-    lines += ["strategies (settings; learners; under a privacy mechanism):"]
-    lines += [f"  {e.name:16s} {e.description}\n  {'':16s} [{'; '.join(capabilities(e.target))}]"
-              for e in STRATEGIES.entries()]
-    lines += ["privacy mechanisms (--privacy):"]
-    lines += [f"  {e.name:16s} {e.description}" for e in MECHANISMS.entries()]
-    lines += ["loggers (--loggers):"]
-    lines += [f"  {e.name:16s} {e.description}" for e in LOGGERS.entries()]
-    return "\n".join(lines + presets.listing())
-
-
-def capabilities(strategy) -> tuple[str, str, str]:
-    """What a strategy declares: its settings, its learners, and what a privacy ledger sees."""
-    access = strategy.data_access
-    privacy = "accounted" if access == "accounted" else f"ε = ∞ ({access.removeprefix('raw: ')})"
-    if access.startswith("refused"):
-        privacy = f"refused ({access.removeprefix('refused: ')})"
-    if strategy.privacy:
-        privacy = f"always under {strategy.privacy}, accounted"
-    return ", ".join(strategy.settings), ", ".join(strategy.learners), privacy
-
-
-def strategy_table() -> str:
-    """The README's table of strategies, generated from the registry (a test keeps it current)."""
-    rows = ["| strategy | settings | learners | under `--privacy` |", "|---|---|---|---|"]
-    rows += [f"| `{e.name}` | " + " | ".join(capabilities(e.target)) + " |" for e in STRATEGIES.entries()]
-    return "\n".join(rows)
-
-
+# -- clsim run ---------------------------------------------------------------------------------
 def parse(argv: list[str]) -> tuple[dict, dict]:
     """The option values of a `--config FILE`, then the flags (each overriding the one before; both
     override a `--preset`): a dict for `Experiment(**values)`, which converts and checks them (flags
@@ -82,20 +73,22 @@ def parse(argv: list[str]) -> tuple[dict, dict]:
     for name in (*NAMING_KEYS, "config", "preset"):
         pre.add_argument(config.flag(name))
     known, _ = pre.parse_known_args(argv)
-    values = load_yaml(known.config) if known.config else {}
+    values = config.load_yaml(known.config) if known.config else {}
     from_file = dict.fromkeys(values, known.config)
     values.update({k: v for k, v in vars(known).items() if v is not None and k != "config"})
-    # The names only (a preset may name them too): the parties whose flags the parser knows.
-    shape = Experiment(**{k: values[k] for k in (*NAMING_KEYS, "preset") if k in values})
-    parser = _Parser(prog="run_scenario.py", description="Run a continual-learning scenario.",
+    preset = values.get("preset")
+    named = {**(presets.get(preset).options if preset else {}), **values}   # a preset may name parties too
+    parties = Parties(**{k: named[k] for k in NAMING_KEYS if k in named})
+    parser = _Parser(prog="clsim [run]", description=f"Run a continual-learning scenario.\n\n{COMMANDS}",
                      epilog="Use --list to see every scenario, strategy, privacy mechanism, logger and preset.")
     parser.add_argument("--scenario", help=f"one of: {', '.join(SCENARIOS.names())} (default: {DEFAULT_SCENARIO})")
-    parser.add_argument("--strategy", help=f"one of: {', '.join(STRATEGIES.names())} (default: {DEFAULT_STRATEGY})")
+    parser.add_argument("--strategy", help=f"one of: {', '.join(STRATEGIES.names())}, or a .py file that "
+                                           f"registers one (default: {DEFAULT_STRATEGY})")
     parser.add_argument("--config", help="YAML file of option: value pairs (flags override it)")
     parser.add_argument("--preset", help="a published protocol by name (see --list); --config and flags override it")
     parser.add_argument("--list", action="store_true", help="list scenarios, strategies, mechanisms, loggers, presets")
-    defaults = shape.help_defaults()
-    for title, cls in shape.option_groups().items():
+    defaults = help_defaults(parties, preset)
+    for title, cls in parties.option_groups().items():
         if cls is not None:
             config.add_arguments(parser, cls, title, defaults)
     args, rest = parser.parse_known_args(argv)
@@ -109,6 +102,36 @@ def parse(argv: list[str]) -> tuple[dict, dict]:
     return {**values, **unknown}, from_file
 
 
+def help_defaults(parties: Parties, preset: str | None) -> dict[str, str]:
+    """Option name -> the default --help prints where the field's own is not what a run uses:
+    the run defaults the scenario declares (with each value of the option that changes them),
+    the setting the strategy is designed for, and the values of a --preset."""
+    out = {}
+    cls = parties.scenario_entry.options if parties.scenario_entry else None
+    scenario, strategy = parties.scenario_name, parties.strategy_cls
+    if isinstance(cls, type) and issubclass(cls, ScenarioOptions):
+        base, depend = cls().run_defaults(), cls.DEFAULTS_DEPEND_ON
+        for key, value in base.items():
+            out[key] = f"{value} for {scenario}"
+            for choice in cls.__dataclass_fields__[depend].metadata["choices"] if depend else ():
+                other = cls(**{depend: choice}).run_defaults().get(key)
+                if other != value:
+                    out[key] += f"; {other} with {config.flag(depend)} {choice}"
+        out["setting"] = f"{cls.SETTING} for {scenario}"
+    if strategy.default_setting is not None and parties.scenario_entry:
+        out["setting"] = f"{strategy.default_setting}, the setting strategy {parties.strategy_name} is designed for"
+    if preset is not None:
+        out.update({k: f"{v}, from preset {preset}" for k, v in presets.get(preset).options.items()})
+    return out
+
+
+def from_argv(argv: list[str]) -> Experiment:
+    """The experiment of a command line (`--config FILE` reads YAML; flags override it). `--help`
+    prints the options of the chosen scenario, strategy and mechanism and exits."""
+    values, from_file = parse(argv)
+    return Experiment.made(from_file, values)
+
+
 def resume(argv: list[str]) -> tuple[Path, dict]:
     """`--resume DIR`: continue an interrupted run from its last finished task, with its own options."""
     if len(argv) != 1:
@@ -120,10 +143,68 @@ def resume(argv: list[str]) -> tuple[Path, dict]:
         argv = saved.saved_argv()
     finally:
         saved.close()   # the experiment takes the directory over again, after building everything
-    result = Experiment.from_argv(argv).run(resume_dir=partial)
+    result = from_argv(argv).run(resume_dir=partial)
     return result.run_dir, result.summary
 
 
+def run_command(argv: list[str]) -> int:
+    if "--list" in argv:
+        from clsim.catalog import listing
+        print(listing())
+        return 0
+    if argv and argv[0] == "--sweep":   # run_scenario.py --sweep SPEC.yaml: `clsim sweep`
+        return sweep_command(argv[1:])
+    if argv and argv[0] == "--resume":
+        run_dir, summary = resume(argv[1:])
+    else:
+        result = from_argv(argv).run()
+        run_dir, summary = result.run_dir, result.summary
+    print(f"ACC {summary['acc']:.2f}  BWT {summary['bwt']:.2f}  FWT {summary['fwt']:.2f}  "
+          f"forgetting {summary['forgetting']:.2f}")
+    if "task_aware" in summary:   # class_il: the same model with the task identity given at test time
+        aware = summary["task_aware"]
+        print(f"task-aware ACC {aware['acc']:.2f}  BWT {aware['bwt']:.2f}  forgetting {aware['forgetting']:.2f}")
+    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+    return 0
+
+
+# -- clsim sweep, clsim report -------------------------------------------------------------------
+def sweep_command(argv: list[str]) -> int:
+    p = _Parser(prog="clsim sweep",
+                description="Run a sweep spec's trials on Ray Tune (resumable), then write its report.")
+    p.add_argument("spec", help="the sweep's YAML spec (base, grid, random, threads)")
+    p.add_argument("--out", default="sweeps", help="directory under which the sweep directory is made")
+    p.add_argument("--address", help="an existing Ray cluster's address (default: a local Ray on this "
+                                     "machine's cores)")
+    p.add_argument("--workers", type=int, help="local Ray CPUs (default: all of this machine's)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report after the trials")
+    args = p.parse_args(argv)
+    from clsim.report import write_report
+    from clsim.sweep import sweep
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers must be >= 1, got {args.workers}")
+    sweep_dir, failed = sweep(args.spec, args.out, args.address, args.workers)
+    if not args.no_report:
+        try:
+            print(f"report: {write_report([str(sweep_dir / 'trials')], sweep_dir / 'report')}")
+        except UserError as exc:   # no trial finished: the sweep's own lines said why
+            print(f"no report: {exc}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def report_command(argv: list[str]) -> int:
+    p = _Parser(prog="clsim report",
+                description="Group runs by everything but the seed; write report.md, results.csv, "
+                            "summary.csv and PNG figures.")
+    p.add_argument("dirs", nargs="+", help="sweep directories or run directories")
+    p.add_argument("--out", default="report", help="directory to write the report into")
+    args = p.parse_args(argv)
+    from clsim.report import write_report
+    print(f"report: {write_report(args.dirs, Path(args.out))}")
+    return 0
+
+
+# -- the entry point -----------------------------------------------------------------------------
 def _warn_in_one_line(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
 
@@ -137,23 +218,23 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`clsim`, `python -m clsim` and run_scenario.py: a command (run when none is named), its
+    exit status (2: a user mistake, said in one line)."""
     argv = sys.argv[1:] if argv is None else argv
+    commands = {"run": run_command, "sweep": sweep_command, "report": report_command}
+    command = run_command
+    if argv and argv[0] in commands:
+        command, argv = commands[argv[0]], argv[1:]
+    elif argv and not argv[0].startswith("-"):
+        print(f"error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}; use clsim run|sweep|report "
+              f"(see --help)", file=sys.stderr)
+        return 2
     warnings.showwarning = _warn_in_one_line   # users read the message, not our source lines
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = (signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None), threading.excepthook
     threading.excepthook = rundir.quiet_thread_errors
     try:
-        if "--list" in argv:
-            print(listing())
-            return 0
-        if argv and argv[0] == "--sweep":   # run_scenario.py --sweep SPEC.yaml: `clsim sweep`
-            from clsim.commands import sweep_main
-            return sweep_main(argv[1:])
-        if argv and argv[0] == "--resume":
-            run_dir, summary = resume(argv[1:])
-        else:
-            result = Experiment.from_argv(argv).run()
-            run_dir, summary = result.run_dir, result.summary
+        return command(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -167,10 +248,3 @@ def main(argv: list[str] | None = None) -> int:
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous[0] is None else previous[0])
         threading.excepthook = previous[1]
-    print(f"ACC {summary['acc']:.2f}  BWT {summary['bwt']:.2f}  FWT {summary['fwt']:.2f}  "
-          f"forgetting {summary['forgetting']:.2f}")
-    if "task_aware" in summary:   # class_il: the same model with the task identity given at test time
-        aware = summary["task_aware"]
-        print(f"task-aware ACC {aware['acc']:.2f}  BWT {aware['bwt']:.2f}  forgetting {aware['forgetting']:.2f}")
-    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
-    return 0

@@ -1,12 +1,14 @@
 """Typed options: dataclass fields carry their documentation and bounds.
 
 Every strategy and scenario owns one small dataclass built from `opt(...)` fields; the CLI
-flags, `--help`, YAML configs, validation and the TensorBoard hparams table all come from it.
+flags, `--help`, YAML configs (`load_yaml`), validation and the TensorBoard hparams table all
+come from it.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -47,6 +49,29 @@ def redefaults(base, **defaults):
     hints = typing.get_type_hints(base)
     return dataclasses.make_dataclass(base.__name__, [(name, hints[name], redefault(base, name, value))
                                                      for name, value in defaults.items()], bases=(base,))
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    """A YAML file of option: value pairs (keys are option or flag names). Parsed with safe_load:
+    loading never runs code."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as exc:
+        raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text; write option: value lines") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"config file {path} is not valid YAML ({type(exc).__name__})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of option names to values")
+    empty = [str(k) for k, v in data.items() if v is None]
+    if empty:   # `epochs:` with nothing after it: a slip, not a request for the default
+        raise UserError(f"config file {path} gives {empty[0]} no value; give one or remove the line")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
 def flag(name: str) -> str:

@@ -6,9 +6,9 @@
     result.task_aware_acc, result.task_aware_matrix   # class_il: the task identity given at test time
 
 The same options come from Python keyword arguments, a YAML file (`Experiment.from_yaml`) or the
-command line (`Experiment.from_argv`, what run_scenario.py does): every way ends in
-`Experiment(**values)`, so every way accepts the same names and fails with the same one-line
-UserError. Option names are the dataclass fields of the run, the audit, the scenario, the
+command line (`clsim.cli.from_argv`, which knows the flags; this module knows nothing of them):
+every way ends in `Experiment(**values)`, so every way accepts the same names and fails with the
+same one-line UserError. Option names are the dataclass fields of the run, the audit, the scenario, the
 strategy and the privacy mechanism (`--ewc-lambda` is `ewc_lambda=`). Objects may stand where a
 name would go: a Scenario (e.g. `clsim.scenarios.avalanche.from_avalanche(benchmark)`), a Strategy
 subclass or instance, a Mechanism instance, a model (an nn.Module, or a function making one).
@@ -36,21 +36,18 @@ import torch
 from torch import nn
 
 from clsim import config, engine, presets, protocol, rundir
+from clsim.audits import Audit
 from clsim.engine import Parts
-from clsim.errors import UserError
+from clsim.errors import UserError, did_you_mean
 from clsim.loggers import LogContext, Logger, to_json
 from clsim.loggers.progress import ProgressLogger
 from clsim.models import check_size
-from clsim.privacy.audit import AuditOptions, one_run, plant_canaries
+from clsim.parties import Parties
+from clsim.privacy.audit import AuditOptions
 from clsim.privacy.ledger import Ledger
 from clsim.privacy.mechanism import Mechanism
-from clsim.registry import LOGGERS, MECHANISMS, SCENARIOS, STRATEGIES
-from clsim.scenario import Scenario, ScenarioOptions
+from clsim.scenario import Scenario
 from clsim.strategy import Strategy
-
-DEFAULT_SCENARIO, DEFAULT_STRATEGY = "split_digits", "naive"
-#: the keys that choose the parties (their options depend on them)
-NAMING_KEYS = ("scenario", "strategy", "privacy", "loggers")
 
 
 @dataclass
@@ -77,38 +74,6 @@ class Result:
         return None if aware is None else np.asarray(aware["accuracy_matrix"], dtype=float)
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
-    """A YAML file of option: value pairs (keys are option or flag names). Parsed with safe_load:
-    loading never runs code."""
-    import yaml
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as exc:
-        raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"config file {path} is not UTF-8 text; write option: value lines") from None
-    except yaml.YAMLError as exc:
-        raise UserError(f"config file {path} is not valid YAML ({type(exc).__name__})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must be a mapping of option names to values")
-    empty = [str(k) for k, v in data.items() if v is None]
-    if empty:   # `epochs:` with nothing after it: a slip, not a request for the default
-        raise UserError(f"config file {path} gives {empty[0]} no value; give one or remove the line")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def _name_of(registry, obj) -> str:
-    """The registered name of a party given as an object (its class's name when unregistered)."""
-    cls = obj if isinstance(obj, type) else type(obj)
-    for entry in registry.entries():
-        if entry.target is cls:
-            return entry.name
-    return getattr(obj, "name", None) if isinstance(getattr(obj, "name", None), str) else cls.__name__.lower()
-
-
 class Experiment:
     """A run's full description, validated when made (see the module docstring)."""
 
@@ -124,11 +89,13 @@ class Experiment:
             values = {**presets.get(preset).options, **{k: v for k, v in named.items() if v is not None}, **options}
             scenario, strategy, privacy, loggers = (values.pop(k, None) for k in named)
             options = values
-        self.scenario = scenario if scenario is not None else DEFAULT_SCENARIO
-        self.strategy = strategy if strategy is not None else DEFAULT_STRATEGY
+        self.parties = Parties(scenario, strategy, privacy, loggers)
+        self.scenario, self.strategy = self.parties.scenario, self.parties.strategy
         self.privacy, self.model, self.loggers = privacy, model, loggers
-        self._check_objects()
-        groups = self.option_groups()
+        if model is not None and not (isinstance(model, nn.Module) or callable(model)):
+            raise UserError(f"model must be a torch nn.Module or a function returning one, "
+                            f"got {type(model).__name__}")
+        groups = self.parties.option_groups()
         owner: dict[str, str] = {}
         for title, cls in groups.items():
             for name in config.fields(cls):
@@ -139,9 +106,11 @@ class Experiment:
         if unknown:
             where = f" (set by preset {preset})" if preset_keys & set(unknown) else ""
             flags = ", ".join(config.flag(k) for k in unknown)
+            hint = did_you_mean(unknown[0], owner, config.flag) if len(unknown) == 1 else ""
+            chosen = self.strategy if isinstance(self.strategy, str) else self.strategy_name
             raise config.OptionError(unknown[0], f"unknown option(s) {flags}{where} for scenario {self.scenario_name} "
-                                     f"and strategy {self.strategy_name}; see `python run_scenario.py --scenario "
-                                     f"{self.scenario_name} --strategy {self.strategy_name} --help`")
+                                     f"and strategy {self.strategy_name}{hint}; see `clsim run --scenario "
+                                     f"{self.scenario_name} --strategy {chosen} --help`")
         self.given = {k: v for k, v in options.items() if v is not None}
         for key in ("privacy", "loggers"):   # names are recorded with the run options
             if isinstance(getattr(self, key), str):
@@ -153,7 +122,7 @@ class Experiment:
         designed = self.strategy_cls.default_setting
         if self.run_options.setting is None and designed is not None and isinstance(self.scenario, str):
             self.run_options = dataclasses.replace(self.run_options, setting=designed)
-            if getattr(self.scenario_entry.options, "SETTING", None) != designed:
+            if getattr(self.parties.scenario_entry.options, "SETTING", None) != designed:
                 self.noted_setting = designed   # said once, when the run is built, where it overrides
         self.protocol_options: config.ProtocolOptions = built["training protocol"]
         self.audit_options: AuditOptions = built["privacy audit"]
@@ -167,23 +136,14 @@ class Experiment:
             print(f"warning: --noise-multiplier 0 adds no noise: this {self.mechanism_name} run has no privacy "
                   f"(ε = ∞); give a positive --noise-multiplier or --epsilon", file=sys.stderr)
 
-    # -- the three doors ----------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, path: str | os.PathLike, **overrides) -> "Experiment":
         """The options of a YAML file; keyword arguments override them."""
-        values = load_yaml(path)
-        return cls._made({k: path for k in values if k not in overrides}, {**values, **overrides})
+        values = config.load_yaml(path)
+        return cls.made({k: path for k in values if k not in overrides}, {**values, **overrides})
 
     @classmethod
-    def from_argv(cls, argv: list[str]) -> "Experiment":
-        """The command line of run_scenario.py (`--config FILE` reads YAML; flags override it).
-        `--help` prints the options of the chosen scenario, strategy and mechanism and exits."""
-        from clsim import cli
-        values, from_file = cli.parse(argv)
-        return cls._made(from_file, values)
-
-    @classmethod
-    def _made(cls, from_file: dict, values: dict) -> "Experiment":
+    def made(cls, from_file: dict, values: dict) -> "Experiment":
         """`cls(**values)`; a bad value read from a file says which file (`from_file`: key -> path)."""
         try:
             return cls(**values)
@@ -192,95 +152,22 @@ class Experiment:
                 raise
             raise config.OptionError(exc.name, f"{exc} (in {from_file[exc.name]})") from None
 
-    # -- what was chosen ----------------------------------------------------------------------
-    def _check_objects(self) -> None:
-        for key in ("scenario", "strategy", "privacy", "loggers"):
-            if isinstance(getattr(self, key), str) and not getattr(self, key).strip():
-                raise UserError(f"--{key} is empty; give it a value or leave it out")
-        if isinstance(self.scenario, str):
-            self.scenario_entry = SCENARIOS.get(self.scenario)
-        elif not isinstance(self.scenario, Scenario):
-            raise UserError(f"scenario must be a name or a clsim Scenario, got {type(self.scenario).__name__}")
-        if isinstance(self.strategy, str):
-            self.strategy_cls = STRATEGIES.get(self.strategy).target
-        elif isinstance(self.strategy, type) and issubclass(self.strategy, Strategy):
-            self.strategy_cls = self.strategy
-        elif isinstance(self.strategy, Strategy):
-            self.strategy_cls = type(self.strategy)
-        else:
-            raise UserError(f"strategy must be a name, a Strategy subclass or instance, "
-                            f"got {type(self.strategy).__name__}")
-        privacy = self.privacy if self.privacy is not None else self.strategy_cls.privacy
-        self.mechanism_entry = MECHANISMS.get(privacy) if isinstance(privacy, str) else None
-        if privacy is not None and not isinstance(privacy, (str, Mechanism)):
-            raise UserError(f"privacy must be a mechanism name or a Mechanism, got {type(privacy).__name__}")
-        names = self.loggers if self.loggers is not None else config.RunOptions.loggers
-        if isinstance(names, str):
-            names = [n.strip() for n in names.split(",") if n.strip()]
-        if not isinstance(names, (list, tuple)):
-            raise UserError(f"loggers must be comma-separated names or a list, got {type(names).__name__}")
-        self.logger_classes = []
-        for item in names:
-            if isinstance(item, str):
-                self.logger_classes.append((item, LOGGERS.get(item).target))
-            elif isinstance(item, type) and issubclass(item, Logger):
-                self.logger_classes.append((_name_of(LOGGERS, item), item))
-            else:
-                raise UserError(f"a logger must be a name or a clsim Logger subclass, got {item!r}")
-        if self.model is not None and not (isinstance(self.model, nn.Module) or callable(self.model)):
-            raise UserError(f"model must be a torch nn.Module or a function returning one, "
-                            f"got {type(self.model).__name__}")
+    # -- what was chosen (clsim/parties.py) ---------------------------------------------------
+    @property
+    def strategy_cls(self) -> type:
+        return self.parties.strategy_cls
 
     @property
     def scenario_name(self) -> str:
-        return self.scenario if isinstance(self.scenario, str) else self.scenario.name
+        return self.parties.scenario_name
 
     @property
     def strategy_name(self) -> str:
-        return self.strategy if isinstance(self.strategy, str) else _name_of(STRATEGIES, self.strategy)
+        return self.parties.strategy_name
 
     @property
     def mechanism_name(self) -> str:
-        privacy = self.privacy if self.privacy is not None else self.strategy_cls.privacy
-        if privacy is None:
-            return Mechanism.name
-        return privacy if isinstance(privacy, str) else privacy.name
-
-    def option_groups(self) -> dict[str, type | None]:
-        """Title -> options dataclass of every party whose options come from names (a party
-        given as an object brings its own), in the order `--help` lists them."""
-        groups = {"run options": config.RunOptions, "training protocol": config.ProtocolOptions,
-                  "privacy audit": AuditOptions,
-                  f"scenario {self.scenario_name}": self.scenario_entry.options
-                  if isinstance(self.scenario, str) else None,
-                  f"strategy {self.strategy_name}": None if isinstance(self.strategy, Strategy)
-                  else self.strategy_cls.Options}
-        if self.mechanism_entry is not None:
-            groups[f"privacy {self.mechanism_name}"] = self.mechanism_entry.options
-        for name, cls in self.logger_classes:
-            groups[f"logger {name}"] = getattr(cls, "Options", None)
-        return groups
-
-    def help_defaults(self) -> dict[str, str]:
-        """Option name -> the default --help prints where the field's own is not what a run uses:
-        the run defaults the scenario declares (with each value of the option that changes them),
-        the setting the strategy is designed for, and the values of a --preset."""
-        out = {}
-        cls = self.scenario_entry.options if isinstance(self.scenario, str) else None
-        if isinstance(cls, type) and issubclass(cls, ScenarioOptions):
-            base, depend = cls().run_defaults(), cls.DEFAULTS_DEPEND_ON
-            for key, value in base.items():
-                out[key] = f"{value} for {self.scenario_name}"
-                for choice in cls.__dataclass_fields__[depend].metadata["choices"] if depend else ():
-                    other = cls(**{depend: choice}).run_defaults().get(key)
-                    if other != value:
-                        out[key] += f"; {other} with {config.flag(depend)} {choice}"
-            out["setting"] = f"{cls.SETTING} for {self.scenario_name}"
-        if self.strategy_cls.default_setting is not None and isinstance(self.scenario, str):
-            out["setting"] = f"{self.strategy_cls.default_setting}, the setting strategy {self.strategy_name} is designed for"
-        if self.preset is not None:
-            out.update({k: f"{v}, from preset {self.preset}" for k, v in presets.get(self.preset).options.items()})
-        return out
+        return self.parties.mechanism_name
 
     def as_argv(self) -> list[str]:
         """The given options as flags, so a resumed run rebuilds the same experiment."""
@@ -323,9 +210,9 @@ class Experiment:
                   f"(no --setting given)", file=sys.stderr)
         device = torch_device(run.device)
         generator = seed_everything(run.seed, device)
-        scenario = self.scenario_entry.target(self.scenario_options, run) \
+        scenario = self.parties.scenario_entry.target(self.scenario_options, run) \
             if isinstance(self.scenario, str) else self.scenario
-        epochs = run.epochs or scenario.defaults.get("epochs", 1)
+        epochs = run.epochs or scenario.defaults["epochs"]
         training = self.protocol_options
         from clsim.learners.supervised import SupervisedLearner
         learner_cls = scenario.learner_cls or SupervisedLearner
@@ -333,21 +220,18 @@ class Experiment:
             check_size(self.model or scenario.make_model, device)
         model = self.model if isinstance(self.model, nn.Module) else \
             (self.model or scenario.make_model)()
-        learner = learner_cls(model, lr=run.lr or scenario.defaults.get("lr", 0.01), momentum=run.momentum,
-                              batch_size=run.batch_size or scenario.defaults.get("batch_size", 32),
+        learner = learner_cls(model, lr=run.lr or scenario.defaults["lr"], momentum=run.momentum,
+                              batch_size=run.batch_size or scenario.defaults["batch_size"],
                               device=device, generator=generator, optimizer=training.optimizer,
                               **scenario.learner_kwargs)
         protocol.check(training, scenario, epochs, learner)
-        if self.audit_options.audit is not None and learner.kind != "supervised":
-            raise UserError(f"--audit {self.audit_options.audit} attacks labelled examples, which scenario "
-                            f"{scenario.name} ({learner.kind}) does not have: drop --audit")
         protocol.carve_validation(scenario, training.val_fraction, run.seed)
-        audit = self.audit_options
-        self.canaries = plant_canaries(scenario, audit.audit_canaries, run.seed) if audit.audit == "one-run" else None
+        self.audit = Audit(self.audit_options, run.seed)
+        self.audit.prepare(scenario, learner)
         strategy = self.strategy if isinstance(self.strategy, Strategy) else self.strategy_cls(self.strategy_options)
-        privacy = self.privacy if self.privacy is not None else self.strategy_cls.privacy
-        mechanism = privacy if isinstance(privacy, Mechanism) else \
-            self.mechanism_entry.target(self.mechanism_options) if self.mechanism_entry else Mechanism()
+        chosen, entry = self.parties.mechanism, self.parties.mechanism_entry
+        mechanism = chosen if isinstance(chosen, Mechanism) else \
+            entry.target(self.mechanism_options) if entry else Mechanism()
         ledger = Ledger(**mechanism.ledger_options())
         speed_options(learner, run, mechanism)
         mechanism.check(learner, scenario, epochs, strategy.fisher_releases, model_forwards=strategy.model_forwards)
@@ -368,7 +252,7 @@ class Experiment:
         context = LogContext(run_dir, parts.hparams, parts.scenario.score_scale, self.run_options.progress,
                              resume_step, planned)
         loggers = [cls(context, config.build(cls.Options, self.given) if getattr(cls, "Options", None) else None)
-                   for _, cls in self.logger_classes if run_dir is not None or not cls.writes_files]
+                   for _, cls in self.parties.logger_classes if run_dir is not None or not cls.writes_files]
         return loggers + [ProgressLogger(context)]
 
     # -- running -----------------------------------------------------------------------------
@@ -378,7 +262,7 @@ class Experiment:
         directory) continue that run from its last checkpoint."""
         run = self.run_options
         if not self.write:
-            if self.loggers is not None and any(cls.writes_files for _, cls in self.logger_classes):
+            if self.loggers is not None and any(cls.writes_files for _, cls in self.parties.logger_classes):
                 raise UserError("out=None writes no files, so it takes no file-writing loggers; "
                                 "give out= a directory or drop loggers=")
             parts = self.build()
@@ -415,13 +299,9 @@ class Experiment:
                 directory.task_finished(state if run.checkpoint else None, files)
         try:
             result = parts.train(checkpoint=save, resume=state, protocol=self.protocol_options)
-            if self.audit_options.audit == "mia":
-                from clsim.privacy.audit import mia
-                result["audit"] = mia(parts.learner, parts.scenario, parts.ledger,
-                                      self.audit_options.audit_examples, run.seed)
-            if self.audit_options.audit == "one-run":
-                result["audit"] = one_run(parts.learner, parts.scenario, self.canaries, parts.ledger,
-                                          self.audit_options.audit_guesses)
+            audit = self.audit.result(parts)
+            if audit is not None:
+                result["audit"] = audit
             summary = {"scenario": parts.scenario.name, "strategy": self.strategy_name,
                        "setting": parts.scenario.setting, "seed": run.seed,
                        "privacy_mechanism": parts.mechanism.name, "hparams": parts.hparams,

@@ -67,6 +67,10 @@ class Task:
         return Source("undeclared training data")
 
 
+#: what --epochs, --lr and --batch-size default to where a scenario declares nothing of its own
+FALLBACK_RUN_DEFAULTS = {"epochs": 1, "lr": 0.01, "batch_size": 32}
+
+
 class ScenarioOptions:
     """Base of a registered scenario's options dataclass: the defaults the scenario gives the run
     options --epochs, --lr and --batch-size (any other key defaults a strategy's option of that
@@ -79,7 +83,7 @@ class ScenarioOptions:
     DEFAULTS_DEPEND_ON: ClassVar[str | None] = None
 
     def run_defaults(self) -> dict:
-        return dict(self.RUN_DEFAULTS)
+        return {**FALLBACK_RUN_DEFAULTS, **self.RUN_DEFAULTS}
 
     def setting_of(self, run) -> str:
         """--setting if given, else this scenario's default setting."""
@@ -111,6 +115,9 @@ class Scenario:
     #: what the inputs are, for methods whose defaults depend on it (BLIP's F_prior): "digits",
     #: "natural_images", or None (undeclared: such a default must be given as an option)
     input_kind: str | None = None
+
+    def __post_init__(self):
+        self.defaults = {**FALLBACK_RUN_DEFAULTS, **self.defaults}
 
     def __iter__(self):
         return iter(self.tasks)

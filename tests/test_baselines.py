@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clsim.config import RunOptions
+from clsim.cli import from_argv
 from clsim.learners import Batch
 from clsim.learners.supervised import SupervisedLearner
 from clsim.models import MultiHeadNet
@@ -257,7 +258,7 @@ def test_agem_counts_projected_steps_as_integers_in_every_step_record():
         def task(self, record):
             self.tasks.append(record["strategy"]["projected_steps"])
 
-    parts = Experiment.from_argv(["--strategy", "agem", "--epochs", "1", "--n-tasks", "2"]).build()
+    parts = from_argv(["--strategy", "agem", "--epochs", "1", "--n-tasks", "2"]).build()
     parts.loggers = [watch := Watch()]
     parts.train()
     assert all(type(n) is int for n in watch.steps), set(map(type, watch.steps))

@@ -9,6 +9,7 @@ import torch
 
 from clsim import config, engine
 from clsim import Experiment
+from clsim.cli import from_argv
 from clsim.errors import UserError
 from clsim.learners.supervised import SupervisedLearner
 from clsim.models import MultiHeadNet, ResNet18
@@ -38,8 +39,8 @@ def build(strategy: str, setting="task_il", seed=0, strategy_values=None, make_m
 
 
 def cli(out, *args: str) -> None:
-    """The command line in this process (Experiment.from_argv: TensorBoard, JSONL, checkpoint)."""
-    Experiment.from_argv(["--out", str(out), "--progress", "false", *args]).run()
+    """The command line in this process (clsim.cli.from_argv: TensorBoard, JSONL, checkpoint)."""
+    from_argv(["--out", str(out), "--progress", "false", *args]).run()
 
 
 def run(scenario, strat, learner, loggers=(), epochs=EPOCHS):
@@ -525,6 +526,6 @@ def test_no_note_where_the_scenarios_own_default_setting_already_is_blips(capsys
     from clsim.registry import SCENARIOS
     if "cartpole" not in SCENARIOS.names():
         pytest.skip("the cartpole scenario is not in this tree")
-    experiment = Experiment.from_argv(["--scenario", "cartpole", "--strategy", "blip", "--ppo-timesteps", "256"])
+    experiment = from_argv(["--scenario", "cartpole", "--strategy", "blip", "--ppo-timesteps", "256"])
     experiment.build()
     assert experiment.run_options.setting == "task_il" and "note:" not in capsys.readouterr().err

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from clsim import Experiment
+from clsim.cli import from_argv
 from clsim.errors import UserError
 from clsim.models import make_model
 
@@ -20,12 +21,12 @@ def test_kwargs_yaml_and_flags_describe_the_same_run(tmp_path):
     cfg.write_text("strategy: ewc\newc-lambda: 5\nepochs: 2\nlr: 0.03\n")
     from_kwargs = Experiment(strategy="ewc", ewc_lambda=5, epochs=2, lr=0.03, seed=4)
     from_yaml = Experiment.from_yaml(cfg, seed=4)
-    from_argv = Experiment.from_argv(["--config", str(cfg), "--seed", "4"])
-    for e in (from_yaml, from_argv):
+    from_flags = from_argv(["--config", str(cfg), "--seed", "4"])
+    for e in (from_yaml, from_flags):
         assert e.run_options == from_kwargs.run_options
         assert e.strategy_options == from_kwargs.strategy_options
         assert e.scenario_options == from_kwargs.scenario_options
-    assert from_argv.strategy_options.ewc_lambda == 5.0 and from_argv.run_options.epochs == 2
+    assert from_flags.strategy_options.ewc_lambda == 5.0 and from_flags.run_options.epochs == 2
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -44,7 +45,7 @@ def test_a_bad_value_fails_with_one_message_whichever_the_door(tmp_path, key, va
     errors = []
     for make in (lambda: Experiment(strategy="ewc", **{key: value}),
                  lambda: Experiment.from_yaml(cfg),
-                 lambda: Experiment.from_argv(["--strategy", "ewc", flag, text])):
+                 lambda: from_argv(["--strategy", "ewc", flag, text])):
         with pytest.raises(UserError) as caught:
             make()
         errors.append(str(caught.value).replace("'true'", "True"))

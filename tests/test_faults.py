@@ -73,7 +73,7 @@ def reference(tmp_path_factory):
     """The uninterrupted run every faulty one must reproduce."""
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("reference")
-    run_dir = Experiment.from_argv([*ARGS, "--out", str(out)]).run().run_dir
+    run_dir = cli.from_argv([*ARGS, "--out", str(out)]).run().run_dir
     assert run_dir.name == NAME
     return json.loads((run_dir / "summary.json").read_text()), log_records(run_dir)
 
@@ -250,11 +250,11 @@ def test_every_abbreviation_of_a_privacy_flag_is_refused():
             if prefix in whole:
                 continue
             with pytest.raises(UserError, match=re.escape(f"unknown option(s) {prefix} ")):
-                Experiment.from_argv(["--privacy", "dpsgd", prefix, "1"] if name != "--privacy" else [prefix, "dpsgd"])
+                cli.from_argv(["--privacy", "dpsgd", prefix, "1"] if name != "--privacy" else [prefix, "dpsgd"])
             tried += 1
     assert tried > 50
     with pytest.raises(UserError, match=re.escape("unknown option(s) --lis ")):
-        Experiment.from_argv(["--lis"])
+        cli.from_argv(["--lis"])
 
 
 def test_an_abbreviated_flag_in_a_real_process_is_one_line_and_writes_nothing(tmp_path):
@@ -277,12 +277,12 @@ def test_an_abbreviated_flag_in_a_real_process_is_one_line_and_writes_nothing(tm
 ])
 def test_contradictory_or_empty_flags_are_refused(args, expected):
     with pytest.raises(UserError) as info:
-        Experiment.from_argv(args)
+        cli.from_argv(args)
     assert expected in str(info.value)
 
 
 def test_the_same_flag_twice_with_the_same_value_is_one_request():
-    experiment = Experiment.from_argv(["--privacy", "dpsgd", "--privacy=dpsgd"])
+    experiment = cli.from_argv(["--privacy", "dpsgd", "--privacy=dpsgd"])
     assert experiment.mechanism_name == "dpsgd" and experiment.run_options.privacy == "dpsgd"
 
 
@@ -310,7 +310,7 @@ def test_each_yaml_type_error_is_one_line_exit_2(tmp_path, capsys, text, expecte
 def test_yaml_exponents_are_numbers(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("lr: 1e-3\nepochs: 2\n")   # YAML 1.1 reads 1e-3 as a string
-    run = Experiment.from_argv(["--config", str(cfg)]).run_options
+    run = cli.from_argv(["--config", str(cfg)]).run_options
     assert run.lr == 0.001 and run.epochs == 2
 
 
@@ -429,10 +429,10 @@ def test_mnist_idx_values_are_checked_before_they_are_converted(tmp_path, images
 
 
 def test_noise_multiplier_zero_under_privacy_says_epsilon_is_infinite(capsys):
-    Experiment.from_argv(["--privacy", "dpsgd", "--noise-multiplier", "0"])
+    cli.from_argv(["--privacy", "dpsgd", "--noise-multiplier", "0"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "no privacy (ε = ∞)" in lines[0]
-    Experiment.from_argv(["--privacy", "dpsgd", "--noise-multiplier", "0.5"])
+    cli.from_argv(["--privacy", "dpsgd", "--noise-multiplier", "0.5"])
     assert capsys.readouterr().err == ""
 
 

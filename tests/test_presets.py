@@ -23,7 +23,7 @@ def test_every_preset_resolves_with_its_options_and_cites_its_source():
     for name, preset in shipped.items():
         assert preset.paper and preset.table and preset.source.startswith("http")
         assert preset.published is None or 0 < preset.published <= 100
-        e = Experiment.from_argv(["--preset", name])          # the CLI's validation of every value
+        e = cli.from_argv(["--preset", name])          # the CLI's validation of every value
         values = {**vars(e.run_options), **vars(e.protocol_options),
                   **vars(e.scenario_options), **vars(e.strategy_options)}
         for key, value in preset.options.items():
@@ -44,7 +44,7 @@ def test_presets_select_their_sources_forms_of_ewc_and_replay():
 
 
 def test_flags_override_a_preset_and_list_shows_it(capsys):
-    e = Experiment.from_argv(["--preset", "blip-mnist5", "--epochs", "3", "--lr", "0.05"])
+    e = cli.from_argv(["--preset", "blip-mnist5", "--epochs", "3", "--lr", "0.05"])
     assert (e.run_options.epochs, e.run_options.lr, e.run_options.batch_size) == (3, 0.05, 64)
     assert e.protocol_options.lr_schedule == "plateau" and e.strategy_name == "blip"
     assert "--preset" not in e.as_argv() and "--lr-schedule" in e.as_argv()   # folded in
@@ -58,7 +58,7 @@ def test_flags_override_a_preset_and_list_shows_it(capsys):
 
 @pytest.mark.slow
 def test_blip_preset_runs_the_authors_network_and_plateau_schedule(mnist_root, tmp_path):
-    e = Experiment.from_argv(["--preset", "blip-mnist5", "--data-root", str(mnist_root), "--train-per-class", "30",
+    e = cli.from_argv(["--preset", "blip-mnist5", "--data-root", str(mnist_root), "--train-per-class", "30",
                           "--test-per-class", "20", "--epochs", "12", "--lr-patience", "2",
                           "--out", str(tmp_path), "--checkpoint", "false"])
     result = e.run()
@@ -70,14 +70,14 @@ def test_blip_preset_runs_the_authors_network_and_plateau_schedule(mnist_root, t
     assert all(1 <= r["schedule"]["epochs_run"] <= 12 for r in tasks)
     assert all(r["row"][r["task"]] > 70 for r in tasks)       # every task learned (2-way heads)
     # BLIP's network: one hidden layer of 1200, a 2-way head per task
-    scenario = e.scenario_entry.target(e.scenario_options, e.run_options)
+    scenario = e.parties.scenario_entry.target(e.scenario_options, e.run_options)
     net = scenario.make_model()
     hidden = [m.out_features for m in net.backbone.body if isinstance(m, torch.nn.Linear)]
     assert hidden == [1200] and [h.out_features for h in net.heads] == [2] * 5
     # pixels standardised as BLIP's loaders do
-    raw = Experiment.from_argv(["--preset", "blip-mnist5", "--data-root", str(mnist_root), "--train-per-class", "30",
+    raw = cli.from_argv(["--preset", "blip-mnist5", "--data-root", str(mnist_root), "--train-per-class", "30",
                                 "--mnist-standardise", "false"])
-    raw_x = raw.scenario_entry.target(raw.scenario_options, raw.run_options).tasks[0].train.x
+    raw_x = raw.parties.scenario_entry.target(raw.scenario_options, raw.run_options).tasks[0].train.x
     assert torch.allclose(scenario.tasks[0].train.x, (raw_x - 0.1307) / 0.3081)
     # validation on the training set is recorded as a read of each task's data
     for dataset in summary["privacy"]["datasets"].values():

@@ -16,7 +16,7 @@ from clsim.scenario import Task, TaskData
 
 
 def run(tmp_path, *args):
-    result = Experiment.from_argv([*args, "--out", str(tmp_path), "--checkpoint", "false"]).run()
+    result = cli.from_argv([*args, "--out", str(tmp_path), "--checkpoint", "false"]).run()
     run_dir, summary = result.run_dir, result.summary
     tasks = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     return summary, [r for r in tasks if r["kind"] == "task"]
@@ -131,7 +131,7 @@ def test_validation_under_dpsgd_is_a_raw_access_in_the_ledger(tmp_path):
 
 
 def test_adam_and_bad_protocol_options(tmp_path, capsys):
-    assert Experiment.from_argv(["--optimizer", "adam"]).protocol_options.optimizer == "adam"
+    assert cli.from_argv(["--optimizer", "adam"]).protocol_options.optimizer == "adam"
     summary, _ = run(tmp_path, "--optimizer", "adam", "--lr", "0.001", "--epochs", "1", "--n-tasks", "2")
     assert summary["hparams"]["optimizer"] == "adam"
     for bad in (["--lr-schedule", "step"], ["--lr-schedule", "step", "--lr-milestones", "5,x"],

@@ -1,5 +1,5 @@
 """ER and DER++: reservoir invariants and uniformity, logits stored at insertion, counted FLOPs,
-and end-to-end runs on real digits through the CLI's Experiment.from_argv (in-process, for speed)."""
+and end-to-end runs on real digits through the CLI's from_argv (in-process, for speed)."""
 from __future__ import annotations
 
 import json
@@ -14,6 +14,7 @@ from clsim.flops import TrainingFlops, example_flops, forward_flops
 from clsim.models import MultiHeadNet
 from clsim.strategies.replay import ReservoirBuffer
 from clsim import Experiment
+from clsim.cli import from_argv
 from clsim.cli import main
 from conftest import read_summary
 
@@ -109,7 +110,7 @@ def test_er_and_derpp_beat_naive_on_digits_and_report_buffer_flops_privacy(tmp_p
     for name, extra in (("naive", []), ("er", ["--lr", "0.1"]),
                         ("derpp", ["--derpp-alpha", "0.5", "--derpp-beta", "1.0"])):
         out = tmp_path / name
-        Experiment.from_argv(["--out", str(out), "--strategy", name, "--seed", "0", "--progress", "false",
+        from_argv(["--out", str(out), "--strategy", name, "--seed", "0", "--progress", "false",
                               *extra]).run()
         summary = read_summary(out)
         acc[name] = summary["acc"]
@@ -143,7 +144,7 @@ def test_bad_replay_option_is_a_user_error(tmp_path, capsys):
 
 def _digits_run(strategy: str, *extra: str, tasks: int = 1, watch=None):
     """`strategy` through the engine on the first `tasks` tasks of split_digits (real digits)."""
-    parts = Experiment.from_argv(["--strategy", strategy, "--seed", "1", "--epochs", "1", "--lr", "0.05",
+    parts = from_argv(["--strategy", strategy, "--seed", "1", "--epochs", "1", "--lr", "0.05",
                                   "--batch-size", "32", *extra]).build()
     parts.scenario.tasks = parts.scenario.tasks[:tasks]
     strat, learner = parts.strategy, parts.learner

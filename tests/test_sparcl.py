@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from clsim import Experiment
+from clsim.cli import from_argv
 from clsim.cli import main
 from clsim.flops import forward_flops
 from conftest import read_summary
@@ -16,7 +17,7 @@ from conftest import read_summary
 
 def build(argv: list[str]):
     """The parts of the run `argv` describes, assembled and set up (nothing written)."""
-    return Experiment.from_argv(argv).build()
+    return from_argv(argv).build()
 
 
 def train(argv, observer=None):
@@ -232,8 +233,8 @@ def test_counted_flops_follow_one_formula_for_dense_and_sparse(cifar_root):
 
 
 def test_cli_records_sparsity_figures_and_rejects_bad_bounds(tmp_path, capsys):
-    """Through the CLI's Experiment.from_argv on real digits (MLP 64-100-100-10: the middle layer is masked)."""
-    Experiment.from_argv(["--out", str(tmp_path / "ok"), "--strategy", "sparcl", "--epochs", "2",
+    """Through the CLI's from_argv on real digits (MLP 64-100-100-10: the middle layer is masked)."""
+    from_argv(["--out", str(tmp_path / "ok"), "--strategy", "sparcl", "--epochs", "2",
                           "--sparcl-sparsity", "0.9", "--sparcl-remove-every", "1", "--progress", "false"]).run()
     summary = read_summary(tmp_path / "ok")
     run_dir = next(p for p in (tmp_path / "ok").iterdir() if p.is_dir())

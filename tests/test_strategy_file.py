@@ -1,0 +1,68 @@
+"""`--strategy path/to/file.py`: a one-file strategy without packaging, from the command line, YAML
+and Python; a file that cannot be one is a one-line error, exit status 2."""
+from __future__ import annotations
+
+import pytest
+
+from clsim import Experiment
+from clsim.cli import main
+from clsim.errors import UserError
+
+STRATEGY = '''
+from dataclasses import dataclass
+
+from clsim.config import opt
+from clsim.registry import register_strategy
+from clsim.strategy import Strategy
+
+
+@register_strategy("{name}")
+class Scaled(Strategy):
+    """Scale the loss (a strategy that changes nothing but its figures)."""
+
+    @dataclass
+    class Options:
+        loss_scale: float = opt(1.0, "factor on the loss", low=0.0, low_open=True)
+
+    def loss(self, batch, losses, outputs):
+        return losses * self.options.loss_scale
+'''
+
+
+def test_a_strategy_file_is_chosen_by_its_path_with_its_own_options(tmp_path, capsys):
+    path = tmp_path / "scaled.py"
+    path.write_text(STRATEGY.format(name="scaled_from_file"))
+    e = Experiment(strategy=str(path), loss_scale=2)
+    assert e.strategy_name == "scaled_from_file" and e.strategy_options.loss_scale == 2.0
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"strategy: {path}\nloss-scale: 3\n")
+    assert Experiment.from_yaml(cfg).strategy_options.loss_scale == 3.0   # the same file, imported once
+    with pytest.raises(SystemExit):   # --help lists the file's options
+        main(["--strategy", str(path), "--help"])
+    assert "--loss-scale LOSS_SCALE factor on the loss" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("content,expected", [
+    (None, "strategy file {path} does not exist"),
+    ("x = 1\n", "{path} registers no strategy entries; a strategy file registers exactly one"),
+    (STRATEGY.format(name="ewc"), "{path}: strategy 'ewc' is registered twice (already by clsim.strategies.ewc); "
+                                  "give yours a name of its own"),
+    (STRATEGY.format(name="one_of_two") + '\n\n@register_strategy("two_of_two")\nclass Other(Strategy):\n    pass\n',
+     "{path} registers 2 strategy entries: one_of_two, two_of_two"),
+])
+def test_a_file_that_is_not_one_strategy_is_one_line_exit_2(tmp_path, capsys, content, expected):
+    path = tmp_path / "mine.py"
+    if content is not None:
+        path.write_text(content)
+    out = tmp_path / "out"
+    assert main(["--strategy", str(path), "--out", str(out)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected.format(path=path)}"), lines
+    assert not out.exists()
+    with pytest.raises(UserError):   # nothing stays registered: the same mistake again, the same line
+        Experiment(strategy=str(path))
+
+
+def test_a_mistyped_name_says_what_was_meant(capsys):
+    assert main(["--strategy", "ewx"]) == 2
+    assert "unknown strategy 'ewx' (did you mean ewc?)" in capsys.readouterr().err
