@@ -54,3 +54,13 @@ def read_summary(out: Path) -> dict:
     runs = [p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert len(runs) == 1, runs
     return json.loads((runs[0] / "summary.json").read_text())
+
+
+@pytest.fixture
+def own_strategy_registry(monkeypatch):
+    """Strategies a test loads from files are forgotten after it (the registry of the test session,
+    e.g. the README's strategy table, stays clsim's own)."""
+    from clsim.registry import STRATEGIES
+    STRATEGIES.names()   # the built-ins, loaded before the copy
+    monkeypatch.setattr(STRATEGIES, "_entries", dict(STRATEGIES._entries))
+    monkeypatch.setattr(STRATEGIES, "_files", dict(STRATEGIES._files))

@@ -8,6 +8,8 @@ from clsim import Experiment
 from clsim.cli import main
 from clsim.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("own_strategy_registry")
+
 STRATEGY = '''
 from dataclasses import dataclass
 
