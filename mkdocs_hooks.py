@@ -123,22 +123,22 @@ def _options_table(cls, defaults: dict | None = None) -> list[str]:
 
 def _help(argv: list[str]) -> str:
     """The --help text a command prints (its parser is the source of truth)."""
-    from clsim import commands
+    from clsim import cli
 
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
-        commands.main(argv)
+        cli.main(argv)
     return buffer.getvalue().rstrip()
 
 
 def cli_page() -> str:
     """Every option of every party, generated from the options dataclasses (the same fields that
     make the flags, YAML keys and Python keyword arguments), then the subcommands' help."""
-    from clsim.experiment import Experiment
+    from clsim.parties import Parties
     from clsim.registry import LOGGERS, MECHANISMS, SCENARIOS, STRATEGIES
 
     out = []
-    groups = Experiment().option_groups()
+    groups = Parties().option_groups()
     for title in ("run options", "training protocol", "privacy audit"):
         out += ["", f"## {title.capitalize()}", "", *_options_table(groups[title])]
     for kind, registry in (("Scenario", SCENARIOS), ("Strategy", STRATEGIES),
@@ -154,7 +154,7 @@ def cli_page() -> str:
 
 
 def strategy_capabilities() -> str:
-    from clsim.cli import strategy_table
+    from clsim.catalog import strategy_table
 
     return strategy_table()
 

@@ -197,10 +197,11 @@ def report_command(argv: list[str]) -> int:
                 description="Group runs by everything but the seed; write report.md, results.csv, "
                             "summary.csv and PNG figures.")
     p.add_argument("dirs", nargs="+", help="sweep directories or run directories")
-    p.add_argument("--out", default="report", help="directory to write the report into")
+    p.add_argument("--out", help="directory to write the report into (default: DIR/report, where clsim sweep "
+                                 "writes a sweep's; needed with several directories)")
     args = p.parse_args(argv)
     from clsim.report import write_report
-    print(f"report: {write_report(args.dirs, Path(args.out))}")
+    print(f"report: {write_report(args.dirs, None if args.out is None else Path(args.out))}")
     return 0
 
 

@@ -1,7 +1,5 @@
-# strategies/l2.py
 """The plain L2 anchor (Continual World's L2 baseline, Wolczyk et al. 2021): λ·Σ (θ - θ*)² over the
-shared weights, θ* where the previous task left them. This file is also the worked example of
-docs/extending.md."""
+shared weights, θ* where the previous task left them."""
 from dataclasses import dataclass
 
 from clsim.config import opt

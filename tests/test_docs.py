@@ -2,8 +2,8 @@
 directory (python blocks executed, bash blocks run by bash, yaml blocks parsed), unless preceded by
 `<!-- skip: reason -->`. The blocks train models, so they run in the slow tier (CI); blocks marked
 `text`, or with no language, are listings, not code. The quick tier checks the rest: the skip
-markers, the generated pages, the worked strategy example is the shipped file, docs/results.yaml
-is well-formed; and (slow) the site builds with warnings as errors."""
+markers, the generated pages, docs/results.yaml is well-formed (the worked strategy example runs in
+tests/test_strategy_file.py); and (slow) the site builds with warnings as errors."""
 from __future__ import annotations
 
 import importlib.util
@@ -83,11 +83,6 @@ def test_code_block_runs_as_printed(page, language, code, scratch):
                               capture_output=True, text=True)
         assert proc.returncode == 0, f"{page.name} block failed ({proc.returncode}):\n{code}\n{proc.stderr[-3000:]}"
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-
-
-def test_the_worked_strategy_is_the_shipped_file():
-    code = re.search(r"```python\n(# strategies/l2\.py\n.*?)```", (REPO / "docs" / "extending.md").read_text(), re.S)
-    assert code.group(1) == (REPO / "strategies" / "l2.py").read_text()
 
 
 def test_readme_is_short_and_keeps_the_set_up_commands_ci_runs():

@@ -1,12 +1,19 @@
 """`--strategy path/to/file.py`: a one-file strategy without packaging, from the command line, YAML
-and Python; a file that cannot be one is a one-line error, exit status 2."""
+and Python (the documented example as printed); a file that cannot be one is a one-line error,
+exit status 2."""
 from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
 
 import pytest
 
 from clsim import Experiment
 from clsim.cli import main
 from clsim.errors import UserError
+from conftest import REPO
 
 pytestmark = pytest.mark.usefixtures("own_strategy_registry")
 
@@ -42,6 +49,28 @@ def test_a_strategy_file_is_chosen_by_its_path_with_its_own_options(tmp_path, ca
     with pytest.raises(SystemExit):   # --help lists the file's options
         main(["--strategy", str(path), "--help"])
     assert "--loss-scale LOSS_SCALE factor on the loss" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_documented_strategy_file_runs_as_printed_from_the_command_line_and_from_python(tmp_path):
+    """The block of docs/extending.md (where the README points), saved as a newcomer would: outside
+    the package, under the name its first line gives."""
+    page = (REPO / "docs" / "extending.md").read_text()
+    (code, name), = re.findall(r"```python\n(# (\S+\.py)\n.*?)```", page, re.S)
+    (tmp_path / name).write_text(code)
+    cli = subprocess.run([sys.executable, "-m", "clsim", "run", "--strategy", name, "--l2-strength", "5",
+                          "--epochs", "1", "--n-tasks", "2", "--checkpoint", "false", "--out", "cli"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert "ACC" in cli.stdout and "Traceback" not in cli.stderr
+    (run_dir,) = (tmp_path / "cli").iterdir()
+    assert run_dir.name == "split_digits-my_l2-class_il-seed0"
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["strategy"] == "my_l2" and saved["hparams"]["l2_strength"] == 5.0
+    # from Python: the same figures (one seed fixes everything)
+    result = Experiment(strategy=str(tmp_path / name), l2_strength=5, epochs=1, n_tasks=2, checkpoint=False,
+                        progress=False, out=None).run()
+    assert result.summary["strategy"] == "my_l2"
+    assert result.summary["accuracy_matrix"] == saved["accuracy_matrix"]
 
 
 @pytest.mark.parametrize("content,expected", [

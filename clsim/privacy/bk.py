@@ -35,7 +35,7 @@ from torch import nn
 
 from clsim.errors import UserError
 from clsim.fisher import conv_patches, layer_rows, supported_layer
-from clsim.privacy.clipping import Clipper
+from clsim.privacy.clipper import Clipper
 
 COVERED = (nn.Linear, nn.Conv2d, nn.GroupNorm)
 CHUNK = 32      # examples whose per-layer norms or rows are formed together

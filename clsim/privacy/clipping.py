@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from clsim.errors import UserError
+from clsim.privacy.clipper import Clipper
 
 
 def clip_rows(rows: dict[nn.Parameter, torch.Tensor], max_grad_norm: float) -> None:
@@ -58,26 +59,6 @@ def _quiet_backward():
     """Inputs need no gradient: PyTorch's note that a full backward hook fired anyway is noise."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        yield
-
-
-class Clipper:
-    """The clipped sum of a batch's per-unit gradients (see the module docstring)."""
-
-    name = ""
-
-    def __init__(self, max_grad_norm: float):
-        self.max_grad_norm = max_grad_norm
-
-    def clipped_sum(self, losses: torch.Tensor, batch, params: list[nn.Parameter]) -> set[nn.Parameter]:
-        raise NotImplementedError
-
-    def forget(self) -> None:
-        """A step without a batch: drop whatever the last forwards left behind."""
-
-    @contextmanager
-    def lifted(self):
-        """Hooks off meanwhile (torch.func transforms cannot pass them, e.g. the DP-Fisher's)."""
         yield
 
 
