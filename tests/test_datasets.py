@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from clsim import Experiment, data, datasets, download
+from clsim import data, datasets, download
+from clsim.cli import from_argv
 from clsim.download import Remote
 from clsim.errors import UserError
 
@@ -152,8 +153,8 @@ def tiny_imagenet_zip(folder: Path, train_per_class: int = 2) -> Path:
 
 
 def run(tmp_path, *args, **values):
-    return Experiment.from_argv(["--out", str(tmp_path / "runs"), "--progress", "false", "--checkpoint", "false",
-                                 "--loggers", "jsonl", *args]).run().summary
+    return from_argv(["--out", str(tmp_path / "runs"), "--progress", "false", "--checkpoint", "false",
+                     "--loggers", "jsonl", *args]).run().summary
 
 
 def leftovers(root: Path) -> list[Path]:
