@@ -31,7 +31,7 @@ def audited_run(monkeypatch, seed=0):
                             audit="one-run", audit_canaries=300, audit_guesses=10, seed=seed, progress=False,
                             out=None)
     summary = experiment.run().summary
-    return experiment.canaries.kept, masks, summary
+    return experiment.audit.canaries.kept, masks, summary
 
 
 def test_canary_coins_do_not_correlate_with_any_steps_sampling_mask(monkeypatch):
