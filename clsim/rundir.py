@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import io
 import itertools
 import json
@@ -241,8 +242,9 @@ class RunDirectory:
         for name in files:   # the task's records are flushed; make them durable before the checkpoint
             with open(self.path / name, "rb") as f:
                 os.fsync(f.fileno())
+        state = {**state, "logger_files": files, "config": self.config}
         buffer = io.BytesIO()
-        torch.save({**state, "logger_files": files, "config": self.config}, buffer)
+        torch.save({**state, "digest": digest(state)}, buffer)
         _write_atomic(self.path / CHECKPOINT, buffer.getbuffer())
 
     def load_checkpoint(self, config: dict) -> dict:
@@ -344,9 +346,38 @@ class RunDirectory:
             raise
 
 
+def digest(value) -> str:
+    """sha256 of a checkpoint's contents (tensors by dtype, shape and bytes; plain data by repr),
+    saved with it: torch.load checks no checksum, so a flipped bit in a weight would otherwise be
+    resumed from, silently."""
+    h = hashlib.sha256()
+
+    def walk(v):
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous()
+            h.update(f"tensor {t.dtype} {tuple(t.shape)}:".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, dict):
+            h.update(b"{")
+            for key, item in v.items():
+                walk(key)
+                walk(item)
+            h.update(b"}")
+        elif isinstance(v, (list, tuple)):
+            h.update(b"[")
+            for item in v:
+                walk(item)
+            h.update(b"]")
+        else:
+            h.update(f"{type(v).__name__} {v!r};".encode())
+    walk(value)
+    return h.hexdigest()
+
+
 def _load(path: Path) -> dict:
     """torch.load with weights_only=True: a checkpoint holds tensors and plain data only, so a
-    hostile file cannot run code (the engine stores RNG states as tensors for this)."""
+    hostile file cannot run code (the engine stores RNG states as tensors for this). Its contents
+    must match the digest saved with them."""
     try:
         state = torch.load(path, weights_only=True)
     except FileNotFoundError:
@@ -358,6 +389,11 @@ def _load(path: Path) -> dict:
                         f"start the run again") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} is not a clsim checkpoint (it holds a {type(state).__name__}, not a dict); "
+                        f"start the run again")
+    saved = state.pop("digest", None)
+    if saved != digest(state):
+        raise UserError(f"{path} is damaged: its contents do not match the digest saved with them"
+                        f"{' (it has none: written by an older clsim?)' if saved is None else ''}; "
                         f"start the run again")
     return state
 

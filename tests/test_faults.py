@@ -631,10 +631,12 @@ def test_an_edited_argv_seed_cannot_relabel_the_figures(partial, capsys):
     refused_resume(partial, capsys, "was changed after the run started (argv:")
 
 
-def rewrite_checkpoint(partial: Path, change) -> None:
+def rewrite_checkpoint(partial: Path, change, seal: bool = True) -> None:
+    """Change a checkpoint's contents; `seal`: with a matching digest, as if clsim had written it so."""
     state = torch.load(partial / "checkpoint.pt", weights_only=True)
+    state.pop("digest", None)
     change(state)
-    torch.save(state, partial / "checkpoint.pt")
+    torch.save({**state, "digest": rundir.digest(state)} if seal else state, partial / "checkpoint.pt")
 
 
 def _nan_weight(state):
@@ -660,6 +662,21 @@ def _wider(state):
 def test_a_damaged_checkpoint_is_one_line_not_a_traceback_or_a_nan_loss(partial, capsys, change, expected):
     rewrite_checkpoint(partial, change)
     refused_resume(partial, capsys, expected)
+
+
+def test_a_checkpoint_whose_contents_changed_after_it_was_written_is_refused(partial, capsys):
+    """torch.load checks no checksum: a flipped bit in a weight resumed silently from other weights."""
+    raw = bytearray((partial / "checkpoint.pt").read_bytes())
+    weights = torch.load(partial / "checkpoint.pt", weights_only=True)["model"]["heads.0.bias"]
+    at = raw.find(weights.numpy().tobytes())
+    assert at > 0
+    raw[at] ^= 0x01
+    (partial / "checkpoint.pt").write_bytes(bytes(raw))
+    refused_resume(partial, capsys, "checkpoint.pt is damaged: its contents do not match the digest saved with them")
+    rewrite_checkpoint(partial, lambda s: s["progress"].update(step=1), seal=False)   # edited, not resealed
+    refused_resume(partial, capsys, "checkpoint.pt is damaged: its contents do not match the digest")
+    rewrite_checkpoint(partial, lambda s: None, seal=False)   # no digest at all
+    refused_resume(partial, capsys, "(it has none: written by an older clsim?)")
 
 
 def test_a_run_is_not_resumed_by_other_code_or_other_options(partial, monkeypatch):
