@@ -20,16 +20,14 @@ the budget's), one thread, through a small driver that changes only this, nothin
 The final accuracy matrix is read from the file their run saves (CHECKPOINT/mnist5_blip_SEED.txt);
 ACC is its last row's mean, BWT as their print_log_acc_bwt computes it. clsim's side is
 `run_scenario.py --preset blip-mnist5 --seed S` with the same budget flags (bench/reproduce.py).
-Results go to DIR/results-*.json as they come (a rerun skips what is there).
+Results go to DIR/results-*.json as they come (a rerun skips what any of them holds, so one
+process per seed may share DIR).
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import io
-import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -42,11 +40,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from clsim import presets  # noqa: E402
+from authors_runs import Results, torchvision_mnist  # noqa: E402
 from reproduce import budget_flags, run_preset  # noqa: E402
 
 COMMIT = "c09814d"   # the repository's head when this was written ("fix quant layer bugs" is 572d0c1)
 PRESET = "blip-mnist5"
-MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 DRIVER = """
 import sys
@@ -90,17 +88,6 @@ def extract(clone: Path, workdir: Path) -> Path:
     return src
 
 
-def mnist_layout(data_root: Path, workdir: Path) -> Path:
-    raw = workdir / "data" / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for name in MNIST_FILES:
-        if not (raw / name).exists():
-            with gzip.open(data_root / f"{name}.gz") as src, open(raw / f"{name}.part", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            (raw / f"{name}.part").rename(raw / name)
-    return workdir / "data"
-
-
 def flag(flags: list[str], name: str, default: int) -> int:
     return int(flags[flags.index(name) + 1]) if name in flags else default
 
@@ -109,12 +96,12 @@ def run_theirs(src: Path, data: Path, seed: int, budget: float, workdir: Path) -
     preset = presets.all_presets()[PRESET]
     flags = budget_flags(preset, budget)
     epochs = flag(flags, "--epochs", int(preset.options["epochs"]))
-    checkpoints = workdir / f"checkpoints-seed{seed}"
+    checkpoints = workdir / f"checkpoints-budget{budget:g}-seed{seed}"
     args = ["--experiment", "mnist5", "--lr", "0.01", "--sbatch", "64", "--F-prior", "1e-15", "--nepochs", str(epochs),
             "--seed", str(seed), "--device", "cpu", "--data_path", str(data), "--checkpoint_dir", str(checkpoints)]
     cmd = [sys.executable, "-c", DRIVER, str(flag(flags, "--train-per-class", 0)),
            str(flag(flags, "--test-per-class", 0)), *args]
-    log = workdir / f"authors-seed{seed}.log"
+    log = workdir / f"authors-budget{budget:g}-seed{seed}.log"
     with open(log, "w") as f:
         subprocess.run(cmd, cwd=src, check=True, stdout=f, stderr=subprocess.STDOUT,
                        env={**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
@@ -143,20 +130,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--budget must be in (0, 1]")
     seeds = [int(s) for s in a.seeds.split(",")]
     a.workdir.mkdir(parents=True, exist_ok=True)
-    store = a.workdir / f"results-{a.only or 'both'}.json"
-    results = json.loads(store.read_text()) if store.exists() else {}
+    results = Results(a.workdir, f"{a.only or 'both'}-{a.budget:g}-{a.seeds}")
+    record = results.record
     import torch
     torch.set_num_threads(1)
 
-    def record(key: str, make) -> None:
-        if key not in results:
-            results[key] = make()
-            store.write_text(json.dumps(results, indent=1))
-            print(key, json.dumps(results[key]), flush=True)
-
     for seed in seeds:
         if a.only in (None, "authors"):
-            src, data = extract(a.repo, a.workdir), mnist_layout(a.data_root, a.workdir)
+            src, data = extract(a.repo, a.workdir), torchvision_mnist(a.data_root, a.workdir / "data")
             record(f"authors/{a.budget:g}/{seed}", lambda: run_theirs(src, data, seed, a.budget, a.workdir))
         if a.only in (None, "clsim"):
             def clsim_run():
@@ -164,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                                a.workdir / "clsim-runs")
                 return {"acc": r["acc"], "bwt": r["bwt"], "command": " ".join(r["argv"])}
             record(f"clsim/{a.budget:g}/{seed}", clsim_run)
-    merged = {}
-    for f in sorted(a.workdir.glob("results-*.json")):
-        merged.update(json.loads(f.read_text()))
+    done = results.all()
     print(f"\nMNIST-5 (task_il, a head per task), BLIP, budget {a.budget:g} "
           f"({' '.join(budget_flags(presets.all_presets()[PRESET], a.budget)) or 'the full protocol'})")
     print(f"{'seed':>4s} {'authors ACC':>11s} {'BWT':>6s} {'clsim ACC':>10s} {'BWT':>6s}")
@@ -174,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         cells = []
         for side in cols:
-            r = merged.get(f"{side}/{a.budget:g}/{seed}")
+            r = done.get(f"{side}/{a.budget:g}/{seed}")
             if r:
                 cols[side].append(r["acc"])
             cells += ["-", "-"] if r is None else [f"{r['acc']:.2f}", f"{r['bwt']:+.2f}"]

@@ -29,22 +29,19 @@ starts at seed 1, so all 20 runs behind the table had random pairings. clsim col
 as shipped (natural pairs on every seed), and the preset with --class-order set to the authors'
 pairing for that seed (checked against their own data code before use).
 
-Results go to DIR/results.json as they come (a rerun skips what is there); the table is printed
-from it at the end.
+Results go to DIR/results-*.json as they come (a rerun skips what any of them holds, so one
+process per seed may share DIR); the table is printed from all of them at the end.
 """
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
+import io
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
 import tarfile
-import io
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +50,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from clsim import presets  # noqa: E402
+from authors_runs import Results, torchvision_mnist  # noqa: E402
 from reproduce import run_preset  # noqa: E402
 
 COMMITS = {"apr2019": "d326f96", "dec2019": "9945f84"}
@@ -79,19 +77,6 @@ def extract(clone: Path, name: str, workdir: Path) -> Path:
         encoder = code / "encoder.py"
         encoder.write_text(encoder.read_text().replace("reduction='elementwise_mean'", "reduction='mean'"))
     return code
-
-
-def mnist_layout(data_root: Path, workdir: Path) -> Path:
-    """torchvision's MNIST layout (un-gzipped IDX under mnist/MNIST/raw) of the official files."""
-    raw = workdir / "data" / "mnist" / "MNIST" / "raw"
-    raw.mkdir(parents=True, exist_ok=True)
-    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                 "t10k-labels-idx1-ubyte"):
-        if not (raw / name).exists():
-            with gzip.open(data_root / f"{name}.gz") as src, open(raw / f"{name}.part", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-            (raw / f"{name}.part").rename(raw / name)
-    return workdir / "data"
 
 
 def their_order(seed: int) -> list[int]:
@@ -165,17 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown := [m for m in methods if m not in METHODS]:
         p.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     a.workdir.mkdir(parents=True, exist_ok=True)
-    store = a.workdir / f"results-{a.only or 'both'}.json"
-    results = json.loads(store.read_text()) if store.exists() else {}
+    results = Results(a.workdir, f"{a.only or 'both'}-{a.methods}-{a.seeds}")
+    record = results.record
     torch_threads_one()
-
-    def record(key: str, make) -> None:
-        if key not in results:
-            results[key] = make()
-            store.write_text(json.dumps(results, indent=1))
-            print(key, json.dumps(results[key]), flush=True)
-
-    data = mnist_layout(a.data_root, a.workdir)
+    data = torchvision_mnist(a.data_root, a.workdir / "data" / "mnist").parent
     for method in methods:
         version, flags, preset, overrides = METHODS[method]
         for seed in seeds:
@@ -194,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             if a.only in (None, "clsim"):
                 record(f"clsim/{method}/{seed}", lambda: run_clsim(preset, seed, a.data_root, overrides, a.workdir))
-    print_table(a.workdir, methods, seeds)
+    print_table(results.all(), methods, seeds)
     return 0
 
 
@@ -203,10 +181,7 @@ def torch_threads_one() -> None:
     torch.set_num_threads(1)
 
 
-def print_table(workdir: Path, methods: list[str], seeds: list[int]) -> None:
-    merged = {}
-    for f in sorted(workdir.glob("results-*.json")):
-        merged.update(json.loads(f.read_text()))
+def print_table(merged: dict, methods: list[str], seeds: list[int]) -> None:
     print(f"\nsplit MNIST Domain-IL, full budget; ACC (%) per seed; digit pairs: their code's for that seed")
     print(f"{'method':11s} {'seed':>4s} {'digits in task order':21s} {'authors':>8s} {'clsim preset':>12s} "
           f"{'clsim, their pairs':>18s}")
