@@ -1,10 +1,11 @@
 """MLflow: step and task figures as an MLflow run, in a file store under the run directory by default.
 
 Install with `pip install 'clsim[mlflow]'`. The default store is `mlruns/` in the run directory (MLflow's
-file store, which MLflow ≥ 3 keeps in maintenance mode: this logger opts in for its own client with
+file store, which MLflow ≥ 3 keeps in maintenance mode: this logger opts in, for its process, with
 MLFLOW_ALLOW_FILE_STORE); `--mlflow-tracking-uri` points it at a server or a database instead. In the
 file store every metric is a file appended line by line, so a resumed run, which cuts the claimed
-`mlruns/` back to its checkpoint, continues the same MLflow run as an uninterrupted one would.
+`mlruns/` back to its checkpoint, continues the same MLflow run (its id is kept in the run
+directory, `mlflow_run_id`) as an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -16,9 +17,6 @@ from clsim.config import opt
 from clsim.errors import UserError
 from clsim.loggers import Logger, step_figures, task_figures
 from clsim.registry import register_logger
-
-RUN_TAG = "clsim.run"
-
 
 @register_logger("mlflow")
 class MlflowLogger(Logger):
@@ -44,16 +42,14 @@ class MlflowLogger(Logger):
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(options.mlflow_experiment)
         experiment = found.experiment_id if found else self.client.create_experiment(options.mlflow_experiment)
-        name = context.run_dir.name
-        earlier = self.client.search_runs([experiment], filter_string=f"tags.`{RUN_TAG}` = '{name}'") \
-            if context.resume_step is not None else []
-        if earlier:
-            self.run_id = earlier[0].info.run_id
+        id_file = self.path("mlflow_run_id")
+        if context.resume_step is not None and id_file.is_file():
+            self.run_id = id_file.read_text().strip()
         else:
-            self.run_id = self.client.create_run(experiment, run_name=name.strip(".").removesuffix(".partial"),
-                                                 tags={RUN_TAG: name}).info.run_id
-            params = [Param(k, str(v)[:6000]) for k, v in context.hparams.items()]
-            self.client.log_batch(self.run_id, params=params)
+            name = context.run_dir.name.strip(".").removesuffix(".partial")
+            self.run_id = self.client.create_run(experiment, run_name=name).info.run_id
+            self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in context.hparams.items()])
+            id_file.write_text(self.run_id + "\n")
         self.pending = []
 
     def _log(self, figures: dict, step: int) -> None:
