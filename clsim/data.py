@@ -102,6 +102,8 @@ def whole_numbers(values, low: int, high: int, where: str, noun: str, hint: str)
         kind = values.dtype if isinstance(values, np.ndarray) else type(values).__name__
         raise UserError(f"{where} holds {noun}s of type {kind}, not whole numbers {low}..{high} "
                         f"(saved as floats, or rescaled?): {hint}")
+    if np.iinfo(values.dtype).min >= low and np.iinfo(values.dtype).max <= high:
+        return values   # the type holds nothing else (uint8 pixels): no need to look at each
     bad = np.flatnonzero((values < low) | (values > high))
     if len(bad):
         i = int(bad[0])

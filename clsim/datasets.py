@@ -207,9 +207,14 @@ def image_class_split(name: str, o, run, arrays: Arrays, n_classes: int, mean: t
     from clsim.models import make_model
     from clsim.scenario import Scenario, class_split, single_head_width
     x_train, y_train, x_test, y_test = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
-    keep_train, keep_test = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
+    if o.train_per_class:   # (no copy of all the images when all are kept)
+        keep = first_per_class(y_train, o.train_per_class)
+        x_train, y_train = x_train[keep], y_train[keep]
+    if o.test_per_class:
+        keep = first_per_class(y_test, o.test_per_class)
+        x_test, y_test = x_test[keep], y_test[keep]
     setting = o.setting_of(run)
-    tasks = class_split(x_train[keep_train], y_train[keep_train], x_test[keep_test], y_test[keep_test],
+    tasks = class_split(x_train, y_train, x_test, y_test,
                         class_order(n_classes, o.class_order_seed), o.n_tasks, setting,
                         population=f"{name} training images")
     heads, width = [t.n_outputs for t in tasks], single_head_width(tasks, setting, n_classes)
@@ -221,6 +226,6 @@ def image_class_split(name: str, o, run, arrays: Arrays, n_classes: int, mean: t
                for t in tasks)
     return Scenario(name, setting, tasks, input_kind=input_kind, make_model=make, defaults=o.run_defaults(),
                     learner_kwargs={"augment": augment} if augment else {},
-                    info={"train_size": len(keep_train), "test_size": len(keep_test),
+                    info={"train_size": len(y_train), "test_size": len(y_test),
                           "class_order": [c for t in tasks for c in t.classes], "image_bytes": held,
                           **(info or {})})

@@ -158,15 +158,21 @@ def _angles(o: RotatedMnistOptions) -> list[float]:
 
 
 def rotate(x: torch.Tensor, degrees: float, chunk: int = 10000) -> torch.Tensor:
-    """uint8 images N x C x H x W rotated anticlockwise about their centre (bilinear, black corners)."""
+    """uint8 images N x C x H x W rotated anticlockwise about their centre (bilinear, black corners).
+    A rotation is a fixed linear map of the pixels: grid_sample builds its matrix once, from the
+    basis images, and each chunk of images is one matrix product (grid_sample on every image took
+    ~100 s for rotated MNIST's ten angles on one core)."""
+    n, c, h, w = x.shape
     a = math.radians(degrees)
     theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])   # output -> input
-    out = torch.empty_like(x)
-    for i in range(0, len(x), chunk):
-        part = x[i:i + chunk].float()
-        grid = F.affine_grid(theta.expand(len(part), 2, 3), list(part.shape), align_corners=False)
-        out[i:i + chunk] = F.grid_sample(part, grid, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
-    return out
+    basis = torch.eye(h * w).view(h * w, 1, h, w)
+    grid = F.affine_grid(theta.expand(h * w, 2, 3), [h * w, 1, h, w], align_corners=False)
+    matrix = F.grid_sample(basis, grid, align_corners=False).view(h * w, h * w)   # row i: basis image i rotated
+    flat = x.reshape(n * c, h * w)
+    out = torch.empty_like(flat)
+    for i in range(0, len(flat), chunk):
+        out[i:i + chunk] = (flat[i:i + chunk].float() @ matrix).round_().clamp_(0, 255).to(torch.uint8)
+    return out.view(n, c, h, w)
 
 
 @register_scenario("rotated_mnist", RotatedMnistOptions)
