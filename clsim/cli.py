@@ -14,7 +14,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from clsim import config, presets, rundir
+from clsim import config, console, presets, rundir
 from clsim.errors import UserError, did_you_mean
 from clsim.experiment import Experiment
 from clsim.parties import DEFAULT_SCENARIO, DEFAULT_STRATEGY, NAMING_KEYS, Parties
@@ -159,12 +159,7 @@ def run_command(argv: list[str]) -> int:
     else:
         result = from_argv(argv).run()
         run_dir, summary = result.run_dir, result.summary
-    print(f"ACC {summary['acc']:.2f}  BWT {summary['bwt']:.2f}  FWT {summary['fwt']:.2f}  "
-          f"forgetting {summary['forgetting']:.2f}")
-    if "task_aware" in summary:   # class_il: the same model with the task identity given at test time
-        aware = summary["task_aware"]
-        print(f"task-aware ACC {aware['acc']:.2f}  BWT {aware['bwt']:.2f}  forgetting {aware['forgetting']:.2f}")
-    print(f"run directory: {run_dir}  (tensorboard --logdir {run_dir.parent})")
+    print("\n".join(console.summary(summary, run_dir)))
     return 0
 
 

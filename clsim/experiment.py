@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clsim import config, engine, presets, protocol, rundir
+from clsim import config, console, engine, presets, protocol, rundir
 from clsim.audits import Audit
 from clsim.engine import Parts
 from clsim.errors import UserError, did_you_mean
@@ -237,6 +237,9 @@ class Experiment:
         mechanism.check(learner, scenario, epochs, strategy.fisher_releases, model_forwards=strategy.model_forwards)
         mechanism.attach(learner)
         engine.setup(scenario, strategy, learner, mechanism, ledger, epochs)
+        if type(mechanism) is not Mechanism:   # said before training, whatever --progress says
+            for line in console.epsilon_warnings(strategy, mechanism, self.strategy_name):
+                print(f"warning: {line}", file=sys.stderr)
         hparams = {"scenario": scenario.name, "strategy": self.strategy_name, "setting": scenario.setting,
                    "seed": run.seed, "epochs": epochs, "lr": learner.lr, "batch_size": learner.batch_size,
                    "privacy": mechanism.name, **dataclasses.asdict(training)}
@@ -245,12 +248,14 @@ class Experiment:
                 hparams.update(dataclasses.asdict(options))
         return Parts(scenario, learner, strategy, mechanism, ledger, [], epochs, hparams)
 
-    def make_loggers(self, parts: Parts, run_dir: Path | None, resume_step: int | None = None) -> list[Logger]:
+    def make_loggers(self, parts: Parts, run_dir: Path | None, resume_step: int | None = None,
+                     destination: Path | None = None) -> list[Logger]:
         """The --loggers, each with its options, writing into `run_dir` (without one: only those
-        that write no files), and the progress lines."""
+        that write no files), and the console's lines (`destination`: where the finished run will
+        be, if not `run_dir`)."""
         planned = [parts.epochs * parts.learner.privacy_plan(t).releases_per_epoch for t in parts.scenario.tasks]
         context = LogContext(run_dir, parts.hparams, parts.scenario.score_scale, self.run_options.progress,
-                             resume_step, planned)
+                             resume_step, planned, self.run_options.device, destination or run_dir)
         loggers = [cls(context, config.build(cls.Options, self.given) if getattr(cls, "Options", None) else None)
                    for _, cls in self.parties.logger_classes if run_dir is not None or not cls.writes_files]
         return loggers + [ProgressLogger(context)]
@@ -283,7 +288,7 @@ class Experiment:
             state = directory.load_checkpoint(config) if directory.resumed else None
             with engine.checkpoint_fields():
                 resume_step = None if state is None else state["progress"]["step"]
-            parts.loggers = self.make_loggers(parts, directory.path, resume_step)
+            parts.loggers = self.make_loggers(parts, directory.path, resume_step, directory.root / directory.final_name)
             if state is None:
                 directory.write_config(config)
             summary = self._train(parts, directory, state)

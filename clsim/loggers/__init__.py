@@ -28,6 +28,8 @@ class LogContext:
     progress: bool | None = None    # --progress
     resume_step: int | None = None  # a resumed run: the last step its checkpoint covers
     planned_steps: list[int] | None = None   # the expected steps of each task (the learner's plan)
+    device: str = "cpu"             # --device
+    destination: Path | None = None   # where the finished run will be (run_dir is its hidden .partial)
 
 
 class Logger:

@@ -59,7 +59,7 @@ class TensorBoardLogger(Logger):
             elif isinstance(value, (int, float, torch.Tensor)):
                 w.add_scalar(f"strategy/{key}", float(value), i)
         privacy = record["privacy"]
-        if privacy.get("datasets"):
+        if privacy.get("datasets") and self.context.hparams.get("privacy", "none") != "none":   # ε where a mechanism is
             eps = privacy["epsilon_worst"]
             w.add_scalar("privacy/epsilon", float("inf") if eps is None else eps, i)
             for name, d in privacy["datasets"].items():

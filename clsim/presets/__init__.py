@@ -18,7 +18,7 @@ from importlib import resources
 
 import yaml
 
-from clsim.errors import UserError
+from clsim.errors import UserError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,8 @@ def all_presets() -> dict[str, Preset]:
 def get(name: str) -> Preset:
     presets = all_presets()
     if name not in presets:
-        raise UserError(f"unknown preset {name!r}; --list shows the presets: {', '.join(presets)}")
+        raise UserError(f"unknown preset {name!r}{did_you_mean(name, presets)}; --list shows the presets: "
+                        f"{', '.join(presets)}")
     return presets[name]
 
 
