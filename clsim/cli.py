@@ -14,7 +14,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from clsim import config, console, presets, rundir
+from clsim import config, console, presets, rundir, sweep
 from clsim.errors import UserError, did_you_mean
 from clsim.experiment import Experiment
 from clsim.parties import DEFAULT_SCENARIO, DEFAULT_STRATEGY, NAMING_KEYS, Parties
@@ -79,7 +79,9 @@ def parse(argv: list[str]) -> tuple[dict, dict]:
     preset = values.get("preset")
     named = {**(presets.get(preset).options if preset else {}), **values}   # a preset may name parties too
     parties = Parties(**{k: named[k] for k in NAMING_KEYS if k in named})
-    parser = _Parser(prog="clsim [run]", description=f"Run a continual-learning scenario.\n\n{COMMANDS}",
+    parser = _Parser(prog="clsim [run]", usage="%(prog)s [--scenario NAME] [--strategy NAME|FILE.py] [--config FILE] "
+                                               "[--preset NAME] [FLAGS below]",
+                     description=f"Run a continual-learning scenario.\n\n{COMMANDS}",
                      epilog="Use --list to see every scenario, strategy, privacy mechanism, logger and preset.")
     parser.add_argument("--scenario", help=f"one of: {', '.join(SCENARIOS.names())} (default: {DEFAULT_SCENARIO})")
     parser.add_argument("--strategy", help=f"one of: {', '.join(STRATEGIES.names())}, or a .py file that "
@@ -168,17 +170,17 @@ def sweep_command(argv: list[str]) -> int:
     p = _Parser(prog="clsim sweep",
                 description="Run a sweep spec's trials on Ray Tune (resumable), then write its report.")
     p.add_argument("spec", help="the sweep's YAML spec (base, grid, random, threads)")
-    p.add_argument("--out", default="sweeps", help="directory under which the sweep directory is made")
+    p.add_argument("--out", default=sweep.OUT, help="directory under which the sweep directory is made "
+                                                   "(default: %(default)s)")
     p.add_argument("--address", help="an existing Ray cluster's address (default: a local Ray on this "
                                      "machine's cores)")
     p.add_argument("--workers", type=int, help="local Ray CPUs (default: all of this machine's)")
     p.add_argument("--no-report", action="store_true", help="do not write the report after the trials")
     args = p.parse_args(argv)
     from clsim.report import write_report
-    from clsim.sweep import sweep
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
-    sweep_dir, failed = sweep(args.spec, args.out, args.address, args.workers)
+    sweep_dir, failed = sweep.sweep(args.spec, args.out, args.address, args.workers)
     if not args.no_report:
         try:
             print(f"report: {write_report([str(sweep_dir / 'trials')], sweep_dir / 'report')}")

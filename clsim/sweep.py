@@ -44,6 +44,7 @@ SAMPLERS = {"choice", "uniform", "loguniform", "randint"}
 #: a sweep of more trials is refused unless --max-trials allows it (a typo in a grid, or a grid
 #: meant for a cluster, would otherwise run silently for hours)
 MAX_TRIALS = 1000
+OUT = "sweeps"   # where sweep directories go unless --out says
 
 
 def load_spec(path: str) -> dict:
@@ -208,7 +209,7 @@ def _progress(total: int, skipped: int):
     return Progress()
 
 
-def sweep(spec_path: str, out: str = "sweeps", address: str | None = None,
+def sweep(spec_path: str, out: str = OUT, address: str | None = None,
           workers: int | None = None, max_trials: int = MAX_TRIALS) -> tuple[Path, int]:
     """Run every unfinished trial of the spec on Ray (locally on `workers` CPUs, default all of
     them, or on the cluster at `address`); returns the sweep directory and how many trials failed.
