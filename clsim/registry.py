@@ -83,7 +83,8 @@ class Registry:
     def _load_file(self, name: str) -> str:
         """Import the one-file plugin at path `name` (once per process) and return the one name it
         registered; a missing file, or one that registers nothing, more than one entry or a name
-        already taken, is a UserError (a bug inside the file raises as it is, with its traceback)."""
+        already taken, or that is not Python, is a UserError (a bug inside the file raises as it
+        is, with its traceback)."""
         path = Path(name).expanduser().resolve()
         if path in self._files:
             return self._files[path]
@@ -101,6 +102,8 @@ class Registry:
             self._forget(before, module)
             if isinstance(exc, DuplicateName):
                 raise UserError(f"{name}: {exc}; give yours a name of its own") from None
+            if isinstance(exc, SyntaxError):   # the file is not Python: where, in one line
+                raise UserError(f"{name}, line {exc.lineno}: {exc.msg}; a {self.kind} file is Python") from None
             raise
         added = sorted(set(self._entries) - set(before))
         if len(added) != 1:

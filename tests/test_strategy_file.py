@@ -75,6 +75,7 @@ def test_the_documented_strategy_file_runs_as_printed_from_the_command_line_and_
 
 @pytest.mark.parametrize("content,expected", [
     (None, "strategy file {path} does not exist"),
+    ("def broken(:\n", "{path}, line 1: invalid syntax; a strategy file is Python"),
     ("x = 1\n", "{path} registers no strategy entries; a strategy file registers exactly one"),
     (STRATEGY.format(name="ewc"), "{path}: strategy 'ewc' is registered twice (already by clsim.strategies.ewc); "
                                   "give yours a name of its own"),
