@@ -42,6 +42,7 @@ def setup(scenario, strategy, learner, mechanism, ledger, epochs: int) -> None:
     learner.task_aware = (scenario.setting == "class_il" and learner.kind == "supervised"
                           and all(t.classes for t in scenario.tasks))
     strategy.epochs = epochs   # schedules within a task (e.g. SparCL's mask updates) need it
+    learner.ledger = ledger    # a learner that keeps raw data itself (SAC's replay buffer) records it
     strategy.setup(learner, scenario, mechanism)
 
 
@@ -74,6 +75,7 @@ class Progress:
     examples: int = 0
     elapsed: float = 0.0       # seconds of training so far (the step records' wall_time)
     wall_time: dict = field(default_factory=dict)   # seconds by phase
+    evaluation_curve: list = field(default_factory=list)   # evaluations while training (SAC), in order
 
     @classmethod
     def start(cls, learner, scenario) -> "Progress":
@@ -202,10 +204,12 @@ def loop(parts: Parts, checkpoint=None, resume: dict | None = None, protocol: Pr
                                    f"evaluate() that skips learner.accuracy records none")
             aware["accuracy_matrix"].append(aware_row)
         timer.add("eval", t2)
+        points = learner.evaluation_curve()   # evaluations made while training (SAC)
+        progress.evaluation_curve.extend(points)
         i = task.index
         emit("task", {"task": i, "step": progress.step, "row": R[-1], **metrics.after_task(R, progress.initial, i),
                       **({} if aware is None else {"task_aware": task_aware_figures(aware, i, row=True)}),
-                      "details": row_details,
+                      "details": row_details, **({"evaluation_curve": points} if points else {}),
                       "memory": memory(learner, strategy), "wall_time": dict(timer.totals),
                       "strategy": strategy.task_metrics(), "schedule": schedule_figures,
                       "privacy": ledger.report()})
@@ -213,6 +217,7 @@ def loop(parts: Parts, checkpoint=None, resume: dict | None = None, protocol: Pr
             progress.elapsed = time.perf_counter() - start
             checkpoint(snapshot(parts, progress, kept))
     return {"accuracy_matrix": R, "initial_scores": progress.initial, "score_details": progress.details,
+            **({"evaluation_curve": progress.evaluation_curve} if progress.evaluation_curve else {}),
             **metrics.summary(R, progress.initial),
             **({} if aware is None else {"task_aware": task_aware_figures(aware, len(R) - 1)}),
             "memory": memory(learner, strategy),

@@ -74,6 +74,16 @@ class Result:
         return None if aware is None else np.asarray(aware["accuracy_matrix"], dtype=float)
 
 
+def split_scenario_argument(name: str, options: dict) -> tuple[str, dict]:
+    """`family:argument` -> (family, options with the family's ARGUMENT option set to argument)."""
+    family, _, argument = name.partition(":")
+    key = getattr(SCENARIOS.get(family).options, "ARGUMENT", None)
+    if key is None or not argument:
+        raise UserError(f"scenario {name!r}: {family} takes no ':' argument; use --scenario {family}"
+                        if key is None else f"scenario {name!r} names no task; e.g. --scenario {family}:reach-v3")
+    return family, {**options, key: argument}
+
+
 class Experiment:
     """A run's full description, validated when made (see the module docstring)."""
 
@@ -89,6 +99,8 @@ class Experiment:
             values = {**presets.get(preset).options, **{k: v for k, v in named.items() if v is not None}, **options}
             scenario, strategy, privacy, loggers = (values.pop(k, None) for k in named)
             options = values
+        if isinstance(scenario, str) and ":" in scenario:   # e.g. metaworld:reach-v3
+            scenario, options = split_scenario_argument(scenario, options)
         self.parties = Parties(scenario, strategy, privacy, loggers)
         self.scenario, self.strategy = self.parties.scenario, self.parties.strategy
         self.privacy, self.model, self.loggers = privacy, model, loggers
@@ -234,6 +246,8 @@ class Experiment:
             entry.target(self.mechanism_options) if entry else Mechanism()
         ledger = Ledger(**mechanism.ledger_options())
         speed_options(learner, run, mechanism)
+        if type(mechanism) is not Mechanism and getattr(learner, "no_private_training", None):
+            raise UserError(learner.no_private_training)   # e.g. SAC: its replay buffer is raw access
         mechanism.check(learner, scenario, epochs, strategy.fisher_releases, model_forwards=strategy.model_forwards)
         mechanism.attach(learner)
         engine.setup(scenario, strategy, learner, mechanism, ledger, epochs)

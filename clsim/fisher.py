@@ -369,11 +369,14 @@ def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: 
     model's most probable label (van de Ven & Tolias's 2019 code; on a confident model far below
     the expectation, which weights the rare labels' large gradients by their probability),
     "weighted" the data's label with its squared gradient times the model's probability of that
-    label, p(y_i|x_i)·g_i² (Mammoth's ewc_on, models/ewc_on.py end_task). `reduce` turns a batch's
+    label, p(y_i|x_i)·g_i² (Mammoth's ewc_on, models/ewc_on.py end_task); for a learner with
+    `gaussian_fisher` (SAC) "expected" is its Gaussian policy's exact Fisher. `reduce` turns a batch's
     squared per-example gradients (one row per example) into their sum; the DP-Fisher clips
     there. Without it the sums come straight from `squared_sums` (no per-example gradients
     where the layers allow). The model is in eval mode meanwhile (frozen normalisation
     statistics)."""
+    if empirical == "expected" and hasattr(learner, "gaussian_fisher"):   # SAC: the Gaussian's exact Fisher
+        return learner.gaussian_fisher(task, names, n_samples)
     model = learner.model
     was_training = model.training
     model.eval()

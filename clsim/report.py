@@ -250,6 +250,7 @@ def write_report(paths: list[str], out: Path | None = None) -> Path:
     stats = _write_summary_csv(groups, out / "summary.csv")
     figures = plot_all(groups, out)
     _write_markdown(groups, stats, figures, out / "report.md")
+    _continual_world_section(groups, out)
     _figures_to_tensorboard(figures, out / "tb")
     return out / "report.md"
 
@@ -313,6 +314,45 @@ def _write_markdown(groups, stats, figures: dict[str, Path], path: Path) -> None
               "", "## Figures", ""]
     lines += [f"![{name}]({p.name})" for name, p in figures.items()]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _continual_world_section(groups, out: Path) -> None:
+    """Continual World's metrics with its bootstrap CIs (clsim/rl/cw_metrics.py) for the runs that
+    recorded SAC evaluation curves: appended to report.md and written to cw_metrics.json. Single-task
+    `metaworld` runs are the forward-transfer references (pooled by task name), not rows."""
+    from clsim.rl import cw_metrics
+    references: dict[str, list[float]] = {}
+    methods: dict[str, list[dict]] = {}
+    for label, runs in groups.items():
+        curves = [r.summary for r in runs if "evaluation_curve" in r.summary]
+        if not curves:
+            continue
+        tasks = curves[0]["scenario_info"]["rl_protocol"]["tasks"]
+        if curves[0]["scenario"] == "metaworld" and len(tasks) == 1:
+            references.setdefault(tasks[0], []).extend(cw_metrics.reference_auc(s) for s in curves)
+        else:
+            methods[label] = curves
+    if not methods:
+        return
+    table = cw_metrics.table(methods, references)
+    (out / "cw_metrics.json").write_text(json.dumps(table, indent=1) + "\n")
+
+    def cell(figure: dict) -> str:
+        if "missing_references" in figure:
+            return "no reference run of " + ", ".join(figure["missing_references"])
+        lo, hi = figure["ci"]
+        return f"{figure['mean']:.2f} [{lo:.2f}, {hi:.2f}]"
+    lines = ["", "## Continual World metrics", "",
+             "Success rates of the stochastic policy; mean over runs [90% bootstrap interval, 4000 resamples], as "
+             "Continual World's results_processing computes them (clsim/rl/cw_metrics.py). Forward transfer is "
+             "against single-task `metaworld:<task>` reference runs given to the same report. Meta-World 3 "
+             "figures are not directly comparable with CW's published Meta-World v1 ones.", "",
+             "| group | n | average performance | forgetting | forward transfer |", "|---|---|---|---|---|"]
+    for label, row in table.items():
+        lines.append(f"| {label} | {row['performance']['n']} | {cell(row['performance'])} | "
+                     f"{cell(row['forgetting'])} | {cell(row['forward_transfer'])} |")
+    with open(out / "report.md", "a") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------- figures

@@ -2,7 +2,11 @@
 
 Both keep an episodic memory: at the end of each task, `--gem-memory / n_tasks` of its training
 examples drawn at random (as Mammoth does; the authors' code fills it with the task's latest
-examples instead), kept raw on the learner's device. After every backward the gradient g over all the model's
+examples instead), kept raw on the learner's device. With SAC (Continual World's A-GEM,
+methods/agem.py) the memory holds transitions drawn from the task's replay buffer
+(`learner.memory_sample`) and the gradients are those of SAC's whole update (actor, critics and,
+unlike CW, which leaves it out of the projection, the entropy coefficient α); PPO learns on-policy
+from fresh rollouts and keeps nothing to remember, so it is refused. After every backward the gradient g over all the model's
 parameters is checked against the memory's:
 
   A-GEM: g_ref, the gradient of a batch of `--agem-batch` examples drawn from the whole memory;
@@ -28,6 +32,7 @@ import numpy as np
 import torch
 
 from clsim.config import opt
+from clsim.errors import UserError
 from clsim.learners import Batch, to_device
 from clsim.metrics import tensor_bytes
 from clsim.registry import register_strategy
@@ -45,31 +50,39 @@ class EpisodicMemory(Strategy):
     model_forwards = 2          # the memory's gradient comes from a forward of its own
 
     Options = GEMOptions
-    learners = ("supervised",)
+    learners = ("supervised", "rl")
     data_access = "raw: keeps examples in an episodic memory"
     state_attrs = ("memory", "projected")
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
+        if learner.kind == "rl" and not hasattr(learner, "memory_sample"):
+            raise UserError(f"{type(self).__name__.lower()} keeps stored transitions, and this RL learner (PPO) "
+                            f"learns on-policy from fresh rollouts; use a SAC scenario (cw10, cw20, cw_triplets, "
+                            f"metaworld:<task>) or a supervised one")
         self.per_task = max(1, self.options.gem_memory // len(scenario.tasks))
-        self.memory: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []   # (x, y, t) per task
+        self.batch_type = getattr(learner, "batch_type", Batch)
+        self.memory: list[tuple[torch.Tensor, ...]] = []   # one batch's fields per task
         self.projected = 0          # steps whose gradient was changed (A-GEM: a 0-dim device tensor)
         self._dot = None
 
     def after_task(self, task):
-        pick = torch.randperm(len(task.train), generator=self.learner.generator)[:self.per_task]
         dev = self.learner.device
-        self.memory.append((task.train.x[pick].to(dev), task.train.y[pick].to(dev),
-                            torch.full((len(pick),), task.index, device=dev)))
+        if hasattr(self.learner, "memory_sample"):
+            batch = self.learner.memory_sample(task, self.per_task)
+        else:
+            pick = torch.randperm(len(task.train), generator=self.learner.generator)[:self.per_task]
+            batch = Batch(task.train.x[pick], task.train.y[pick], torch.full((len(pick),), task.index),
+                          torch.full((len(pick),), -1))
+        self.memory.append(tuple(v.to(dev) for v in batch if isinstance(v, torch.Tensor)))
         self.ledger.raw(task.dataset_id, f"{type(self).__name__.lower()} episodic memory")
 
     def params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.learner.model.parameters() if p.requires_grad]
 
-    def memory_gradient(self, x, y, t) -> torch.Tensor:
+    def memory_gradient(self, fields: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The flat gradient of the mean loss of memory examples (not touching p.grad)."""
-        dev = self.learner.device
-        losses, _ = self.learner.forward(Batch(x.to(dev), y.to(dev), t.to(dev), torch.full((len(y),), -1)))
+        losses, _ = self.learner.forward(self.batch_type(*fields))
         params = self.params()
         grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
         return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
@@ -108,6 +121,8 @@ class EpisodicMemory(Strategy):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.memory = [tuple(t.to(self.learner.device) for t in entry) for entry in self.memory]
+        if self.memory and len(self.memory[0]) == 3:   # a checkpoint from before memories kept whole batches
+            self.memory = [(x, y, t, torch.full_like(t, -1)) for x, y, t in self.memory]
 
 
 @register_strategy("agem")
@@ -119,10 +134,10 @@ class AGEM(EpisodicMemory):
         agem_batch: int = opt(256, "memory examples in each reference gradient", low=1)
 
     def project(self, g):
-        x, y, t = (torch.cat(column) for column in zip(*self.memory))
-        pick = torch.randperm(len(y), generator=self.learner.generator)[:self.options.agem_batch]
+        columns = [torch.cat(column) for column in zip(*self.memory)]
+        pick = torch.randperm(len(columns[0]), generator=self.learner.generator)[:self.options.agem_batch]
         pick = to_device(pick, self.learner.device)
-        ref = self.memory_gradient(x[pick], y[pick], t[pick])
+        ref = self.memory_gradient(tuple(c[pick] for c in columns))
         dot = torch.dot(g, ref)
         conflict = dot < 0
         self.projected = self.projected + conflict.long()
@@ -138,7 +153,7 @@ class GEM(EpisodicMemory):
         gem_margin: float = opt(0.5, "γ: lower bound of the dual variables (the authors' memory_strength)", low=0.0)
 
     def project(self, g):
-        memories = torch.stack([self.memory_gradient(*entry) for entry in self.memory])   # M: [tasks, params]
+        memories = torch.stack([self.memory_gradient(entry) for entry in self.memory])   # M: [tasks, params]
         if bool((memories @ g >= 0).all()):     # a host read: the QP below runs on the host anyway
             return None
         self.projected += 1

@@ -59,12 +59,14 @@ class EWC(Strategy):
                         "online: one running pair, F ← γ·F + F_t and θ* ← θ*_t",
                         choices=("separate", "online"))
         gamma: float = opt(1.0, "online mode: decay γ of the running Fisher, F ← γ·F + F_t", low=0.0, high=1.0)
-        fisher: str = opt("true", "true: labels sampled from the model; empirical: the data's labels; "
+        fisher: str | None = opt(None, "(default: the scenario's, else true; Continual World's: expected) "
+                          "true: labels sampled from the model; empirical: the data's labels; "
                           "expected: the exact expectation over the model's labels (classifiers; one backward "
                           "per class; stays accurate on confident models where sampled labels miss the rare "
                           "classes that carry the Fisher); predicted: the model's most probable label "
                           "(van de Ven & Tolias's 2019 code); weighted: the data's label, its squared gradient "
-                          "times the model's probability of that label (Mammoth's ewc_on)",
+                          "times the model's probability of that label (Mammoth's ewc_on); for SAC's Gaussian policy expected is "
+                          "the exact Gaussian Fisher, as Continual World's EWC",
                           choices=("true", "empirical", "expected", "predicted", "weighted"))
         fisher_samples: int = opt(1000, "training examples used for each task's Fisher", low=1)
 
@@ -73,9 +75,11 @@ class EWC(Strategy):
         # A scenario may recommend its λ (e.g. cartpole: Fisher sums of policies are small), as it does lr.
         given = self.options.ewc_lambda
         self.ewc_lambda = given if given is not None else scenario.defaults.get("ewc_lambda", DEFAULT_LAMBDA)
-        if self.options.fisher in ("expected", "predicted", "weighted") and not isinstance(learner, SupervisedLearner):
-            raise UserError(f"--fisher {self.options.fisher} needs a classifier (it reads the class "
-                            f"probabilities); use --fisher true")
+        self.fisher = self.options.fisher or scenario.defaults.get("fisher", "true")
+        exact = isinstance(learner, SupervisedLearner) or (self.fisher == "expected" and hasattr(learner, "gaussian_fisher"))
+        if self.fisher in ("expected", "predicted", "weighted") and not exact:
+            raise UserError(f"--fisher {self.fisher} needs a classifier (it reads the class "
+                            f"probabilities) or a Gaussian policy (expected); use --fisher true")
         self.names = list(learner.shared_parameters())
         self.importance: torch.Tensor | None = None   # A: the summed (or running) Fisher
         self.anchor: torch.Tensor | None = None       # μ: the A-weighted mean of the θ*
@@ -99,7 +103,7 @@ class EWC(Strategy):
         return self.ewc_lambda * (0.5 if self.options.ewc_penalty == "half" else 1.0)
 
     def after_task(self, task):
-        labels = {"true": False, "empirical": True}.get(self.options.fisher, self.options.fisher)
+        labels = {"true": False, "empirical": True}.get(self.fisher, self.fisher)
         fisher = self.mechanism.fisher(task, self.names, self.options.fisher_samples, labels, "ewc fisher")
         fisher = torch.cat([fisher[n].reshape(-1) for n in self.names])
         theta = self._flat().detach()

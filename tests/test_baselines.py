@@ -207,7 +207,7 @@ def memory_and_gradients(strategy_cls, options, n_done=1):
         strategy.after_task(task)
     params = [p for p in learner.model.parameters()]
     refs = []
-    for x, y, t in strategy.memory:
+    for x, y, t, _ in strategy.memory:   # a batch's fields: x, y, t, index
         loss = F.cross_entropy(learner.model(x, int(t[0])), y)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         refs.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)]))

@@ -54,6 +54,8 @@ class Learner:
     # class_il (set by clsim.engine.setup): evaluate() also records the task-aware score of the
     # same outputs, read back by `task_aware_scores`
     task_aware = False
+    #: the run's privacy ledger (set by clsim.engine.setup), for data a learner itself keeps raw
+    ledger = None
 
     def __init__(self, model: nn.Module, lr: float, momentum: float, batch_size: int,
                  device: torch.device, generator: torch.Generator, optimizer: str = "sgd"):
@@ -156,6 +158,12 @@ class Learner:
         in class_il) and a supervised learner also scores each evaluation's outputs with the task
         identity given (clsim/learners/supervised.py)."""
         return None
+
+    def evaluation_curve(self) -> list[dict]:
+        """Evaluations made while training since the last call (e.g. SAC's every N steps), one
+        dict per point, then forgets them; the engine keeps them as summary.json's
+        `evaluation_curve`."""
+        return []
 
     def score_details(self) -> dict[str, list[float]]:
         """Figures behind the scores of the evaluate() calls since the last call, one list per

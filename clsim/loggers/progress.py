@@ -73,7 +73,7 @@ class ProgressLogger(Logger):
         if not self.silent:
             aware = record.get("task_aware")
             self._say(f"task {record['task']}: ACC {record['acc']:.2f}  BWT {record['bwt']:.2f}  "
-                      f"row {' '.join(f'{x:.1f}' for x in record['row'])}"
+                      + row_text(record)
                       + ("" if aware is None else f"  task-aware ACC {aware['acc']:.2f}")
                       + (f"  {console.epsilon(record['privacy'])}" if self.private else ""))
 
@@ -82,3 +82,14 @@ class ProgressLogger(Logger):
 
     def close(self, summary):
         self.bar.close()
+
+
+def row_text(record: dict) -> str:
+    """The task's row of scores; for RL the raw returns first, with the scores beside them (a
+    success rate for SAC, normalised returns for PPO)."""
+    row, details = record["row"], record.get("details", {})
+    returns = details.get("return_raw")
+    if returns is None:
+        return f"row {' '.join(f'{x:.1f}' for x in row)}"
+    name = "success" if details.get("success_rate") == row else "normalised"
+    return f"returns {' '.join(f'{x:.1f}' for x in returns)} ({name} {' '.join(f'{x:.2f}' for x in row)})"

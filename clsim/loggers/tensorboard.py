@@ -42,6 +42,9 @@ class TensorBoardLogger(Logger):
         for name, row in record.get("details", {}).items():
             for j, value in enumerate(row):
                 w.add_scalar(f"eval/{name}_task_{j}", value, i)
+        for point in record.get("evaluation_curve", []):   # SAC's evaluations while training, by env step
+            for j, value in enumerate(point["success_rate"]):
+                w.add_scalar(f"eval_curve/success_task_{j}", value, point["env_steps"])
         for suffix, figures in (("", record), ("_task_aware", record.get("task_aware"))):
             if figures is None:   # only class_il runs have task-aware figures
                 continue
@@ -77,6 +80,11 @@ class TensorBoardLogger(Logger):
         from clsim.report import figure_rgb, heatmap_figure
         self.writer.add_image("summary/accuracy_matrix", figure_rgb(heatmap_figure(R, self.context.score_scale)),
                               len(R) - 1, dataformats="HWC")
+        success = summary.get("score_details", {}).get("success_rate", {}).get("matrix")
+        if success:   # RL tasks with a success criterion (Continual World's figure)
+            self.writer.add_image("summary/success_rate_matrix",
+                                  figure_rgb(heatmap_figure(success, 1.0, "success-rate matrix")),
+                                  len(R) - 1, dataformats="HWC")
         metrics = {f"hparam/{k}": summary[k] for k in ("acc", "bwt", "fwt", "forgetting")}
         if "task_aware" in summary:
             metrics["hparam/task_aware_acc"] = summary["task_aware"]["acc"]

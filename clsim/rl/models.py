@@ -129,6 +129,57 @@ class DiagGaussian:
         return rng.uniform(self.low, self.high, (n, self.dim)).astype(np.float32)
 
 
+class TanhGaussian:
+    """Box actions for SAC (Continual World's MlpActor): a diagonal Gaussian over pre-squash
+    actions, squashed by tanh and scaled to the box's bound (every dimension must share one
+    bound, as CW assumes). `out` is [mean, log-std]; `rsample` is reparameterised (gradients flow
+    to the mean and log-std) and gives the squashed action's log-probability with the tanh
+    correction in its stable form 2(log 2 - u - softplus(-2u))."""
+
+    def __init__(self, low: np.ndarray, high: np.ndarray):
+        self.low, self.high = low.astype(np.float32), high.astype(np.float32)
+        if not (np.all(self.high == self.high[0]) and np.all(self.low == -self.high)):
+            raise UserError(f"SAC's tanh policy needs a box symmetric about 0 with one bound for every "
+                            f"dimension, not [{low}, {high}]")
+        self.dim, self.scale = len(low), float(self.high[0])
+
+    def _split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return out[..., :self.dim], out[..., self.dim:]
+
+    @staticmethod
+    def _gaussian(u, mean, log_std) -> torch.Tensor:
+        z = (u - mean) * torch.exp(-log_std)
+        return (-0.5 * z.pow(2) - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    @staticmethod
+    def _squash_correction(u) -> torch.Tensor:
+        return (2 * (math.log(2) - u - F.softplus(-2 * u))).sum(-1)
+
+    def rsample(self, out: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, log_std = self._split(out)
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+        u = mean + log_std.exp() * noise
+        return torch.tanh(u) * self.scale, self._gaussian(u, mean, log_std) - self._squash_correction(u)
+
+    def log_prob(self, out: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        mean, log_std = self._split(out)
+        u = torch.atanh((action / self.scale).clamp(-1 + 1e-6, 1 - 1e-6))
+        return self._gaussian(u, mean, log_std) - self._squash_correction(u)
+
+    def mode(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self._split(out)[0]) * self.scale
+
+    def target_entropy(self, std: float) -> float:
+        """CW's target: the entropy of a Gaussian with `std` in every dimension."""
+        return self.dim * math.log(std * math.sqrt(2 * math.pi * math.e))
+
+    def to_env(self, action: torch.Tensor) -> np.ndarray:
+        return action.numpy()
+
+    def uniform(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        return rng.uniform(self.low, self.high, (n, self.dim)).astype(np.float32)
+
+
 def action_distribution(space: gym.Space) -> Categorical | DiagGaussian:
     """The distribution for an env's action space, or a one-line UserError."""
     if isinstance(space, gym.spaces.Discrete):
