@@ -85,3 +85,12 @@ def test_a_resumed_run_leaves_every_loggers_files_as_a_whole_run_does(whole, tmp
         keys = lambda rows: [{k: v for k, v in r.items() if k not in drop} for r in rows if r.get("name") != "wall_time"]
         assert keys(cut) == keys(full), name
     assert sorted(tb_steps(resumed.run_dir)) == list(range(1, n + 1))   # no step twice, none lost
+
+
+def test_rl_task_lines_print_returns_with_the_scores_beside_them():
+    from clsim.loggers.progress import row_text
+    ppo = {"row": [1.0, 0.25], "details": {"return_raw": [500.0, 130.5], "success_rate": [1.0, 0.0]}}
+    sac = {"row": [0.9, 0.1], "details": {"return_raw": [4012.3, 88.0], "success_rate": [0.9, 0.1]}}
+    assert row_text(ppo) == "returns 500.0 130.5 (normalised 1.00 0.25)"
+    assert row_text(sac) == "returns 4012.3 88.0 (success 0.90 0.10)"
+    assert row_text({"row": [97.5, 12.0], "details": {}}) == "row 97.5 12.0"

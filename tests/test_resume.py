@@ -1,7 +1,8 @@
-"""Every registered strategy (and PPO with EWC and BLIP) stopped after its first task and resumed
+"""Every registered strategy (and PPO with EWC and BLIP, SAC with EWC and reservoir replay) stopped after its first task and resumed
 from the checkpoint gives the uninterrupted run's summary and log.jsonl, record for record."""
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -37,9 +38,16 @@ def without_clock(value):
     return value
 
 
+#: SAC on a two-task Meta-World sequence (Continual World), a few updates a task
+SAC = {"scenario": "cw_triplets", "cw_sequence": "pair_reach", "sac_steps": 80, "sac_start_steps": 40,
+       "sac_update_after": 40, "sac_update_every": 20, "sac_eval_every": 40, "sac_eval_episodes": 1,
+       "sac_eval_deterministic": 0, "sac_hidden": 8, "sac_layers": 2, "seed": 2}
+needs_metaworld = pytest.mark.skipif(importlib.util.find_spec("metaworld") is None,
+                                     reason="Continual World needs the rl extra (Meta-World 3)")
 CASES = [pytest.param({**SUPERVISED, **OPTIONS.get(name, {})}, name, id=name)
-         for name in sorted(e.name for e in STRATEGIES.entries())] + \
-        [pytest.param(CARTPOLE, name, id=f"ppo-{name}") for name in ("ewc", "blip")]
+         for name in sorted(e.name for e in STRATEGIES.entries() if "supervised" in e.target.learners)] + \
+        [pytest.param(CARTPOLE, name, id=f"ppo-{name}") for name in ("ewc", "blip")] + \
+        [pytest.param(SAC, name, id=f"sac-{name}", marks=needs_metaworld) for name in ("ewc", "reservoir")]
 
 
 @pytest.fixture(autouse=True)
