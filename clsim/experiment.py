@@ -74,16 +74,6 @@ class Result:
         return None if aware is None else np.asarray(aware["accuracy_matrix"], dtype=float)
 
 
-def split_scenario_argument(name: str, options: dict) -> tuple[str, dict]:
-    """`family:argument` -> (family, options with the family's ARGUMENT option set to argument)."""
-    family, _, argument = name.partition(":")
-    key = getattr(SCENARIOS.get(family).options, "ARGUMENT", None)
-    if key is None or not argument:
-        raise UserError(f"scenario {name!r}: {family} takes no ':' argument; use --scenario {family}"
-                        if key is None else f"scenario {name!r} names no task; e.g. --scenario {family}:reach-v3")
-    return family, {**options, key: argument}
-
-
 class Experiment:
     """A run's full description, validated when made (see the module docstring)."""
 
@@ -99,9 +89,8 @@ class Experiment:
             values = {**presets.get(preset).options, **{k: v for k, v in named.items() if v is not None}, **options}
             scenario, strategy, privacy, loggers = (values.pop(k, None) for k in named)
             options = values
-        if isinstance(scenario, str) and ":" in scenario:   # e.g. metaworld:reach-v3
-            scenario, options = split_scenario_argument(scenario, options)
         self.parties = Parties(scenario, strategy, privacy, loggers)
+        options = {**options, **self.parties.scenario_argument}   # e.g. metaworld:reach-v3
         self.scenario, self.strategy = self.parties.scenario, self.parties.strategy
         self.privacy, self.model, self.loggers = privacy, model, loggers
         if model is not None and not (isinstance(model, nn.Module) or callable(model)):

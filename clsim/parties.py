@@ -32,6 +32,17 @@ def name_of(registry, obj) -> str:
     return getattr(obj, "name", None) if isinstance(getattr(obj, "name", None), str) else cls.__name__.lower()
 
 
+def split_scenario_argument(name: str) -> tuple[str, dict]:
+    """`family:argument` -> (family, {the family's ARGUMENT option: argument})."""
+    family, _, argument = name.partition(":")
+    key = getattr(SCENARIOS.get(family).options, "ARGUMENT", None)
+    if key is None:
+        raise UserError(f"scenario {name!r}: {family} takes no ':' argument; use --scenario {family}")
+    if not argument:
+        raise UserError(f"scenario {name!r} names no task; e.g. --scenario {family}:reach-v3")
+    return family, {key: argument}
+
+
 class Parties:
     """Who takes part in a run, checked when made (a bad name or object is a one-line UserError)."""
 
@@ -43,6 +54,9 @@ class Parties:
             if isinstance(getattr(self, key), str) and not getattr(self, key).strip():
                 raise UserError(f"--{key} is empty; give it a value or leave it out")
         self.scenario_entry = None
+        self.scenario_argument: dict = {}   # `family:argument` names (metaworld:reach-v3): the option it sets
+        if isinstance(self.scenario, str) and ":" in self.scenario:
+            self.scenario, self.scenario_argument = split_scenario_argument(self.scenario)
         if isinstance(self.scenario, str):
             self.scenario_entry = SCENARIOS.get(self.scenario)
         elif not isinstance(self.scenario, Scenario):
