@@ -10,6 +10,7 @@ summary figure), `summary.csv` (mean, sd, n per group and figure; no sd for one 
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import math
 import statistics
@@ -223,7 +224,12 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
         base = "/".join(str(s[n]) for n in named)
         extra = [f"{n}={json.loads(hp[n])}" for n in sorted(varying - {"scenario", "strategy", "setting"})
                  if n in hp]
-        labels[" ".join([base, *extra])] = sorted(members, key=lambda r: r.summary.get("seed", 0))
+        label = " ".join([base, *extra])
+        for n in itertools.count(2):   # groups may still read alike (one lacks an option, 1 and "1"): never merged
+            if label not in labels:
+                break
+            label = f"{' '.join([base, *extra])} [{n}]"
+        labels[label] = sorted(members, key=lambda r: r.summary.get("seed", 0))
     return dict(sorted(labels.items()))
 
 

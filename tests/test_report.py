@@ -127,3 +127,19 @@ def test_bands_are_clipped_to_the_metrics_range():
     assert band.max() == 100.0   # the clip is where it bites, not a rescaled band
     rep._pyplot().close(fig)
 
+
+
+def test_groups_that_differ_only_by_an_option_one_lacks_stay_apart(report, tmp_path):
+    """A run whose hparams lack an option others have (an older clsim's) was labelled as theirs, and
+    one group silently replaced the other in every table."""
+    import shutil
+    runs = tmp_path / "runs"
+    source = next(p.parent for p in report.parent.glob("*/summary.json") if "sparcl" in p.parent.name)
+    for name in ("new", "old"):
+        shutil.copytree(source, runs / name)
+    old = json.loads((runs / "old" / "summary.json").read_text())
+    del old["hparams"]["sparcl_sparsity"]
+    (runs / "old" / "summary.json").write_text(json.dumps(old))
+    write_report([str(runs)], tmp_path / "report")
+    groups = sorted(r["group"] for r in csv.DictReader(open(tmp_path / "report" / "results.csv")))
+    assert len(groups) == 2 and groups[0] != groups[1]
