@@ -4,7 +4,9 @@ Each configuration runs the real CLI (in-process) on split_cifar: `--n-tasks 1` 
 CIFAR-10 (one task, ten classes); `--n-tasks 5` is the continual stream (task_il). σ is chosen by
 the mechanism for the target ε over the whole stream (δ fixed), so both mechanisms spend the
 same budget; the table shows the ε the ledger reports. Budgets are reduced to fit a CPU: a
-per-class subset, a narrow CNN, few epochs (all printed).
+per-class subset, a narrow CNN, few epochs (all printed). `dplis` is DPlis in its authors' form
+(`--dplis-aggregate sum`: each example's gradient summed over the K copies, then clipped, as
+their dp_train.py does); `dplis_mean` is clsim's default (the mean over the copies).
 
     python bench/privacy_utility.py                       # ε 3 and 8, one task and split
     python bench/privacy_utility.py --epsilons 8 --scenarios 1
@@ -40,7 +42,7 @@ def main():
     parser.add_argument("--data-root", default=str(DEFAULT_ROOT))
     parser.add_argument("--epsilons", default="3,8")
     parser.add_argument("--scenarios", default="1,5", help="n-tasks values: 1 = CIFAR-10, 5 = split_cifar")
-    parser.add_argument("--mechanisms", default="dpsgd,dplis")
+    parser.add_argument("--mechanisms", default="dpsgd,dplis", help="of dpsgd, dplis (authors' sum form), dplis_mean")
     parser.add_argument("--train-per-class", type=int, default=250)
     parser.add_argument("--test-per-class", type=int, default=200)
     parser.add_argument("--width", type=int, default=16)
@@ -62,20 +64,21 @@ def main():
           f"width {args.width}, {args.epochs} epochs per task, batch {args.batch_size}, lr {args.lr}, momentum "
           f"{args.momentum}, C {args.max_grad_norm}, δ {args.delta:g}, DPlis K {args.dplis_k} radius "
           f"{args.dplis_radius}, seed {args.seed}", flush=True)
-    print(f"{'tasks':>5} {'setting':8} {'ε target':>8} {'mechanism':9} {'ACC':>6} {'ε ledger':>8} {'σ':>6} {'time s':>7}")
+    print(f"{'tasks':>5} {'setting':8} {'ε target':>8} {'mechanism':10} {'ACC':>6} {'ε ledger':>8} {'σ':>6} {'time s':>7}")
     for n_tasks in map(int, args.scenarios.split(",")):
         setting = "class_il" if n_tasks == 1 else "task_il"
         for eps in map(float, args.epsilons.split(",")):
             for mechanism in args.mechanisms.split(","):
-                argv = ["--scenario", "split_cifar", "--strategy", mechanism, "--n-tasks", str(n_tasks),
+                argv = ["--scenario", "split_cifar", "--strategy", mechanism.split("_")[0], "--n-tasks", str(n_tasks),
                         "--setting", setting, "--data-root", args.data_root, "--backbone", "cnn",
                         "--train-per-class", str(args.train_per_class), "--test-per-class", str(args.test_per_class),
                         "--backbone-width", str(args.width), "--epochs", str(args.epochs),
                         "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--momentum", str(args.momentum),
                         "--max-grad-norm", str(args.max_grad_norm), "--epsilon", str(eps),
                         "--delta", str(args.delta), "--seed", str(args.seed)]
-                if mechanism == "dplis":
-                    argv += ["--dplis-k", str(args.dplis_k), "--dplis-radius", str(args.dplis_radius)]
+                if mechanism.startswith("dplis"):
+                    argv += ["--dplis-k", str(args.dplis_k), "--dplis-radius", str(args.dplis_radius),
+                             "--dplis-aggregate", "mean" if mechanism == "dplis_mean" else "sum"]
                 t0 = time.perf_counter()
                 summary = run(argv)
                 seconds = time.perf_counter() - t0
@@ -85,7 +88,7 @@ def main():
                        "acc": summary["acc"], "epsilon": privacy["epsilon_worst"], "noise_multiplier": sigma,
                        "seconds": seconds, "accuracy_matrix": summary["accuracy_matrix"]}
                 rows.append(row)
-                print(f"{n_tasks:5d} {setting:8} {eps:8g} {mechanism:9} {row['acc']:6.2f} {row['epsilon']:8.3f} "
+                print(f"{n_tasks:5d} {setting:8} {eps:8g} {mechanism:10} {row['acc']:6.2f} {row['epsilon']:8.3f} "
                       f"{sigma:6.3f} {seconds:7.0f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

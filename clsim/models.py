@@ -43,6 +43,25 @@ class SmallCNN(nn.Module):
         return self.body(x)
 
 
+class DPlisCNN(nn.Module):
+    """The small CNN of DPlis's code (wangwenxiao/DPlis, model/model_dptrain.py: SmallCNN on 28x28,
+    SmallCNN_CIFAR on 32x32): 16 8x8 filters (stride 2, padding 2) and 32 4x4 filters (stride 2),
+    each followed by ReLU and a 2x2 max-pool of stride 1, then 32 ReLU units; the head follows."""
+
+    def __init__(self, in_channels: int = 1, side: int = 28):
+        super().__init__()
+        side = (side + 4 - 8) // 2 + 1 - 1
+        side = (side - 4) // 2 + 1 - 1
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 8, 2, padding=2), nn.ReLU(), nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, 2), nn.ReLU(), nn.MaxPool2d(2, 1), nn.Flatten(),
+            nn.Linear(32 * side * side, 32), nn.ReLU())
+        self.out_features = 32
+
+    def forward(self, x):
+        return self.body(x)
+
+
 class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
@@ -204,6 +223,7 @@ BACKBONES = {
     "resnet18_mammoth": "Mammoth's ResNet-18 (backbone/ResNet18.py, nf 64): 11.2M parameters with a 10-way head",
     "resnet18_reduced": "the reduced ResNet-18 of GEM and A-GEM (model/common.py ResNet18(nf=20))",
     "vdv_conv": "van de Ven et al. 2022's 5-layer convnet (16-256 channels) and two 2000-unit layers",
+    "dplis_cnn": "DPlis's small CNN (model/model_dptrain.py): two convolutions (16 8x8, 32 4x4) and 32 units",
 }
 _WIDTHS = {"cnn": 32, "resnet18": 20, "resnet18_mammoth": 64, "resnet18_reduced": 20, "vdv_conv": 16}
 
@@ -223,6 +243,8 @@ def make_backbone(name: str, input_shape: tuple[int, ...], hidden: tuple[int, ..
         return ResNet18(channels, width)
     if name == "vdv_conv":
         return VdvConvNet(channels, width, input_shape[-1])
+    if name == "dplis_cnn":
+        return DPlisCNN(channels, input_shape[-1])
     raise ValueError(f"unknown backbone {name}")
 
 

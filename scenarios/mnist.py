@@ -35,6 +35,8 @@ class MnistOptions(SupervisedOptions):
     mnist_protocol: str = opt("standard", "standard: MLP 784-400-400, lr 0.1, batch 128; blip: BLIP's "
                               "MLP 784-1200 (one hidden layer), lr 0.01, batch 64", choices=tuple(PROTOCOLS))
     mnist_hidden: str = opt("", "MLP hidden sizes, comma-separated, e.g. 256,256 (empty: the protocol's)")
+    mnist_backbone: str = opt("mlp", "mlp (the protocol's hidden sizes) or dplis_cnn (DPlis's small CNN, "
+                              "model/model_dptrain.py in its authors' code)", choices=("mlp", "dplis_cnn"))
     train_per_class: int = opt(0, "training images per class, the first ones in file order (0: all)", low=0)
     test_per_class: int = opt(0, "test images per class, the first ones in file order (0: all)", low=0)
     mnist_standardise: bool = opt(False, "standardise pixels with MNIST's mean 0.1307 and std 0.3081, as "
@@ -97,7 +99,8 @@ def _hidden(o: MnistOptions) -> tuple[int, ...]:
 def _scenario(name, o, setting, tasks, n_classes, shape, info, standardise=None) -> Scenario:
     hidden, heads = _hidden(o), [t.n_outputs for t in tasks]
     return Scenario(name, setting, tasks, input_kind="digits",
-                    make_model=lambda: make_model("mlp", shape, setting, heads, n_classes, task_heads=o.task_heads,
+                    make_model=lambda: make_model(o.mnist_backbone, shape, setting, heads, n_classes,
+                                                  task_heads=o.task_heads,
                                                   hidden=hidden, standardise=standardise),
                     defaults=o.run_defaults(),
                     info={**info, "hidden": list(hidden), "protocol": o.mnist_protocol})

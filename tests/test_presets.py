@@ -24,13 +24,23 @@ def test_every_preset_resolves_with_its_options_and_cites_its_source():
         assert preset.paper and preset.table and preset.source.startswith("http")
         assert preset.published is None or 0 < preset.published <= 100
         e = cli.from_argv(["--preset", name])          # the CLI's validation of every value
-        values = {**vars(e.run_options), **vars(e.protocol_options),
-                  **vars(e.scenario_options), **vars(e.strategy_options)}
+        values = {**vars(e.run_options), **vars(e.protocol_options), **vars(e.scenario_options),
+                  **vars(e.strategy_options), **(vars(e.mechanism_options) if e.mechanism_options else {})}
         for key, value in preset.options.items():
             if key in ("scenario", "strategy"):
                 assert getattr(e, f"{key}_name") == value
             else:
                 assert values[key] == value, (name, key)
+
+
+def test_the_dplis_preset_selects_its_authors_form_and_network():
+    """DPlis's dp_train.py sums each example's gradient over the K copies before clipping; its
+    SmallCNN (model/model_dptrain.py) has 16 8x8 and 32 4x4 filters and 32 hidden units."""
+    from clsim.models import DPlisCNN
+    options = presets.get("dplis-mnist-smallcnn").options
+    assert (options["strategy"], options["dplis_aggregate"], options["mnist_backbone"]) == ("dplis", "sum", "dplis_cnn")
+    body = DPlisCNN(1, 28).body
+    assert [tuple(m.weight.shape) for m in body if hasattr(m, "weight")] == [(16, 1, 8, 8), (32, 16, 4, 4), (32, 512)]
 
 
 def test_presets_select_their_sources_forms_of_ewc_and_replay():
