@@ -160,7 +160,7 @@ def _angles(o: RotatedMnistOptions) -> list[float]:
     return [180.0 * (t + float(u[t])) / o.n_rotations for t in range(o.n_rotations)]
 
 
-def rotate(x: torch.Tensor, degrees: float, chunk: int = 10000) -> torch.Tensor:
+def rotate(x: torch.Tensor, degrees: float, chunk: int = 10000, device: str = "cpu") -> torch.Tensor:
     """uint8 images N x C x H x W rotated anticlockwise about their centre (bilinear, black corners).
     A rotation is a fixed linear map of the pixels: grid_sample builds its matrix once, from the
     basis images, and each chunk of images is one matrix product (grid_sample on every image took
@@ -170,11 +170,12 @@ def rotate(x: torch.Tensor, degrees: float, chunk: int = 10000) -> torch.Tensor:
     theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])   # output -> input
     basis = torch.eye(h * w).view(h * w, 1, h, w)
     grid = F.affine_grid(theta.expand(h * w, 2, 3), [h * w, 1, h, w], align_corners=False)
-    matrix = F.grid_sample(basis, grid, align_corners=False).view(h * w, h * w)   # row i: basis image i rotated
+    matrix = F.grid_sample(basis, grid, align_corners=False).view(h * w, h * w).to(device)   # row i: basis i rotated
     flat = x.reshape(n * c, h * w)
     out = torch.empty_like(flat)
-    for i in range(0, len(flat), chunk):
-        out[i:i + chunk] = (flat[i:i + chunk].float() @ matrix).round_().clamp_(0, 255).to(torch.uint8)
+    for i in range(0, len(flat), chunk):   # on the run's device (a GPU makes it instant)
+        part = flat[i:i + chunk].to(device).float() @ matrix
+        out[i:i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8).cpu()
     return out.view(n, c, h, w)
 
 
@@ -191,7 +192,8 @@ def rotated_mnist(o: RotatedMnistOptions, run) -> Scenario:
     tasks = []
     for i, angle in enumerate(angles):
         offset = 10 * i if setting == "class_il" else 0   # class_il tells the rotations apart by label
-        parts = [TaskData(rotate(x, angle), y + offset) for x, y in ((x_train, y_train), (x_test, y_test))]
+        parts = [TaskData(rotate(x, angle, device=run.device), y + offset)
+                 for x, y in ((x_train, y_train), (x_test, y_test))]
         tasks.append(Task(i, f"rot{angle:.0f}", tuple(range(offset, offset + 10)), parts[0], parts[1],
                           n_outputs=10, source=everyone))
     standardise = ((MNIST_MEAN,), (MNIST_STD,)) if o.mnist_standardise else ((0.0,), (1.0,))

@@ -433,18 +433,28 @@ NEW_PRESETS = [name for name, p in __import__("clsim.presets", fromlist=["x"]).a
                if p.options["scenario"] in ("split_cifar100", "seq_tinyimagenet")]
 
 
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory):
+    """The three official archives, built once for the presets' runs."""
+    folder = tmp_path_factory.mktemp("archives")
+    return [(datasets.CIFAR100, cifar100_archive(folder, per_class=1)),
+            (datasets.TINY_IMAGENET, tiny_imagenet_zip(folder, train_per_class=1)),
+            (datasets.CIFAR10, cifar10_archive(folder))]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NEW_PRESETS)
-def test_each_new_preset_runs_end_to_end_at_a_reduced_budget(tmp_path, server, monkeypatch, name):
+def test_each_new_preset_runs_end_to_end_at_a_reduced_budget(tmp_path, server, monkeypatch, archives, name):
     """Every preset on fixtures in the official formats, at bench/reproduce.py's budget 0.002 (one
     epoch, one image per class, memories of one example) and a narrow backbone, to keep it short."""
     sys.path.insert(0, str(REPO / "bench"))
     from reproduce import budget_flags
     from clsim import presets
     preset = presets.get(name)
-    serve_as(monkeypatch, datasets.CIFAR100, server, cifar100_archive(server.folder, per_class=1))
-    serve_as(monkeypatch, datasets.TINY_IMAGENET, server, tiny_imagenet_zip(server.folder, train_per_class=1))
-    serve_as(monkeypatch, datasets.CIFAR10, server, cifar10_archive(server.folder))
+    for dataset, archive in archives:
+        served = server.folder / archive.name
+        served.write_bytes(archive.read_bytes())
+        serve_as(monkeypatch, dataset, server, served)
     s = run(tmp_path, "--preset", name, *budget_flags(preset, 0.002), "--backbone-width", "4",
             "--data-root", str(tmp_path / "data"), "--download", "true", "--batch-size", "32")
-    assert len(s["accuracy_matrix"]) == 10 and s["strategy"] == preset.options["strategy"]
+    assert len(s["accuracy_matrix"]) == preset.options.get("n_tasks", 10) and s["strategy"] == preset.options["strategy"]
