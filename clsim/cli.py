@@ -14,7 +14,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from clsim import config, console, presets, rundir, sweep
+from clsim import config, console, distributed, presets, rundir, sweep
 from clsim.errors import UserError, did_you_mean
 from clsim.experiment import Experiment
 from clsim.parties import DEFAULT_SCENARIO, DEFAULT_STRATEGY, NAMING_KEYS, Parties
@@ -161,6 +161,8 @@ def run_command(argv: list[str]) -> int:
     else:
         result = from_argv(argv).run()
         run_dir, summary = result.run_dir, result.summary
+    if distributed.rank() > 0:   # under torchrun: rank 0 reports the run
+        return 0
     print("\n".join(console.summary(summary, run_dir)))
     return 0
 

@@ -208,6 +208,11 @@ class RunOptions:
                          "supervised, no privacy mechanism)", choices=("32", "bf16-mixed"))
     progress: bool | None = opt(None, "show a progress bar (default: only when attached to a terminal)")
     checkpoint: bool = opt(True, "write a checkpoint at every task boundary")
+    workers: int = opt(1, "data-parallel worker processes (each batch split over them; gloo on CPU, one GPU "
+                       "each with --device cuda), on this machine or with --address on a Ray cluster; "
+                       "see docs/distributed.md", low=1)
+    address: str | None = opt(None, "run the --workers on the Ray cluster at this address (ray://host:port, "
+                              "auto, or local) through Ray Train")
     loggers: str = opt("tensorboard,jsonl", "comma-separated loggers: tensorboard (tb/), jsonl (log.jsonl), "
                        "csv (steps.csv, tasks.csv, matrix.csv), or a plugin's (entry-point group clsim.loggers)")
 

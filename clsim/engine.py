@@ -353,7 +353,9 @@ def memory(learner, strategy) -> dict:
     params = list(learner.model.parameters()) + list(learner.model.buffers())
     return {"parameter_bytes": metrics.tensor_bytes(params),
             "strategy_state_bytes": metrics.tensor_bytes(strategy.state_tensors()),
-            "peak_rss_bytes": metrics.peak_rss_bytes()}
+            "peak_rss_bytes": metrics.peak_rss_bytes(),
+            **({"peak_device_bytes": torch.cuda.max_memory_allocated(learner.device)}
+               if learner.device.type == "cuda" else {})}
 
 
 class _Emitter:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from clsim import config, console, engine, presets, protocol, rundir
+from clsim import config, console, distributed, engine, presets, protocol, rundir
 from clsim.audits import Audit
 from clsim.engine import Parts
 from clsim.errors import UserError, did_you_mean
@@ -206,10 +206,10 @@ class Experiment:
     def _assemble(self) -> Parts:
         """Steps 1-6 of `build`."""
         run = self.run_options
-        if getattr(self, "noted_setting", None):
+        if getattr(self, "noted_setting", None) and distributed.rank() == 0:
             print(f"note: {self.strategy_name} runs in {self.noted_setting}, the setting it is designed for "
                   f"(no --setting given)", file=sys.stderr)
-        device = torch_device(run.device)
+        device = torch_device(distributed.device(run.device))
         generator = seed_everything(run.seed, device)
         scenario = self.parties.scenario_entry.target(self.scenario_options, run) \
             if isinstance(self.scenario, str) else self.scenario
@@ -234,6 +234,7 @@ class Experiment:
         mechanism = chosen if isinstance(chosen, Mechanism) else \
             entry.target(self.mechanism_options) if entry else Mechanism()
         ledger = Ledger(**mechanism.ledger_options())
+        distributed.check(scenario, learner, strategy, mechanism)
         speed_options(learner, run, mechanism)
         if type(mechanism) is not Mechanism and getattr(learner, "no_private_training", None):
             raise UserError(learner.no_private_training)   # e.g. SAC: its replay buffer is raw access
@@ -269,6 +270,16 @@ class Experiment:
         (out=None: nothing is written). With `resume_dir` (an interrupted run's hidden .partial
         directory) continue that run from its last checkpoint."""
         run = self.run_options
+        if run.address is not None or (run.workers > 1 and distributed.launched() == 1):
+            summary, run_dir = distributed.launch_on_ray(self, run.workers, run.address, resume_dir) \
+                if run.address is not None else distributed.launch(self, run.workers, resume_dir)
+            return Result(summary, run_dir, np.asarray(summary["accuracy_matrix"], dtype=float))
+        distributed.join(run.workers, run.device, {**self.given, "scenario": self.scenario_name,
+                                                    "strategy": self.strategy_name})
+        if distributed.rank() > 0:   # a worker besides rank 0 trains its share and writes nothing
+            parts = self._assemble()
+            summary = self._train(parts, None, None)
+            return Result(summary, None, np.asarray(summary["accuracy_matrix"], dtype=float))
         if not self.write:
             if self.loggers is not None and any(cls.writes_files for _, cls in self.parties.logger_classes):
                 raise UserError("out=None writes no files, so it takes no file-writing loggers; "
@@ -287,6 +298,7 @@ class Experiment:
         config = to_json({**parts.hparams, "argv": self.as_argv(), "run": dataclasses.asdict(run),
                           "audit": dataclasses.asdict(self.audit_options), "versions": versions(),
                           "scenario_info": parts.scenario.info})
+        distributed.note_run_directory(directory.path)
         with directory.guard():
             state = directory.load_checkpoint(config) if directory.resumed else None
             with engine.checkpoint_fields():
@@ -305,6 +317,7 @@ class Experiment:
             def save(state):   # with the loggers' file sizes, to which a resumed run cuts them back
                 files = {k: v for logger in parts.loggers for k, v in logger.file_sizes().items()}
                 directory.task_finished(state if run.checkpoint else None, files)
+        state = distributed.broadcast(state)   # rank 0's checkpoint, on every worker
         try:
             result = parts.train(checkpoint=save, resume=state, protocol=self.protocol_options)
             audit = self.audit.result(parts)

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from clsim import distributed
+
 CHECKED_EXAMPLES = 2   # rows of each pass recomputed by plain autograd to validate the layer-wise path
 
 
@@ -409,8 +411,15 @@ def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: 
             if empirical == "predicted":
                 with torch.no_grad():
                     y = learner.logits(x, t).argmax(1)
-            if i == 0 and not expected:     # the checked batch's targets, fixed in case it falls back
+            if (i == 0 or distributed.splitting()) and not expected:
+                # the checked batch's targets, fixed in case it falls back; data-parallel: drawn for
+                # the whole batch (the draws of one process) before each worker takes its rows
                 y = sampled(learner, x, y, t)
+            n = len(x)
+            if distributed.splitting():
+                rows = distributed.block(n)
+                x, y = x[rows], None if y is None else y[rows]
+                t = t[rows] if isinstance(t, torch.Tensor) else t
             try:
                 batch = sums(x, y, t, check=i == 0)
             except LayerwiseMismatch as exc:
@@ -418,9 +427,10 @@ def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: 
                               f"for this model; its Fisher uses torch.func (slower)")
                 fallback = True
                 batch = sums(x, y, t, check=False)
-            for n, s in batch.items():
-                total[n] += s
-            count += len(x)
+            for name, s in batch.items():
+                total[name] += s
+            count += n
     finally:
         model.train(was_training)
-    return {n: v / max(count, 1) for n, v in total.items()}
+    total = distributed.all_reduce_sum(total)   # data-parallel: every worker's rows
+    return {name: v / max(count, 1) for name, v in total.items()}

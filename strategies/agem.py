@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clsim import distributed
 from clsim.config import opt
 from clsim.errors import UserError
 from clsim.learners import Batch, to_device
@@ -85,7 +86,8 @@ class EpisodicMemory(Strategy):
         losses, _ = self.learner.forward(self.batch_type(*fields))
         params = self.params()
         grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
-        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
+        return distributed.all_reduce_sum({"g": flat})["g"] / distributed.size()   # data-parallel: every worker's rows
 
     def current_gradient(self) -> torch.Tensor:
         return torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in self.params()])

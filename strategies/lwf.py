@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from clsim import distributed
 from clsim.config import opt
 from clsim.registry import register_strategy
 from clsim.strategy import Strategy
@@ -100,7 +101,7 @@ class LwF(Strategy):
             # Reusing its features (or, with --task-heads shared, its one call of the output layer)
             # keeps one call per layer a step (DP-SGD's ghost and bk clipping). Read before the
             # frozen calls below, which run the hooked module too.
-            kept = self._features
+            kept = distributed.gather_rows(self._features, len(batch.y))   # data-parallel: every worker's rows
             old_features = frozen_call(model.backbone, self._sub(self.old, "backbone."), batch.x)
             if shared:
                 old = frozen_call(model.heads[0], self._sub(self.old, "heads.0."), old_features)

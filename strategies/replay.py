@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clsim import distributed
 from clsim.config import opt
 from clsim.flops import TrainingFlops
 from clsim.learners import Batch, to_device
@@ -247,7 +248,7 @@ class DERPP(Replay):
         """DER++: the buffer terms (a scalar) added to every current loss, so that their mean is
         mean CE(current) + α·MSE + β·CE(buffer), as in Mammoth."""
         x1, _, t1, stored = self.draw(k, forwarded)
-        now = self.learner.model(x1, t1)
+        now = distributed.sharded(self.learner.model, x1, t1)   # data-parallel: this worker's rows
         # MSE over the logits each example has (padding of narrower task heads is -inf in both).
         valid = torch.isfinite(stored)
         diff = torch.where(valid, now - torch.where(valid, stored, 0.0), 0.0)

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from clsim import distributed
 from clsim.learners.base import Batch, Learner, to_device
 from clsim.scenario import TaskData
 
@@ -85,6 +86,10 @@ class SupervisedLearner(Learner):
             yield Batch(x, data.y[rows], t, chunk, task.index)
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example losses and outputs; data-parallel, of this worker's rows, gathered."""
+        return distributed.sharded_forward(self._forward_rows, batch)
+
+    def _forward_rows(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         x = batch.x
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -133,7 +138,9 @@ class SupervisedLearner(Learner):
         was_training = self.model.training
         self.model.eval()
         x = self.resident(task.test).x
-        out = torch.cat([self.model(chunk, task.index) for chunk in x.split(self.eval_batch_size)])
+        mine = x[distributed.block(len(x))]   # data-parallel: each worker its block, gathered
+        out = torch.cat([self.model(chunk, task.index) for chunk in mine.split(self.eval_batch_size)])
+        out = distributed.gather_rows(out, len(x), scale=False)
         self.model.train(was_training)
         return out
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from clsim import distributed
 from clsim.config import opt
 from clsim.errors import UserError
 from clsim.fisher import diagonal_fisher
@@ -182,6 +183,10 @@ class DPSGD(Mechanism):
         # at every task, so a run resumed at a task boundary draws the same noise.
         self.seed = int(torch.randint(0, 2 ** 60, (1,), generator=learner.generator))
         self.noise_generator = torch.Generator(learner.device).manual_seed(self.seed)
+        # Data-parallel: every worker draws the same Poisson batch and clips its block of the rows
+        # once; the clipped sums are added before the noise, which every worker then draws alike
+        # from the same generator: one draw of std σC on the global sum, the same on every worker.
+        distributed.split_rows(False)
 
     # --- one task ---------------------------------------------------------------------------
     def before_task(self, task, optimizer):
@@ -207,8 +212,8 @@ class DPSGD(Mechanism):
             raise UserError("this strategy selects training examples, which this scenario's privacy "
                             "units (episodes) are not; use it with a supervised scenario")
         for batch in own(task, epoch) if own is not None else self._example_batches(task, epoch, subset):
-            self._batch = batch
-            yield batch
+            self._batch = None if batch is None else distributed.own_rows(batch, split=True)
+            yield self._batch
 
     def _example_batches(self, task, epoch: int, subset):
         """Poisson batches of examples (Opacus's sampler), as many per epoch as N/B."""
@@ -234,9 +239,24 @@ class DPSGD(Mechanism):
             raise UserError(f"{self.name} needs one loss per example, but the strategy returned a "
                             f"{losses.dim()}-d loss; this strategy cannot train under --privacy")
         penalty_grads = self._penalty_grads(penalty)
-        active = self.clipper.clipped_sum(losses, self._batch, self.optimizer.params)
+        active = self._summed(self.clipper.clipped_sum(losses, self._batch, self.optimizer.params))
         self._release(active)
         self._add(penalty_grads)
+
+    def _summed(self, active: set[nn.Parameter]) -> set[nn.Parameter]:
+        """Data-parallel: the clipped sums of every worker's rows added up (before the noise), on
+        the parameters any worker's rows reached."""
+        if not distributed.active():
+            return active
+        params = self.optimizer.params
+        device = params[0].device
+        reached = distributed.all_reduce_sum({"r": torch.tensor([float(p in active) for p in params], device=device)})
+        reached = [p for p, r in zip(params, reached["r"].tolist()) if r > 0]
+        sums = distributed.all_reduce_sum({str(i): p.grad if p.grad is not None else torch.zeros_like(p)
+                                           for i, p in enumerate(reached)})
+        for i, p in enumerate(reached):
+            p.grad = sums[str(i)]
+        return set(reached)
 
     def noise_step(self, penalty: torch.Tensor | None) -> None:
         """An empty Poisson draw: noise on the parameters this task's batches use, plus the

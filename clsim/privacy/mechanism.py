@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from clsim import distributed
 from clsim.fisher import diagonal_fisher
 
 
@@ -33,6 +34,7 @@ class Mechanism:
 
     def setup(self, learner, scenario, ledger) -> None:
         self.learner, self.scenario, self.ledger = learner, scenario, ledger
+        distributed.split_rows(True)
         ledger.declare(scenario.tasks)
 
     def before_task(self, task, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -48,6 +50,7 @@ class Mechanism:
         if penalty is not None:
             loss = loss + penalty
         loss.backward()
+        distributed.average_gradients(self.learner.model.parameters())   # data-parallel: the whole batch's
 
     def noise_step(self, penalty: torch.Tensor | None) -> None:
         """A step without examples (a private mechanism's empty Poisson draw): only the noise and

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clsim import distributed
 from clsim.config import opt
 from clsim.errors import UserError
 from clsim.learners.base import Learner, PrivacyPlan
@@ -182,7 +183,8 @@ class PPOLearner(Learner):
     def _train(self, task: Task, private: bool) -> Iterator[PPOBatch | None]:
         o = self.o
         self._private = private
-        envs = make_vector_env(task.env, o.ppo_envs, train=True)
+        mine = distributed.block(o.ppo_envs)   # data-parallel: this worker's environments
+        envs = make_vector_env(task.env, len(range(o.ppo_envs)[mine]), train=True)
         self._task_start = (self.env_steps, time.perf_counter())
         running_return = np.zeros(o.ppo_envs)
         try:
@@ -190,7 +192,7 @@ class PPOLearner(Learner):
             for k in range(self.n_rollouts()):
                 self._decay_lr(k)
                 if private or obs is None:
-                    obs, _ = envs.reset(seed=self._fresh_seeds())
+                    obs, _ = envs.reset(seed=self._fresh_seeds()[mine])
                     running_return[:] = 0.0
                 r, obs = self.collect(envs, obs, task.index, running_return, until_done=private)
                 flat = self._flatten(r, task.index)
@@ -227,32 +229,38 @@ class PPOLearner(Learner):
     def collect(self, envs, obs, task_index: int, running_return: np.ndarray, until_done: bool = False):
         """One rollout of `ppo_steps` steps from every env with the current (sampling) policy, or
         fewer when `until_done` and every env has ended an episode. Returns (Rollout, the
-        observation to continue from)."""
-        gamma = self.o.ppo_gamma
+        observation to continue from). Data-parallel, `envs` are this worker's block of the
+        `ppo_envs` environments: what they give is gathered, so every worker holds the whole
+        rollout and draws every action from the one generator, as one process does."""
+        gamma, n = self.o.ppo_gamma, self.o.ppo_envs
+        mine = distributed.block(n)
+        everyone = lambda v: distributed.gather_rows(torch.as_tensor(v).to(self.device), n, scale=False)
         columns: dict[str, list] = {k: [] for k in ("obs", "actions", "logp", "values", "rewards", "dones")}
-        ended = np.zeros(envs.num_envs, dtype=bool)
+        ended = np.zeros(n, dtype=bool)
         while len(columns["obs"]) < self.o.ppo_steps and not (until_done and ended.all()):
             x = torch.as_tensor(obs).to(self.device)
             out, value = self.model(x, task_index)
-            out = out.cpu()
+            x, out, value = everyone(x), everyone(out).cpu(), everyone(value)
             action = self.actions.sample(out, self.generator)
-            obs, reward, terminated, truncated, info = envs.step(self.actions.to_env(action))
-            running_return += reward
-            done = terminated | truncated
+            obs, raw, terminated, truncated, info = envs.step(self.actions.to_env(action[mine]))
+            cut = np.flatnonzero(truncated & ~terminated)   # time limit: the state still had a future
+            future = torch.zeros(len(raw))
+            if len(cut):
+                final = torch.as_tensor(np.stack([info["final_obs"][i] for i in cut])).to(self.device)
+                future[cut] = gamma * self.model(final, task_index)[1].cpu()
+            raw, future = everyone(np.asarray(raw, dtype=np.float64)).cpu().numpy(), everyone(future).cpu()
+            done = everyone((terminated | truncated).astype(np.uint8)).cpu().numpy().astype(bool)
+            running_return += raw
             ended |= done
             for i in np.flatnonzero(done):
                 self.recent_returns.append(float(running_return[i]))
                 running_return[i] = 0.0
-            reward = torch.as_tensor(reward, dtype=torch.float32)
-            cut = np.flatnonzero(truncated & ~terminated)   # time limit: the state still had a future
-            if len(cut):
-                final = torch.as_tensor(np.stack([info["final_obs"][i] for i in cut])).to(self.device)
-                reward[cut] += gamma * self.model(final, task_index)[1].cpu()
+            reward = torch.as_tensor(raw, dtype=torch.float32) + future
             for key, v in (("obs", x.cpu()), ("actions", action), ("logp", self.actions.log_prob(out, action)),
                            ("values", value.cpu()), ("rewards", reward), ("dones", torch.as_tensor(done))):
                 columns[key].append(v)
-        self.env_steps += len(columns["obs"]) * envs.num_envs
-        last_value = self.model(torch.as_tensor(obs).to(self.device), task_index)[1].cpu()
+        self.env_steps += len(columns["obs"]) * n
+        last_value = everyone(self.model(torch.as_tensor(obs).to(self.device), task_index)[1]).cpu()
         return Rollout(*(torch.stack(columns[k]) for k in columns), last_value), obs
 
     def _flatten(self, r: Rollout, task_index: int) -> PPOBatch:
@@ -297,7 +305,10 @@ class PPOLearner(Learner):
     # -- objective
     def forward(self, batch: PPOBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-transition PPO loss: clipped policy term + c_v·½·(V - return)² (clipped around
-        V_old when ppo_clip_value) - c_e·entropy."""
+        V_old when ppo_clip_value) - c_e·entropy; data-parallel, of this worker's rows, gathered."""
+        return distributed.sharded_forward(self._forward_rows, batch)
+
+    def _forward_rows(self, batch: PPOBatch) -> tuple[torch.Tensor, torch.Tensor]:
         o = self.o
         out, value = self.model(batch.x, batch.t)
         log_ratio = self.actions.log_prob(out, batch.y) - batch.old_logp
