@@ -178,11 +178,15 @@ def sweep_command(argv: list[str]) -> int:
                                      "machine's cores)")
     p.add_argument("--workers", type=int, help="local Ray CPUs (default: all of this machine's)")
     p.add_argument("--no-report", action="store_true", help="do not write the report after the trials")
+    p.add_argument("--max-trials", type=int, default=sweep.MAX_TRIALS,
+                   help="refuse a spec of more trials than this, before any runs (default: %(default)s)")
     args = p.parse_args(argv)
     from clsim.report import write_report
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
-    sweep_dir, failed = sweep.sweep(args.spec, args.out, args.address, args.workers)
+    for name in ("workers", "max_trials"):
+        value = getattr(args, name)
+        if value is not None and not 1 <= value <= config.INT_HIGH:
+            raise UserError(f"{config.flag(name)} must be between 1 and {config.INT_HIGH}, got {value}")
+    sweep_dir, failed = sweep.sweep(args.spec, args.out, args.address, args.workers, args.max_trials)
     if not args.no_report:
         try:
             print(f"report: {write_report([str(sweep_dir / 'trials')], sweep_dir / 'report')}")

@@ -52,16 +52,18 @@ def redefaults(base, **defaults):
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
-    """A YAML file of option: value pairs (keys are option or flag names). Parsed with safe_load:
-    loading never runs code."""
-    import yaml
+    """A YAML file of option: value pairs (keys are option or flag names). Parsed with a safe loader
+    (loading never runs code) that refuses a key given twice, as the command line refuses a flag
+    given twice (YAML itself would keep the last)."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = load_yaml_unique(f)
     except OSError as exc:
         raise UserError(f"cannot read config file {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise UserError(f"config file {path} is not UTF-8 text; write option: value lines") from None
+    except DuplicateKeyError as exc:
+        raise UserError(f"config file {path} {exc}; keep one") from None
     except yaml.YAMLError as exc:
         raise UserError(f"config file {path} is not valid YAML ({type(exc).__name__})") from None
     if data is None:
@@ -71,7 +73,13 @@ def load_yaml(path: str | os.PathLike) -> dict:
     empty = [str(k) for k, v in data.items() if v is None]
     if empty:   # `epochs:` with nothing after it: a slip, not a request for the default
         raise UserError(f"config file {path} gives {empty[0]} no value; give one or remove the line")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    out, spelled = {}, {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in out:   # batch-size and batch_size are one option
+            raise UserError(f"config file {path} gives {name} twice (as {spelled[name]} and {key}); keep one")
+        out[name], spelled[name] = value, key
+    return out
 
 
 def flag(name: str) -> str:

@@ -143,3 +143,21 @@ def test_groups_that_differ_only_by_an_option_one_lacks_stay_apart(report, tmp_p
     write_report([str(runs)], tmp_path / "report")
     groups = sorted(r["group"] for r in csv.DictReader(open(tmp_path / "report" / "results.csv")))
     assert len(groups) == 2 and groups[0] != groups[1]
+
+
+def test_clsim_report_writes_where_the_sweep_does(report, tmp_path, capsys, monkeypatch):
+    """`clsim report DIR` writes DIR/report, the place `clsim sweep` writes its own report (and the
+    sweep specs say); several directories need --out."""
+    import shutil
+    from clsim import cli
+    runs = tmp_path / "runs"
+    shutil.copytree(report.parent, runs, ignore=shutil.ignore_patterns("report"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["report", str(runs)]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {runs / 'report' / 'report.md'}"
+    assert not (tmp_path / "report").exists()
+    assert cli.main(["report", str(runs), str(runs)]) == 2
+    assert capsys.readouterr().err.strip() == ("error: several directories have no one report place: "
+                                               "give --out DIR")
+    assert cli.main(["report", str(runs), str(runs), "--out", "both"]) == 0
+    assert (tmp_path / "both" / "report.md").is_file()

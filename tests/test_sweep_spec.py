@@ -61,3 +61,15 @@ def test_trials_that_did_not_finish_point_only_at_files_that_exist(tmp_path, cap
     assert lines[2] == f"trial {ids[2]} not run: see {tmp_path / 'tune' / ids[2] / 'error.txt'}"
     status = json.loads((tmp_path / "sweep.json").read_text())
     assert [s["status"] for s in status] == ["failed", "not run", "not run"]
+
+
+def test_clsim_sweep_refuses_a_large_grid_in_one_line_before_ray_starts(tmp_path, capsys):
+    from clsim import cli
+    spec = spec_file(tmp_path, "name: big\ngrid: {seed: [0, 1, 2, 3]}\n")
+    assert cli.main(["sweep", spec, "--out", str(tmp_path / "out"), "--max-trials", "3"]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: sweep spec {spec} makes 4 trials, more than --max-trials 3; "
+                                               f"check its grid and random.samples, or pass --max-trials 4 to run "
+                                               f"them all")
+    assert cli.main(["sweep", spec, "--max-trials", "0"]) == 2
+    assert "--max-trials must be between 1 and 2147483647, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
