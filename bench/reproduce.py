@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clsim import Experiment, presets  # noqa: E402
 from clsim.cli import from_argv  # noqa: E402
+from clsim.download import default_data_root  # noqa: E402
 from clsim.errors import UserError  # noqa: E402
 
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--match", default="", help="every preset whose name starts with this")
     p.add_argument("--budget", type=float, default=0.1, help="share of the epochs and data (1: the full protocol)")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--data-root", default="data")
+    p.add_argument("--data-root", default=default_data_root(), help="where datasets are, or are downloaded to")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="", help="directory for the runs and reproduce.json (default: a temporary one)")
     a = p.parse_args(argv)
