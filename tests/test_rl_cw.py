@@ -220,16 +220,16 @@ def test_bootstrap_interval_is_cws():
 
 @pytest.mark.slow
 def test_quick_protocol_end_to_end_with_strategies_metrics_and_report(tmp_path, capsys):
-    """A two-task sequence, three strategies and a single-task reference: summary.json holds the
+    """A two-task sequence, two strategies over two seeds and a single-task reference: summary.json holds the
     success-rate matrix and the evaluation curve, TensorBoard the success matrix image, the ledger
     ε = ∞ for every task, the console the returns beside the success rates, and `clsim report`
     CW's metrics with intervals."""
     from clsim.report import write_report
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     runs = tmp_path / "runs"
-    for strategy, extra in (("naive", {}), ("ewc", {}), ("reservoir", {})):
+    for strategy in ("naive", "reservoir"):
         for seed in (0, 1):
-            Experiment(strategy=strategy, **{**TINY, "seed": seed, "progress": None}, **extra, out=str(runs)).run()
+            Experiment(strategy=strategy, **{**TINY, "seed": seed, "progress": None}, out=str(runs)).run()
     Experiment(scenario="metaworld:reach-v3", **{k: v for k, v in TINY.items() if k not in ("scenario", "cw_sequence")},
                out=str(runs)).run()
     printed = capsys.readouterr()
@@ -237,7 +237,7 @@ def test_quick_protocol_end_to_end_with_strategies_metrics_and_report(tmp_path, 
     assert lines and all("returns " in line and "(success " in line for line in lines)
     summaries = [json.loads(p.read_text()) for p in runs.rglob("summary.json")]
     cl = [s for s in summaries if s["scenario"] == "cw_triplets"]
-    assert len(cl) == 6
+    assert len(cl) == 4
     s = cl[0]
     assert len(s["evaluation_curve"]) == 4 and len(s["evaluation_curve"][0]["success_rate"]) == 2
     assert s["score_details"]["success_rate"]["matrix"] == s["accuracy_matrix"]
@@ -252,4 +252,4 @@ def test_quick_protocol_end_to_end_with_strategies_metrics_and_report(tmp_path, 
     text = report.read_text()
     assert "## Continual World metrics" in text and "no reference run of reach-wall-v3" in text
     table = json.loads((tmp_path / "report" / "cw_metrics.json").read_text())
-    assert len(table) == 3 and all(row["performance"]["n"] == 2 for row in table.values())
+    assert len(table) == 2 and all(row["performance"]["n"] == 2 for row in table.values())

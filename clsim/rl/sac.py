@@ -46,7 +46,6 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
