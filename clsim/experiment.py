@@ -12,8 +12,10 @@ same one-line UserError. Option names are the dataclass fields of the run, the a
 strategy and the privacy mechanism (`--ewc-lambda` is `ewc_lambda=`). Objects may stand where a
 name would go: a Scenario (e.g. `clsim.scenarios.avalanche.from_avalanche(benchmark)`), a Strategy
 subclass or instance, a Mechanism instance, a model (an nn.Module, or a function making one).
-Objects are used as given: a model or strategy instance run twice continues from its trained
-state; pass a model factory and a Strategy subclass for fresh ones per run.
+A model instance is copied for each run, so a run never changes it and every run of it starts
+from the same weights (a second run used to continue from the first one's training); a model
+passed in is tried on each task's inputs before training (`clsim.models.check_contract`). A
+strategy instance is used as given (its setup resets it).
 
 `build()` assembles the parts in the fixed order documented in docs/architecture.md; `run()`
 builds, trains through clsim.engine and writes the run directory.
@@ -41,7 +43,7 @@ from clsim.engine import Parts
 from clsim.errors import UserError, did_you_mean
 from clsim.loggers import LogContext, Logger, to_json
 from clsim.loggers.progress import ProgressLogger
-from clsim.models import check_size
+from clsim.models import check_contract, check_size, own_copy
 from clsim.parties import Parties
 from clsim.privacy.audit import AuditOptions
 from clsim.privacy.ledger import Ledger
@@ -219,7 +221,7 @@ class Experiment:
         learner_cls = scenario.learner_cls or SupervisedLearner
         if not isinstance(self.model, nn.Module):
             check_size(self.model or scenario.make_model, device)
-        model = self.model if isinstance(self.model, nn.Module) else \
+        model = own_copy(self.model) if isinstance(self.model, nn.Module) else \
             (self.model or scenario.make_model)()
         learner = learner_cls(model, lr=run.lr or scenario.defaults["lr"], momentum=run.momentum,
                               batch_size=run.batch_size or scenario.defaults["batch_size"],
@@ -233,6 +235,8 @@ class Experiment:
         chosen, entry = self.parties.mechanism, self.parties.mechanism_entry
         mechanism = chosen if isinstance(chosen, Mechanism) else \
             entry.target(self.mechanism_options) if entry else Mechanism()
+        if self.model is not None and learner.kind == "supervised":   # the scenario's own models keep it
+            check_contract(learner.model, scenario.tasks, private=type(mechanism) is not Mechanism)
         ledger = Ledger(**mechanism.ledger_options())
         distributed.check(scenario, learner, strategy, mechanism)
         speed_options(learner, run, mechanism)

@@ -299,3 +299,69 @@ def free_memory(device: torch.device) -> int | None:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+
+
+def own_copy(model: nn.Module) -> nn.Module:
+    """A copy of a model passed to an Experiment, for one run to train. The caller's object is never
+    changed (a private run may swap its layers), so every run of it starts from the same weights:
+    trained in place, a second Experiment with the same seed continued from the first one's."""
+    import copy
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:   # noqa: BLE001 - whatever stops a copy, the remedy is the same
+        raise UserError(f"unsupported model: it cannot be copied for the run ({type(exc).__name__}: {exc}); "
+                        f"pass a function that makes it, e.g. model=lambda: MyNet()") from None
+
+
+def check_contract(model: nn.Module, tasks, private: bool) -> None:
+    """What the supervised learner asks of a model passed in, tried on two training inputs of each
+    task before anything trains: `model(x, task)` (the task's index) returns one row of logits per
+    input, with an output for every label of the task; under a privacy mechanism, no layer of its
+    own parameters that Opacus has no per-example rule for may be called with anything but tensors
+    (Opacus's functorch fallback takes tensors only: a bare nn.Parameter used in a forward that
+    also takes the task index failed deep inside Opacus). Evaluated in eval mode under no_grad:
+    nothing (BatchNorm statistics included) changes."""
+    from opacus.grad_sample import GradSampleModule
+    untensored = []
+
+    def note(module, args):
+        if any(not isinstance(a, torch.Tensor) for a in args):
+            untensored.append(module)
+    hooks = [m.register_forward_pre_hook(note) for m in model.modules()
+             if private and type(m) not in GradSampleModule.GRAD_SAMPLERS
+             and any(p.requires_grad for p in m.parameters(recurse=False))]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if not trained:
+        raise UserError("unsupported model: it has no trainable parameters")
+    training, device = model.training, trained[0].device
+    model.eval()
+    try:
+        for task in tasks:
+            x = task.train.x[:2].to(device)
+            try:
+                with torch.no_grad():
+                    out = model(x, task.index)
+            except Exception as exc:   # noqa: BLE001 - the user's forward: said, whatever it raised
+                raise UserError(f"unsupported model: model(x, task) failed on task {task.index}'s inputs "
+                                f"({x.dtype} {tuple(x.shape)}) with {type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())[:200]}; a clsim model's forward(x, task) takes a "
+                                f"batch and the task's index and returns logits") from None
+            if not isinstance(out, torch.Tensor) or out.dim() != 2 or len(out) != len(x):
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise UserError(f"unsupported model: model(x, task) returned {shape} for {len(x)} inputs; it must "
+                                f"return logits, one row per input")
+            labels = int(max(task.train.y.max(), task.test.y.max())) + 1
+            if out.shape[1] < labels:
+                raise UserError(f"unsupported model: it gives {out.shape[1]} logits for task {task.index}, whose "
+                                f"labels run to {labels - 1}; it needs at least {labels} outputs")
+    finally:
+        model.train(training)
+        for hook in hooks:
+            hook.remove()
+    if untensored:
+        name = next(n for n, m in model.named_modules() if m is untensored[0]) or "the model itself"
+        own = [n for n, p in untensored[0].named_parameters(recurse=False) if p.requires_grad]
+        raise UserError(f"unsupported model: under a privacy mechanism, {name} ({type(untensored[0]).__name__}) "
+                        f"holds parameters of its own ({', '.join(own)}) and is called with more than tensors; "
+                        f"per-example gradients need them in layers Opacus knows (nn.Linear, nn.Conv2d, "
+                        f"nn.Embedding, nn.LayerNorm, nn.GroupNorm, ...): move them into such a layer")

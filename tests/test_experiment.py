@@ -81,7 +81,8 @@ def test_objects_stand_where_names_go():
     strategy = EWC(EWC.Options(ewc_lambda=3.0))
     experiment = Experiment(scenario=scenario, strategy=strategy, model=model, epochs=1, out=None)
     parts = experiment.build()
-    assert parts.scenario is scenario and parts.strategy is strategy and parts.learner.model is model
+    assert parts.scenario is scenario and parts.strategy is strategy
+    assert parts.learner.model is not model and parts.learner.model.state_dict().keys() == model.state_dict().keys()
     assert parts.hparams["strategy"] == "ewc" and parts.hparams["ewc_lambda"] == 3.0
     assert parts.strategy.learner is parts.learner   # set up by build()
     summary = parts.train()
