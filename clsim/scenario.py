@@ -100,6 +100,21 @@ class SupervisedOptions(ScenarioOptions):
                           "earlier tasks' rows keep moving on their moments)", choices=TASK_HEADS)
 
 
+def class_split_options(classes: int, tasks: int, order: str, train: int, test: int, split: str = "",
+                        test_images: str = "test images per class, the first ones in file order"):
+    """The options base of an image scenario splitting `classes` classes into tasks: --n-tasks
+    (default `tasks`), --class-order-seed (-1: `order`), --train-per-class (0: all `train`) and
+    --test-per-class (0: all `test`). One definition; the help texts name the dataset's sizes."""
+    @dataclass
+    class ClassSplitOptions(SupervisedOptions):
+        n_tasks: int = opt(tasks, f"number of tasks (the {classes} classes split evenly{split})", low=1, high=classes)
+        class_order_seed: int = opt(-1, f"seed of a random class order (-1: {order})", low=-1)
+        train_per_class: int = opt(0, f"training images per class, the first ones in file order (0: all {train})",
+                                   low=0)
+        test_per_class: int = opt(0, f"{test_images} (0: all {test})", low=0)
+    return ClassSplitOptions
+
+
 @dataclass
 class Scenario:
     """A named, seeded, ordered list of tasks plus its setting and what to learn them with."""

@@ -8,20 +8,17 @@ from clsim.config import opt
 from clsim.data import crop_flip
 from clsim.datasets import TINY_HINT, TINY_IMAGENET, fetch, image_class_split, tiny_imagenet
 from clsim.registry import register_scenario
-from clsim.scenario import SupervisedOptions
+from clsim.scenario import class_split_options
 
 # Mammoth's seq-tinyimg normalisation (datasets/seq_tinyimagenet.py).
 MEAN, STD = (0.4802, 0.4480, 0.3975), (0.2770, 0.2691, 0.2821)
 
 
 @dataclass
-class SeqTinyImageNetOptions(SupervisedOptions):
+class SeqTinyImageNetOptions(class_split_options(200, 10, "the order of wnids.txt", 500, 50, ": 10 of 20",
+                                                  "test (validation-split) images per class")):
     # Mammoth's seq-tinyimg as in DER: ResNet-18 (nf 64), 100 epochs, batch 32, SGD (lr per method).
     RUN_DEFAULTS = {"epochs": 100, "lr": 0.03, "batch_size": 32}
-    n_tasks: int = opt(10, "number of tasks (the 200 classes split evenly: 10 of 20)", low=1, high=200)
-    class_order_seed: int = opt(-1, "seed of a random class order (-1: the order of wnids.txt)", low=-1)
-    train_per_class: int = opt(0, "training images per class, the first ones in file order (0: all 500)", low=0)
-    test_per_class: int = opt(0, "test (validation-split) images per class (0: all 50)", low=0)
     backbone: str = opt("resnet18_mammoth", "resnet18_mammoth (DER), resnet18_reduced, resnet18 or cnn",
                         choices=("resnet18_mammoth", "resnet18_reduced", "resnet18", "cnn"))
     backbone_width: int = opt(0, "channels of the first layer (0: the backbone's published width)", low=0)

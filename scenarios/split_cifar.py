@@ -12,11 +12,11 @@ from clsim.data import cached_cifar10, class_order, crop_flip, first_per_class
 from clsim.datasets import cifar10_available
 from clsim.models import make_model
 from clsim.registry import register_scenario
-from clsim.scenario import Scenario, SupervisedOptions, class_split, single_head_width
+from clsim.scenario import Scenario, class_split, class_split_options, single_head_width
 
 
 @dataclass
-class SplitCifarOptions(SupervisedOptions):
+class SplitCifarOptions(class_split_options(10, 5, "natural order 0..9", 5000, 1000)):
     # Per backbone. 1 epoch (13 SGD steps at 200 images per class) left tasks at chance for every
     # strategy. Mammoth trains 50 epochs at batch 32 (lr 0.03 for online EWC and DER++ on
     # seq-cifar10), BLIP's AlexNet up to 200; these keep a full-data run short on a GPU and the
@@ -25,10 +25,6 @@ class SplitCifarOptions(SupervisedOptions):
     BACKBONE_DEFAULTS = {"cnn": {"epochs": 20, "lr": 0.03, "batch_size": 32},
                          "resnet18": {"epochs": 10, "lr": 0.05, "batch_size": 32}}
     DEFAULTS_DEPEND_ON = "backbone"
-    n_tasks: int = opt(5, "number of tasks (the 10 classes are split evenly)", low=1, high=10)
-    class_order_seed: int = opt(-1, "seed of a random class order (-1: natural order 0..9)", low=-1)
-    train_per_class: int = opt(0, "training images per class, the first ones in file order (0: all 5000)", low=0)
-    test_per_class: int = opt(0, "test images per class, the first ones in file order (0: all 1000)", low=0)
     backbone: str = opt("cnn", "cnn: four 3x3 convolutions and ReLUs, no normalisation (a plain convnet as in "
                         "the task-IL papers: HAT's and BLIP's AlexNet); resnet18: reduced ResNet-18 with batch "
                         "norm (Mammoth's family; BLIP keeps task 0's batch-norm statistics, which hurt later tasks)",

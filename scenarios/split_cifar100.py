@@ -9,14 +9,15 @@ from clsim.data import crop_flip
 from clsim.datasets import CIFAR100, CIFAR100_HINT, cifar100, fetch, image_class_split
 from clsim.pretrain import pretrained_features
 from clsim.registry import register_scenario
-from clsim.scenario import SupervisedOptions
+from clsim.scenario import class_split_options
 
 # Mammoth's seq-cifar100 normalisation (datasets/seq_cifar100.py), also van de Ven et al.'s (data/available.py).
 MEAN, STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761)
 
 
 @dataclass
-class SplitCifar100Options(SupervisedOptions):
+class SplitCifar100Options(class_split_options(100, 10, "natural order 0..99", 500, 100,
+                                                 ": 10 of 10, or 20 of 5")):
     # Mammoth's seq-cifar100 (X-DER): 50 epochs, batch 32, SGD lr 0.03 for ResNet-18; van de Ven et al.
     # 2022: Adam lr 1e-4, batch 256, 5000 iterations a task (256 epochs of a task's 5000 images).
     BACKBONE_DEFAULTS = {"resnet18_mammoth": {"epochs": 50, "lr": 0.03, "batch_size": 32},
@@ -25,10 +26,6 @@ class SplitCifar100Options(SupervisedOptions):
                          "resnet18": {"epochs": 10, "lr": 0.05, "batch_size": 32},
                          "cnn": {"epochs": 20, "lr": 0.03, "batch_size": 32}}
     DEFAULTS_DEPEND_ON = "backbone"
-    n_tasks: int = opt(10, "number of tasks (the 100 classes split evenly: 10 of 10, or 20 of 5)", low=1, high=100)
-    class_order_seed: int = opt(-1, "seed of a random class order (-1: natural order 0..99)", low=-1)
-    train_per_class: int = opt(0, "training images per class, the first ones in file order (0: all 500)", low=0)
-    test_per_class: int = opt(0, "test images per class, the first ones in file order (0: all 100)", low=0)
     backbone: str = opt("resnet18_mammoth", "resnet18_mammoth (DER/X-DER), resnet18_reduced (GEM/A-GEM), "
                         "vdv_conv (van de Ven et al. 2022), resnet18 or cnn (see clsim.models.BACKBONES)",
                         choices=tuple(BACKBONE_DEFAULTS))

@@ -7,20 +7,16 @@ from pathlib import Path
 from clsim.config import opt
 from clsim.datasets import fashion_mnist, fashion_mnist_available, image_class_split
 from clsim.registry import register_scenario
-from clsim.scenario import SupervisedOptions
+from clsim.scenario import class_split_options
 
 # Fashion-MNIST's training pixels (the figures torchvision users standardise with).
 MEAN, STD = (0.2860,), (0.3530,)
 
 
 @dataclass
-class SplitFmnistOptions(SupervisedOptions):
+class SplitFmnistOptions(class_split_options(10, 5, "natural order 0..9", 6000, 1000)):
     # Avalanche's SplitFMNIST baselines and Mammoth's seq-fmnist-style MLPs: a few epochs of SGD.
     RUN_DEFAULTS = {"epochs": 1, "lr": 0.1, "batch_size": 128}
-    n_tasks: int = opt(5, "number of tasks (the 10 classes split evenly)", low=1, high=10)
-    class_order_seed: int = opt(-1, "seed of a random class order (-1: natural order 0..9)", low=-1)
-    train_per_class: int = opt(0, "training images per class, the first ones in file order (0: all 6000)", low=0)
-    test_per_class: int = opt(0, "test images per class, the first ones in file order (0: all 1000)", low=0)
     backbone: str = opt("mlp", "mlp (784-400-400) or cnn", choices=("mlp", "cnn"))
     backbone_width: int = opt(0, "cnn: channels of the first layer (0: 32)", low=0)
 
