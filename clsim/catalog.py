@@ -1,4 +1,4 @@
-"""What clsim offers, from the registries: `--list`, and the README's table of strategies."""
+"""What clsim offers, from the registries: `--list`, and the table of strategies in docs/strategies.md."""
 from __future__ import annotations
 
 from clsim import presets
@@ -30,7 +30,8 @@ def capabilities(strategy) -> tuple[str, str, str]:
 
 
 def strategy_table() -> str:
-    """The README's table of strategies, generated from the registry (a test keeps it current)."""
+    """The table of strategies and their capabilities (docs/strategies.md; mkdocs_hooks.py puts it
+    there when the site is built)."""
     rows = ["| strategy | settings | learners | under `--privacy` |", "|---|---|---|---|"]
     rows += [f"| `{e.name}` | " + " | ".join(capabilities(e.target)) + " |" for e in STRATEGIES.entries()]
     return "\n".join(rows)

@@ -123,10 +123,11 @@ class Experiment:
                  for title, cls in groups.items()}
         self.run_options: config.RunOptions = built["run options"]
         designed = self.strategy_cls.default_setting
+        self.noted_setting = None   # the strategy's own setting where it overrides the scenario's: said when built
         if self.run_options.setting is None and designed is not None and isinstance(self.scenario, str):
             self.run_options = dataclasses.replace(self.run_options, setting=designed)
             if getattr(self.parties.scenario_entry.options, "SETTING", None) != designed:
-                self.noted_setting = designed   # said once, when the run is built, where it overrides
+                self.noted_setting = designed
         self.protocol_options: config.ProtocolOptions = built["training protocol"]
         self.audit_options: AuditOptions = built["privacy audit"]
         self.scenario_options = built[f"scenario {self.scenario_name}"]
@@ -208,7 +209,7 @@ class Experiment:
     def _assemble(self) -> Parts:
         """Steps 1-6 of `build`."""
         run = self.run_options
-        if getattr(self, "noted_setting", None) and distributed.rank() == 0:
+        if self.noted_setting and distributed.rank() == 0:
             print(f"note: {self.strategy_name} runs in {self.noted_setting}, the setting it is designed for "
                   f"(no --setting given)", file=sys.stderr)
         device = torch_device(distributed.device(run.device))

@@ -59,7 +59,7 @@ def read_summary(out: Path) -> dict:
 @pytest.fixture
 def own_strategy_registry(monkeypatch):
     """Strategies a test loads from files are forgotten after it (the registry of the test session,
-    e.g. the README's strategy table, stays clsim's own)."""
+    e.g. the docs' strategy table, stays clsim's own)."""
     from clsim.registry import STRATEGIES
     STRATEGIES.names()   # the built-ins, loaded before the copy
     monkeypatch.setattr(STRATEGIES, "_entries", dict(STRATEGIES._entries))

@@ -93,8 +93,3 @@ def test_a_file_that_is_not_one_strategy_is_one_line_exit_2(tmp_path, capsys, co
     assert not out.exists()
     with pytest.raises(UserError):   # nothing stays registered: the same mistake again, the same line
         Experiment(strategy=str(path))
-
-
-def test_a_mistyped_name_says_what_was_meant(capsys):
-    assert main(["--strategy", "ewx"]) == 2
-    assert "unknown strategy 'ewx' (did you mean ewc?)" in capsys.readouterr().err

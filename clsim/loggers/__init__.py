@@ -31,6 +31,11 @@ class LogContext:
     device: str = "cpu"             # --device
     destination: Path | None = None   # where the finished run will be (run_dir is its hidden .partial)
 
+    @property
+    def private(self) -> bool:
+        """Whether the run trains under a privacy mechanism (only then has its ε a meaning)."""
+        return self.hparams.get("privacy", "none") != "none"
+
 
 class Logger:
     """Base class: override step, task and close as needed; claim output paths with `path`."""

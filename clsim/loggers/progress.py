@@ -30,7 +30,6 @@ class ProgressLogger(Logger):
         self.done = context.resume_step or 0
         self.total = sum(self.planned)
         self.bar = tqdm(total=self.total or None, initial=self.done, disable=not bar, unit="step", dynamic_ncols=True)
-        self.private = context.hparams.get("privacy", "none") != "none"
         self.last_line = time.monotonic()
         self.first = None   # (time, steps done) at the first step: the rate leaves set-up out
         if not self.silent:
@@ -75,7 +74,7 @@ class ProgressLogger(Logger):
             self._say(f"task {record['task']}: ACC {record['acc']:.2f}  BWT {record['bwt']:.2f}  "
                       + row_text(record)
                       + ("" if aware is None else f"  task-aware ACC {aware['acc']:.2f}")
-                      + (f"  {console.epsilon(record['privacy'])}" if self.private else ""))
+                      + (f"  {console.epsilon(record['privacy'])}" if self.context.private else ""))
 
     def abort(self):
         self.bar.close()

@@ -62,7 +62,7 @@ class TensorBoardLogger(Logger):
             elif isinstance(value, (int, float, torch.Tensor)):
                 w.add_scalar(f"strategy/{key}", float(value), i)
         privacy = record["privacy"]
-        if privacy.get("datasets") and self.context.hparams.get("privacy", "none") != "none":   # ε where a mechanism is
+        if privacy.get("datasets") and self.context.private:   # ε only under a mechanism
             eps = privacy["epsilon_worst"]
             w.add_scalar("privacy/epsilon", float("inf") if eps is None else eps, i)
             for name, d in privacy["datasets"].items():
