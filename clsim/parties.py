@@ -61,12 +61,12 @@ class Parties:
             self.scenario_entry = SCENARIOS.get(self.scenario)
         elif not isinstance(self.scenario, Scenario):
             raise UserError(f"scenario must be a name or a clsim Scenario, got {type(self.scenario).__name__}")
-        self.strategy_file = None
+        self.strategy_entry = None   # a name's or a strategy file's (the name it registered)
         if isinstance(self.strategy, str):
-            entry = STRATEGIES.get(self.strategy)
-            self.strategy_cls = entry.target
+            self.strategy_entry = STRATEGIES.get(self.strategy)
+            self.strategy_cls = self.strategy_entry.target
             if STRATEGIES.is_file(self.strategy):   # kept absolute: a resumed run finds it from anywhere
-                self.strategy, self.strategy_file = str(Path(self.strategy).expanduser().resolve()), entry.name
+                self.strategy = str(Path(self.strategy).expanduser().resolve())
         elif isinstance(self.strategy, type) and issubclass(self.strategy, Strategy):
             self.strategy_cls = self.strategy
         elif isinstance(self.strategy, Strategy):
@@ -103,9 +103,7 @@ class Parties:
 
     @property
     def strategy_name(self) -> str:
-        if self.strategy_file is not None:
-            return self.strategy_file
-        return self.strategy if isinstance(self.strategy, str) else name_of(STRATEGIES, self.strategy)
+        return self.strategy_entry.name if self.strategy_entry is not None else name_of(STRATEGIES, self.strategy)
 
     @property
     def mechanism_name(self) -> str:
