@@ -1,14 +1,18 @@
 """SAC (Continual World's networks and settings) learning one Meta-World 3 task on the CPU.
 
-    python bench/cw_single.py                       # reach-v3, 60k steps, seed 0
-    python bench/cw_single.py --task window-close-v3 --steps 100000
+    python bench/cw_single.py                       # reach-v3, 40k steps, seed 0 (the stated run)
+    python bench/cw_single.py --task window-close-v3 --steps 100000 --hidden 256 --layers 4 --start-steps 10000
 
 Prints the stochastic policy's success rate (10 seeded evaluation episodes, CW's figure) at every
 evaluation, the first step at which it reached --goal, the wall time and the environment steps per
 second. CW's defaults are kept (batch 128, lr 1e-3, updates every 50 steps from step 1000, one
 update per environment step) except where a flag says otherwise: the budget (CW trains 1M steps
-per task), and on a loaded CPU the network size (--hidden/--layers; CW: 4x256) and the uniform-
-action warm-up (--start-steps; CW: 10000).
+per task), and for a loaded CPU the network size (default 3x128; CW: 4x256) and the uniform-action
+warm-up (default 5000; CW: 10000).
+
+Measured (2-core CPU shared with other jobs, load ~14, OMP_NUM_THREADS=1, defaults): stochastic
+success 0.00, 0.20, 0.90, 0.80, 0.90, 0.80, 0.60, 0.70 at 5k..40k steps (0.9 first at 15k), the
+deterministic policy 1.00 from 20k on; 61 minutes.
 """
 from __future__ import annotations
 
@@ -37,13 +41,13 @@ class EvaluationLines(Logger):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="reach-v3")
-    parser.add_argument("--steps", type=int, default=60_000)
+    parser.add_argument("--steps", type=int, default=40_000)
     parser.add_argument("--eval-every", type=int, default=5_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--goal", type=float, default=0.9)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--start-steps", type=int, default=10_000)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--start-steps", type=int, default=5_000)
     args = parser.parse_args()
     start = time.perf_counter()
     result = Experiment(scenario=f"metaworld:{args.task}", strategy="naive", seed=args.seed, out=None,
