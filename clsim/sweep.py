@@ -14,8 +14,10 @@ A spec is YAML:
     threads: 1                            # CPU threads (and Ray CPUs) per trial
 
 Option names are the run options' names (`epochs`, `lr`, `ewc_lambda`, ...), as in a YAML config.
-The trials are resolved here, deterministically, and each gets an id from its resolved options,
-so a rerun of the same spec skips every trial that has finished (a run directory with
+A relative path (`strategy: my_method.py`, `data_root: data`) is read from the directory the sweep
+is started in, as `clsim run --config` reads it (Ray Tune runs each trial in a working directory of
+its own, so such paths are made absolute when the trials are resolved). The trials are resolved
+here, deterministically, and each gets an id from its resolved options, so a rerun of the same spec skips every trial that has finished (a run directory with
 summary.json under `trials/<id>/`) and runs the rest; Ray Tune schedules them (one CPU reservation
 of `threads` each: no oversubscription), isolates failures and collects results. A failing trial
 leaves its one-line error in `trials/<id>/error.txt` and the others go on.
@@ -38,6 +40,7 @@ import yaml
 from clsim import rundir
 from clsim.config import DuplicateKeyError, load_yaml_unique
 from clsim.errors import UserError
+from clsim.registry import STRATEGIES
 
 SPEC_KEYS = {"name", "base", "grid", "random", "threads"}
 SAMPLERS = {"choice", "uniform", "loguniform", "randint"}
@@ -45,6 +48,8 @@ SAMPLERS = {"choice", "uniform", "loguniform", "randint"}
 #: meant for a cluster, would otherwise run silently for hours)
 MAX_TRIALS = 1000
 OUT = "sweeps"   # where sweep directories go unless --out says
+#: run options naming a file or folder (the strategy, when it is a file, too)
+PATH_OPTIONS = ("data_root", "wandb_dir")
 
 
 def load_spec(path: str) -> dict:
@@ -142,10 +147,24 @@ def _draw(rng, kind: str, args, name: str):
                         f"{'a list of values' if kind == 'choice' else '[low, high]'}, got {args!r}") from None
 
 
+def absolute_paths(options: dict) -> dict:
+    """The options with every relative path made absolute against this process's working
+    directory (absolute and `~` paths are kept as written, so their trials keep their ids)."""
+    out = dict(options)
+    for key, value in options.items():
+        if not isinstance(value, str) or not value or os.path.isabs(os.path.expanduser(value)):
+            continue
+        if key in PATH_OPTIONS or (key == "strategy" and STRATEGIES.is_file(value)):
+            out[key] = os.path.abspath(value)
+    return out
+
+
 def trial_id(options: dict) -> str:
-    """A short name fixed by the resolved options (so a rerun recognises a finished trial)."""
+    """A short name fixed by the resolved options (so a rerun recognises a finished trial); a
+    strategy file appears by its stem."""
     digest = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    readable = "-".join(str(options[k]) for k in ("scenario", "strategy", "seed") if k in options)
+    readable = "-".join(Path(str(options[k])).name.removesuffix(".py")
+                        for k in ("scenario", "strategy", "seed") if k in options)
     return f"{readable}-{digest}" if readable else digest
 
 
@@ -218,7 +237,7 @@ def sweep(spec_path: str, out: str = OUT, address: str | None = None,
     check_trial_count(spec, spec_path, max_trials)
     sweep_dir = Path(out) / str(spec["name"])
     rundir.check_length(sweep_dir, f"the sweep directory {sweep_dir}", rundir.RUN_ROOM + 128)   # + trials/<id>/
-    resolved = trials(spec)
+    resolved = [absolute_paths(options) for options in trials(spec)]
     pending, skipped = [], 0
     for options in resolved:
         trial_dir = sweep_dir / "trials" / trial_id(options)

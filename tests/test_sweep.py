@@ -120,6 +120,25 @@ def test_a_failing_trial_is_reported_and_the_others_finish(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_relative_paths_in_a_spec_are_read_from_where_the_sweep_was_started(tmp_path):
+    """Ray Tune runs each trial in a working directory of its own: a strategy file and a data root
+    given relative to the directory `clsim sweep` runs in must still name the same places there."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "halved.py").write_text(
+        "from clsim.registry import register_strategy\nfrom clsim.strategy import Strategy\n\n\n"
+        "@register_strategy('halved')\nclass Halved(Strategy):\n    \"\"\"Half the loss.\"\"\"\n\n"
+        "    def loss(self, batch, losses, outputs):\n        return losses / 2\n")
+    (tmp_path / "spec.yaml").write_text(
+        "name: relative\nbase: {scenario: split_digits, n_tasks: 2, epochs: 1, checkpoint: false,\n"
+        "       strategy: mine/halved.py, data_root: data}\n")
+    clsim("sweep", "spec.yaml", "--out", "out", "--workers", "1", "--no-report", cwd=tmp_path)
+    (status,) = json.loads((tmp_path / "out/relative/sweep.json").read_text())
+    assert status["status"] == "finished" and status["id"].startswith("split_digits-halved-"), status
+    run_dir = tmp_path / "out/relative" / status["run_dir"]
+    assert run_dir.name == "split_digits-halved-class_il-seed0"
+    assert json.loads((run_dir / "config.json").read_text())["run"]["data_root"] == str(tmp_path / "data")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
