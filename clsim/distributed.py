@@ -387,8 +387,8 @@ def _failure(exc, report: Path) -> UserError:
     own = [e for e in errors if "another worker of this run stopped" not in e]
     if own:
         return UserError(own[0])
-    dead = [f"worker {r} ({f'killed by {signal.Signals(-f.exitcode).name}' if f.exitcode < 0 else f'exit status {f.exitcode}'})"
-            for r, f in sorted(exc.failures.items()) if f.exitcode not in (2, 130)]
+    how = lambda code: f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+    dead = [f"worker {r} ({how(f.exitcode)})" for r, f in sorted(exc.failures.items()) if f.exitcode not in (2, 130)]
     line = f"{', '.join(dead) or 'a worker'} stopped the run"
     partial = _kept(report)
     if partial is not None:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from clsim import distributed
 from clsim.config import opt
 from clsim.learners import Batch
 from clsim.registry import register_strategy
@@ -103,18 +104,20 @@ class ICaRL(Strategy):
         columns = self.seen + list(self.task.classes)
         targets = F.one_hot(batch.y, outputs.shape[1]).float()[:, columns]
         if self.old is not None:
-            old = frozen_call(self.learner.model, self.old, batch.x, batch.t)
+            old = distributed.sharded(lambda x, t: frozen_call(self.learner.model, self.old, x, t), batch.x, batch.t)
             old = torch.sigmoid(old / self.options.icarl_temperature)
             targets[:, :len(self.seen)] = old[:, self.seen]
         return F.binary_cross_entropy_with_logits(outputs[:, columns], targets, reduction="none").sum(1)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalised backbone features in eval mode (data-parallel: each worker its rows, gathered)."""
         model = self.learner.model
         was_training = model.training
         model.eval()
-        out = torch.cat([F.normalize(model.backbone(chunk.to(self.learner.device)), dim=1)
-                         for chunk in x.split(256)])
+        device = self.learner.device
+        out = distributed.sharded(lambda rows: torch.cat([F.normalize(model.backbone(chunk.to(device)), dim=1)
+                                                          for chunk in rows.split(256)]), x)
         model.train(was_training)
         return out
 
