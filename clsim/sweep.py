@@ -50,6 +50,8 @@ MAX_TRIALS = 1000
 OUT = "sweeps"   # where sweep directories go unless --out says
 #: run options naming a file or folder (the strategy, when it is a file, too)
 PATH_OPTIONS = ("data_root", "wandb_dir")
+#: options every trial gets from the sweep (run_trial), never from the spec
+SET_BY_SWEEP = ("out", "progress")
 
 
 def load_spec(path: str) -> dict:
@@ -182,7 +184,7 @@ def run_trial(options: dict, trial_dir: Path, threads: int) -> dict:
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "error.txt").unlink(missing_ok=True)
     try:
-        result = Experiment(**options, out=str(trial_dir), progress=False).run()
+        result = Experiment(**options, out=str(trial_dir), progress=False).run()   # SET_BY_SWEEP
     except Exception as exc:   # recorded in one line; Tune keeps the traceback under tune/<id>/
         line = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
         (trial_dir / "error.txt").write_text(line.splitlines()[0] + "\n")
@@ -238,6 +240,10 @@ def sweep(spec_path: str, out: str = OUT, address: str | None = None,
     sweep_dir = Path(out) / str(spec["name"])
     rundir.check_length(sweep_dir, f"the sweep directory {sweep_dir}", rundir.RUN_ROOM + 128)   # + trials/<id>/
     resolved = [absolute_paths(options) for options in trials(spec)]
+    taken = sorted({key for options in resolved for key in options} & set(SET_BY_SWEEP))
+    if taken:   # Experiment(**options, out=...) would fail in every trial with a TypeError
+        raise UserError(f"sweep spec {spec_path} sets {', '.join(taken)}, which clsim sweep sets for each trial "
+                        f"(its run directory goes under --out/<name>/trials/); remove it from the spec")
     pending, skipped = [], 0
     for options in resolved:
         trial_dir = sweep_dir / "trials" / trial_id(options)

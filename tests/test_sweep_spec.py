@@ -37,6 +37,14 @@ def test_a_grid_above_max_trials_is_refused_unless_allowed(tmp_path):
         sweep.sweep(small, str(tmp_path / "out"))
     assert sweep.check_trial_count(sweep.load_spec(small), small, max_trials=1200) == 1200   # allowed
 
+@pytest.mark.parametrize("text", ["base: {out: elsewhere}\n", "grid: {progress: [true, false]}\n"])
+def test_a_spec_cannot_set_what_the_sweep_sets_for_each_trial(tmp_path, text):
+    spec = spec_file(tmp_path, "name: mine\n" + text)
+    with pytest.raises(UserError, match=r"sets (out|progress), which clsim sweep sets for each trial .* remove it"):
+        sweep.sweep(spec, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_duplicate_keys_in_a_spec_are_refused(tmp_path):
     spec = spec_file(tmp_path, "name: d\ngrid: {seed: [0]}\nbase:\n  epochs: 1\n  lr: 0.1\n  epochs: 3\n")
     with pytest.raises(UserError, match=r"spec.yaml gives epochs twice \(lines 4 and 6\); keep one"):
