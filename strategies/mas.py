@@ -7,6 +7,8 @@ add up over tasks (as the authors' code and Continual World do) and the penalty 
 λ·Σ Ω (θ - θ*)², θ* the weights at the end of the last task. No labels are used: F is the
 logits (supervised) or the policy's action logits (PPO), so MAS runs on RL policies too; the
 inputs are the learner's Fisher inputs (training examples, or the task's recent rollout states).
+With SAC (Continual World's MAS) F is the actor's mean and log-std, and for the critics' weights
+(--sac-regularize-critic) each critic's Q at the stored action (`SACLearner.mas_squared_norm`).
 
 Deviations: up to `--mas-samples` inputs are used instead of the whole training set; under a
 privacy mechanism this importance pass reads those inputs unclipped and un-noised, so the ledger
@@ -103,8 +105,11 @@ class MAS(ImportanceAnchor):
         params = {n: p.detach() for n, p in model.named_parameters()}
         buffers = dict(model.named_buffers())
         free = {n: params[n] for n in self.names}
+        own = getattr(self.learner, "mas_squared_norm", None)   # SAC: Continual World's actor and critic norms
 
-        def squared_norm(free, x, t):
+        def squared_norm(free, x, y, t):
+            if own is not None:
+                return own({**params, **free, **buffers}, x, y, t)
             out = functional_call(model, {**params, **free, **buffers}, (x[None], t))
             out = out[0] if isinstance(out, tuple) else out   # PPO: (action logits, value)
             return out.square().sum()
@@ -113,8 +118,8 @@ class MAS(ImportanceAnchor):
         model.eval()   # per-example gradients: batch statistics would mix the examples
         total, count = torch.zeros_like(self.flat()), 0
         try:
-            for x, _, t in self.learner.fisher_batches(task, self.options.mas_samples, True):
-                g = vmap(grad(squared_norm), in_dims=(None, 0, None))(free, x, t)
+            for x, y, t in self.learner.fisher_batches(task, self.options.mas_samples, True):
+                g = vmap(grad(squared_norm), in_dims=(None, 0, 0, None))(free, x, y, t)
                 total += torch.cat([g[n].abs().sum(0).reshape(-1) for n in self.names])
                 count += len(x)
         finally:

@@ -161,6 +161,39 @@ def test_gaussian_fisher_is_the_expectation_of_sampled_score_squares():
         assert big.any() and torch.allclose(sampled[big], exact[n][big], rtol=0.15), n
 
 
+def test_mas_on_sac_protects_critics_with_their_q_norm_as_cw():
+    """With --sac-regularize-critic a critic weight's importance is CW's mean |∂Q²/∂θ| over stored
+    (state, action) pairs; actor weights keep the policy-output norm's."""
+    from clsim.privacy.ledger import Ledger
+    from clsim.privacy.mechanism import Mechanism
+    from clsim.scenario import Scenario
+    from clsim.strategies.mas import MAS
+    learner = tiny_learner(n_tasks=1, sac_regularize_critic=True)
+    learner.buffer = ReplayBuffer(10, False, learner.generator)
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        obs = torch.cat([torch.randn(3, generator=g), torch.ones(1)]).numpy()
+        learner.buffer.store(obs, (torch.rand(2, generator=g) * 2 - 1).numpy(), 0.0, obs, 0.0, 0)
+    task = learner.scenario_tasks[0]
+    scenario = Scenario("s", "task_il", [task], make_model=None)
+    mechanism = Mechanism()
+    mechanism.setup(learner, scenario, Ledger())
+    mas = MAS(MAS.Options(mas_samples=6))
+    mas.setup(learner, scenario, mechanism)
+    learner.generator.manual_seed(0)
+    sizes = [p.numel() for p in learner.shared_parameters().values()]
+    importance = dict(zip(mas.names, mas.task_importance(task).split(sizes)))
+    learner.generator.manual_seed(0)
+    batch = learner.task_sample(task, 6)   # the transitions the importance pass drew
+    m, w = learner.model, learner.model.critic1.trunk[0].weight
+    expected = torch.zeros_like(w)
+    for x, a in zip(batch.x, batch.y):
+        expected += torch.autograd.grad(m.critic1(m.inputs(x[None]), a[None], 0).square().sum(), w)[0].abs() / 6
+    got = importance["critic1.trunk.0.weight"].view_as(w)
+    assert got.abs().sum() > 0 and torch.allclose(got, expected, atol=1e-6)
+    assert importance["trunk.0.weight"].abs().sum() > 0
+
+
 def test_replay_buffer_fifo_and_reservoir():
     fifo, reservoir = ReplayBuffer(3, False, torch.Generator().manual_seed(0)), \
         ReplayBuffer(3, True, torch.Generator().manual_seed(0))

@@ -535,6 +535,16 @@ class SACLearner(Learner):
     def sample_targets(self, out) -> torch.Tensor:
         return self.actions.rsample(out.detach(), self.generator)[0]
 
+    def mas_squared_norm(self, weights: dict, x: torch.Tensor, a: torch.Tensor, t) -> torch.Tensor:
+        """CW's MAS output norm of one state (methods/mas.py): ‖μ‖² + ‖log σ‖² of the actor plus
+        Q1² + Q2² at the stored action; each network's weights get only their own term's gradient."""
+        m = self.model
+        total = functional_call(m, weights, (x[None], t)).square().sum()
+        for critic in ("critic1", "critic2"):
+            own = {k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith(critic + ".")}
+            total = total + functional_call(getattr(m, critic), own, (m.inputs(x[None]), a[None], t)).square().sum()
+        return total
+
     def gaussian_fisher(self, task: Task, names: list[str], n: int) -> dict[str, torch.Tensor]:
         """CW's EWC Fisher (methods/ewc.py): for actor weights, per state
         Σ_j [(∂μ_j/∂θ)² + 2(∂σ_j/∂θ)²] / (σ_j² + 1e-6), the exact Fisher of the pre-tanh Gaussian
