@@ -337,6 +337,21 @@ def squared_sums(learner, names: list[str], x, y, t, check: bool = False,
         return layerwise_squares(learner, layers, x, y, t, check, None if weight is None else weight.sqrt())
 
 
+def _over_classes(learner, x, t, term) -> dict[str, torch.Tensor]:
+    """Σ_c term(c, labels all c, p(c|x)) over the classes the model gives some probability
+    (a class outside --active-classes has weight 0)."""
+    with torch.no_grad():
+        probs = F.softmax(learner.logits(x, t), 1)
+    total: dict[str, torch.Tensor] = {}
+    for c in range(probs.shape[1]):
+        if not bool(probs[:, c].any()):
+            continue
+        y = torch.full((len(x),), c, dtype=torch.long, device=x.device)
+        for n, g in term(c, y, probs[:, c]).items():
+            total[n] = total[n].add_(g) if n in total else g
+    return total
+
+
 def expected_squares(learner, names: list[str], x, t, check: bool = False,
                      torch_func: bool = False) -> dict[str, torch.Tensor]:
     """Per example, E_{y~p(y|x)}[g_y²] computed exactly as Σ_c p(c|x)·g_c² (one backward per
@@ -345,19 +360,17 @@ def expected_squares(learner, names: list[str], x, t, check: bool = False,
     all of the expectation (after split MNIST's 2000 Adam steps, 1000 sampled labels gave 7000x
     less than this), so the sampled estimate is then orders of magnitude too small. `check` as in
     `per_example_grads`; `torch_func` skips the layer-wise path."""
-    with torch.no_grad():
-        probs = F.softmax(learner.logits(x, t), 1)
-    total: dict[str, torch.Tensor] = {}
-    for c in range(probs.shape[1]):
-        if not bool(probs[:, c].any()):   # a class outside --active-classes: weight 0
-            continue
-        y = torch.full((len(x),), c, dtype=torch.long, device=x.device)
+    def term(c, y, p):
         rows = (vmap_grads(learner, names, x, y, t) if torch_func
                 else per_example_grads(learner, names, x, y, t, check and c == 0))
-        for n, g in rows.items():
-            g = g.pow_(2).mul_(probs[:, c].reshape(-1, *[1] * (g.dim() - 1)))
-            total[n] = total[n].add_(g) if n in total else g
-    return total
+        return {n: g.pow_(2).mul_(p.reshape(-1, *[1] * (g.dim() - 1))) for n, g in rows.items()}
+    return _over_classes(learner, x, t, term)
+
+
+def expected_sums(learner, names: list[str], x, t, check: bool = False) -> dict[str, torch.Tensor]:
+    """`expected_squares` summed over the examples without holding a row per example
+    (`squared_sums` per class): a wide model's rows for 100 classes took minutes."""
+    return _over_classes(learner, x, t, lambda c, y, p: squared_sums(learner, names, x, y, t, check and c == 0, p))
 
 
 def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: bool | str = False,
@@ -389,6 +402,8 @@ def diagonal_fisher(learner, task, names: list[str], n_samples: int, empirical: 
     expected = empirical == "expected"
 
     def sums(x, y, t, check):
+        if expected and reduce is None and not fallback:
+            return expected_sums(learner, names, x, t, check)
         if expected:
             squared = expected_squares(learner, names, x, t, check, torch_func=fallback)
             return reduce(squared) if reduce is not None else {n: s.sum(0) for n, s in squared.items()}

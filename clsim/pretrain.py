@@ -74,7 +74,7 @@ def pretrained_conv(o, run) -> VdvConvNet:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(rows)
+            total += loss.item() * len(rows)
         print(f"pre-training vdv_conv on CIFAR-10: epoch {epoch + 1}/{o.pretrain_epochs}, "
               f"loss {total / len(y):.3f}", file=sys.stderr)
     net = net.cpu()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from clsim.config import RunOptions
-from clsim.fisher import diagonal_fisher
+from clsim.fisher import diagonal_fisher, expected_squares
 from clsim.learners.supervised import SupervisedLearner
 from clsim.scenarios.split_digits import SplitDigitsOptions, split_digits
 
@@ -307,3 +307,6 @@ def test_sampled_fisher_has_the_scale_of_van_de_vens_label_weighted_fisher():
     for n in names:
         torch.testing.assert_close(computed[n], exact[n], rtol=1e-4, atol=1e-12)
         torch.testing.assert_close(predicted[n], argmax[n], rtol=1e-4, atol=1e-12)
+    rows = expected_squares(learner, names, data.x, task.index)   # one row per example (the DP-Fisher's path)
+    for n in names:
+        torch.testing.assert_close(rows[n].sum(0) / len(data.x), exact[n], rtol=1e-4, atol=1e-12)
