@@ -49,13 +49,13 @@ class Run:
         out = {k: s[k] for k in ("acc", "bwt", "fwt", "forgetting", "steps", "examples_seen") if k in s}
         for k, v in s.get("task_aware", {}).items():   # class_il runs: task_aware_acc, _bwt, ...
             if k in ("acc", "bwt", "fwt", "forgetting"):
-                out[f"task_aware_{k}"] = v
+                out[f"task_aware_{k}"] = math.nan if v is None else v   # None: not finite (to_json)
         eps = s.get("privacy", {}).get("epsilon_worst")
         out["epsilon_worst"] = math.inf if eps is None else eps
         for section in ("memory", "wall_time"):
             for k, v in s.get(section, {}).items():
                 key = k if section == "memory" else f"wall_time_{k}"
-                out[key] = v
+                out[key] = math.nan if v is None else v
         if self.tasks:
             for k, v in self.tasks[-1].get("strategy", {}).items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
