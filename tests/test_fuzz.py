@@ -43,13 +43,18 @@ FLOOR = {"batch_size": 16}   # batches of one example are a few thousand steps
 SUPERVISED = [e.name for e in STRATEGIES.entries() if "supervised" in e.target.learners]
 
 
-def quick(n: int, slow_n: int):
-    """Hypothesis settings: `n` examples in the default tier, `slow_n` in the slow one."""
-    common = dict(deadline=None, database=None, derandomize=False,
-                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                         HealthCheck.data_too_large])
+def tiers(n: int, slow_n: int):
+    """`examples`: `n` in the default tier, `slow_n` in the slow one."""
     return pytest.mark.parametrize("examples", [pytest.param(n, id="quick"),
-                                                pytest.param(slow_n, id="long", marks=pytest.mark.slow)]), common
+                                                pytest.param(slow_n, id="long", marks=pytest.mark.slow)])
+
+
+def fuzz(examples: int):
+    """Hypothesis settings; the default tier draws the same examples on every run (no flaky CI),
+    the slow tier new ones each time."""
+    return settings(max_examples=examples, derandomize=examples < 50, deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                           HealthCheck.data_too_large])
 
 
 # ------------------------------------------------------------------ the command line
@@ -149,9 +154,9 @@ def check_run(argv: list[str], asked: dict, capsys) -> None:
             assert all(p.name.startswith(".") and str(p) in errors[0] for p in made), (made, errors)
 
 
-@pytest.mark.parametrize(*quick(4, 150)[0].args)
+@tiers(4, 150)
 def test_any_command_line_is_a_complete_run_or_one_line(examples, capsys):
-    @settings(max_examples=examples, **quick(0, 0)[1])
+    @fuzz(examples)
     @given(command_lines())
     def check(case):
         capsys.readouterr()
@@ -192,9 +197,9 @@ def mnist_files(draw):
     return files
 
 
-@pytest.mark.parametrize(*quick(25, 400)[0].args)
+@tiers(25, 400)
 def test_any_mnist_file_is_read_exactly_or_refused_in_one_line(examples):
-    @settings(max_examples=examples, **quick(0, 0)[1])
+    @fuzz(examples)
     @given(mnist_files())
     def check(files):
         with tempfile.TemporaryDirectory() as tmp:
@@ -234,9 +239,9 @@ def cifar_batches(draw):
     return {b"data": values.astype(dtype)[:, :width], b"labels": labels}
 
 
-@pytest.mark.parametrize(*quick(40, 600)[0].args)
+@tiers(40, 600)
 def test_any_cifar_batch_is_read_exactly_or_refused_in_one_line(examples):
-    @settings(max_examples=examples, **quick(0, 0)[1])
+    @fuzz(examples)
     @given(cifar_batches())
     def check(batch):
         with tempfile.TemporaryDirectory() as tmp:
@@ -293,7 +298,7 @@ REPLACEMENTS = st.one_of(st.just(KeyError), st.none(), st.integers(-10 ** 30, 10
                          st.just(torch.tensor(float("nan"))))
 
 
-@pytest.mark.parametrize(*quick(6, 200)[0].args)
+@tiers(6, 200)
 def test_any_damaged_checkpoint_resumes_completely_or_is_one_line_and_loses_nothing(examples, finished_run, capsys):
     """Edits to a checkpoint's contents, sealed with a matching digest as a forger (or a bug) would, and
     bit flips or cuts that are not: resumed to a complete run, or refused in one line with every file
@@ -304,7 +309,7 @@ def test_any_damaged_checkpoint_resumes_completely_or_is_one_line_and_loses_noth
     paths = [p for p, _ in leaves(state) if p[0] in ("progress", "model", "rng", "config", "logger_files")]
     paths += [(key,) for key in state if key != "digest"]
 
-    @settings(max_examples=examples, **quick(0, 0)[1])
+    @fuzz(examples)
     @given(st.data())
     def check(draw):
         capsys.readouterr()   # what an earlier, failing example left
@@ -368,11 +373,11 @@ def damaged_summaries(draw, summary: dict):
     return s
 
 
-@pytest.mark.parametrize(*quick(2, 60)[0].args)
+@tiers(2, 60)
 def test_a_report_over_any_damaged_summary_skips_it_or_uses_it(examples, finished_run, capsys):
     summary = json.loads((finished_run / "summary.json").read_text())
 
-    @settings(max_examples=examples, **quick(0, 0)[1])
+    @fuzz(examples)
     @given(damaged_summaries(summary))
     def check(damaged):
         capsys.readouterr()
