@@ -11,7 +11,8 @@ the learning rate keep DP-SGD's meaning (with radius 0, any K is DP-SGD exactly)
 (wangwenxiao/DPlis, dp_train.py, `--mode smooth_loss`) sums instead: per example Σ_k ∇ℓ(θ + u_k),
 then clipped to C, then noise σC; `--dplis-aggregate sum` is that form, which scales every
 unclipped gradient by K (so the signal-to-noise ratio and the learning rate that works differ by
-up to K: the authors' hyper-parameters transfer only with it; the sweep and the bench select it).
+up to K: the authors' hyper-parameters transfer only with it; the preset dplis-mnist-smallcnn,
+the sweep and the benches select it).
 Either way the vector is clipped once (the `Smoothed` clipper), so noise and accounting are
 exactly DP-SGD's with the same (q, σ, steps): the perturbations are data-independent, and each
 example still contributes one clipped vector. Their perturbation std, radius·lr·σ·C, is clsim's
