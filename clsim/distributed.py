@@ -352,6 +352,8 @@ def launch_on_ray(experiment, workers: int, address: str, resume_dir: Path | Non
     except ConnectionError as exc:
         raise UserError(f"--address {address}: no Ray cluster answered ({exc}); start one with "
                         f"'ray start --head', or use --workers alone on one machine") from None
+    except ValueError as exc:   # Ray's check of the address's form
+        raise UserError(f"--address {address}: {exc}; give host:port, ray://host:port or local") from None
     try:
         with tempfile.TemporaryDirectory(prefix="clsim-ray-") as storage:
             trainer = TorchTrainer(

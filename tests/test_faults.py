@@ -858,3 +858,10 @@ def test_the_model_contract_is_checked_at_build_in_one_line(tmp_path, capsys, mo
     assert expected in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "o").exists() or list((tmp_path / "o").iterdir()) == []
     assert Experiment(model=_Bare(), n_tasks=2, epochs=1, out=None, progress=False, loggers=[]).run().acc >= 0
+
+
+def test_a_malformed_ray_address_is_one_line(tmp_path, capsys):
+    """Ray's ValueError for an address of no known form was a traceback (found by the fuzz test)."""
+    assert cli.main(["--workers", "2", "--address", "x", "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, "--address x: Invalid address format: x; give host:port")
+    assert not (tmp_path / "o").exists()

@@ -33,8 +33,10 @@ from clsim.report import write_report
 BASE = ["--n-tasks", "2", "--epochs", "1", "--hidden", "8", "--progress", "false", "--loggers", "jsonl"]
 #: stderr lines a run may print besides its one error
 INFO = ("warning: ", "note: ", "privacy: ", "speed: ")
-#: options left out: where files go and how progress shows (fixed above), and torch.compile (minutes)
-FIXED = {"out", "data_root", "progress", "compile", "scenario", "strategy", "privacy", "loggers"}
+#: options left out: where files go and how progress shows (fixed above), torch.compile (minutes) and
+#: data-parallel workers (processes, a Ray cluster: tests/test_faults.py tries a bad --address)
+FIXED = {"out", "data_root", "progress", "compile", "scenario", "strategy", "privacy", "loggers",
+         "workers", "address"}
 #: the largest valid value tried for options whose cost grows with them (the rest: low .. low + 2)
 CAPS = {"epochs": 2, "n_tasks": 3, "hidden": 16, "fisher_samples": 40, "mas_samples": 40,
         "blip_fisher_samples": 40, "replay_size": 60, "gem_memory": 60, "gdumb_memory": 60, "icarl_memory": 60,
