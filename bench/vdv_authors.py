@@ -183,7 +183,7 @@ def torch_threads_one() -> None:
 
 def print_table(merged: dict, methods: list[str], seeds: list[int]) -> None:
     print(f"\nsplit MNIST Domain-IL, full budget; ACC (%) per seed; digit pairs: their code's for that seed")
-    print(f"{'method':11s} {'seed':>4s} {'digits in task order':21s} {'authors':>8s} {'clsim preset':>12s} "
+    print(f"{'method':11s} {'seed':>4s} {'digits in task order':21s} {'authors':>13s} {'clsim preset':>13s} "
           f"{'clsim, their pairs':>18s}")
     for method in methods:
         cols = {k: [] for k in ("authors", "clsim", "clsim-their-order")}
@@ -195,9 +195,9 @@ def print_table(merged: dict, methods: list[str], seeds: list[int]) -> None:
                 if v is not None:
                     cols[k].append(v)
             cells = ["-" if v is None else f"{v:.2f}" for v in row.values()]
-            print(f"{method:11s} {seed:4d} {''.join(map(str, their_order(seed))):21s} {cells[0]:>8s} "
-                  f"{cells[1]:>12s} {cells[2]:>18s}")
-        print(f"{method:11s} {'mean':>4s} {'':21s} {mean_sd(cols['authors']):>8s} {mean_sd(cols['clsim']):>12s} "
+            print(f"{method:11s} {seed:4d} {''.join(map(str, their_order(seed))):21s} {cells[0]:>13s} "
+                  f"{cells[1]:>13s} {cells[2]:>18s}")
+        print(f"{method:11s} {'mean':>4s} {'':21s} {mean_sd(cols['authors']):>13s} {mean_sd(cols['clsim']):>13s} "
               f"{mean_sd(cols['clsim-their-order']):>18s}")
 
 
