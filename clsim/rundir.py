@@ -11,6 +11,9 @@
                        summary.json and renames the directory to its final name; the directory
                        holding each new name is fsynced too (fsync_dir), so a power cut just after
                        a rename cannot undo it
+    identity           every checkpoint records the run's configuration (config.json's content) and
+                       a digest of its own contents; a resume refuses a damaged checkpoint, an edited
+                       config.json, and a rebuilt experiment that differs (load_checkpoint)
     guard()            on any failure keeps the directory once a task has finished (hidden,
                        resumable when it holds a checkpoint) and says where it is; a full disk or a
                        file-size limit becomes one line naming the file
@@ -251,8 +254,8 @@ class RunDirectory:
         """The checkpoint to resume from, when it is this run's: the configuration it records must
         equal config.json (an edit would otherwise be ignored, then copied into the finished run),
         and its identity (resolved options, seed, code and library versions, data; not the
-        OBSERVERS) that of `config`, the experiment rebuilt now. The loggers' files are cut back to the records it
-        covers (files it does not know, written after it, are removed)."""
+        OBSERVERS) that of `config`, the experiment rebuilt now. The loggers' files are cut back to
+        the records it covers (files it does not know, written after it, are removed)."""
         state = _load(self.path / CHECKPOINT)
         recorded = _recorded_config(state, self.path / CHECKPOINT)
         try:
@@ -424,7 +427,8 @@ def _identity(config: dict) -> dict:
 
 
 def difference(then, now, where: str = "") -> str | None:
-    """The first place two JSON values differ, as 'key: then -> now' (None when equal)."""
+    """The first place two JSON values differ, as 'key: <then> when it started, <now> now' (None
+    when equal)."""
     if isinstance(then, dict) and isinstance(now, dict):
         for key in sorted(set(then) | set(now), key=str):
             if key not in now or key not in then:
