@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -22,6 +23,13 @@ def torchvision_mnist(data_root: Path, root: Path) -> Path:
                 shutil.copyfileobj(src, dst)
             (raw / f"{name}.part").rename(raw / name)
     return root
+
+
+def mean_sd(values: list[float]) -> str:
+    """'mean ± sd' to two decimals ('-' for none, no sd for one)."""
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 class Results:

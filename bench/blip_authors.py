@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -40,7 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from clsim import presets  # noqa: E402
-from authors_runs import Results, torchvision_mnist  # noqa: E402
+from authors_runs import Results, mean_sd, torchvision_mnist  # noqa: E402
 from reproduce import budget_flags, run_preset  # noqa: E402
 
 COMMIT = "c09814d"   # the repository's head when this was written ("fix quant layer bugs" is 572d0c1)
@@ -108,12 +107,6 @@ def run_theirs(src: Path, data: Path, seed: int, budget: float, workdir: Path) -
     acc = np.loadtxt(checkpoints / "mnist5_blip" / f"mnist5_blip_{seed}.txt")
     return {"acc": 100 * float(acc[-1].mean()), "bwt": 100 * float((acc[-1] - np.diag(acc)).mean()),
             "matrix": (100 * acc).round(2).tolist(), "command": "run_blip.py " + " ".join(args[:-4])}
-
-
-def mean_sd(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def main(argv: list[str] | None = None) -> int:

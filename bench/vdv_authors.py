@@ -38,7 +38,6 @@ import argparse
 import io
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -50,7 +49,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from clsim import presets  # noqa: E402
-from authors_runs import Results, torchvision_mnist  # noqa: E402
+from authors_runs import Results, mean_sd, torchvision_mnist  # noqa: E402
 from reproduce import run_preset  # noqa: E402
 
 COMMITS = {"apr2019": "d326f96", "dec2019": "9945f84"}
@@ -128,12 +127,6 @@ def run_clsim(preset: str, seed: int, data_root: Path, extra: list[str], workdir
     r = run_preset(presets.all_presets()[preset], seed, 1.0, ["--data-root", str(data_root), *extra],
                    workdir / "clsim-runs")
     return {"acc": r["acc"], "bwt": r["bwt"], "command": " ".join(r["argv"])}
-
-
-def mean_sd(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def main(argv: list[str] | None = None) -> int:
