@@ -64,3 +64,14 @@ def own_strategy_registry(monkeypatch):
     STRATEGIES.names()   # the built-ins, loaded before the copy
     monkeypatch.setattr(STRATEGIES, "_entries", dict(STRATEGIES._entries))
     monkeypatch.setattr(STRATEGIES, "_files", dict(STRATEGIES._files))
+
+
+@pytest.fixture
+def one_thread():
+    """In-process runs with one torch thread, as the CLI's children run (OMP_NUM_THREADS=1), so
+    their figures match figure for figure."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

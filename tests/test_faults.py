@@ -33,13 +33,7 @@ FIGURES = ("accuracy_matrix", "initial_scores", "acc", "bwt", "fwt", "forgetting
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The children run with one thread; in-process runs match them figure for figure."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 def child(*args: str, limit_bytes: int | None = None) -> subprocess.Popen:

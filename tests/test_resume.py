@@ -6,7 +6,6 @@ import importlib.util
 import json
 
 import pytest
-import torch
 
 from clsim import Experiment, rundir
 from clsim.loggers import Logger
@@ -50,12 +49,7 @@ CASES = [pytest.param({**SUPERVISED, **OPTIONS.get(name, {})}, name, id=name)
         [pytest.param(SAC, name, id=f"sac-{name}", marks=needs_metaworld) for name in ("ewc", "reservoir")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
 @pytest.mark.parametrize("options,strategy", CASES)
