@@ -3,6 +3,7 @@ accuracy matrix for every strategy, every worker ends with the same weights and 
 and --workers / torchrun / a killed worker behave as docs/distributed.md says."""
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import os
@@ -207,9 +208,11 @@ def test_two_machines_of_one_process_each_give_the_one_process_figures(tmp_path,
                               + CLI + ["--out", str(tmp_path / "out")],
                               cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for k in range(2)]
-    for node in nodes:
-        _, err = node.communicate(timeout=900)
-        assert node.returncode == 0, err
+    # both nodes' pipes drained at once (one waiting on a full pipe would stall the other at torchrun's
+    # exit barrier), and a failure shows what every node said
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        said = list(pool.map(lambda node: node.communicate(timeout=900)[1], nodes))
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(f"node {k}: {err}" for k, err in enumerate(said))
     assert close(read_summary(tmp_path / "out")["accuracy_matrix"], one_process["accuracy_matrix"])
 
 
