@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+from clsim.config import RunOptions
 from clsim.fisher import diagonal_fisher
 from clsim.learners.supervised import SupervisedLearner
 from clsim.registry import STRATEGIES
@@ -42,11 +43,10 @@ def test_private_training_on_cuda(tmp_path, privacy):
 def test_conv_fisher_on_cuda_matches_cpu(cifar_root):
     """The layer-wise per-example Fisher of the reduced ResNet-18 (convolutions, eval BatchNorm)
     on real CIFAR-10: CUDA equals CPU, with no fallback to torch.func."""
-    from types import SimpleNamespace
 
     from clsim.scenarios.split_cifar import SplitCifarOptions, split_cifar
     scenario = split_cifar(SplitCifarOptions(n_tasks=2, train_per_class=32, test_per_class=2, backbone="resnet18"),
-                           SimpleNamespace(data_root=str(cifar_root), setting="class_il"))
+                           RunOptions(data_root=str(cifar_root), setting="class_il", download=False))
     torch.manual_seed(0)
     model = scenario.make_model()
     fishers = {}

@@ -3,12 +3,12 @@ learning"): each task's labels renumbered within the task, one shared head of th
 id at test time; class_il keeps global labels, task_il one head per task."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from clsim.config import RunOptions
 from clsim import config
 from clsim.registry import SCENARIOS
 from clsim.data import class_order
@@ -18,7 +18,7 @@ from test_scenarios import digits_as_mnist, main_in_process
 
 def build(name: str, setting: str, data_root: str = "", **values):
     entry = SCENARIOS.get(name)
-    run = SimpleNamespace(data_root=data_root, setting=setting)
+    run = RunOptions(data_root=data_root, setting=setting, download=False)
     return entry.target(config.build(entry.options, values), run)
 
 

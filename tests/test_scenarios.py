@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clsim.config import RunOptions
 from clsim import cli
 from clsim.data import read_idx
 from clsim.errors import UserError
@@ -126,7 +127,7 @@ def test_split_mnist_cli_trains_five_tasks_of_two_digits(mnist_root, tmp_path):
 
 
 def test_split_mnist_task_il_relabels_each_pair(mnist_root):
-    run = SimpleNamespace(data_root=str(mnist_root), setting="task_il")
+    run = RunOptions(data_root=str(mnist_root), setting="task_il", download=False)
     sc = split_mnist(SplitMnistOptions(class_order_seed=1, train_per_class=30), run)
     order = class_order(10, 1)
     assert [t.classes for t in sc.tasks] == [tuple(order[2 * i:2 * i + 2]) for i in range(5)]
@@ -140,7 +141,7 @@ def test_split_mnist_explicit_class_order_pairs_and_labels_digits_in_that_order(
     """--class-order replays another code's split (van de Ven's seed 1: 4/6, 0/5, 3/9, 2/7, 8/1):
     each task holds its two digits, the first labelled 0 in domain_il; a list that is not the ten
     digits once each is a UserError."""
-    run = SimpleNamespace(data_root=str(mnist_root), setting="domain_il")
+    run = RunOptions(data_root=str(mnist_root), setting="domain_il", download=False)
     sc = split_mnist(SplitMnistOptions(class_order="4,6,0,5,3,9,2,7,8,1", train_per_class=30), run)
     assert [t.classes for t in sc.tasks] == [(4, 6), (0, 5), (3, 9), (2, 7), (8, 1)]
     _, y_train, _, _ = cached_mnist(str(Path(mnist_root).resolve()))
@@ -165,7 +166,7 @@ def test_permuted_mnist_cli_domain_il_shares_one_head(mnist_root, tmp_path, caps
 
 def test_permuted_mnist_tasks_are_fixed_pixel_permutations(mnist_root):
     from clsim.data import load_mnist
-    run = SimpleNamespace(data_root=str(mnist_root), setting=None)
+    run = RunOptions(data_root=str(mnist_root), setting=None, download=False)
     sc = permuted_mnist(PermutedMnistOptions(n_permutations=3, train_per_class=5), run)
     x_train, y_train, x_test, y_test = load_mnist(mnist_root)
     keep = first_per_class(y_train, 5)
@@ -183,9 +184,9 @@ def test_permuted_mnist_tasks_are_fixed_pixel_permutations(mnist_root):
 
 def test_permuted_mnist_task_il_and_class_il_heads(mnist_root):
     opts = PermutedMnistOptions(n_permutations=4, train_per_class=5, mnist_protocol="blip")
-    task_il = permuted_mnist(opts, SimpleNamespace(data_root=str(mnist_root), setting="task_il"))
+    task_il = permuted_mnist(opts, RunOptions(data_root=str(mnist_root), setting="task_il", download=False))
     assert [h.out_features for h in task_il.make_model().heads] == [10] * 4
-    class_il = permuted_mnist(opts, SimpleNamespace(data_root=str(mnist_root), setting="class_il"))
+    class_il = permuted_mnist(opts, RunOptions(data_root=str(mnist_root), setting="class_il", download=False))
     assert [h.out_features for h in class_il.make_model().heads] == [40]
     assert set(class_il.tasks[3].train.y.tolist()) == set(range(30, 40))
     # BLIP's q_mlp.py: ONE hidden layer of 1200, then the head(s)
@@ -248,7 +249,7 @@ def test_split_cifar_cli_on_real_cifar10(cifar_root, tmp_path):
 def test_split_cifar_tasks_classes_and_shapes(cifar_root):
     opts = SplitCifarOptions(n_tasks=2, class_order_seed=5, train_per_class=7, test_per_class=3,
                              backbone="resnet18", backbone_width=8)
-    sc = split_cifar(opts, SimpleNamespace(data_root=str(cifar_root), setting="task_il"))
+    sc = split_cifar(opts, RunOptions(data_root=str(cifar_root), setting="task_il", download=False))
     order = class_order(10, 5)
     assert [t.classes for t in sc.tasks] == [tuple(order[:5]), tuple(order[5:])]
     for t in sc.tasks:
@@ -259,7 +260,7 @@ def test_split_cifar_tasks_classes_and_shapes(cifar_root):
     assert [h.out_features for h in model.heads] == [5, 5] and model.backbone.conv1.out_channels == 8
     assert model(sc.tasks[1].test.x, 1).shape == (15, 5)
     # class_il keeps the global labels and one 10-way head.
-    ci = split_cifar(opts, SimpleNamespace(data_root=str(cifar_root), setting=None))
+    ci = split_cifar(opts, RunOptions(data_root=str(cifar_root), setting=None, download=False))
     assert ci.setting == "class_il" and set(ci.tasks[1].train.y.tolist()) == set(order[5:])
     assert [h.out_features for h in ci.make_model().heads] == [10]
 
