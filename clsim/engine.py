@@ -195,6 +195,9 @@ def loop(parts: Parts, checkpoint=None, resume: dict | None = None, protocol: Pr
         t2 = timer.add("strategy", t1)
         R.append([learner.evaluate(t) for t in scenario.tasks])
         row_details = learner.score_details()   # e.g. raw RL returns behind normalised scores
+        if set(row_details) != set(progress.details):
+            raise UserError(f"the checkpoint's score details {sorted(progress.details)} are not this run's "
+                            f"{sorted(row_details)}; it was damaged or edited: start the run again")
         for name, row in row_details.items():
             progress.details[name]["matrix"].append(row)
         aware_row = learner.task_aware_scores()
@@ -292,10 +295,36 @@ def snapshot(parts: Parts, progress: Progress, optimizer: torch.optim.Optimizer 
                     "python": random.getstate(), "learner": parts.learner.generator.get_state()}}
 
 
-def _rows(rows, n: int) -> bool:
-    """`rows` is a list of score rows of `n` tasks each."""
-    return isinstance(rows, list) and all(isinstance(r, list) and len(r) == n and
-                                          all(isinstance(v, (int, float)) for v in r) for r in rows)
+def _rows(rows, n: int, count: int | None = None) -> bool:
+    """`rows` is a list (of `count` rows, when given) of score rows of `n` finite numbers each."""
+    return (isinstance(rows, list) and (count is None or len(rows) == count)
+            and all(isinstance(r, list) and len(r) == n and all(_number(v) for v in r) for r in rows))
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fits(progress: Progress, learner, n: int) -> bool:
+    """A restored progress is that of a run of `n` tasks by this learner: every matrix it carries
+    (scores, the task-aware scores, the details behind them) has one row per finished task. (Which
+    details a learner keeps shows only once it evaluates: the loop checks their names.)"""
+    done = len(progress.matrix)
+    aware, details = progress.task_aware, progress.details
+    return (_rows(progress.matrix, n) and done <= n and _rows([progress.initial], n)
+            and (aware is None) == (not getattr(learner, "task_aware", False))
+            and (aware is None or (isinstance(aware, dict) and set(aware) == {"accuracy_matrix", "initial_scores"}
+                                   and _rows(aware["accuracy_matrix"], n, done) and _rows([aware["initial_scores"]], n)))
+            and isinstance(details, dict)
+            and all(isinstance(d, dict) and set(d) == {"initial", "matrix"} and _rows([d["initial"]], n)
+                    and _rows(d["matrix"], n, done) for d in details.values())
+            and isinstance(progress.step, int) and isinstance(progress.examples, int)
+            and progress.step >= 0 and progress.examples >= 0
+            and isinstance(progress.elapsed, float) and math.isfinite(progress.elapsed) and progress.elapsed >= 0
+            and isinstance(progress.wall_time, dict) and all(isinstance(k, str) and _number(v)
+                                                             for k, v in progress.wall_time.items())
+            and isinstance(progress.evaluation_curve, list)
+            and all(isinstance(p, dict) for p in progress.evaluation_curve))
 
 
 @contextlib.contextmanager
@@ -325,9 +354,7 @@ def restore(state: dict, parts: Parts, optimizer: torch.optim.Optimizer | None =
             raise KeyError(sorted(missing)[0])
         progress = Progress(**state["progress"])
         n = len(parts.scenario.tasks)
-        if not (_rows(progress.matrix, n) and len(progress.matrix) <= n and _rows([progress.initial], n)
-                and isinstance(progress.step, int) and isinstance(progress.examples, int)
-                and isinstance(progress.elapsed, float)):
+        if not _fits(progress, parts.learner, n):
             raise TypeError(f"its progress is not that of a run of {n} tasks")
         if optimizer is not None:
             optimizer.load_state_dict(state["optimizer"])
