@@ -1,5 +1,5 @@
 """The command line, clsim's one door from argv: `clsim [run] FLAGS` (run_scenario.py takes the same
-flags), `clsim sweep SPEC.yaml` and `clsim report DIR...`.
+flags), `clsim sweep SPEC.yaml`, `clsim report DIR...` and `clsim download SCENARIO...`.
 
 This module owns every parser, `--help` and the defaults it prints, and `--list`; a run's flags
 become `Experiment(**values)`, which converts and checks them as it does keyword arguments. Nothing
@@ -22,9 +22,10 @@ from clsim.registry import SCENARIOS, STRATEGIES
 from clsim.scenario import ScenarioOptions
 
 COMMANDS = """commands:
-  clsim run [FLAGS]        train one scenario with one strategy (the default command; run_scenario.py)
-  clsim sweep SPEC.yaml    many runs on Ray Tune, resumable, then a report (clsim sweep --help)
-  clsim report DIR...      tables and figures of finished runs, grouped over seeds (clsim report --help)"""
+  clsim run [FLAGS]           train one scenario with one strategy (the default command; run_scenario.py)
+  clsim sweep SPEC.yaml       many runs on Ray Tune, resumable, then a report (clsim sweep --help)
+  clsim report DIR...         tables and figures of finished runs, grouped over seeds (clsim report --help)
+  clsim download SCENARIO...  fetch scenarios' datasets now, e.g. on a login node (clsim download --help)"""
 
 
 class _StoreOnce(argparse.Action):
@@ -208,6 +209,25 @@ def report_command(argv: list[str]) -> int:
     return 0
 
 
+def download_command(argv: list[str]) -> int:
+    from clsim import datasets
+    from clsim.download import OFFLINE_ENV, default_data_root
+    p = _Parser(prog="clsim download",
+                description="Fetch the datasets of the named scenarios into the data root now, checksum verified "
+                            "(as a run does on first use), e.g. on a cluster's login node before runs with "
+                            f"--no-download ({OFFLINE_ENV}=1) on compute nodes without internet. A dataset "
+                            "already there is left as it is.")
+    p.add_argument("scenarios", nargs="+", metavar="SCENARIO", help=f"one or more of: {', '.join(datasets.SCENARIO_DATA)}")
+    p.add_argument("--data-root", default=default_data_root(), help="the runs' --data-root (default: %(default)s)")
+    p.add_argument("--data-mirror", help="fetch the official files from this URL (a folder holding them); still "
+                                         "checked against the official checksums")
+    args = p.parse_args(argv)
+    run = config.build(config.RunOptions, {"data_root": args.data_root, "download": True,
+                                           "data_mirror": args.data_mirror})
+    print("\n".join(datasets.prefetch(args.scenarios, run)))
+    return 0
+
+
 # -- the entry point -----------------------------------------------------------------------------
 def _warn_in_one_line(message, category, filename, lineno, file=None, line=None):
     print(f"warning: {message}", file=sys.stderr)
@@ -225,12 +245,12 @@ def main(argv: list[str] | None = None) -> int:
     """`clsim`, `python -m clsim` and run_scenario.py: a command (run when none is named), its
     exit status (2: a user mistake, said in one line)."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"run": run_command, "sweep": sweep_command, "report": report_command}
+    commands = {"run": run_command, "sweep": sweep_command, "report": report_command, "download": download_command}
     command = run_command
     if argv and argv[0] in commands:
         command, argv = commands[argv[0]], argv[1:]
     elif argv and not argv[0].startswith("-"):
-        print(f"error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}; use clsim run|sweep|report "
+        print(f"error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}; use clsim run|sweep|report|download "
               f"(see --help)", file=sys.stderr)
         return 2
     warnings.showwarning = _warn_in_one_line   # users read the message, not our source lines

@@ -22,7 +22,7 @@ import numpy as np
 
 from clsim.data import CIFAR_DIR, CIFAR_HINT, _read_cifar_batch, idx_arrays, idx_found
 from clsim.download import Dataset, Remote, ensure
-from clsim.errors import UserError
+from clsim.errors import UserError, did_you_mean
 
 
 def _torchvision(cls_name: str):
@@ -81,6 +81,45 @@ def mnist_available(run) -> None:
 def fashion_mnist_available(run) -> None:
     if not idx_found(Path(run.data_root).expanduser(), "FashionMNIST"):
         fetch(run, FASHION_MNIST, FMNIST_HINT)
+
+
+def cifar100_available(run) -> None:
+    fetch(run, CIFAR100, CIFAR100_HINT)
+
+
+def tiny_imagenet_available(run) -> None:
+    fetch(run, TINY_IMAGENET, TINY_HINT)
+
+
+def _tiny_imagenet_prepared(run) -> None:
+    """Downloaded, and its JPEGs decoded into the uint8 arrays runs load (once, about a minute)."""
+    tiny_imagenet_available(run)
+    tiny_imagenet(str(Path(run.data_root).expanduser().resolve()))
+
+
+#: What `clsim download SCENARIO...` fetches (the scenarios fetch the same on first use): dataset ->
+#: its fetcher, and scenario -> its datasets. split_cifar100's CIFAR-10 is for --pretrain cifar10
+#: (van de Ven et al. 2022's presets); avalanche's split_cifar benchmark reads CIFAR-10.
+FETCHERS = {"CIFAR-10": cifar10_available, "CIFAR-100": cifar100_available, "MNIST": mnist_available,
+            "Fashion-MNIST": fashion_mnist_available, "Tiny-ImageNet": _tiny_imagenet_prepared}
+SCENARIO_DATA = {"split_cifar": ("CIFAR-10",), "split_cifar100": ("CIFAR-100", "CIFAR-10"),
+                 "seq_tinyimagenet": ("Tiny-ImageNet",), "split_fmnist": ("Fashion-MNIST",),
+                 "split_mnist": ("MNIST",), "permuted_mnist": ("MNIST",), "rotated_mnist": ("MNIST",),
+                 "avalanche": ("CIFAR-10",)}
+
+
+def prefetch(scenarios: list[str], run) -> list[str]:
+    """Fetch the datasets of `scenarios` into run.data_root (each once); a line per dataset. Every
+    name is checked before anything is fetched."""
+    for name in scenarios:
+        if name not in SCENARIO_DATA:
+            raise UserError(f"no dataset to download for scenario {name!r}{did_you_mean(name, SCENARIO_DATA)}; "
+                            f"clsim download takes: {', '.join(SCENARIO_DATA)}")
+    lines = []
+    for label in dict.fromkeys(d for name in scenarios for d in SCENARIO_DATA[name]):
+        FETCHERS[label](run)
+        lines.append(f"{label}: ready in {Path(run.data_root).expanduser()}")
+    return lines
 
 
 Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]

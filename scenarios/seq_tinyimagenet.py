@@ -6,7 +6,7 @@ from pathlib import Path
 
 from clsim.config import opt
 from clsim.data import crop_flip
-from clsim.datasets import TINY_HINT, TINY_IMAGENET, fetch, image_class_split, tiny_imagenet
+from clsim.datasets import image_class_split, tiny_imagenet, tiny_imagenet_available
 from clsim.registry import register_scenario
 from clsim.scenario import class_split_options
 
@@ -29,7 +29,7 @@ class SeqTinyImageNetOptions(class_split_options(200, 10, "the order of wnids.tx
 @register_scenario("seq_tinyimagenet", SeqTinyImageNetOptions)
 def seq_tinyimagenet(o: SeqTinyImageNetOptions, run):
     """Tiny-ImageNet 64x64, 10 tasks x 20 classes (class_il, task_il or domain_il), downloaded on first use."""
-    fetch(run, TINY_IMAGENET, TINY_HINT)
+    tiny_imagenet_available(run)
     arrays = tiny_imagenet(str(Path(run.data_root).expanduser().resolve()))
     return image_class_split("seq_tinyimagenet", o, run, arrays, 200, MEAN, STD,
                              augment=crop_flip if o.augment else None)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from clsim.config import opt
 from clsim.data import crop_flip
-from clsim.datasets import CIFAR100, CIFAR100_HINT, cifar100, fetch, image_class_split
+from clsim.datasets import cifar100, cifar100_available, image_class_split
 from clsim.pretrain import pretrained_features
 from clsim.registry import register_scenario
 from clsim.scenario import class_split_options
@@ -46,7 +46,7 @@ class SplitCifar100Options(class_split_options(100, 10, "natural order 0..99", 5
 @register_scenario("split_cifar100", SplitCifar100Options)
 def split_cifar100(o: SplitCifar100Options, run):
     """CIFAR-100, 10 tasks x 10 classes (or 20 x 5; class_il, task_il or domain_il), downloaded on first use."""
-    fetch(run, CIFAR100, CIFAR100_HINT)
+    cifar100_available(run)
     arrays = cifar100(str(Path(run.data_root).expanduser().resolve()))
     if o.pretrain == "none":
         return image_class_split("split_cifar100", o, run, arrays, 100, MEAN, STD,

@@ -94,7 +94,7 @@ def test_help_lists_the_subcommands(capsys):
             main(argv)
         text = capsys.readouterr().out
         assert "usage: clsim [run]" in text
-        for command in ("clsim run [FLAGS]", "clsim sweep SPEC.yaml", "clsim report DIR..."):
+        for command in ("clsim run [FLAGS]", "clsim sweep SPEC.yaml", "clsim report DIR...", "clsim download SCENARIO..."):
             assert command in text, command
 
 

@@ -334,6 +334,51 @@ def test_two_runs_downloading_into_one_root_at_once(tmp_path, server):
     assert not leftovers(root)
 
 
+def test_clsim_download_fetches_verifies_once_and_offline_runs_find_the_data(tmp_path, server, monkeypatch, capsys):
+    """`clsim download` on a login node (CLSIM_NO_DOWNLOAD is set for the whole suite: the command
+    downloads anyway), then a run with downloads off, as on an offline compute node."""
+    from clsim import cli
+    for dataset, path in ((datasets.CIFAR100, cifar100_archive(server.folder)), (datasets.CIFAR10, cifar10_archive(server.folder)),
+                          (datasets.TINY_IMAGENET, tiny_imagenet_zip(server.folder, train_per_class=1))):
+        serve_as(monkeypatch, dataset, server, path)
+    root = tmp_path / "data"
+    argv = ["download", "split_cifar100", "seq_tinyimagenet", "split_cifar", "--data-root", str(root)]
+    assert cli.main(argv) == 0
+    lines = [f"{name}: ready in {root}" for name in ("CIFAR-100", "CIFAR-10", "Tiny-ImageNet")]
+    assert capsys.readouterr().out.splitlines() == lines
+    assert sorted(server.gets) == ["/cifar-10-python.tar.gz", "/cifar-100-python.tar.gz", "/tiny-imagenet-200.zip"]
+    assert sorted(p.name for p in (root / "cifar-100-python").iterdir()) == ["meta", "test", "train"]
+    assert (root / "tiny-imagenet-200" / datasets.TINY_CACHE / "train_x.npy").is_file()   # JPEGs decoded there too
+    assert not leftovers(root)
+    assert cli.main(argv) == 0 and len(server.gets) == 3   # again: nothing fetched
+    assert capsys.readouterr().out.splitlines() == lines
+    s = run(tmp_path, "--scenario", "split_cifar100", "--data-root", str(root), "--no-download",
+            "--backbone", "cnn", "--backbone-width", "4", "--epochs", "1", "--n-tasks", "20")
+    assert len(s["accuracy_matrix"]) == 20 and len(server.gets) == 3
+
+
+def test_clsim_download_refuses_bad_names_and_files_in_one_line_keeping_nothing(tmp_path, server, monkeypatch, capsys):
+    from clsim import cli
+    official = cifar100_archive(tmp_path)
+    serve_as(monkeypatch, datasets.CIFAR100, server, official)
+    serve_as(monkeypatch, datasets.CIFAR10, server, cifar10_archive(server.folder))
+    root = tmp_path / "data"
+    for argv, said in ((["split_cifar", "split_cifr100"], "scenario 'split_cifr100' (did you mean split_cifar100?)"),
+                       (["split_digits"], "no dataset to download for scenario 'split_digits'"),
+                       ([], "the following arguments are required: SCENARIO")):
+        assert cli.main(["download", *argv, "--data-root", str(root)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and said in err, err
+    assert not server.gets and not root.exists()   # every name is checked before anything is fetched
+    (server.folder / "mirror").mkdir()
+    cifar100_archive(server.folder / "mirror", per_class=3)   # the official name, other bytes
+    assert cli.main(["download", "split_cifar100", "--data-root", str(root), "--data-mirror", f"{server.url}/mirror"]) == 2
+    said = capsys.readouterr().err.splitlines()   # the progress line, then the error
+    assert said[0].startswith("downloading CIFAR-100") and len(said) == 2
+    assert said[1].startswith("error: ") and f"{server.url}/mirror/cifar-100-python.tar.gz: checksum" in said[1]
+    assert not (root / "cifar-100-python").exists() and not leftovers(root)
+
+
 # ------------------------------------------------------------------------------- the scenarios
 
 def test_split_fmnist_downloads_the_idx_files(tmp_path, server, monkeypatch):
