@@ -298,11 +298,7 @@ def snapshot(parts: Parts, progress: Progress, optimizer: torch.optim.Optimizer 
 def _rows(rows, n: int, count: int | None = None) -> bool:
     """`rows` is a list (of `count` rows, when given) of score rows of `n` finite numbers each."""
     return (isinstance(rows, list) and (count is None or len(rows) == count)
-            and all(isinstance(r, list) and len(r) == n and all(_number(v) for v in r) for r in rows))
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and all(isinstance(r, list) and len(r) == n and all(map(metrics.finite_number, r)) for r in rows))
 
 
 def _fits(progress: Progress, learner, n: int) -> bool:
@@ -321,7 +317,7 @@ def _fits(progress: Progress, learner, n: int) -> bool:
             and isinstance(progress.step, int) and isinstance(progress.examples, int)
             and progress.step >= 0 and progress.examples >= 0
             and isinstance(progress.elapsed, float) and math.isfinite(progress.elapsed) and progress.elapsed >= 0
-            and isinstance(progress.wall_time, dict) and all(isinstance(k, str) and _number(v)
+            and isinstance(progress.wall_time, dict) and all(isinstance(k, str) and metrics.finite_number(v)
                                                              for k, v in progress.wall_time.items())
             and isinstance(progress.evaluation_curve, list)
             and all(isinstance(p, dict) for p in progress.evaluation_curve))

@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import math
 import resource
 import sys
 
@@ -43,6 +44,17 @@ def after_task(R: list[list[float]], b: list[float], i: int) -> dict[str, float]
 
 def summary(R: list[list[float]], b: list[float]) -> dict[str, float]:
     return after_task(R, b, len(R) - 1)
+
+
+def finite_number(value) -> bool:
+    """`value` is a finite int or float (not a bool), as a score or figure read back from a file must
+    be: clsim writes a non-finite figure as null, and an int past a float's range is not a score."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:   # an int too large for a float
+        return False
 
 
 def tensor_bytes(tensors) -> int:

@@ -13,6 +13,7 @@ import csv
 import itertools
 import json
 import math
+import reprlib
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from clsim.errors import UserError
+from clsim.metrics import finite_number
 
 #: figures of a whole run, in table order: (column, title in the markdown table); task-aware ACC
 #: (class_il runs: the task identity given at test time) only where some run has it
@@ -142,21 +144,17 @@ def load_run(run_dir: Path) -> Run | None:
     return Run(run_dir, summary, tasks)
 
 
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _square(R) -> bool:
     return isinstance(R, list) and len(R) > 0 and \
-        all(isinstance(r, list) and len(r) == len(R) and all(map(_number, r)) for r in R)
+        all(isinstance(r, list) and len(r) == len(R) and all(map(finite_number, r)) for r in R)
 
 
 def _numbers_in(section, where: str, keys=None) -> str | None:
     """What is wrong with a summary's mapping of figures (None: nothing)."""
     if not isinstance(section, dict):
         return f"{where} is not a mapping"
-    bad = next((k for k, v in section.items() if (keys is None or k in keys) and not (_number(v) or v is None)), None)
-    return None if bad is None else f"{where}.{bad} is not a number ({section[bad]!r})"
+    bad = next((k for k, v in section.items() if (keys is None or k in keys) and not (finite_number(v) or v is None)), None)
+    return None if bad is None else f"{where}.{bad} is not a finite number ({reprlib.repr(section[bad])})"
 
 
 def summary_problem(s) -> str | None:
@@ -168,18 +166,18 @@ def summary_problem(s) -> str | None:
     if not _square(s["accuracy_matrix"]):
         return "accuracy_matrix is not a square matrix of scores (one row of every task's score per task)"
     for key in ("acc", "bwt", "fwt", "forgetting"):
-        if not _number(s.get(key)):
-            return f"{key} is not a number ({s.get(key)!r})"
+        if not finite_number(s.get(key)):
+            return f"{key} is not a finite number ({reprlib.repr(s.get(key))})"
     for key in ("scenario", "strategy", "setting"):
         if not isinstance(s.get(key), str):
-            return f"{key} is not a name ({s.get(key)!r})"
+            return f"{key} is not a name ({reprlib.repr(s.get(key))})"
     if not (isinstance(s.get("seed"), int) and not isinstance(s["seed"], bool)):
-        return f"seed is not a whole number ({s.get('seed')!r})"
+        return f"seed is not a whole number ({reprlib.repr(s.get('seed'))})"
     if not isinstance(s.get("hparams"), dict):
         return "hparams is not a mapping"
     for key in ("steps", "examples_seen"):
-        if key in s and not _number(s[key]):
-            return f"{key} is not a number ({s[key]!r})"
+        if key in s and not finite_number(s[key]):
+            return f"{key} is not a finite number ({reprlib.repr(s[key])})"
     if "task_aware" in s:
         aware = s["task_aware"]
         problem = _numbers_in(aware, "task_aware", ("acc", "bwt", "fwt", "forgetting"))
@@ -194,8 +192,8 @@ def summary_problem(s) -> str | None:
 
 def _task_problem(t: dict) -> str | None:
     """Why a log.jsonl task record cannot give per-task figures (None: it can)."""
-    if not _number(t.get("acc")):
-        return f"the task record's acc is not a number ({t.get('acc')!r})"
+    if not finite_number(t.get("acc")):
+        return f"the task record's acc is not a finite number ({reprlib.repr(t.get('acc'))})"
     if "strategy" in t and not isinstance(t["strategy"], dict):
         return "the task record's strategy is not a mapping"
     for key in ("privacy", "memory"):

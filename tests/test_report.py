@@ -70,12 +70,17 @@ def test_a_foreign_or_malformed_summary_is_skipped_with_a_warning(report, tmp_pa
     shutil.copytree(report.parent, runs, ignore=shutil.ignore_patterns("report"))
     good = sorted(p.parent for p in runs.glob("*/summary.json"))
     bad = {"ragged": {"accuracy_matrix": [[1, 2], [3]]}, "foreign": {"loss": 0.1, "model": "resnet"},
-           "a_list": [1, 2], "text_acc": None, "not_json": None}
+           "a_list": [1, 2], "text_acc": None, "not_json": None, "infinite_acc": None, "huge_score": None}
     for name, content in bad.items():
         (runs / name).mkdir()
         summary = json.loads((good[0] / "summary.json").read_text())
         if name == "text_acc":
             content = {**summary, "acc": "97"}
+        if name == "infinite_acc":   # JSON's Infinity: clsim writes a non-finite figure as null
+            content = {**summary, "acc": math.inf}
+        if name == "huge_score":     # a whole number past a float's range
+            content = {**summary, "accuracy_matrix": [[10 ** 400, *row[1:]] if i == 0 else row
+                                                      for i, row in enumerate(summary["accuracy_matrix"])]}
         (runs / name / "summary.json").write_text("{" if name == "not_json" else json.dumps(content))
     capsys.readouterr()
     write_report([str(runs)], tmp_path / "report")
@@ -85,8 +90,10 @@ def test_a_foreign_or_malformed_summary_is_skipped_with_a_warning(report, tmp_pa
     assert "ragged/summary.json: accuracy_matrix is not a square matrix of scores" in said
     assert "foreign/summary.json: it is not a clsim summary (no accuracy_matrix)" in said
     assert "a_list/summary.json: it is not a clsim summary (a list, not a mapping)" in said
-    assert "text_acc/summary.json: acc is not a number ('97')" in said
+    assert "text_acc/summary.json: acc is not a finite number ('97')" in said
     assert "not_json/summary.json: it is not JSON" in said
+    assert "infinite_acc/summary.json: acc is not a finite number (inf)" in said
+    assert "huge_score/summary.json: accuracy_matrix is not a square matrix of scores" in said
     rows = list(csv.DictReader(open(tmp_path / "report" / "results.csv")))
     assert sorted(r["run_dir"] for r in rows) == [str(p) for p in good]
 
