@@ -25,9 +25,9 @@ their printout.
 
 Their split: seed 0 keeps digits in order (0/1, 2/3, ...); every other seed pairs digits at
 random (np.random.permutation(10) right after np.random.seed(seed)), and the paper's _compare.py
-starts at seed 1, so all 20 runs behind the table had random pairings. clsim columns: the preset
-as shipped (natural pairs on every seed), and the preset with --class-order set to the authors'
-pairing for that seed (checked against their own data code before use).
+starts at seed 1, so all 20 runs behind the table had random pairings. The presets draw the same
+pairing from --seed (class_order vandeven); before each seed the script checks with their own
+data code that it is the one their run uses.
 
 Results go to DIR/results-*.json as they come (a rerun skips what any of them holds, so one
 process per seed may share DIR); the table is printed from all of them at the end.
@@ -43,12 +43,11 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from clsim import presets  # noqa: E402
+from clsim.scenarios.mnist import vandeven_order  # noqa: E402
 from authors_runs import Results, mean_sd, torchvision_mnist  # noqa: E402
 from reproduce import run_preset  # noqa: E402
 
@@ -78,15 +77,6 @@ def extract(clone: Path, name: str, workdir: Path) -> Path:
     return code
 
 
-def their_order(seed: int) -> list[int]:
-    """The digits in task order their split MNIST uses at `seed` (digit d gets label perm[d];
-    task k holds labels 2k, 2k+1, Domain-IL target label - 2k)."""
-    if seed == 0:
-        return list(range(10))
-    perm = np.random.RandomState(seed).permutation(10)
-    return [int(d) for d in np.argsort(perm)]
-
-
 CHECK_ORDER = """
 import sys, numpy as np, torch
 from data import get_multitask_experiment
@@ -103,12 +93,12 @@ print(','.join(map(str, digits)))
 
 
 def check_order(code: Path, data: Path, seed: int) -> None:
-    """Their own data code at `seed` must put the digits in their_order(seed) (0/1 within a task)."""
+    """Their own data code at `seed` must put the digits in the preset's order (0/1 within a task)."""
     out = subprocess.run([sys.executable, "-c", CHECK_ORDER, str(data), str(seed)], cwd=code, check=True,
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
     got = [int(d) for d in out.strip().splitlines()[-1].split(",")]
-    if got != their_order(seed):
-        raise SystemExit(f"seed {seed}: their code pairs digits {got}, this script assumed {their_order(seed)}")
+    if got != vandeven_order(seed):
+        raise SystemExit(f"seed {seed}: their code pairs digits {got}, clsim's preset {vandeven_order(seed)}")
 
 
 def run_theirs(code: Path, data: Path, seed: int, flags: list[str], log: Path) -> dict:
@@ -156,13 +146,6 @@ def main(argv: list[str] | None = None) -> int:
                 log = a.workdir / "logs" / f"{method}-seed{seed}.txt"
                 log.parent.mkdir(exist_ok=True)
                 record(f"authors/{method}/{seed}", lambda: run_theirs(code, data, seed, flags, log))
-            if a.only in (None, "clsim") and their_order(seed) != list(range(10)):
-                order = ["--class-order", ",".join(map(str, their_order(seed)))]
-                record(f"clsim-their-order/{method}/{seed}",
-                       lambda: run_clsim(preset, seed, a.data_root, overrides + order, a.workdir))
-    for method in methods:   # the presets as shipped (natural pairs)
-        _, _, preset, overrides = METHODS[method]
-        for seed in seeds:
             if a.only in (None, "clsim"):
                 record(f"clsim/{method}/{seed}", lambda: run_clsim(preset, seed, a.data_root, overrides, a.workdir))
     print_table(results.all(), methods, seeds)
@@ -176,22 +159,18 @@ def torch_threads_one() -> None:
 
 def print_table(merged: dict, methods: list[str], seeds: list[int]) -> None:
     print(f"\nsplit MNIST Domain-IL, full budget; ACC (%) per seed; digit pairs: their code's for that seed")
-    print(f"{'method':11s} {'seed':>4s} {'digits in task order':21s} {'authors':>13s} {'clsim preset':>13s} "
-          f"{'clsim, their pairs':>18s}")
+    print(f"{'method':11s} {'seed':>4s} {'digits in task order':21s} {'authors':>13s} {'clsim preset':>13s}")
     for method in methods:
-        cols = {k: [] for k in ("authors", "clsim", "clsim-their-order")}
+        cols = {k: [] for k in ("authors", "clsim")}
         for seed in seeds:
             row = {k: merged.get(f"{k}/{method}/{seed}", {}).get("acc") for k in cols}
-            if seed == 0 or their_order(seed) == list(range(10)):
-                row["clsim-their-order"] = row["clsim"]   # the same pairs: the same run
             for k, v in row.items():
                 if v is not None:
                     cols[k].append(v)
             cells = ["-" if v is None else f"{v:.2f}" for v in row.values()]
-            print(f"{method:11s} {seed:4d} {''.join(map(str, their_order(seed))):21s} {cells[0]:>13s} "
-                  f"{cells[1]:>13s} {cells[2]:>18s}")
-        print(f"{method:11s} {'mean':>4s} {'':21s} {mean_sd(cols['authors']):>13s} {mean_sd(cols['clsim']):>13s} "
-              f"{mean_sd(cols['clsim-their-order']):>18s}")
+            print(f"{method:11s} {seed:4d} {''.join(map(str, vandeven_order(seed))):21s} {cells[0]:>13s} "
+                  f"{cells[1]:>13s}")
+        print(f"{method:11s} {'mean':>4s} {'':21s} {mean_sd(cols['authors']):>13s} {mean_sd(cols['clsim']):>13s}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -51,19 +52,33 @@ class SplitMnistOptions(MnistOptions):
     n_tasks: int = opt(5, "number of tasks (the 10 digits are split evenly)", low=1, high=10)
     class_order_seed: int = opt(-1, "seed of a random class order (-1: natural order 0..9)", low=-1)
     class_order: str = opt("", "the ten digits in task order, comma-separated, e.g. 7,2,0,... (empty: "
-                           "--class-order-seed's); replays another code's split, such as van de Ven's per seed")
+                           "--class-order-seed's), or vandeven: the pairing van de Ven's code draws at --seed "
+                           "(seed 0: 0/1, 2/3, ...; other seeds: a random pairing)")
 
 
-def _digit_order(o: SplitMnistOptions) -> list[int]:
+def vandeven_order(seed: int) -> list[int]:
+    """The digits in task order of van de Ven's split MNIST at `seed` (github.com/GMvandeVen/
+    continual-learning, data.py, 2019 and later): seed 0 keeps 0..9; any other seed labels digit d
+    perm[d], perm = np.random.permutation(10) right after main.py's np.random.seed(seed), and task k
+    holds labels 2k, 2k+1 (the first is Domain-IL's label 0). numpy's legacy generator keeps that
+    stream fixed across releases, so the same seed gives their very pairing."""
+    if seed == 0:
+        return list(range(10))
+    return [int(d) for d in np.argsort(np.random.RandomState(seed).permutation(10))]
+
+
+def _digit_order(o: SplitMnistOptions, seed: int) -> list[int]:
     if not o.class_order:
         return class_order(10, o.class_order_seed)
+    if o.class_order == "vandeven":
+        return vandeven_order(seed)
     try:
         order = [int(d) for d in o.class_order.split(",")]
     except ValueError:
         order = []
     if sorted(order) != list(range(10)):
         raise UserError(f"--class-order {o.class_order!r} must list each digit 0-9 once, comma-separated, "
-                        "e.g. 0,1,2,3,4,5,6,7,8,9")
+                        "e.g. 0,1,2,3,4,5,6,7,8,9, or be vandeven")
     return order
 
 
@@ -111,7 +126,7 @@ def split_mnist(o: SplitMnistOptions, run) -> Scenario:
     """MNIST from the IDX files under --data-root, 5 tasks x 2 digits (class_il, task_il or domain_il)."""
     x_train, y_train, x_test, y_test = _subset(o, run)
     setting = o.setting_of(run)
-    tasks = class_split(x_train, y_train, x_test, y_test, _digit_order(o), o.n_tasks, setting,
+    tasks = class_split(x_train, y_train, x_test, y_test, _digit_order(o, run.seed), o.n_tasks, setting,
                         population="MNIST training images")
     return _scenario("split_mnist", o, setting, tasks, single_head_width(tasks, setting, 10), tuple(x_train.shape[1:]),
                      {"train_size": len(y_train), "test_size": len(y_test)})

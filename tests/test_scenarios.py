@@ -153,6 +153,22 @@ def test_split_mnist_explicit_class_order_pairs_and_labels_digits_in_that_order(
             split_mnist(SplitMnistOptions(class_order=bad), run)
 
 
+def test_split_mnist_vandeven_class_order_is_the_pairing_their_code_draws_at_each_seed(mnist_root):
+    """--class-order vandeven: seed 0 pairs 0/1, 2/3, ...; other seeds the pairing van de Ven's own
+    data.py gives (read from their code at commit d326f96 for seeds 1, 2, 3, 20), digit d's label
+    perm[d] fixing which digit comes first in a task; the vdv split-MNIST presets select it."""
+    their_pairs = {0: [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)], 1: [(4, 6), (0, 5), (3, 9), (2, 7), (8, 1)],
+                   2: [(3, 1), (5, 6), (0, 2), (7, 4), (9, 8)], 3: [(7, 2), (3, 8), (1, 0), (5, 6), (9, 4)],
+                   20: [(4, 1), (5, 9), (8, 3), (6, 0), (2, 7)]}
+    for seed, pairs in their_pairs.items():
+        run = RunOptions(data_root=str(mnist_root), setting="domain_il", seed=seed, download=False)
+        sc = split_mnist(SplitMnistOptions(class_order="vandeven", train_per_class=5), run)
+        assert [t.classes for t in sc.tasks] == pairs
+    from clsim import presets
+    vdv = [p for name, p in presets.all_presets().items() if name.startswith("vdv-splitmnist-")]
+    assert len(vdv) == 19 and all(p.options["class_order"] == "vandeven" for p in vdv)
+
+
 @pytest.mark.slow
 def test_permuted_mnist_cli_domain_il_shares_one_head(mnist_root, tmp_path, capsys):
     proc = main_in_process(capsys, tmp_path, "--scenario", "permuted_mnist", "--data-root", str(mnist_root),
