@@ -66,6 +66,7 @@ def test_task_labels_become_task_il_with_one_head_per_experience(digits):
     assert [h.out_features for h in sc.make_model().heads] == [2] * 5
 
 
+@pytest.mark.slow
 def test_clsim_engine_trains_on_an_avalanche_benchmark(digits):
     sc = from_avalanche(benchmark(digits, task_labels=True), backbone="mlp", hidden=(64, 64))
     result = Experiment(scenario=sc, strategy=Naive(), lr=0.1, batch_size=32, epochs=10, progress=False,
@@ -98,6 +99,7 @@ def test_bad_inputs_raise_user_errors(digits):
         from_avalanche(bm, setting="online")
 
 
+@pytest.mark.slow
 def test_avalanche_scenario_through_the_cli(tmp_path, capsys):
     # cli.main in this process: Avalanche is imported already (its import takes many seconds).
     assert cli.main(["--scenario", "avalanche", "--setting", "task_il", "--out", str(tmp_path)]) == 0

@@ -243,6 +243,7 @@ def test_agem_projects_a_conflicting_gradient_onto_the_reference_gradients_half_
     assert torch.equal(get_grad(params), agreeing) and agem.projected == 1   # left alone
 
 
+@pytest.mark.slow
 def test_agem_counts_projected_steps_as_integers_in_every_step_record():
     """A-GEM's count lives on the device (read one step late like the loss): the step records still
     carry it as an integer that grows by at most one a step and ends at the task record's count."""
@@ -345,6 +346,7 @@ def test_icarl_loss_targets_earlier_classes_with_the_old_models_tempered_sigmoid
     (["--strategy", "hat", "--setting", "class_il"], "hat works in task_il only"),
     (["--strategy", "hat", "--setting", "task_il", "--privacy", "dpsgd", "--epsilon", "8"], "hat cannot train under"),
     (["--strategy", "gdumb", "--scenario", "cartpole"], "gdumb works with supervised learners only")])
+@pytest.mark.slow
 def test_strategies_refuse_what_their_method_does_not_define_in_one_line(args, message, tmp_path, capsys):
     from clsim import cli
     assert cli.main([*args, "--out", str(tmp_path)]) == 2
@@ -382,6 +384,7 @@ def test_protective_strategies_forget_less_than_naive_on_split_digits_task_il(na
 
 # ---------------------------------------------------------------- packnet
 
+@pytest.mark.slow
 def test_packnet_frozen_weights_never_change_and_task_scores_stay_exact():
     from clsim import engine
     from clsim.strategies.packnet import PackNet

@@ -340,6 +340,7 @@ def test_checkpointed_state_reloads_exactly(blip_run, tmp_path):
 
 # Normalisation layers, CLI, settings ---------------------------------------------------------
 
+@pytest.mark.slow
 def test_batch_norm_statistics_and_affine_frozen_after_task_0():
     model = lambda: MultiHeadNet(ResNet18(1, width=4), [2, 2])  # noqa: E731 (8x8 digits -> 1x1)
     scenario, strat, learner = build("blip", make_model=model, n_tasks=5)
@@ -376,6 +377,7 @@ def test_batch_norm_statistics_and_affine_frozen_after_task_0():
     assert "backbone.conv1.weight" in strat.params and "backbone.bn1.weight" in strat.frozen
 
 
+@pytest.mark.slow
 def test_cli_class_il_quantises_the_shared_head_and_logs_figures(tmp_path):
     cli(tmp_path, "--strategy", "blip", "--setting", "class_il", "--epochs", "2", "--blip-fisher-samples", "300")
 
@@ -444,6 +446,7 @@ def build_cartpole(setting: str):
     return scenario, BLIP(config.build(BLIP.Options, {})), learner
 
 
+@pytest.mark.slow
 def test_blip_on_a_policy_network_keeps_the_trunk_in_its_intervals():
     scenario, strat, learner = build_cartpole("task_il")
     watch = IntervalWatch(strat, learner)
@@ -507,6 +510,7 @@ def test_readme_headline_command_learns_every_split_cifar_task_and_keeps_them(tm
     assert tasks[-1]["strategy"]["blip_capacity"] < 0.6
 
 
+@pytest.mark.slow
 def test_cli_without_setting_runs_blip_in_its_task_il_setting_and_says_so(tmp_path, capsys):
     from clsim.cli import main
     assert main(["--out", str(tmp_path / "a"), "--progress", "false", "--strategy", "blip", "--epochs", "1",

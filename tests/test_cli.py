@@ -85,6 +85,7 @@ def test_ewc_forgets_less_than_naive_and_joint_beats_both(tmp_path):
     assert joint["acc"] > max(naive["acc"], ewc["acc"])
 
 
+@pytest.mark.slow
 def test_ewc_warns_when_its_penalty_is_too_stiff_for_sgd(tmp_path):
     """The default λ runs the default scenario; a λ whose curvature SGD cannot take is named with
     the largest one that it can, before the loss turns NaN."""
@@ -111,6 +112,7 @@ def test_same_seed_same_figures(tmp_path):
     assert read_summary(c)["accuracy_matrix"] != sa["accuracy_matrix"]
 
 
+@pytest.mark.slow
 def test_yaml_config_sets_options_and_flags_override_it(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text("strategy: ewc\nmode: online\nepochs: 1\nlr: 0.02\nn-tasks: 2\ncheckpoint: false\n")
@@ -120,6 +122,7 @@ def test_yaml_config_sets_options_and_flags_override_it(tmp_path):
     assert s["hparams"]["lr"] == 0.03 and s["hparams"]["mode"] == "online"
 
 
+@pytest.mark.slow
 def test_listing_names_every_scenario_and_strategy(tmp_path):
     proc = run_cli("--list", out=tmp_path)
     for name in ("split_digits", "naive", "joint", "ewc"):
@@ -148,6 +151,7 @@ def test_bad_input_is_one_line_exit_2_and_no_run_directory(tmp_path, capsys, arg
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_bad_input_from_a_real_process_is_one_line_exit_2(tmp_path):
     proc = run_cli("--lr", "fast", out=tmp_path / "out", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -163,6 +167,7 @@ def test_unknown_config_key_is_rejected(tmp_path, capsys):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_the_run_with_a_clear_message(tmp_path):
     proc = run_cli("--lr", "1e6", "--epochs", "1", out=tmp_path / "out", check=False)
     assert proc.returncode == 2

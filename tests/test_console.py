@@ -15,6 +15,7 @@ from clsim.loggers.progress import ProgressLogger
 SHORT = ("--n-tasks", "2", "--epochs", "1", "--checkpoint", "false")
 
 
+@pytest.mark.slow
 def test_a_run_starts_with_a_header_and_prints_plain_progress_off_a_terminal(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ProgressLogger, "plain_every", 0.0)   # a line at every step (default: every 30 s)
     out = tmp_path / "out"
@@ -34,12 +35,14 @@ def test_a_run_starts_with_a_header_and_prints_plain_progress_off_a_terminal(tmp
     assert not any("ε" in line for line in lines)   # no mechanism, no ε
 
 
+@pytest.mark.slow
 def test_progress_false_prints_nothing_but_the_result(tmp_path, capsys):
     assert main([*SHORT, "--progress", "false", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["ACC", "task-aware", "run"]   # class_il: both figures
 
 
+@pytest.mark.slow
 def test_a_private_run_prints_its_epsilon_after_every_task_and_at_the_end(tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / "dp"
@@ -60,6 +63,7 @@ def test_a_private_run_prints_its_epsilon_after_every_task_and_at_the_end(tmp_pa
     assert epsilons and epsilons[-1] == pytest.approx(privacy["epsilon_worst"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_run_without_a_mechanism_writes_no_epsilon_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     result = Experiment(**{k.lstrip("-").replace("-", "_"): v for k, v in zip(SHORT[::2], SHORT[1::2])},

@@ -174,6 +174,7 @@ def test_official_files_come_from_torchvision_tables():
     assert {r.filename.removesuffix(".gz") for r in remotes} == set(data.IDX_STEMS)
 
 
+@pytest.mark.slow
 def test_split_cifar100_downloads_verifies_and_extracts_on_first_use(tmp_path, server, monkeypatch, capsys):
     archive = cifar100_archive(server.folder)
     serve_as(monkeypatch, datasets.CIFAR100, server, archive)
@@ -334,6 +335,7 @@ def test_two_runs_downloading_into_one_root_at_once(tmp_path, server):
     assert not leftovers(root)
 
 
+@pytest.mark.slow
 def test_clsim_download_fetches_verifies_once_and_offline_runs_find_the_data(tmp_path, server, monkeypatch, capsys):
     """`clsim download` on a login node (CLSIM_NO_DOWNLOAD is set for the whole suite: the command
     downloads anyway), then a run with downloads off, as on an offline compute node."""
@@ -396,6 +398,7 @@ def test_split_fmnist_downloads_the_idx_files(tmp_path, server, monkeypatch):
     assert x_train.dtype == np.uint8 and np.array_equal(x_train, written) and list(y_train[18:22]) == [0, 0, 1, 1]
 
 
+@pytest.mark.slow
 def test_seq_tinyimagenet_reads_the_official_layout_and_refuses_a_pickled_cache(tmp_path, server, monkeypatch):
     serve_as(monkeypatch, datasets.TINY_IMAGENET, server, tiny_imagenet_zip(server.folder))
     root = tmp_path / "data"
@@ -422,6 +425,7 @@ def mnist_root():
     return MNIST_SHARED
 
 
+@pytest.mark.slow
 def test_rotated_mnist_is_domain_il_with_one_angle_per_task(tmp_path, mnist_root):
     from clsim.scenarios.mnist import rotate
     x = torch.arange(4 * 28 * 28).remainder(256).to(torch.uint8).view(4, 1, 28, 28)

@@ -148,6 +148,7 @@ def test_auto_clipping_takes_bk_then_ghost_then_hooks_and_says_why(trunk, clippi
     assert any(why in note for note in mechanism.notes)         # the ledger's notes say it too
 
 
+@pytest.mark.slow
 def test_replay_under_dpsgd_clips_with_hooks_and_ghost_and_bk_are_refused(tmp_path):
     from conftest import run_cli
     proc = run_cli("--scenario", "split_digits", "--strategy", "er", "--privacy", "dpsgd", "--epochs", "1",
@@ -160,6 +161,7 @@ def test_replay_under_dpsgd_clips_with_hooks_and_ghost_and_bk_are_refused(tmp_pa
         assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / clipping).exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["er", "derpp", "sparcl"])
 def test_replay_under_dpsgd_runs_in_task_il_and_the_ledger_marks_the_buffer_raw(strategy, tmp_path):
     """An old task's head is reached by the buffer draw alone, so it has fewer per-example rows

@@ -53,6 +53,7 @@ def test_a_bad_value_fails_with_one_message_whichever_the_door(tmp_path, key, va
     assert errors[1] == f"{errors[0]} (in {cfg})", errors   # the same line; a file's value names the file
 
 
+@pytest.mark.slow
 def test_run_returns_summary_matrix_and_run_directory(tmp_path):
     result = Experiment(strategy="ewc", out=str(tmp_path), **FAST).run()
     summary = json.loads((result.run_dir / "summary.json").read_text())
@@ -64,6 +65,7 @@ def test_run_returns_summary_matrix_and_run_directory(tmp_path):
     assert "--strategy" in config["argv"] and config["argv"][config["argv"].index("--strategy") + 1] == "ewc"
 
 
+@pytest.mark.slow
 def test_out_none_writes_nothing_and_gives_the_same_figures(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     memory = Experiment(strategy="ewc", out=None, **FAST).run()

@@ -251,6 +251,7 @@ def test_every_abbreviation_of_a_privacy_flag_is_refused():
         cli.from_argv(["--lis"])
 
 
+@pytest.mark.slow
 def test_an_abbreviated_flag_in_a_real_process_is_one_line_and_writes_nothing(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "run_scenario.py"), "--priv", "dpsgd", "--out",
                            str(tmp_path / "o")], cwd=REPO, env=ENV, capture_output=True, text=True)
@@ -308,6 +309,7 @@ def test_yaml_exponents_are_numbers(tmp_path):
     assert run.lr == 0.001 and run.epochs == 2
 
 
+@pytest.mark.slow
 def test_binary_garbage_as_a_config_in_a_real_process_is_one_line(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_bytes(bytes(range(256)) * 4)

@@ -187,6 +187,7 @@ def test_layerwise_rows_match_per_example_autograd(setting):
         assert slow[n].abs().sum() > 0, n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["layerwise", "unsupported", "tied"])
 def test_fisher_of_conv_models_matches_reference(kind):
     """Layer-wise, torch.func for an unsupported layer, and the fall back to torch.func when the
@@ -272,6 +273,7 @@ def label_weighted_and_argmax_fishers(learner, x, t, names, classes):
     return exact, argmax
 
 
+@pytest.mark.slow
 def test_sampled_fisher_has_the_scale_of_van_de_vens_label_weighted_fisher():
     """clsim's true Fisher (a label drawn from the model per example, mean over examples) is an
     unbiased estimate of E_{y~p}[g_y²], the Fisher van de Ven's code computes by weighting all

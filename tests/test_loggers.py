@@ -57,6 +57,7 @@ def test_csv_logger_writes_steps_tasks_and_the_matrix(whole):
     assert any(r["name"] == "memory/strategy_state_bytes" for r in tasks)
 
 
+@pytest.mark.slow
 def test_loggers_option_chooses_the_files(tmp_path):
     result = Experiment(strategy="naive", epochs=1, n_tasks=2, progress=False, loggers="csv",
                         out=str(tmp_path)).run()
@@ -69,6 +70,7 @@ def test_loggers_option_chooses_the_files(tmp_path):
         Experiment(loggers="csv", out=None).run()
 
 
+@pytest.mark.slow
 def test_a_resumed_run_leaves_every_loggers_files_as_a_whole_run_does(whole, tmp_path):
     with pytest.raises(rundir.Interrupted) as stopped:
         Experiment(**RUN, loggers=[*ALL.split(","), CtrlC], out=str(tmp_path)).run()

@@ -168,6 +168,7 @@ def run(plugin_path, *args, check=True):
     return proc
 
 
+@pytest.mark.slow
 def test_four_plugins_from_one_installed_package_run_with_clsim_unchanged(plugin_path, tmp_path):
     listing = run(plugin_path, "--list").stdout
     for name in ("digit_pairs", "shrink", "clipped", "lines"):
@@ -193,6 +194,7 @@ def test_four_plugins_from_one_installed_package_run_with_clsim_unchanged(plugin
     assert bad.returncode == 2 and bad.stderr.strip() == "error: --pairs must be <= 5, got 9"
 
 
+@pytest.mark.slow
 def test_a_users_own_strategies_and_scenarios_folders_do_not_shadow_clsims(tmp_path):
     """clsim's plugin folders install as clsim.scenarios / clsim.strategies: a user's working
     directory with folders of the same names (which would fail on import) changes nothing."""

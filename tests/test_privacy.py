@@ -336,6 +336,7 @@ def test_bad_privacy_options_exit_2_with_one_clear_line(args, message, tmp_path,
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_bad_option_exit_status_from_a_real_process(tmp_path):
     proc = run_cli("--strategy", "dpsgd", "--delta", "0.5", out=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--delta" in proc.stderr
@@ -367,6 +368,7 @@ class Steps:
         pass
 
 
+@pytest.mark.slow
 def test_empty_poisson_draws_are_steps_with_the_penalty_and_after_step():
     scenario, learner, mechanism, ledger = make(DPSGD, batch_size=1, noise_multiplier=1.0)
     scenario.tasks[:] = scenario.tasks[:1]

@@ -117,6 +117,7 @@ def test_a_laplace_release_is_recorded_and_accounted_like_dp_accounting():
 
 # --- recomputing ε from summary.json, per kind of stream ----------------------------------------
 
+@pytest.mark.slow
 def test_split_stream_composes_in_parallel_and_matches_dp_accounting(tmp_path):
     s = run(tmp_path, "--strategy", "dpsgd", "--epochs", "1", "--noise-multiplier", "1.2")
     groups = s["privacy"]["individuals"]
@@ -124,6 +125,7 @@ def test_split_stream_composes_in_parallel_and_matches_dp_accounting(tmp_path):
     check_against_dp_accounting(s)
 
 
+@pytest.mark.slow
 def test_permuted_stream_composes_sequentially_and_costs_more_than_one_task(tmp_path, mnist_root):
     common = ("--scenario", "permuted_mnist", "--data-root", str(mnist_root), "--train-per-class", "20",
               "--test-per-class", "5", "--mnist-hidden", "32", "--batch-size", "20", "--privacy", "dpsgd",
@@ -136,6 +138,7 @@ def test_permuted_stream_composes_sequentially_and_costs_more_than_one_task(tmp_
     check_against_dp_accounting(three)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ewc", "blip"])
 def test_dp_fisher_streams_match_dp_accounting(tmp_path, strategy):
     s = run(tmp_path, "--strategy", strategy, "--privacy", "dpsgd", "--epochs", "1", "--n-tasks", "2",
@@ -147,6 +150,7 @@ def test_dp_fisher_streams_match_dp_accounting(tmp_path, strategy):
     check_against_dp_accounting(s)
 
 
+@pytest.mark.slow
 def test_replay_is_raw_and_infinite(tmp_path):
     # hooks: replay forwards the model twice a step, which Opacus's ghost clipping refuses
     s = run(tmp_path, "--strategy", "er", "--privacy", "dpsgd", "--epochs", "1", "--n-tasks", "2",
@@ -155,6 +159,7 @@ def test_replay_is_raw_and_infinite(tmp_path):
     check_against_dp_accounting(s)
 
 
+@pytest.mark.slow
 def test_ppo_episodes_are_fresh_individuals_per_task(tmp_path):
     s = run(tmp_path, *CARTPOLE, "--privacy", "dpsgd", "--noise-multiplier", "1.0")
     groups = s["privacy"]["individuals"]
@@ -171,6 +176,7 @@ def test_ppo_episodes_are_fresh_individuals_per_task(tmp_path):
     CARTPOLE + ("--privacy", "dpsgd"),
     CARTPOLE + ("--strategy", "ewc", "--privacy", "dpsgd"),
 ], ids=["naive", "ewc", "blip", "ppo", "ppo-ewc"])
+@pytest.mark.slow
 def test_the_final_ledger_epsilon_stays_within_the_target(tmp_path, args):
     target = 2.0
     extra = () if "cartpole" in args else ("--epochs", "2", "--n-tasks", "3")
@@ -181,6 +187,7 @@ def test_the_final_ledger_epsilon_stays_within_the_target(tmp_path, args):
     check_against_dp_accounting(s)
 
 
+@pytest.mark.slow
 def test_permuted_epsilon_target_holds_for_the_individuals_in_every_task(tmp_path, mnist_root):
     s = run(tmp_path, "--scenario", "permuted_mnist", "--data-root", str(mnist_root), "--train-per-class", "20",
             "--test-per-class", "5", "--mnist-hidden", "32", "--batch-size", "20", "--n-permutations", "3",
@@ -197,6 +204,7 @@ def steps_of(summary_dir: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == "step"]
 
 
+@pytest.mark.slow
 def test_training_figures_are_not_logged_unless_asked_and_then_cost_infinity(tmp_path):
     base = ("--strategy", "dpsgd", "--epochs", "1", "--n-tasks", "2", "--noise-multiplier", "1.0", *QUIET)
     assert cli.main([*base, "--out", str(tmp_path / "quiet")]) == 0
@@ -213,6 +221,7 @@ def test_training_figures_are_not_logged_unless_asked_and_then_cost_infinity(tmp
     assert all(g["epsilon_infinite"] for g in summary["privacy"]["individuals"])
 
 
+@pytest.mark.slow
 def test_ppo_training_returns_are_not_logged_under_a_mechanism(tmp_path):
     assert cli.main([*CARTPOLE, "--privacy", "dpsgd", "--noise-multiplier", "1.0", *QUIET,
                      "--out", str(tmp_path)]) == 0
@@ -223,6 +232,7 @@ def test_ppo_training_returns_are_not_logged_under_a_mechanism(tmp_path):
 
 # --- noise-only steps keep BLIP in its intervals -------------------------------------------------
 
+@pytest.mark.slow
 def test_blip_under_dp_with_a_tiny_sample_rate_never_leaves_its_intervals():
     torch.manual_seed(0)
     scenario = split_digits(SplitDigitsOptions(n_tasks=2, hidden=16), RunOptions(setting="task_il"))

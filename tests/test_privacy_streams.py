@@ -2,6 +2,7 @@
 Poisson masks and noise never reuse draws of one another or of the model's initialisation."""
 from __future__ import annotations
 
+import pytest
 import torch
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
@@ -34,6 +35,7 @@ def audited_run(monkeypatch, seed=0):
     return experiment.audit.canaries.kept, masks, summary
 
 
+@pytest.mark.slow
 def test_canary_coins_do_not_correlate_with_any_steps_sampling_mask(monkeypatch):
     """Each step's mask is compared with the coins at every alignment (window of the mask's rows):
     a coin stream shared with the sampler shows as a window that copies the coins (the coins and

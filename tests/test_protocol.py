@@ -119,6 +119,7 @@ def test_val_fraction_carves_a_seeded_disjoint_split_and_plateau_trains_on_the_r
     assert all(r["row"][r["task"]] > 90 for r in tasks)
 
 
+@pytest.mark.slow
 def test_validation_under_dpsgd_is_a_raw_access_in_the_ledger(tmp_path):
     summary, _ = run(tmp_path, "--strategy", "dpsgd", "--lr-schedule", "plateau", "--val-fraction", "0.2",
                      "--epochs", "2", "--n-tasks", "2")
@@ -130,6 +131,7 @@ def test_validation_under_dpsgd_is_a_raw_access_in_the_ledger(tmp_path):
     assert privacy["epsilon_worst"] is None
 
 
+@pytest.mark.slow
 def test_adam_and_bad_protocol_options(tmp_path, capsys):
     assert cli.from_argv(["--optimizer", "adam"]).protocol_options.optimizer == "adam"
     summary, _ = run(tmp_path, "--optimizer", "adam", "--lr", "0.001", "--epochs", "1", "--n-tasks", "2")
@@ -152,6 +154,7 @@ class StopInSecondTask(Logger):
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_one_optimizer_across_tasks_carries_adams_state_and_resumes_exactly(tmp_path):
     """--optimizer-reset false: one Adam for the run (van de Ven's default). Its step count spans
     every task, its state is in the checkpoint (weights_only), and a run stopped in its second
@@ -177,6 +180,7 @@ def test_one_optimizer_across_tasks_carries_adams_state_and_resumes_exactly(tmp_
     assert losses(resumed) == losses(whole)
 
 
+@pytest.mark.slow
 def test_one_optimizer_across_tasks_under_dpsgd_keeps_its_state_and_spends_the_same_budget(tmp_path):
     """Under DP-SGD the kept Adam is stepped through Opacus's wrapper each task (its state moves
     later tasks), and carrying it costs nothing: its moments are made of noised gradients only, so
@@ -199,6 +203,7 @@ def first_task_of(experiment):
     return parts
 
 
+@pytest.mark.slow
 def test_active_classes_spans_the_softmax_of_training_and_of_the_fisher_over_the_seen_classes(tmp_path, capsys):
     """--active-classes (van de Ven's Class-IL): after task 0 (digits 0, 1) of class_il split_digits,
     the head rows of the unseen classes are untouched (all units: pushed down), and the exact

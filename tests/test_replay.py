@@ -40,6 +40,7 @@ def test_reservoir_invariants_and_logits_travel_with_examples():
     assert torch.equal(buf.logits.view(-1).long(), buf.y)
 
 
+@pytest.mark.slow
 def test_reservoir_inclusion_is_uniform_over_the_stream():
     """Every one of n offered examples ends in the buffer with probability size/n, whatever its
     arrival position (batches of 32 with slot collisions inside a batch included)."""
@@ -78,6 +79,7 @@ def test_conv_flops_match_hand_count_and_flop_counter():
     assert step == pytest.approx(7 * (2 * macs_conv * 1.5 + 3 * 2 * 512 * 5))
 
 
+@pytest.mark.slow
 def test_derpp_stores_the_logits_of_insertion_time(tmp_path):
     """Run DER++ on real digits in-process for a few steps: stored logits are the outputs the
     model gave each example before that step's update."""
@@ -176,6 +178,7 @@ def test_replay_starts_at_the_second_step_of_the_first_task_as_mammoth(strategy,
     assert per_step[2] > 1.9 * per_step[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy, term", [("er", "strategy/replay_ce"), ("sparcl", "strategy/derpp_mse")])
 def test_replay_from_task_one_fills_the_buffer_in_task_0_and_draws_only_from_task_1(strategy, term):
     """--replay-from-task 1, as SparCL's official train() (`t > 0`): task 0 trains on its own

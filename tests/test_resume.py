@@ -52,6 +52,7 @@ CASES = [pytest.param({**SUPERVISED, **OPTIONS.get(name, {})}, name, id=name)
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/conftest.py
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("options,strategy", CASES)
 def test_a_run_stopped_after_its_first_task_resumes_to_the_same_summary_and_log(tmp_path, options, strategy):
     run = {**options, "strategy": strategy, "progress": False, "loggers": "jsonl"}

@@ -93,6 +93,7 @@ def test_gae_matches_hand_computation():
     assert torch.allclose(adv, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("setting_slots", [1, 2])
 def test_policy_fisher_matches_exact_expectation_over_actions(setting_slots):
     torch.manual_seed(0)

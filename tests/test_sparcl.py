@@ -142,6 +142,7 @@ def test_gradient_masks_after_refresh_and_between(cifar_root):
     assert check.refreshes == 4 * 2 * 2
 
 
+@pytest.mark.slow
 def test_data_removal_round_sizes_and_order():
     """A4 on real digits: the training set shrinks by exactly floor(R*N/K)/… per round, removed
     examples score no higher than any kept one in their window, never come back within the
@@ -232,6 +233,7 @@ def test_counted_flops_follow_one_formula_for_dense_and_sparse(cifar_root):
     assert ratio < 0.3
 
 
+@pytest.mark.slow
 def test_cli_records_sparsity_figures_and_rejects_bad_bounds(tmp_path, capsys):
     """Through the CLI's from_argv on real digits (MLP 64-100-100-10: the middle layer is masked)."""
     from_argv(["--out", str(tmp_path / "ok"), "--strategy", "sparcl", "--epochs", "2",
@@ -287,6 +289,7 @@ def test_current_task_logit_mask_is_on_by_default_as_the_official_script():
     assert not torch.allclose(losses, two_way, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("drop", [True, False])
 def test_last_partial_batch_dropped_unless_asked_to_keep_it(drop):
     """The official loop skips each epoch's batch smaller than the batch size."""

@@ -44,6 +44,7 @@ def test_bf16_mixed_forward_is_bfloat16_and_close_to_float32():
     assert not torch.equal(half, full)
 
 
+@pytest.mark.slow
 def test_compile_under_privacy_runs_eagerly_and_says_why(tmp_path):
     proc = run_cli("--scenario", "split_digits", "--strategy", "naive", "--privacy", "dpsgd", "--compile", "true",
                    "--checkpoint", "false", "--epochs", "1", out=tmp_path)
@@ -51,6 +52,7 @@ def test_compile_under_privacy_runs_eagerly_and_says_why(tmp_path):
     assert read_summary(tmp_path)["acc"] > 0
 
 
+@pytest.mark.slow
 def test_bf16_under_privacy_is_refused_in_one_line(tmp_path):
     proc = run_cli("--scenario", "split_digits", "--privacy", "dpsgd", "--precision", "bf16-mixed",
                    out=tmp_path, check=False)

@@ -51,6 +51,7 @@ def test_a_strategy_file_is_chosen_by_its_path_with_its_own_options(tmp_path, ca
     assert "--loss-scale LOSS_SCALE factor on the loss" in " ".join(capsys.readouterr().out.split())
 
 
+@pytest.mark.slow
 def test_the_documented_strategy_file_runs_as_printed_from_the_command_line_and_from_python(tmp_path):
     """The block of docs/extending.md (where the README points), saved as a newcomer would: outside
     the package, under the name its first line gives."""

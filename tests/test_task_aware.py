@@ -30,6 +30,7 @@ def by_hand(model, tasks, masked: bool) -> list[float]:
     return row
 
 
+@pytest.mark.slow
 def test_task_aware_matrix_is_the_models_outputs_masked_to_each_tasks_classes():
     parts = Experiment(strategy="naive", out=None, **TINY).build()
     tasks, model = parts.scenario.tasks, parts.learner.model
@@ -57,6 +58,7 @@ def test_icarl_nearest_mean_scores_give_task_aware_figures_too():
     assert result.task_aware_acc == pytest.approx(M[-1].mean())
 
 
+@pytest.mark.slow
 def test_task_aware_figures_are_logged_per_task_and_absent_outside_class_il(tmp_path):
     run = Experiment(strategy="naive", loggers="jsonl,tensorboard", out=str(tmp_path), **TINY).run()
     tasks = [json.loads(line) for line in (run.run_dir / "log.jsonl").read_text().splitlines()]

@@ -58,6 +58,7 @@ def heads_after_each_task(**options):
     return parts.learner.model, kept
 
 
+@pytest.mark.slow
 def test_one_adam_keeps_moving_the_rows_of_earlier_tasks_of_a_shared_layer_not_their_own_heads():
     """van de Ven's code under one Adam: task 1 gives task 0's rows zero gradients but Adam's moments
     from task 0 keep stepping them. A fresh Adam has no moments there (no step), and a separate
@@ -74,6 +75,7 @@ def test_one_adam_keeps_moving_the_rows_of_earlier_tasks_of_a_shared_layer_not_t
     assert not torch.equal(own1["heads.1.weight"], own0["heads.1.weight"])
 
 
+@pytest.mark.slow
 def test_shared_heads_resume_exactly_from_a_weights_only_checkpoint(tmp_path):
     """Stopped in task 1 and resumed: the same figures and per-step losses as the whole run."""
     run = {"task_heads": "shared", "optimizer": "adam", "optimizer_reset": False, "lr": 0.003, "setting": "task_il",
@@ -89,6 +91,7 @@ def test_shared_heads_resume_exactly_from_a_weights_only_checkpoint(tmp_path):
     assert losses(resumed) == losses(whole)
 
 
+@pytest.mark.slow
 def test_ewc_and_blip_protect_only_the_rows_a_task_trained():
     """A shared output layer is one shared tensor: EWC penalises it (its Fisher after task 0 sits on
     task 0's rows, none on the rows of tasks not yet trained), where separate heads are left out;
@@ -120,6 +123,7 @@ def test_refused_combinations_are_one_line_and_write_nothing(argv, message, tmp_
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_dpsgd_with_shared_heads_spends_the_same_budget():
     """The layout changes which rows a step touches, not what is released: the same ε per task."""
     eps = {}

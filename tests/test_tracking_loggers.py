@@ -65,6 +65,7 @@ def wandb_history(log) -> dict[int, dict]:
     return history
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_every_step_loss_and_the_final_figures(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="the wandb extra (pip install 'clsim[wandb]')")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -98,6 +99,7 @@ def mlflow_metrics(run_dir) -> dict[str, list[tuple[int, float]]]:
             for key in run.data.metrics}, run.data.params
 
 
+@pytest.mark.slow
 def test_mlflow_file_store_holds_every_step_loss_and_the_matrix(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="the mlflow extra (pip install 'clsim[mlflow]')")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
@@ -109,6 +111,7 @@ def test_mlflow_file_store_holds_every_step_loss_and_the_matrix(tmp_path, monkey
     assert params["strategy"] == "ewc" and params["seed"] == "1"
 
 
+@pytest.mark.slow
 def test_a_resumed_mlflow_run_continues_the_same_run_to_the_same_metrics(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="the mlflow extra (pip install 'clsim[mlflow]')")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
