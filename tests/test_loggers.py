@@ -55,6 +55,17 @@ def test_csv_logger_writes_steps_tasks_and_the_matrix(whole):
     acc = [float(r["value"]) for r in tasks if r["name"] == "acc"]
     assert acc[-1] == pytest.approx(summary["acc"]) and len(acc) == 3
     assert any(r["name"] == "memory/strategy_state_bytes" for r in tasks)
+    assert not [r["name"] for r in tasks if r["name"].startswith("privacy/")]   # no mechanism: no δ, no ε
+
+
+def test_csv_logs_the_privacy_figures_of_a_private_run(tmp_path):
+    result = Experiment(strategy="dpsgd", epsilon=4.0, epochs=1, n_tasks=2, progress=False, loggers="csv",
+                        out=str(tmp_path)).run()
+    tasks = read_csv(result.run_dir / "tasks.csv")
+    delta = [float(r["value"]) for r in tasks if r["name"] == "privacy/delta"]
+    eps = [float(r["value"]) for r in tasks if r["name"] == "privacy/epsilon_worst"]
+    assert delta == [result.summary["privacy"]["delta"]] * 2
+    assert len(eps) == 2 and eps[-1] == pytest.approx(result.summary["privacy"]["epsilon_worst"])
 
 
 @pytest.mark.slow

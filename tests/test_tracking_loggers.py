@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 
 import pytest
 
@@ -87,6 +88,22 @@ def test_wandb_offline_run_holds_every_step_loss_and_the_final_figures(tmp_path,
     assert [last[f"eval/acc_task_{j}"] for j in range(2)] == pytest.approx(result.summary["accuracy_matrix"][-1])
     assert config["strategy"] == "ewc" and config["seed"] == 1
     assert summary["acc"] == pytest.approx(result.acc)
+    assert not [k for row in history.values() for k in row if k.startswith("privacy/")]   # no mechanism: no δ
+
+
+def test_an_interrupted_wandb_run_is_finished_as_failed(tmp_path, monkeypatch):
+    """abort() ends the W&B run (exit code 1) when the run fails, not whenever the process exits."""
+    pytest.importorskip("wandb", reason="the wandb extra (pip install 'clsim[wandb]')")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with pytest.raises(rundir.Interrupted):
+        Experiment(**{**RUN, "epochs": 2}, loggers=["wandb", CtrlC], wandb_dir=str(tmp_path), out=str(tmp_path)).run()
+    [log] = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    waited = time.monotonic() + 30   # W&B's service writes the log after finish() returns
+    while not (exits := [r.exit.exit_code for r in wandb_records(log) if r.WhichOneof("record_type") == "exit"]):
+        if time.monotonic() > waited:
+            break
+        time.sleep(0.2)
+    assert exits == [1]
 
 
 def mlflow_metrics(run_dir) -> dict[str, list[tuple[int, float]]]:
@@ -109,6 +126,26 @@ def test_mlflow_file_store_holds_every_step_loss_and_the_matrix(tmp_path, monkey
     assert [v for _, v in metrics["summary/acc"]][-1] == pytest.approx(result.acc)
     assert [metrics[f"eval/acc_task_{j}"][-1][1] for j in range(2)] == pytest.approx(result.summary["accuracy_matrix"][-1])
     assert params["strategy"] == "ewc" and params["seed"] == "1"
+    assert not [k for k in metrics if k.startswith("privacy/")]   # no mechanism: no δ
+
+
+def test_an_interrupted_mlflow_run_on_a_tracking_store_fails_then_a_resume_finishes_it(tmp_path, monkeypatch):
+    """abort() marks a run on a store outside the run directory FAILED (not RUNNING forever); the
+    resumed run logs to the same MLflow run and ends it FINISHED."""
+    pytest.importorskip("mlflow", reason="the mlflow extra (pip install 'clsim[mlflow]')")
+    from mlflow.tracking import MlflowClient
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri, run = (tmp_path / "store").as_uri(), {**RUN, "epochs": 2}
+    with pytest.raises(rundir.Interrupted) as stopped:
+        Experiment(**run, loggers=["mlflow", CtrlC], mlflow_tracking_uri=uri, out=str(tmp_path)).run()
+    run_id = (stopped.value.partial / "mlflow_run_id").read_text().strip()
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).info.status == "FAILED"
+    resumed = Experiment(**run, loggers="mlflow", mlflow_tracking_uri=uri, out=str(tmp_path)).run(
+        resume_dir=stopped.value.partial)
+    assert (resumed.run_dir / "mlflow_run_id").read_text().strip() == run_id
+    finished = client.get_run(run_id)
+    assert finished.info.status == "FINISHED" and finished.data.metrics["summary/acc"] == pytest.approx(resumed.acc)
 
 
 @pytest.mark.slow

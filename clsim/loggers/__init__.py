@@ -66,6 +66,11 @@ class Logger:
     def close(self, summary: dict) -> None:
         pass
 
+    def figures_of(self, record: dict) -> dict:
+        """A task record less its privacy section where the run trains under no mechanism: there δ and
+        ε mean nothing (TensorBoard logs no privacy/* either)."""
+        return record if self.context.private else {k: v for k, v in record.items() if k != "privacy"}
+
     def abort(self) -> None:
         """The run failed: release open files and threads now (the run directory is removed or
         kept next), writing no summary. Must not raise."""

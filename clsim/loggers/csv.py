@@ -30,7 +30,7 @@ class CsvLogger(Logger):
 
     def task(self, record):
         i = record["task"]
-        for name, value in numbers({k: v for k, v in record.items() if k not in ("task", "step")}):
+        for name, value in numbers({k: v for k, v in self.figures_of(record).items() if k not in ("task", "step")}):
             self.writers["tasks"].writerow([i, record["step"], name, value])
         if self.files["matrix"].tell() == 0:
             self.writers["matrix"].writerow(["after_task", *(f"task_{j}" for j in range(len(record["row"])))])

@@ -9,6 +9,7 @@ directory, `mlflow_run_id`) as an uninterrupted one would.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ class MlflowLogger(Logger):
             raise UserError("--loggers mlflow needs MLflow: pip install 'clsim[mlflow]'") from None
         options = options or self.Options()
         uri = options.mlflow_tracking_uri
-        if not uri:
+        self.own_store = not uri
+        if self.own_store:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             uri = self.path("mlruns").resolve().as_uri()
         self.client = MlflowClient(tracking_uri=uri)
@@ -64,13 +66,23 @@ class MlflowLogger(Logger):
             self.flush()
 
     def task(self, record):
-        self._log(task_figures(record), record["step"])
+        self._log(task_figures(self.figures_of(record)), record["step"])
         self.flush()
 
     def flush(self):
         for start in range(0, len(self.pending), 1000):
             self.client.log_batch(self.run_id, metrics=self.pending[start:start + 1000])
         self.pending = []
+
+    def abort(self):
+        """End the MLflow run as FAILED where it outlives the run directory (a tracking server, or a store
+        elsewhere), so that it does not show as running forever; a resumed run logs to it again and
+        ends it FINISHED. The default store inside the run directory goes with it, or is cut back to
+        the checkpoint and continued by a resume, so its files stay as they are."""
+        if self.own_store:
+            return
+        with contextlib.suppress(Exception):   # MLflow's own failure (a server gone) must not mask the run's
+            self.client.set_terminated(self.run_id, status="FAILED")
 
     def close(self, summary):
         self.flush()

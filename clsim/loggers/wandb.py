@@ -9,6 +9,7 @@ it logged after the checkpoint, which the resumed run logs again).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from clsim.config import opt
@@ -56,11 +57,18 @@ class WandbLogger(Logger):
         self.run.log(step_figures(record), step=record["step"])
 
     def task(self, record):
-        self.run.log(task_figures(record), step=record["step"])
+        self.run.log(task_figures(self.figures_of(record)), step=record["step"])
+
+    def abort(self):
+        """Finish the W&B run as failed (exit code 1), stopping its threads and its service's work on it
+        now; a resumed run reopens it by id (resume="allow")."""
+        _OPEN.pop(str(self.context.run_dir), None)
+        with contextlib.suppress(Exception):   # W&B's own failure must not mask the run's
+            self.run.finish(exit_code=1)
 
     def close(self, summary):
         self.run.summary.update(finite(numbers({k: summary[k] for k in ("acc", "bwt", "fwt", "forgetting")})))
-        if summary.get("privacy", {}).get("epsilon_worst") is not None:
+        if self.context.private and summary.get("privacy", {}).get("epsilon_worst") is not None:
             self.run.summary["privacy/epsilon_worst"] = summary["privacy"]["epsilon_worst"]
         self.run.finish()
         _OPEN.pop(str(self.context.run_dir), None)
