@@ -59,7 +59,7 @@ def test_csv_logger_writes_steps_tasks_and_the_matrix(whole):
 
 
 def test_csv_logs_the_privacy_figures_of_a_private_run(tmp_path):
-    result = Experiment(strategy="dpsgd", epsilon=4.0, epochs=1, n_tasks=2, progress=False, loggers="csv",
+    result = Experiment(strategy="dpsgd", noise_multiplier=1.0, epochs=1, n_tasks=2, progress=False, loggers="csv",
                         out=str(tmp_path)).run()
     tasks = read_csv(result.run_dir / "tasks.csv")
     delta = [float(r["value"]) for r in tasks if r["name"] == "privacy/delta"]

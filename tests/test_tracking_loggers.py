@@ -91,6 +91,7 @@ def test_wandb_offline_run_holds_every_step_loss_and_the_final_figures(tmp_path,
     assert not [k for row in history.values() for k in row if k.startswith("privacy/")]   # no mechanism: no δ
 
 
+@pytest.mark.slow
 def test_an_interrupted_wandb_run_is_finished_as_failed(tmp_path, monkeypatch):
     """abort() ends the W&B run (exit code 1) when the run fails, not whenever the process exits."""
     pytest.importorskip("wandb", reason="the wandb extra (pip install 'clsim[wandb]')")
