@@ -277,7 +277,10 @@ def check_size(make: Callable[[], nn.Module], device: torch.device) -> None:
             probe = make()
         need = sum(2 * p.numel() * p.element_size() for p in probe.parameters()) + \
             sum(b.numel() * b.element_size() for b in probe.buffers())
-    except Exception:
+    except Exception as exc:
+        if "overflow" in str(exc):   # torch: a weight's byte count past int64 (`--hidden 2147483647`)
+            raise UserError("the model is too large for any machine: a weight's size overflows a 64-bit count; "
+                            "choose a smaller model (its width or depth options)") from None
         return
     finally:
         random.setstate(state[0])
@@ -299,6 +302,21 @@ def free_memory(device: torch.device) -> int | None:
         return int(fields["MemAvailable"].split()[0]) * 1024
     except (OSError, KeyError, ValueError):
         return None
+
+
+def buffer_slots(flag: str, asked: int, fills: int, slot_bytes: int, device: torch.device) -> int:
+    """The slots to allocate for a buffer of `asked` slots (option `flag`) that the run offers at most
+    `fills` items: a larger one would never fill, so it gets `fills` (the same run, as the slots
+    past `fills` are never written). Refused in one line, before anything is allocated, when those
+    slots of `slot_bytes` each exceed the memory free on `device` (`--replay-size 2147483647`
+    asked torch for 550 GB, then died)."""
+    slots = min(asked, fills)
+    free = free_memory(device)
+    if free is not None and slots * slot_bytes > free:
+        raise UserError(f"{flag} {asked}: a buffer of {slots} (as many as this run fills) needs "
+                        f"{slots * slot_bytes / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
+                        f"{device}; give a smaller {flag}")
+    return slots
 
 
 def own_copy(model: nn.Module) -> nn.Module:

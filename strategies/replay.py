@@ -32,6 +32,7 @@ from clsim.config import opt
 from clsim.flops import TrainingFlops
 from clsim.learners import Batch, to_device
 from clsim.metrics import tensor_bytes
+from clsim.models import buffer_slots
 from clsim.registry import register_strategy
 from clsim.strategy import Strategy
 
@@ -109,7 +110,9 @@ class ReservoirBuffer:
 
 @dataclass
 class ReplayOptions:
-    replay_size: int = opt(500, "examples kept in the reservoir buffer", low=1)
+    replay_size: int = opt(500, "examples kept in the reservoir buffer (one larger than the examples a run "
+                           "offers it, training examples x epochs, keeps every one: only that many are "
+                           "allocated; one that does not fit in free memory is refused)", low=1)
     replay_batch: int = opt(32, "examples in each buffer draw (0: the learner's batch size)", low=0)
     replay_mask_current: bool = opt(False, "class_il: the current batch's cross-entropy sees only the "
                                     "current task's classes (SparCL's use_cl_mask; off in standard ER/DER++)")
@@ -128,13 +131,22 @@ class Replay(Strategy):
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
-        self.buffer = ReservoirBuffer(self.options.replay_size, learner.generator, learner.device)
+        self.buffer = ReservoirBuffer(self.buffer_slots(scenario, learner), learner.generator, learner.device)
         self.flops = TrainingFlops(learner.model, scenario.tasks[0].train.x[:1])
         self._pending = None
         self._forwarded = None
         self._allowed = None      # class_il: the current task's classes, as a device mask
         self._last_terms: dict[str, torch.Tensor] = {}   # 0-dim: read a step late on a GPU
         self.tasks_done = 0
+
+    def buffer_slots(self, scenario, learner) -> int:
+        """--replay-size, or the examples the run offers the buffer (every training example once an
+        epoch), where fewer: a reservoir that large keeps every one of them either way."""
+        offers = self.epochs * sum(len(t.train) for t in scenario.tasks)
+        x = scenario.tasks[0].train.x
+        logits = sum(max(len(t.classes), t.n_outputs) for t in scenario.tasks)   # at most every head's outputs
+        slot_bytes = x[0].numel() * x.element_size() + 16 + 4 * logits           # x, y and t, logits
+        return buffer_slots("--replay-size", self.options.replay_size, offers, slot_bytes, learner.device)
 
     def after_task(self, task):
         self.tasks_done += 1

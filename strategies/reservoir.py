@@ -27,8 +27,8 @@ class Reservoir(Strategy):
 
     @dataclass
     class Options:
-        reservoir_size: int = opt(0, "transitions kept over the whole run (0: every one, sac_steps x tasks; "
-                                  "CW: 2e7)", low=0)
+        reservoir_size: int = opt(0, "transitions kept over the whole run (0, or more than sac_steps x tasks: "
+                                  "every one; CW: 2e7)", low=0)
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
@@ -38,6 +38,7 @@ class Reservoir(Strategy):
                             "metaworld:<task>), or er/derpp for supervised streams")
         size = self.options.reservoir_size or learner.o.sac_steps * len(scenario.tasks)
         learner.reservoir_size = size
+        learner.buffer_size()   # refused now, before the run starts, when it cannot fit in memory
 
     def before_task(self, task):
         self.ledger.raw(task.dataset_id, "reservoir replay buffer")

@@ -736,6 +736,20 @@ def test_a_model_too_large_for_memory_is_one_line_before_it_is_allocated(tmp_pat
     assert rss_now() - before < 2**30 and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--hidden", "2147483647"], "the model is too large for any machine"),   # the meta probe overflowed
+    (["--strategy", "er", "--epochs", "10000000", "--replay-size", "2000000000"],
+     "--replay-size 2000000000: a buffer of 2000000000 (as many as this run fills) needs "),
+])
+def test_the_largest_sizes_options_take_are_one_line_before_anything_is_allocated(argv, said, tmp_path, capsys):
+    """Sizes within the bound every integer option has (2^31 - 1) that no machine can hold: torch was
+    asked for 550 GB and died with a traceback."""
+    before = rss_now()
+    assert cli.main([*argv, "--n-tasks", "2", "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, said)
+    assert rss_now() - before < 2**30 and not (tmp_path / "o").exists()
+
+
 def rss_now() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 

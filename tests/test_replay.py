@@ -144,6 +144,17 @@ def test_bad_replay_option_is_a_user_error(tmp_path, capsys):
     assert "--replay-size" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
+def test_a_buffer_larger_than_the_stream_keeps_every_example_and_allocates_only_those(tmp_path):
+    """--replay-size past the examples a run offers (training examples x epochs) gives the same run as
+    a buffer of exactly that many, which is all that is allocated (2^31 - 1 slots were 550 GB)."""
+    run = dict(strategy="er", n_tasks=2, epochs=2, batch_size=128, seed=1, progress=False, loggers="jsonl",
+               out=str(tmp_path))
+    huge = Experiment(**run, replay_size=2**31 - 1).run().summary
+    exact = Experiment(**run, replay_size=huge["examples_seen"]).run().summary   # every example offered
+    assert huge["accuracy_matrix"] == exact["accuracy_matrix"]
+    assert huge["memory"]["strategy_state_bytes"] == exact["memory"]["strategy_state_bytes"]
+
+
 def _digits_run(strategy: str, *extra: str, tasks: int = 1, watch=None):
     """`strategy` through the engine on the first `tasks` tasks of split_digits (real digits)."""
     parts = from_argv(["--strategy", strategy, "--seed", "1", "--epochs", "1", "--lr", "0.05",

@@ -205,6 +205,20 @@ def test_replay_buffer_fifo_and_reservoir():
     assert min(reservoir.columns["x"][:, 0]) < 97                        # older transitions kept
 
 
+def test_a_buffer_past_the_transitions_a_run_stores_allocates_only_those_and_one_past_memory_is_refused():
+    """A FIFO buffer that is never full never drops a transition, nor a reservoir that takes every one:
+    the slots past what the run stores (sac_steps a task, or the whole run where one buffer spans
+    it) are not allocated; slots that cannot fit in memory are refused before the run starts."""
+    tiny = {**TINY, "out": None}
+    n_tasks = len(Experiment(strategy="naive", **tiny).build().scenario.tasks)
+    assert Experiment(strategy="naive", sac_replay_size=2**31 - 1, **tiny).build().learner.buffer_size() == 120
+    assert Experiment(strategy="reservoir", reservoir_size=2**31 - 1, **tiny).build().learner.buffer_size() == \
+        120 * n_tasks
+    for strategy, flag in (("naive", "sac_replay_size"), ("reservoir", "reservoir_size")):
+        with pytest.raises(UserError, match=f"--{flag.replace('_', '-')} 2147483647: a buffer of 2147483647"):
+            Experiment(strategy=strategy, **{**tiny, "sac_steps": 2**31 - 1, flag: 2**31 - 1}).build()
+
+
 @pytest.mark.parametrize("strategy, scenario, expected", [
     ("agem", "cartpole", "learns on-policy"),
     ("reservoir", "cartpole", "PPO learns on-policy"),

@@ -52,6 +52,7 @@ from torch.func import functional_call
 from clsim.config import opt
 from clsim.errors import UserError
 from clsim.learners.base import Learner, PrivacyPlan
+from clsim.models import buffer_slots
 from clsim.rl.envs import EVAL_SEED_BASE, eval_seeds
 from clsim.rl.models import TanhGaussian
 from clsim.scenario import ScenarioOptions, Task
@@ -63,7 +64,9 @@ class SACOptions(ScenarioOptions):
     RUN_DEFAULTS = {"epochs": 1, "lr": 1e-3, "batch_size": 128}
     SETTING = "task_il"
     sac_steps: int = opt(1_000_000, "environment steps per task (CW: 1e6)", low=1)
-    sac_replay_size: int = opt(1_000_000, "transitions the replay buffer holds", low=1)
+    sac_replay_size: int = opt(1_000_000, "transitions the replay buffer holds (one larger than the transitions "
+                               "a run stores in it holds them all: only that many are allocated; one that "
+                               "does not fit in free memory is refused)", low=1)
     sac_reset_buffer: bool = opt(True, "empty the replay buffer when a task starts (CW's default)")
     sac_start_steps: int = opt(10_000, "uniform random actions for this many steps of each task", low=0)
     sac_update_after: int = opt(1000, "steps of a task before its first update", low=0)
@@ -271,6 +274,7 @@ class SACLearner(Learner):
         self._stats: dict[str, torch.Tensor] = {}
         self._task_start = (0, time.perf_counter())
         self._eval_envs: dict[int, object] = {}
+        self.buffer_size()   # a buffer too large for memory is refused before the run starts
 
     def is_head(self, name: str) -> bool:
         """Per-task heads, the target critics and α are never shared weights; the critics are
@@ -310,10 +314,19 @@ class SACLearner(Learner):
                             "use it with a supervised scenario")
         return self._train(task)
 
+    def buffer_size(self) -> int:
+        """The replay buffer's slots: --sac-replay-size (the reservoir strategy's size, where it keeps one),
+        or the transitions one buffer stores in the run where fewer: a buffer that large never drops
+        one, so the run is the same. Refused in one line when they do not fit in free memory."""
+        fills = self.o.sac_steps * (len(self.scenario_tasks) if self._buffer_spans_tasks() else 1)
+        flag, asked = ("--sac-replay-size", self.o.sac_replay_size) if self.reservoir_size is None else \
+            ("--reservoir-size", self.reservoir_size)
+        obs = self.model.obs_dim + len(self.scenario_tasks)   # with the one-hot task identity
+        slot_bytes = 4 * (2 * obs + self.actions.dim + 3) + 8   # x, next x, action, reward, done; t
+        return buffer_slots(flag, asked, fills, slot_bytes, torch.device("cpu"))   # numpy, on the host
+
     def _new_buffer(self) -> ReplayBuffer:
-        if self.reservoir_size is not None:
-            return ReplayBuffer(self.reservoir_size, True, self.generator)
-        return ReplayBuffer(self.o.sac_replay_size, False, self.generator)
+        return ReplayBuffer(self.buffer_size(), self.reservoir_size is not None, self.generator)
 
     def _train(self, task: Task) -> Iterator[SACBatch]:
         o, m = self.o, self.model
