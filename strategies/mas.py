@@ -118,10 +118,11 @@ class MAS(ImportanceAnchor):
         model.eval()   # per-example gradients: batch statistics would mix the examples
         total, count = torch.zeros_like(self.flat()), 0
         try:
-            for x, y, t in self.learner.fisher_batches(task, self.options.mas_samples, True):
-                g = vmap(grad(squared_norm), in_dims=(None, 0, 0, None))(free, x, y, t)
-                total += torch.cat([g[n].abs().sum(0).reshape(-1) for n in self.names])
-                count += len(x)
+            with self.mechanism.hooks_lifted():   # a private run's clipper hooks: torch.func cannot pass them
+                for x, y, t in self.learner.fisher_batches(task, self.options.mas_samples, True):
+                    g = vmap(grad(squared_norm), in_dims=(None, 0, 0, None))(free, x, y, t)
+                    total += torch.cat([g[n].abs().sum(0).reshape(-1) for n in self.names])
+                    count += len(x)
         finally:
             model.train(was_training)
         return total / max(count, 1)

@@ -145,6 +145,19 @@ def test_mas_importance_is_the_mean_absolute_gradient_of_the_output_norm():
     assert mas.penalty().item() == pytest.approx(2.0 * float(mas.importance[0]) * 0.25, rel=1e-5)
 
 
+@pytest.mark.parametrize("clipping", ["hooks", "ghost"])
+def test_mas_importance_under_dpsgds_opacus_hooks_is_the_plain_ones(clipping):
+    """The importance pass (torch.func) runs with the clipper's hooks lifted: it was a traceback."""
+    argv = ["--strategy", "mas", "--n-tasks", "2", "--hidden", "4", "--mas-samples", "10000", "--seed", "3"]
+    importances = []
+    for extra in ([], ["--privacy", "dpsgd", "--dp-clipping", clipping, "--noise-multiplier", "1"]):
+        parts = from_argv([*argv, *extra]).build()
+        parts.strategy.after_task(parts.scenario.tasks[0])
+        importances.append(parts.strategy.importance)
+    torch.testing.assert_close(importances[1], importances[0], rtol=1e-5, atol=1e-8)
+    assert importances[0].abs().sum() > 0
+
+
 # ---------------------------------------------------------------- lwf
 
 @pytest.mark.parametrize("setting,per_class,task_heads", [

@@ -332,7 +332,6 @@ class DPSGD(Mechanism):
             return fisher
 
     def hooks_lifted(self):
-        """The clipper's hooks off meanwhile: torch.func transforms cannot pass them."""
         return self.clipper.lifted()
 
 

@@ -1,6 +1,8 @@
 """How gradients are made from a batch. The base class is no privacy at all."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from clsim import distributed
@@ -66,6 +68,11 @@ class Mechanism:
         (a private mechanism clips, noises and accounts it instead)."""
         self.ledger.raw(task.dataset_id, purpose)
         return diagonal_fisher(self.learner, task, names, n_samples, empirical)
+
+    def hooks_lifted(self):
+        """A context in which the model runs without the mechanism's hooks, for torch.func transforms
+        of it (which cannot pass them): the DP-Fisher's, MAS's importances. None here."""
+        return nullcontext()
 
     def after_task(self, task) -> None:
         pass
