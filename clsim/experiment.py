@@ -243,7 +243,8 @@ class Experiment:
         speed_options(learner, run, mechanism)
         if type(mechanism) is not Mechanism and getattr(learner, "no_private_training", None):
             raise UserError(learner.no_private_training)   # e.g. SAC: its replay buffer is raw access
-        mechanism.check(learner, scenario, epochs, strategy.fisher_releases, model_forwards=strategy.model_forwards)
+        mechanism.check(learner, scenario, epochs, strategy.fisher_releases, model_forwards=strategy.model_forwards,
+                        data_terms=strategy.data_terms)
         mechanism.attach(learner)
         engine.setup(scenario, strategy, learner, mechanism, ledger, epochs)
         if type(mechanism) is not Mechanism:   # said before training, whatever --progress says

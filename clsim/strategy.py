@@ -107,6 +107,13 @@ class Strategy:
         """Per-example losses (or a scalar) of the data terms; add replay terms here."""
         return losses
 
+    @property
+    def data_terms(self) -> bool:
+        """Whether `loss` changes the learner's per-example losses with terms of its own read from data
+        (LwF's distillation, a replay buffer's, iCaRL's loss): a mechanism that re-evaluates only the
+        learner's loss (dplis) would leave them out, so it refuses such a strategy."""
+        return type(self).loss is not Strategy.loss
+
     def penalty(self) -> torch.Tensor | None:
         """A regulariser that does not read training data (e.g. EWC's), or None."""
         return None

@@ -140,10 +140,15 @@ class DPlis(DPSGD):
     name = "dplis"
     Options = DPlisOptions
 
-    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0, model_forwards: int = 1) -> None:
+    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0, model_forwards: int = 1,
+              data_terms: bool = False) -> None:
         if learner.privacy_unit != "example":
             raise UserError(f"dplis smooths per-example losses; this scenario's privacy unit is the "
                             f"{learner.privacy_unit}: use --privacy dpsgd")
+        if data_terms:   # its gradients re-evaluate only the learner's loss: those terms would be dropped
+            raise UserError("dplis re-evaluates the learner's own loss at perturbed parameters, so the terms this "
+                            "strategy adds to it (distillation, a buffer's, its own loss) would be left out; "
+                            "use --privacy dpsgd")
         super().check(learner, scenario, epochs, fisher_releases, model_forwards)
 
     def make_clipper(self, learner) -> Clipper:

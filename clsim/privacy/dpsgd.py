@@ -124,7 +124,8 @@ class DPSGD(Mechanism):
         return self.clipper.name if self.clipper is not None else ""
 
     # --- before anything runs -------------------------------------------------------------
-    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0, model_forwards: int = 1) -> None:
+    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0, model_forwards: int = 1,
+              data_terms: bool = False) -> None:
         """Validate the settings and choose σ (and σ_F) for the whole stream; changes nothing
         but this mechanism. `fisher_releases`: DP-Fisher passes the strategy makes per task;
         `model_forwards`: forwards of the model in one step (replay: 2; only hooks clip those)."""

@@ -21,10 +21,12 @@ class Mechanism:
         """Keyword arguments for the run's Ledger (δ, accountant)."""
         return {}
 
-    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0, model_forwards: int = 1) -> None:
+    def check(self, learner, scenario, epochs: int, fisher_releases: int = 0, model_forwards: int = 1,
+              data_terms: bool = False) -> None:
         """Raise UserError before anything runs if the settings cannot work; changes nothing.
         `fisher_releases`: Fisher passes the strategy makes per task (part of the budget);
-        `model_forwards`: forwards of the model in one training step (replay makes two)."""
+        `model_forwards`: forwards of the model in one training step (replay makes two);
+        `data_terms`: the strategy's `loss` changes the learner's per-example losses (Strategy.data_terms)."""
 
     def attach(self, learner) -> None:
         """Prepare the learner's model for this mechanism (after `check`)."""
