@@ -158,10 +158,14 @@ def permuted_mnist(o: PermutedMnistOptions, run) -> Scenario:
 class RotatedMnistOptions(MnistOptions):
     SETTING = "domain_il"
     n_rotations: int = opt(10, "number of tasks, each all of MNIST rotated by one fixed angle", low=1)
-    rotation_seed: int = opt(0, "seed of the angles: task t's is uniform in [180t/n, 180(t+1)/n) degrees, "
-                             "as in GEM's mnist_rotations.py (independent of --seed)", low=0)
+    rotation_seed: int = opt(0, "seed of the angles, drawn as --rotation-draw says (independent of --seed)", low=0)
+    rotation_draw: str = opt("stratified", "stratified: task t's angle uniform in [180t/n, 180(t+1)/n) degrees "
+                             "(GEM's mnist_rotations.py); uniform: each in [0, 180) (Mammoth's rot-mnist)",
+                             choices=("stratified", "uniform"))
     rotation_angles: str = opt("", "the angles in degrees, comma-separated, one per task (empty: drawn "
                                "by --rotation-seed; overrides --n-rotations)")
+    rotation_interpolation: str = opt("nearest", "nearest: GEM's and Mammoth's rotation (PIL's Image.rotate); "
+                                      "bilinear: smoother, clsim's before 2026-12-07", choices=("nearest", "bilinear"))
 
 
 def _angles(o: RotatedMnistOptions) -> list[float]:
@@ -172,26 +176,38 @@ def _angles(o: RotatedMnistOptions) -> list[float]:
             raise UserError(f"--rotation-angles {o.rotation_angles!r} must be numbers separated by commas, "
                             f"e.g. 0,45,90") from None
     u = torch.rand(o.n_rotations, generator=torch.Generator().manual_seed(o.rotation_seed), dtype=torch.float64)
+    if o.rotation_draw == "uniform":
+        return [180.0 * float(a) for a in u]
     return [180.0 * (t + float(u[t])) / o.n_rotations for t in range(o.n_rotations)]
 
 
-def rotate(x: torch.Tensor, degrees: float, chunk: int = 10000, device: str = "cpu") -> torch.Tensor:
-    """uint8 images N x C x H x W rotated anticlockwise about their centre (bilinear, black corners).
-    A rotation is a fixed linear map of the pixels: grid_sample builds its matrix once, from the
-    basis images, and each chunk of images is one matrix product (grid_sample on every image took
-    ~100 s for rotated MNIST's ten angles on one core)."""
+def rotate(x: torch.Tensor, degrees: float, interpolation: str = "nearest") -> torch.Tensor:
+    """uint8 images N x C x H x W rotated anticlockwise about their centre, corners black.
+
+    nearest is GEM's rotation (data/mnist_rotations.py: PIL's Image.rotate with its default
+    resampling), which Mammoth's rot-mnist also uses (torchvision's rotate on PIL images, nearest by
+    default). PIL itself says where each output pixel comes from: it rotates an image of pixel
+    numbers once, and every image is then one gather with that map, so each equals PIL's rotation of
+    it exactly (PIL image by image takes about a minute for rotated MNIST's ten angles). bilinear is
+    grid_sample's (align_corners False, zeros outside), rounded to uint8: clsim's rotation before
+    2026-12-07."""
     n, c, h, w = x.shape
-    a = math.radians(degrees)
-    theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])   # output -> input
-    basis = torch.eye(h * w).view(h * w, 1, h, w)
-    grid = F.affine_grid(theta.expand(h * w, 2, 3), [h * w, 1, h, w], align_corners=False)
-    matrix = F.grid_sample(basis, grid, align_corners=False).view(h * w, h * w).to(device)   # row i: basis i rotated
-    flat = x.reshape(n * c, h * w)
-    out = torch.empty_like(flat)
-    for i in range(0, len(flat), chunk):   # on the run's device (a GPU makes it instant)
-        part = flat[i:i + chunk].to(device).float() @ matrix
-        out[i:i + chunk] = part.round_().clamp_(0, 255).to(torch.uint8).cpu()
-    return out.view(n, c, h, w)
+    if interpolation == "bilinear":
+        a = math.radians(degrees)
+        theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])   # output -> input
+        grid = F.affine_grid(theta.expand(1, 2, 3), [1, 1, h, w], align_corners=False)
+        out = torch.empty_like(x)
+        for i in range(0, n, 10000):   # float copies of a chunk only
+            part = x[i:i + 10000].float()
+            part = F.grid_sample(part, grid.expand(len(part), h, w, 2), align_corners=False)
+            out[i:i + 10000] = part.round_().clamp_(0, 255).to(torch.uint8)
+        return out
+    from PIL import Image
+    numbers = Image.fromarray(np.arange(1, h * w + 1, dtype=np.int32).reshape(h, w))
+    source = np.asarray(numbers.rotate(degrees)).reshape(-1)   # NEAREST; 0: from outside the image
+    out = np.take(x.reshape(n * c, h * w).numpy(), np.maximum(source - 1, 0), axis=1)   # numpy's take: 7x torch's
+    out *= (source > 0).astype(np.uint8)   # black outside, as PIL fills
+    return torch.from_numpy(out).view(n, c, h, w)
 
 
 @register_scenario("rotated_mnist", RotatedMnistOptions)
@@ -207,7 +223,7 @@ def rotated_mnist(o: RotatedMnistOptions, run) -> Scenario:
     tasks = []
     for i, angle in enumerate(angles):
         offset = 10 * i if setting == "class_il" else 0   # class_il tells the rotations apart by label
-        parts = [TaskData(rotate(x, angle, device=run.device), y + offset)
+        parts = [TaskData(rotate(x, angle, o.rotation_interpolation), y + offset)
                  for x, y in ((x_train, y_train), (x_test, y_test))]
         tasks.append(Task(i, f"rot{angle:.0f}", tuple(range(offset, offset + 10)), parts[0], parts[1],
                           n_outputs=10, source=everyone))

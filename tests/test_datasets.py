@@ -425,11 +425,36 @@ def mnist_root():
     return MNIST_SHARED
 
 
+def test_rotation_is_gems_pil_rotation_and_bilinear_is_the_former_matrix_product():
+    """nearest: each image equals PIL's Image.rotate of it (GEM's data/mnist_rotations.py). bilinear: the
+    rotation clsim had before, one 784 x 784 matrix built by grid_sample from the basis images (kept
+    here as the reference); float sums in another order may round a pixel at .5 the other way."""
+    import math
+    import torch.nn.functional as F
+    from PIL import Image
+    from clsim.scenarios.mnist import rotate
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (300, 1, 28, 28), dtype=np.uint8))
+    for degrees in (0.0, 90.0, 180.0, 33.7, 123.456, 179.99):
+        pil = np.stack([np.asarray(Image.fromarray(im[0]).rotate(degrees)) for im in x.numpy()])
+        assert np.array_equal(rotate(x, degrees).numpy()[:, 0], pil), degrees
+        a = math.radians(degrees)
+        theta = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0]])
+        grid = F.affine_grid(theta.expand(784, 2, 3), [784, 1, 28, 28], align_corners=False)
+        matrix = F.grid_sample(torch.eye(784).view(784, 1, 28, 28), grid, align_corners=False).view(784, 784)
+        former = (x.view(300, 784).float() @ matrix).round().clamp(0, 255).to(torch.uint8).view(x.shape)
+        diff = (rotate(x, degrees, "bilinear").int() - former.int()).abs()
+        assert diff.max() <= 1 and diff.count_nonzero() <= 5, (degrees, diff.count_nonzero())
+    for interpolation in ("nearest", "bilinear"):   # anticlockwise, exact at 90 degrees
+        assert torch.equal(rotate(x, 90, interpolation), torch.rot90(x, 1, dims=(2, 3)))
+    from clsim.scenarios.mnist import RotatedMnistOptions, _angles
+    stratified = _angles(RotatedMnistOptions(n_rotations=20))   # GEM's: task t's in [9t, 9(t+1))
+    uniform = _angles(RotatedMnistOptions(n_rotations=20, rotation_draw="uniform"))   # Mammoth's: each in [0, 180)
+    assert [int(a // 9) for a in stratified] == list(range(20)) and all(0 <= a < 180 for a in uniform)
+    assert sorted(int(a // 9) for a in uniform) != list(range(20))
+
+
 @pytest.mark.slow
 def test_rotated_mnist_is_domain_il_with_one_angle_per_task(tmp_path, mnist_root):
-    from clsim.scenarios.mnist import rotate
-    x = torch.arange(4 * 28 * 28).remainder(256).to(torch.uint8).view(4, 1, 28, 28)
-    assert torch.equal(rotate(x, 90), torch.rot90(x, 1, dims=(2, 3)))   # anticlockwise, exact at 90 degrees
     s = run(tmp_path, "--scenario", "rotated_mnist", "--data-root", str(mnist_root), "--n-rotations", "3",
             "--train-per-class", "30", "--test-per-class", "10", "--epochs", "2")
     info = s["scenario_info"]
@@ -507,3 +532,21 @@ def test_each_new_preset_runs_end_to_end_at_a_reduced_budget(tmp_path, server, m
     s = run(tmp_path, "--preset", name, *budget_flags(preset, 0.002), "--backbone-width", "4",
             "--data-root", str(tmp_path / "data"), "--download", "true", "--batch-size", "32")
     assert len(s["accuracy_matrix"]) == preset.options.get("n_tasks", 10) and s["strategy"] == preset.options["strategy"]
+
+
+RMNIST_PRESETS = [name for name, p in __import__("clsim.presets", fromlist=["x"]).all_presets().items()
+                  if p.options["scenario"] == "rotated_mnist"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", RMNIST_PRESETS)
+def test_each_rotated_mnist_preset_runs_end_to_end_at_a_reduced_budget(tmp_path, mnist_root, name):
+    """On the real MNIST files, at budget 0.002 and 3 of the 20 rotations, to keep it short."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from reproduce import budget_flags
+    from clsim import presets
+    preset = presets.get(name)
+    s = run(tmp_path, "--preset", name, *budget_flags(preset, 0.002), "--n-rotations", "3",
+            "--data-root", str(mnist_root))
+    assert len(s["accuracy_matrix"]) == 3 and s["strategy"] == preset.options["strategy"]
+    assert s["setting"] == "domain_il" and all(0 <= a < 180 for a in s["scenario_info"]["angles"])
