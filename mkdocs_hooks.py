@@ -148,7 +148,7 @@ def cli_page() -> str:
             out += ["", f"### {entry.name}", "", entry.description, ""]
             fields = dataclasses.fields(entry.options) if dataclasses.is_dataclass(entry.options) else ()
             out += _options_table(entry.options) if fields else ["No options of its own."]
-    for sub in ("sweep", "report"):
+    for sub in ("sweep", "report", "download"):
         out += ["", f"## clsim {sub}", "", "```text", _help([sub, "--help"]), "```"]
     return "\n".join(out)
 
