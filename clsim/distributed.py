@@ -17,12 +17,12 @@ that dominates a step:
   per-example squares of each worker's rows).
 
 Launch: `torchrun --nproc-per-node N run_scenario.py ...` (or python -m torch.distributed.run)
-sets the environment this module joins (`join`); `--workers N` starts the N processes itself
+sets the environment this module joins (`group`); `--workers N` starts the N processes itself
 through torch.distributed.run's API (`launch`). Only rank 0 writes the run directory.
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import datetime
 import json
 import logging
@@ -85,11 +85,21 @@ def device(name: str) -> str:
     return name
 
 
-def join(workers: int, device_name: str, options: dict) -> None:
-    """Join the process group that torchrun or `launch` set up (gloo on CPU, nccl on GPU) and refuse
-    a worker whose options differ from rank 0's. Nothing happens in a single process."""
+@contextlib.contextmanager
+def group(workers: int, device_name: str, options: dict):
+    """Inside: this process in the process group torchrun or `launch` set up (gloo on CPU, nccl on
+    GPU), with a worker whose options differ from rank 0's refused. Nothing happens in a single
+    process, nor in a group that someone else created (a script of the user's, Ray Train): its
+    creator tears it down.
+
+    A group created here is torn down here, after a final barrier: a process that exits with its
+    group alive leaves gloo's threads holding the last collectives' work to be freed while the
+    interpreter finalises, which aborts that process (SIGABRT) now and then, after a finished run
+    (pytorch/pytorch#179291, #190489). The barrier first: no worker closes its connections while a
+    peer still has a collective in flight. After a failure there is no barrier (a peer may be gone)."""
     world = launched()
     if world == 1 or active():
+        yield
         return
     if workers not in (1, world):
         raise UserError(f"--workers {workers} but the launcher started {world} processes; drop --workers "
@@ -98,6 +108,17 @@ def join(workers: int, device_name: str, options: dict) -> None:
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT)
+    try:
+        _refuse_other_options(options)
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
+    _collective(dist.barrier)
+    dist.destroy_process_group()
+
+
+def _refuse_other_options(options: dict) -> None:
     # where a machine keeps its files may differ; only rank 0 writes anyway
     mine = {k: repr(v) for k, v in sorted(options.items()) if k not in ("out", "data_root", "progress")}
     everyone: list = [None] * dist.get_world_size()
@@ -124,11 +145,6 @@ def check(scenario, learner, strategy, mechanism) -> None:
     if rank() == 0 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in learner.model.modules()):
         print("warning: batch normalisation uses each worker's rows for its batch statistics (as DDP does), so "
               "the figures differ from one process's", file=sys.stderr)
-
-
-def leave() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _collective(fn, *args, **kwargs):
@@ -269,8 +285,6 @@ def _worker(experiment, resume_dir):
         raise SystemExit(2) from None
     except (rundir.Interrupted, KeyboardInterrupt):
         raise SystemExit(130) from None
-    finally:
-        leave()
     return (result.summary, result.run_dir) if me == 0 else None
 
 
@@ -315,10 +329,8 @@ def _ray_worker(config: dict) -> None:
     context = ray.train.get_context()
     os.environ.update(RANK=str(context.get_world_rank()), LOCAL_RANK=str(context.get_local_rank()),
                       WORLD_SIZE=str(context.get_world_size()))
-    experiment = config["experiment"]
-    experiment.run_options = dataclasses.replace(experiment.run_options, address=None)   # here: run
     try:
-        result = experiment.run(config["resume_dir"])
+        result = config["experiment"].run(config["resume_dir"])
     except UserError as exc:
         raise RuntimeError(f"{_RAY_ERROR}{exc}{_RAY_ERROR}") from None
     if context.get_world_rank() > 0:
@@ -346,9 +358,11 @@ def launch_on_ray(experiment, workers: int, address: str, resume_dir: Path | Non
     env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [project, os.environ.get("PYTHONPATH")])),
                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}}
     logging.getLogger("ray").setLevel(logging.CRITICAL)
+    inside = ray.is_initialized()   # a sweep's trial: already on the sweep's cluster, which stays up
     try:
-        ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level="ERROR",
-                 **({"include_dashboard": False} if address == "local" else {}))
+        if not inside:
+            ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level="ERROR",
+                     **({"include_dashboard": False} if address == "local" else {}))
     except ConnectionError as exc:
         raise UserError(f"--address {address}: no Ray cluster answered ({exc}); start one with "
                         f"'ray start --head', or use --workers alone on one machine") from None
@@ -371,7 +385,8 @@ def launch_on_ray(experiment, workers: int, address: str, resume_dir: Path | Non
                 first = text.strip().splitlines()[-1][:200] if text.strip() else type(exc).__name__
                 raise UserError(f"the Ray Train run failed: {first}") from None
     finally:
-        ray.shutdown()
+        if not inside:
+            ray.shutdown()
     return result["summary"], None if result["run_dir"] == "None" else Path(result["run_dir"])
 
 

@@ -276,12 +276,17 @@ class Experiment:
         (out=None: nothing is written). With `resume_dir` (an interrupted run's hidden .partial
         directory) continue that run from its last checkpoint."""
         run = self.run_options
-        if run.address is not None or (run.workers > 1 and distributed.launched() == 1):
+        if (run.address is not None or run.workers > 1) and distributed.launched() == 1:   # start the workers
             summary, run_dir = distributed.launch_on_ray(self, run.workers, run.address, resume_dir) \
                 if run.address is not None else distributed.launch(self, run.workers, resume_dir)
             return Result(summary, run_dir, np.asarray(summary["accuracy_matrix"], dtype=float))
-        distributed.join(run.workers, run.device, {**self.given, "scenario": self.scenario_name,
-                                                    "strategy": self.strategy_name})
+        with distributed.group(run.workers, run.device, {**self.given, "scenario": self.scenario_name,
+                                                          "strategy": self.strategy_name}):
+            return self._run_here(resume_dir)
+
+    def _run_here(self, resume_dir: Path | None) -> Result:
+        """`run` in this process (one worker of a data-parallel run, or the only one)."""
+        run = self.run_options
         if distributed.rank() > 0:   # a worker besides rank 0 trains its share and writes nothing
             parts = self._assemble()
             summary = self._train(parts, None, None)

@@ -183,6 +183,8 @@ def run_trial(options: dict, trial_dir: Path, threads: int) -> dict:
     torch.set_num_threads(threads)
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "error.txt").unlink(missing_ok=True)
+    if _data_parallel(options) and not options.get("address"):
+        options = {**options, "address": "auto"}   # data-parallel: Ray Train workers on the sweep's cluster
     try:
         result = Experiment(**options, out=str(trial_dir), progress=False).run()   # SET_BY_SWEEP
     except Exception as exc:   # recorded in one line; Tune keeps the traceback under tune/<id>/
@@ -196,6 +198,19 @@ def _trainable(params: dict) -> None:
     from ray import tune
     trial = params["trial"]
     tune.report(run_trial(trial["options"], Path(trial["trial_dir"]), trial["threads"]))
+
+
+def _reservation(trial: dict):
+    """What Ray reserves for a trial: its `threads` CPUs; for a data-parallel trial (workers > 1) no
+    CPU, as its process only waits while the Ray Train workers it starts (a CPU each, in a placement
+    group of their own) do the work. (Tune takes no empty reservation: one byte of memory.)"""
+    from ray.tune import PlacementGroupFactory
+    return PlacementGroupFactory([{"memory": 1} if _data_parallel(trial["options"]) else {"CPU": trial["threads"]}])
+
+
+def _data_parallel(options: dict) -> bool:
+    workers = options.get("workers", 1)
+    return isinstance(workers, int) and workers > 1
 
 
 def _trial_name(trial) -> str:
@@ -296,7 +311,7 @@ def _run_on_ray(pending: list[dict], sweep_dir: Path, threads: int, address: str
                         f"'ray start --head' or leave --address out to run locally") from None
     try:
         tuner = tune.Tuner(
-            tune.with_resources(_trainable, {"cpu": threads}),
+            tune.with_resources(_trainable, lambda config: _reservation(config["trial"])),
             param_space={"trial": tune.grid_search(pending)},
             tune_config=tune.TuneConfig(trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir.resolve()),
