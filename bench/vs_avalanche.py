@@ -24,10 +24,10 @@ Differences that remain (and are printed as figures below):
 - Both start each task with a fresh optimiser (Avalanche: reset_optimizer_state=True).
 
     python bench/vs_avalanche.py                     # 200/100 images per class, reduced ResNet-18
-    python bench/vs_avalanche.py --train-per-class 0 --test-per-class 0   # all of CIFAR-10
-    python bench/vs_avalanche.py --device cuda                            # on a GPU
+    python bench/vs_avalanche.py --full                                   # all of CIFAR-10
+    python bench/vs_avalanche.py --full --device cuda                     # on a GPU (bench/gpu_suite.sh)
     python bench/vs_avalanche.py --seeds 3                                # mean ± sd over seeds
-Targets: clsim >= 2x faster, final ACC within 1 point.
+Targets: clsim >= 2x faster on a CPU, >= 4x on a GPU (all of CIFAR-10), final ACC within 1 point.
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from clsim import Experiment  # noqa: E402
+from clsim.config import RunOptions  # noqa: E402
 from clsim.learners.supervised import SupervisedLearner  # noqa: E402
 from clsim.scenarios.avalanche import tensor_dataset  # noqa: E402
 from clsim.scenarios.split_cifar import SplitCifarOptions, split_cifar  # noqa: E402
@@ -114,6 +115,7 @@ def main() -> None:
     p.add_argument("--data-root", default=str(DEFAULT_ROOT))
     p.add_argument("--train-per-class", type=int, default=200, help="0: all 5000")
     p.add_argument("--test-per-class", type=int, default=100, help="0: all 1000")
+    p.add_argument("--full", action="store_true", help="all of CIFAR-10: 5000/1000 images per class (as 0 and 0)")
     p.add_argument("--backbone", default="resnet18", choices=("cnn", "resnet18"))
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
@@ -129,9 +131,11 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--avalanche-workers", type=int, default=0, help="DataLoader worker processes for Avalanche")
     a = p.parse_args()
+    if a.full:
+        a.train_per_class = a.test_per_class = 0
     torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore")
-    run = SimpleNamespace(data_root=a.data_root, setting="class_il")
+    run = RunOptions(data_root=a.data_root, setting="class_il")
     scenario = split_cifar(SplitCifarOptions(train_per_class=a.train_per_class, test_per_class=a.test_per_class,
                                              backbone=a.backbone), run)
     # Warm-up on a few images: lazy imports and first-call kernel set-up are not what we compare.
@@ -149,7 +153,7 @@ def main() -> None:
         acc_a, acc_c = [r.acc_av for r in runs], [r.acc_clsim for r in runs]
         diff = [c - v for c, v in zip(acc_c, acc_a)]
         print(f"over {len(runs)} seeds: wall time avalanche {t_av:8.2f} s   clsim {t_c:8.2f} s   "
-              f"speed-up {t_av / t_c:.2f}x (target >= 2)")
+              f"speed-up {t_av / t_c:.2f}x (target >= {speed_target(a)})")
         print(f"  mean final ACC: avalanche {mean_sd(acc_a)}   clsim {mean_sd(acc_c)}   "
               f"difference {mean_sd(diff, '+.2f')} (target within 1)")
 
@@ -166,7 +170,7 @@ def compare(scenario, a, seed: int) -> SimpleNamespace:
               for t, f in enumerate(clsim_ewc.fishers)]
     print(f"seed {seed}")
     print(f"wall time (train + Fisher): avalanche {t_av:8.2f} s   clsim {t_clsim:8.2f} s   "
-          f"speed-up {t_av / t_clsim:.2f}x (target >= 2)")
+          f"speed-up {t_av / t_clsim:.2f}x (target >= {speed_target(a)})")
     print(f"  of which Fisher:          avalanche {p_av['fisher']:8.2f} s   clsim {p_clsim['fisher']:8.2f} s")
     print(f"final ACC:                  avalanche {acc_a:8.2f}     clsim {acc_c:8.2f}     "
           f"difference {acc_c - acc_a:+.2f} (target within 1)")
@@ -180,6 +184,10 @@ def compare(scenario, a, seed: int) -> SimpleNamespace:
     print(f"lr x stiffest penalty curvature after the last task (SGD diverges past 2): "
           f"avalanche {a.lr * k_av:.3g}  clsim {a.lr * k_clsim:.3g}", flush=True)
     return SimpleNamespace(t_av=t_av, t_clsim=t_clsim, acc_av=acc_a, acc_clsim=acc_c)
+
+
+def speed_target(a) -> int:
+    return 4 if a.device.startswith("cuda") else 2
 
 
 def mean_sd(xs: list[float], fmt: str = ".2f") -> str:
