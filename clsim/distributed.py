@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import signal
+import socket
 import sys
 import tempfile
 import uuid
@@ -333,13 +333,24 @@ def _ray_worker(config: dict) -> None:
         result = config["experiment"].run(config["resume_dir"])
     except UserError as exc:
         raise RuntimeError(f"{_RAY_ERROR}{exc}{_RAY_ERROR}") from None
-    if context.get_world_rank() > 0:
-        ray.train.report({})
-        return
-    with tempfile.TemporaryDirectory() as folder:   # Ray Train keeps what comes with a checkpoint
-        Path(folder, "result.json").write_text(json.dumps({"summary": result.summary, "run_dir": str(result.run_dir)},
-                                                          default=str))
-        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    if context.get_world_rank() == 0:   # through Ray's object store: rank 0 may be on another machine
+        ray.get(config["inbox"].put.remote({"summary": result.summary, "run_dir": str(result.run_dir),
+                                            "host": socket.gethostname()}))
+
+
+class _Inbox:
+    """Rank 0's result, held for the driver by a Ray actor. Not a Ray Train checkpoint: that is
+    written under RunConfig's storage_path on rank 0's machine, which the driver cannot read on a
+    cluster without shared storage."""
+
+    def __init__(self):
+        self.result = None
+
+    def put(self, result: dict) -> None:
+        self.result = result
+
+    def get(self) -> dict | None:
+        return self.result
 
 
 _RAY_ERROR = "<clsim-error>"
@@ -369,15 +380,16 @@ def launch_on_ray(experiment, workers: int, address: str, resume_dir: Path | Non
     except ValueError as exc:   # Ray's check of the address's form
         raise UserError(f"--address {address}: {exc}; give host:port, ray://host:port or local") from None
     try:
+        inbox = ray.remote(num_cpus=0)(_Inbox).remote()
         with tempfile.TemporaryDirectory(prefix="clsim-ray-") as storage:
             trainer = TorchTrainer(
-                _ray_worker, train_loop_config={"experiment": experiment, "resume_dir": resume_dir},
+                _ray_worker, train_loop_config={"experiment": experiment, "resume_dir": resume_dir, "inbox": inbox},
                 scaling_config=ScalingConfig(num_workers=workers,
                                              use_gpu=experiment.run_options.device.startswith("cuda")),
                 run_config=RunConfig(storage_path=storage, failure_config=FailureConfig(max_failures=0)))
             try:
-                with trainer.fit().checkpoint.as_directory() as folder:
-                    result = json.loads(Path(folder, "result.json").read_text())
+                trainer.fit()
+                result = ray.get(inbox.get.remote())
             except Exception as exc:   # noqa: BLE001 - Ray wraps the worker's error: say it in one line
                 text = str(exc)
                 if _RAY_ERROR in text:
@@ -387,6 +399,9 @@ def launch_on_ray(experiment, workers: int, address: str, resume_dir: Path | Non
     finally:
         if not inside:
             ray.shutdown()
+    if result["host"] != socket.gethostname() and result["run_dir"] != "None":
+        print(f"the run directory is on {result['host']}, the machine of worker 0 (give --out a shared "
+              f"filesystem to have it everywhere)", file=sys.stderr)
     return result["summary"], None if result["run_dir"] == "None" else Path(result["run_dir"])
 
 

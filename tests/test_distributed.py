@@ -275,6 +275,25 @@ def test_address_runs_the_workers_through_ray_train_on_a_local_cluster(tmp_path,
 
 
 @pytest.mark.slow
+def test_address_runs_the_workers_on_two_nodes_of_a_ray_cluster(tmp_path, one_process):
+    """A Ray cluster of a head with no CPU and two nodes of one CPU each (three raylets on
+    127.0.0.1): one worker on each node, neither on the head, where the command runs. Rank 0's
+    result comes back through Ray (not a Ray Train checkpoint, which would lie on rank 0's node)."""
+    cluster_utils = pytest.importorskip("ray.cluster_utils")
+    pytest.importorskip("ray.train")
+    cluster = cluster_utils.Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for _ in range(2):
+            cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        done = cli(*CLI, "--workers", "2", "--address", cluster.address, out=tmp_path)
+    finally:
+        cluster.shutdown()
+    assert done.returncode == 0, done.stderr
+    assert close(read_summary(tmp_path)["accuracy_matrix"], one_process["accuracy_matrix"])
+
+
+@pytest.mark.slow
 def test_a_sweep_trial_with_two_workers_runs_them_through_ray_train_and_gives_the_one_process_figures(tmp_path,
                                                                                                       one_process):
     """A trial of `workers: 2` on the sweep's local Ray: its 2 workers are Ray Train's (the run
