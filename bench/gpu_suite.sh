@@ -43,7 +43,7 @@ for case in "naive" "naive --compile" "naive --precision bf16-mixed" "derpp"; do
     set -- $case
     name="images_s_$(echo "$case" | tr -d '-' | tr ' ' '_')"
     check "$name" 25 1 "$TABLE_ROW" $PY bench/scaling.py --scenario split_cifar --data-root "$ROOT" --device cuda \
-        --strategy "$@" --workers 1 --epochs 1 --batch-size 128
+        --strategy "$@" --workers 1 --epochs 1 --batch-size 128 --warmup
 done
 check scaling 30 1 "$TABLE_ROW" $PY bench/scaling.py --scenario split_cifar --model resnet18 --data-root "$ROOT" \
     --device cuda --workers "$WORKERS" --epochs 1 --batch-size 256

@@ -50,9 +50,12 @@ def main() -> None:
     p.add_argument("--model", default=None, help="split_cifar: --backbone of the scenario (e.g. resnet18)")
     p.add_argument("--train-per-class", type=int, default=None, help="split_cifar: training images per class")
     p.add_argument("--test-per-class", type=int, default=None, help="split_cifar: test images per class")
+    p.add_argument("--warmup", action="store_true",
+                   help="an untimed 1-worker run first: the 1-worker rows then exclude first-call set-up (device "
+                        "context, kernels), as the processes of an N-worker run cannot")
     p.add_argument("--compile", action="store_true",
-                   help="train through torch.compile (an untimed 1-worker run compiles first; the processes of "
-                        "an N-worker run compile again, from inductor's disk cache, and that counts in their time)")
+                   help="train through torch.compile (implies --warmup, which compiles; the processes of an "
+                        "N-worker run compile again, from inductor's disk cache, and that counts in their time)")
     p.add_argument("--precision", default="32", choices=("32", "bf16-mixed"))
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
@@ -63,7 +66,7 @@ def main() -> None:
                **({"data_root": a.data_root} if a.data_root else {}),
                **({"backbone": a.model} if a.model else {}),
                **{k: getattr(a, k) for k in ("train_per_class", "test_per_class") if getattr(a, k) is not None}}
-    if a.compile:
+    if a.warmup or a.compile:
         measure(options, 1)
     rows = [measure(options, int(n)) for n in a.workers.split(",")]
     base = rows[0]
