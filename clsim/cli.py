@@ -217,7 +217,8 @@ def download_command(argv: list[str]) -> int:
                             "(as a run does on first use), e.g. on a cluster's login node before runs with "
                             f"--no-download ({OFFLINE_ENV}=1) on compute nodes without internet. A dataset "
                             "already there is left as it is.")
-    p.add_argument("scenarios", nargs="+", metavar="SCENARIO", help=f"one or more of: {', '.join(datasets.SCENARIO_DATA)}")
+    p.add_argument("scenarios", nargs="+", metavar="SCENARIO",
+                   help=f"one or more of: {', '.join(datasets.SCENARIO_DATA)}")
     p.add_argument("--data-root", default=default_data_root(), help="the runs' --data-root (default: %(default)s)")
     p.add_argument("--data-mirror", help="fetch the official files from this URL (a folder holding them); still "
                                          "checked against the official checksums")
@@ -250,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in commands:
         command, argv = commands[argv[0]], argv[1:]
     elif argv and not argv[0].startswith("-"):
-        print(f"error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}; use clsim run|sweep|report|download "
-              f"(see --help)", file=sys.stderr)
+        print(f"error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}; use clsim "
+              f"run|sweep|report|download (see --help)", file=sys.stderr)
         return 2
     warnings.showwarning = _warn_in_one_line   # users read the message, not our source lines
     in_main_thread = threading.current_thread() is threading.main_thread()

@@ -340,7 +340,8 @@ def test_clsim_download_fetches_verifies_once_and_offline_runs_find_the_data(tmp
     """`clsim download` on a login node (CLSIM_NO_DOWNLOAD is set for the whole suite: the command
     downloads anyway), then a run with downloads off, as on an offline compute node."""
     from clsim import cli
-    for dataset, path in ((datasets.CIFAR100, cifar100_archive(server.folder)), (datasets.CIFAR10, cifar10_archive(server.folder)),
+    for dataset, path in ((datasets.CIFAR100, cifar100_archive(server.folder)),
+                          (datasets.CIFAR10, cifar10_archive(server.folder)),
                           (datasets.TINY_IMAGENET, tiny_imagenet_zip(server.folder, train_per_class=1))):
         serve_as(monkeypatch, dataset, server, path)
     root = tmp_path / "data"
@@ -374,7 +375,8 @@ def test_clsim_download_refuses_bad_names_and_files_in_one_line_keeping_nothing(
     assert not server.gets and not root.exists()   # every name is checked before anything is fetched
     (server.folder / "mirror").mkdir()
     cifar100_archive(server.folder / "mirror", per_class=3)   # the official name, other bytes
-    assert cli.main(["download", "split_cifar100", "--data-root", str(root), "--data-mirror", f"{server.url}/mirror"]) == 2
+    argv = ["download", "split_cifar100", "--data-root", str(root), "--data-mirror", f"{server.url}/mirror"]
+    assert cli.main(argv) == 2
     said = capsys.readouterr().err.splitlines()   # the progress line, then the error
     assert said[0].startswith("downloading CIFAR-100") and len(said) == 2
     assert said[1].startswith("error: ") and f"{server.url}/mirror/cifar-100-python.tar.gz: checksum" in said[1]
