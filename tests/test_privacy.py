@@ -93,6 +93,21 @@ def test_target_epsilon_sets_noise_for_the_worst_dataset():
     assert len(set(round(v, 6) for v in per_dataset.values())) > 1   # tasks differ in size
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_noise_multiplier_too_small_to_account_is_no_noise(accountant):
+    """σ² underflowed to a division by zero in Opacus's RDP analysis (a fuzzed --noise-multiplier
+    5e-324), and PRV's grid overflowed at σ = 0: such σ count as no noise, ε = ∞."""
+    for sigma in (0.0, 5e-324, 1e-200):
+        assert accounting.epsilon([accounting.gaussian(0.05, sigma, 10)], 1e-5, accountant) == math.inf
+
+
+def test_prv_gives_way_to_rdps_bound_where_its_grid_would_not_fit():
+    tiny = [accounting.gaussian(0.01, 0.001, 10)]   # PRV asked numpy for 237 GiB
+    assert accounting.epsilon(tiny, 1e-5, "prv") == accounting.epsilon(tiny, 1e-5, "rdp") > accounting.PRV_MAX_EPSILON
+    usual = [accounting.gaussian(1.0, 1.0, 10)]     # where it fits, PRV's tighter figure
+    assert accounting.epsilon(usual, 1e-5, "prv") < accounting.epsilon(usual, 1e-5, "rdp")
+
+
 # --- one real step -----------------------------------------------------------------------------
 
 def reference_grads(learner, batch, params, perturbations=None):

@@ -4,7 +4,8 @@ A ledger access is a dict {"mechanism": kind, "steps": k, ...parameters}. Each k
 Rényi-DP curve here (`register_rdp`): "gaussian" (Poisson-subsampled Gaussian, Opacus's
 analysis) and "laplace" (Mironov 2017, Prop. 6). A third-party mechanism registers its own
 curve and needs no other edit. The "prv" accountant (Opacus's PRV) is tighter for Gaussians;
-a stream that holds any other kind is accounted with RDP instead (noted by the ledger).
+a stream that holds any other kind is accounted with RDP instead (noted by the ledger), and so is
+one whose RDP ε exceeds PRV_MAX_EPSILON (where PRV's grid no longer fits in memory or time).
 """
 from __future__ import annotations
 
@@ -35,11 +36,22 @@ def register_rdp(kind: str):
     return decorate
 
 
+#: σ below which the subsampled Gaussian counts as no noise at all (ε = ∞): Opacus's RDP analysis breaks
+#: down further down (σ² underflows to a division by zero below ~1e-162, its series never ends near
+#: 1e-155), and at σ = 1e-100 ε is already above 1e200
+NO_NOISE = 1e-100
+#: ε (by RDP) above which the PRV accountant is not tried and RDP's bound stands: PRV's grid grows with
+#: ε (σ = 0.001 asked for 237 GiB, σ = 0.01 ran for minutes), and its tighter figure matters no more there
+PRV_MAX_EPSILON = 100.0
+
+
 @register_rdp("gaussian")
 @lru_cache(maxsize=4096)
 def gaussian_rdp(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     """One release of the Poisson-subsampled Gaussian (add/remove adjacency), cached because
     the ledger asks after every training step (recomputing the curve each time took ~1 s)."""
+    if noise_multiplier < NO_NOISE:
+        return np.full(len(orders()), np.inf)
     from opacus.accountants.analysis.rdp import compute_rdp
     return np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=orders()))
 
@@ -75,14 +87,15 @@ def epsilon(accesses: list[dict], delta: float, accountant: str = "rdp") -> floa
         return 0.0
     with warnings.catch_warnings():   # "optimal order is the largest alpha": only a looser bound
         warnings.simplefilter("ignore")
-        if accountant == "prv" and all(a["mechanism"] == "gaussian" for a in accesses):
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+        rdp = sum(a["steps"] * _RDP[a["mechanism"]](**_parameters(a)) for a in accesses)
+        bound = float(get_privacy_spent(orders=orders(), rdp=rdp, delta=delta)[0])
+        if accountant == "prv" and bound <= PRV_MAX_EPSILON and all(a["mechanism"] == "gaussian" for a in accesses):
             from opacus.accountants import create_accountant
             acc = create_accountant("prv")
             acc.history = [(a["noise_multiplier"], a["sample_rate"], a["steps"]) for a in accesses]
             return float(acc.get_epsilon(delta=delta))
-        from opacus.accountants.analysis.rdp import get_privacy_spent
-        rdp = sum(a["steps"] * _RDP[a["mechanism"]](**_parameters(a)) for a in accesses)
-        return float(get_privacy_spent(orders=orders(), rdp=rdp, delta=delta)[0])
+        return bound
 
 
 def gaussian(sample_rate: float, noise_multiplier: float, steps: int, purpose: str = "") -> dict:

@@ -41,7 +41,8 @@ DEFAULT_FISHER_CLIP = 1e-3
 @dataclass
 class DPOptions:
     noise_multiplier: float | None = opt(None, "σ: noise std relative to --max-grad-norm (give this or "
-                                         f"--epsilon; {DEFAULT_NOISE} if neither)", low=0.0)
+                                         f"--epsilon; {DEFAULT_NOISE} if neither; below 1e-100 it counts as no "
+                                         "noise: ε = ∞)", low=0.0)
     epsilon: float | None = opt(None, "target ε for the whole stream: σ (and the DP-Fisher's σ_F) are chosen "
                                 "so that every individual, over every release of every task that holds "
                                 "them, stays within it", low=0.0, low_open=True)
@@ -50,7 +51,8 @@ class DPOptions:
     max_grad_norm: float = opt(1.0, "C: every per-example gradient is clipped to this L2 norm",
                                low=0.0, low_open=True)
     accountant: str = opt("rdp", "privacy accountant (Opacus): rdp (ε logged every step) or prv (tighter, "
-                          "slower: ε logged once per epoch)", choices=("rdp", "prv"))
+                          "slower: ε logged once per epoch; where RDP's ε exceeds 100, RDP's bound stands)",
+                          choices=("rdp", "prv"))
     fisher_privacy: str = opt("dp", "Fisher information for EWC/BLIP: dp (clipped per-example squared "
                               "gradients + Gaussian noise, accounted) or raw (exact; that task's ε = ∞)",
                               choices=("dp", "raw"))
