@@ -346,7 +346,9 @@ def test_ewc_under_dpsgd_through_the_cli_has_finite_epsilon_and_an_audit(tmp_pat
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--strategy", "dpsgd", "--epsilon", "1e-9"], "cannot be met"),
+    (["--strategy", "dpsgd", "--epsilon", "1e-9"], "--epsilon 1e-09 cannot be met"),
+    (["--strategy", "ewc", "--privacy", "dpsgd", "--epsilon", "1e-4"],   # it named the share as --epsilon
+     "the DP-Fisher's ε 1e-05 (--fisher-budget-share 0.1 of --epsilon 0.0001) cannot be met"),
     (["--strategy", "dpsgd", "--delta", "0.01"], "must be < 1/N"),
     (["--strategy", "dpsgd", "--epsilon", "3", "--noise-multiplier", "1"], "not both"),
     (["--strategy", "dpsgd", "--batch-size", "5000"], "exceeds"),

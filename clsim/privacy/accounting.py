@@ -105,12 +105,13 @@ def gaussian(sample_rate: float, noise_multiplier: float, steps: int, purpose: s
 
 
 def noise_for_target(target: float, delta: float, groups: dict[str, tuple[list, list]],
-                     accountant: str = "rdp") -> float:
+                     accountant: str = "rdp", budget: str = "") -> float:
     """The smallest σ (within 1% of `target` in ε) such that every group of individuals meets it.
 
     `groups`: name -> (uses, fixed): `uses` the (sample_rate, steps) trained at σ, `fixed` the
     accesses whose noise is already set (e.g. DP-Fisher releases). Each group's σ comes from a
-    bisection on the composed ε; the answer is the largest (the worst-off group sets it)."""
+    bisection on the composed ε; the answer is the largest (the worst-off group sets it).
+    `budget`: what `target` is, for the error (default: --epsilon itself)."""
     sigma = 0.0
     for name, (uses, fixed) in groups.items():
         if not uses:
@@ -123,7 +124,7 @@ def noise_for_target(target: float, delta: float, groups: dict[str, tuple[list, 
         while eps(high) > target:
             low, high = high, high * 2
             if high > 1e6:
-                raise UserError(f"--epsilon {target} cannot be met for {name} ({describe(uses)}, "
+                raise UserError(f"{budget or f'--epsilon {target:g}'} cannot be met for {name} ({describe(uses)}, "
                                 f"δ={delta:g}) with any noise multiplier below 1e6; raise --epsilon or "
                                 f"lower --epochs or --batch-size, or give the Fisher a larger share")
         while high - low > 1e-3 * high and eps(high) < 0.99 * target:

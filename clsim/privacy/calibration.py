@@ -49,7 +49,9 @@ def calibrate(options, plans: dict, tasks, epochs: int, fisher_releases: int) ->
     if fisher:
         fisher_sigma = accounting.noise_for_target(
             o.fisher_budget_share * o.epsilon, delta,
-            {name[g]: ([(1.0, fisher * len(g.tasks))], []) for g in groups}, o.accountant)
+            {name[g]: ([(1.0, fisher * len(g.tasks))], []) for g in groups}, o.accountant,
+            f"the DP-Fisher's ε {o.fisher_budget_share * o.epsilon:g} (--fisher-budget-share "
+            f"{o.fisher_budget_share:g} of --epsilon {o.epsilon:g})")
     plan = {name[g]: ([(plans[d].sample_rate, epochs * plans[d].releases_per_epoch) for d in g.tasks],
                       [accounting.gaussian(1.0, fisher_sigma, fisher * len(g.tasks))] if fisher else [])
             for g in groups}
