@@ -89,6 +89,9 @@ def flag(name: str) -> str:
 #: the bound of every integer option that states none: no count in a run comes near it, and past
 #: it values overflow the C integers of torch and numpy (a traceback, or a silent wrap)
 INT_HIGH = 2**31 - 1
+#: the bound of every float option that states none: float32's largest value, past which a figure cannot
+#: meet the float32 tensors it scales (torch refused to convert --lr 1e308: a traceback)
+FLOAT_HIGH = 3.4028234663852886e38
 
 
 def validate(options) -> None:
@@ -105,8 +108,8 @@ def validate(options) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 raise OptionError(f.name, f"{flag(f.name)} must be a finite number, got {value}")
             low, high = meta.get("low"), meta.get("high")
-            if high is None and isinstance(value, int):
-                high = INT_HIGH
+            if high is None:
+                high = INT_HIGH if isinstance(value, int) else FLOAT_HIGH
             if low is not None and (value < low or (meta.get("low_open") and value == low)):
                 rel = ">" if meta.get("low_open") else ">="
                 raise OptionError(f.name, f"{flag(f.name)} must be {rel} {low}, got {value}")

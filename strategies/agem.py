@@ -156,7 +156,10 @@ class GEM(EpisodicMemory):
 
     def project(self, g):
         memories = torch.stack([self.memory_gradient(entry) for entry in self.memory])   # M: [tasks, params]
-        if bool((memories @ g >= 0).all()):     # a host read: the QP below runs on the host anyway
+        # One host read (the QP below runs on the host anyway). A diverged step (non-finite gradients)
+        # is left to the engine, which stops on its loss: the QP solver failed on it with a traceback.
+        diverged = ~(memories.isfinite().all() & g.isfinite().all())
+        if bool(diverged | (memories @ g >= 0).all()):
             return None
         self.projected += 1
         from scipy.optimize import lsq_linear

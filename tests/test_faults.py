@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import gzip
 import json
+import math
 import os
 import pickle
 import random
@@ -700,16 +701,17 @@ def test_a_run_is_not_resumed_by_other_code_or_other_options(partial, monkeypatc
     (["--strategy", "er", "--replay-size", "1e23"], "--replay-size must be a whole number, got '1e23'"),
     (["--strategy", "er", "--replay-size", str(2 ** 63)], "--replay-size must be <= 2147483647"),
     (["--class-order-seed", str(2 ** 64)], "--class-order-seed must be <= 2147483647"),
+    (["--lr", "1e308"], "--lr must be <= 3.4028234663852886e+38, got 1e+308"),   # torch could not convert it
 ])
-def test_every_integer_option_is_bounded(tmp_path, capsys, args, expected):
+def test_every_number_option_is_bounded(tmp_path, capsys, args, expected):
     assert cli.main([*args, "--out", str(tmp_path / "o")]) == 2
     one_line_error(capsys.readouterr().err, expected)
     assert not (tmp_path / "o").exists()
 
 
-def test_every_integer_option_has_a_bound():
-    """Each int field of every party's options, one past its bound (INT_HIGH unless it states one),
-    is refused with its own flag."""
+def test_every_number_option_has_a_bound():
+    """Each int and float field of every party's options, one past its bound (INT_HIGH or FLOAT_HIGH
+    unless it states one: --lr 1e308 was a torch conversion traceback), is refused with its own flag."""
     import dataclasses
     import typing
     from clsim.registry import LOGGERS, MECHANISMS, SCENARIOS, STRATEGIES
@@ -718,14 +720,24 @@ def test_every_integer_option_has_a_bound():
     classes |= {e.options for r in (SCENARIOS, MECHANISMS) for e in r.entries() if e.options}
     classes |= {e.target.Options for r in (STRATEGIES, LOGGERS) for e in r.entries()
                 if getattr(e.target, "Options", None)}
-    tried = 0
+    past = {int: lambda high: (high or cli.config.INT_HIGH) + 1,
+            float: lambda high: math.nextafter(high or cli.config.FLOAT_HIGH, math.inf)}
+    tried = {int: 0, float: 0}
     for cls in classes:
         for f in dataclasses.fields(cls):
-            if cli.config._scalar_type(typing.get_type_hints(cls)[f.name]) is int:
+            kind = cli.config._scalar_type(typing.get_type_hints(cls)[f.name])
+            if kind in past:
                 with pytest.raises(UserError, match=re.escape(cli.config.flag(f.name)) + " must be <="):
-                    cli.config.build(cls, {f.name: (f.metadata.get("high") or cli.config.INT_HIGH) + 1})
-                tried += 1
-    assert tried > 40
+                    cli.config.build(cls, {f.name: past[kind](f.metadata.get("high"))})
+                tried[kind] += 1
+    assert tried[int] > 40 and tried[float] > 40
+
+
+def test_a_diverging_gem_step_is_the_engines_one_line_not_a_solver_traceback(tmp_path, capsys):
+    """GEM's QP solver was handed the NaN gradients of a diverged step (scipy: 'SVD did not converge')."""
+    assert cli.main(["--strategy", "gem", "--gem-margin", "3e38", "--n-tasks", "2", "--epochs", "1", "--hidden", "8",
+                     "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, "the loss became nan at task 1 ")
 
 
 def test_a_model_too_large_for_memory_is_one_line_before_it_is_allocated(tmp_path, capsys):
