@@ -24,7 +24,11 @@ class Audit:
             raise UserError(f"--audit {self.options.audit} attacks labelled examples, which scenario "
                             f"{scenario.name} ({learner.kind}) does not have: drop --audit")
         if self.options.audit == "one-run":
-            self.canaries = plant_canaries(scenario, self.options.audit_canaries, self.seed)
+            m, k = self.options.audit_canaries, self.options.audit_guesses
+            if k > m // 2:   # k 'in' and k 'out' guesses among m canaries (it was cut to m // 2 silently)
+                raise UserError(f"--audit-guesses {k} guesses on each side of the --audit-canaries {m} ranked "
+                                f"canaries: give at most {m // 2}, or more canaries")
+            self.canaries = plant_canaries(scenario, m, self.seed)
 
     def result(self, parts) -> dict | None:
         """The summary.json `audit` section, from the trained parts."""

@@ -350,6 +350,8 @@ def test_ewc_under_dpsgd_through_the_cli_has_finite_epsilon_and_an_audit(tmp_pat
     (["--strategy", "ewc", "--privacy", "dpsgd", "--epsilon", "1e-4"],   # it named the share as --epsilon
      "the DP-Fisher's ε 1e-05 (--fisher-budget-share 0.1 of --epsilon 0.0001) cannot be met"),
     (["--strategy", "dpsgd", "--delta", "0.01"], "must be < 1/N"),
+    (["--strategy", "dpsgd", "--audit", "one-run", "--audit-canaries", "10", "--audit-guesses", "6"],
+     "--audit-guesses 6 guesses on each side of the --audit-canaries 10"),   # was cut to 5 silently
     (["--strategy", "dpsgd", "--epsilon", "3", "--noise-multiplier", "1"], "not both"),
     (["--strategy", "dpsgd", "--batch-size", "5000"], "exceeds"),
     (["--strategy", "dplis", "--dplis-k", "0"], "--dplis-k must be >= 1"),

@@ -47,8 +47,8 @@ class AuditOptions:
     audit_examples: int = opt(1000, "mia: most members (and as many non-members) per task", low=10)
     audit_canaries: int = opt(50, "one-run: canaries m (mislabelled examples of the last task, each kept "
                               "with probability 1/2)", low=2)
-    audit_guesses: int = opt(10, "one-run: guesses k on each side (k highest scores 'in', k lowest 'out')",
-                             low=1)
+    audit_guesses: int = opt(10, "one-run: guesses k on each side (k highest scores 'in', k lowest 'out'; at "
+                             "most half of --audit-canaries)", low=1)
 
 
 @torch.no_grad()
@@ -220,7 +220,7 @@ def one_run(learner, scenario, canaries: Canaries, ledger, guesses: int) -> dict
     """The summary.json `audit` section of the one-run audit."""
     task = scenario.tasks[canaries.task_index]
     scores = -example_losses(learner, task, canaries.x, canaries.y)
-    m, k = len(scores), min(guesses, len(scores) // 2)
+    m, k = len(scores), guesses
     order = scores.argsort(descending=True)
     correct = int(canaries.kept[order[:k]].sum()) + int((~canaries.kept[order[-k:]]).sum())
     accountant = ledger.epsilon(task.dataset_id)
