@@ -752,6 +752,7 @@ def test_a_model_too_large_for_memory_is_one_line_before_it_is_allocated(tmp_pat
     (["--hidden", "2147483647"], "the model is too large for any machine"),   # the meta probe overflowed
     (["--strategy", "er", "--epochs", "10000000", "--replay-size", "2000000000"],
      "--replay-size 2000000000: a buffer of 2000000000 (as many as this run fills) needs "),
+    (["--strategy", "dplis", "--dplis-k", "2147483647"], "--dplis-k 2147483647 perturbed copies of the model need "),
 ])
 def test_the_largest_sizes_options_take_are_one_line_before_anything_is_allocated(argv, said, tmp_path, capsys):
     """Sizes within the bound every integer option has (2^31 - 1) that no machine can hold: torch was

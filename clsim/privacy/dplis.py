@@ -32,6 +32,7 @@ from torch.func import functional_call, grad, vmap
 
 from clsim.config import opt
 from clsim.errors import UserError
+from clsim.models import free_memory
 from clsim.privacy.clipping import Clipper, clip_rows, head_filtered
 from clsim.privacy.dpsgd import DPOptions, DPSGD
 from clsim.registry import register_mechanism
@@ -145,6 +146,12 @@ class DPlis(DPSGD):
         if learner.privacy_unit != "example":
             raise UserError(f"dplis smooths per-example losses; this scenario's privacy unit is the "
                             f"{learner.privacy_unit}: use --privacy dpsgd")
+        copies = self.options.dplis_k * sum(p.numel() * p.element_size() for p in learner.model.parameters())
+        free = free_memory(learner.device)
+        if free is not None and copies > free:   # every step draws K perturbations of every weight at once
+            raise UserError(f"--dplis-k {self.options.dplis_k} perturbed copies of the model need "
+                            f"{copies / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
+                            f"{learner.device}; give a smaller --dplis-k")
         if data_terms:   # its gradients re-evaluate only the learner's loss: those terms would be dropped
             raise UserError("dplis re-evaluates the learner's own loss at perturbed parameters, so the terms this "
                             "strategy adds to it (distillation, a buffer's, its own loss) would be left out; "
