@@ -19,7 +19,8 @@ import yaml
 
 DOCS = Path(__file__).resolve().parent / "docs"
 RESULTS = DOCS / "results.yaml"
-ENTRY_KEYS = {"source", "figure", "value", "sd", "seeds", "budget", "command", "machine", "date", "note"}
+ENTRY_KEYS = {"source", "figure", "value", "sd", "seeds", "budget", "command", "machine", "date", "note", "superseded"}
+OPTIONAL_KEYS = {"note", "superseded"}   # superseded: true for a row a later entry replaces or extends
 SOURCES = ("clsim", "authors_code")
 
 
@@ -27,7 +28,7 @@ SOURCES = ("clsim", "authors_code")
 
 def load_results(path: Path = RESULTS) -> dict[str, list[dict]]:
     """docs/results.yaml, checked: preset name -> entries, each with the keys of ENTRY_KEYS
-    (`note` optional) and a known preset name."""
+    (OPTIONAL_KEYS optional) and a known preset name."""
     from clsim.presets import all_presets
 
     doc = yaml.safe_load(path.read_text()) or {}
@@ -37,13 +38,15 @@ def load_results(path: Path = RESULTS) -> dict[str, list[dict]]:
             raise ValueError(f"{path.name}: {name!r} is not a preset (clsim/presets/*.yaml)")
         for i, entry in enumerate(entries):
             where = f"{path.name}: {name}[{i}]"
-            missing = ENTRY_KEYS - {"note"} - set(entry)
+            missing = ENTRY_KEYS - OPTIONAL_KEYS - set(entry)
             if missing or set(entry) - ENTRY_KEYS:
                 raise ValueError(f"{where}: keys {sorted(entry)}; expected {sorted(ENTRY_KEYS)}")
             if entry["source"] not in SOURCES:
                 raise ValueError(f"{where}: source must be one of {SOURCES}, got {entry['source']!r}")
             if not isinstance(entry["value"], (int, float)) or not isinstance(entry["seeds"], list):
                 raise ValueError(f"{where}: value must be a number and seeds a list")
+            if not isinstance(entry.get("superseded", False), bool):
+                raise ValueError(f"{where}: superseded must be true or false, got {entry['superseded']!r}")
             if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", str(entry["date"])):
                 raise ValueError(f"{where}: date must be YYYY-MM-DD, got {entry['date']!r}")
     return doc
@@ -78,7 +81,7 @@ def reproduction_page() -> str:
             out += ["", f"## {paper}", "", f"Source: {preset.source}", "",
                     "| preset | figure | published | measured | source | budget | seeds | gap |",
                     "|---|---|---|---|---|---|---|---|"]
-        entries = results.get(preset.name, [])
+        entries = [e for e in results.get(preset.name, []) if not e.get("superseded")]   # history: below
         published = {"acc": preset.published, "task_aware_acc": preset.published_task_il}
         if not entries:
             shown = "not read" if preset.published is None else f"{preset.published:.2f}"
@@ -100,7 +103,8 @@ def reproduction_page() -> str:
             out += [f"Preset note: {preset.note.strip()}", ""]
         for e in results.get(preset.name, []):
             note = f" {e['note'].strip()}" if e.get("note") else ""
-            out += [f"- **{_figure(e)}** ({e['figure']}, {e['source']}, budget {e['budget']}, seeds "
+            out += [f"- {'superseded: ' if e.get('superseded') else ''}**{_figure(e)}** ({e['figure']}, "
+                    f"{e['source']}, budget {e['budget']}, seeds "
                     f"{_seeds(e['seeds'])}; {e['machine']}, {e['date']}): `{e['command']}`.{note}"]
         out.append("")
     return "\n".join(out)

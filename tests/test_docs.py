@@ -119,6 +119,21 @@ def test_generated_pages_hold_every_preset_option_and_measurement():
     assert h.expand("a\n<!-- generated: strategy-capabilities -->\nb").count("| `ewc` |") == 1
 
 
+def test_a_superseded_row_leaves_the_main_table_and_stays_in_the_presets_history():
+    h = hooks()
+    page = h.reproduction_page()
+    main, history = page.split("## Each preset")
+    superseded = [(name, e) for name, entries in h.load_results().items() for e in entries if e.get("superseded")]
+    assert superseded, "docs/results.yaml marks no row superseded"
+    for name, e in superseded:
+        row = f"| [`{name}`](#{name}) | {e['figure']} | "
+        others = [o for o in h.load_results()[name] if o is not e and not o.get("superseded")
+                  and o["figure"] == e["figure"] and h._figure(o) == h._figure(e)]
+        if not others:   # a current row of the same figure and value would print the same cells
+            assert not any(line.startswith(row) and f"| {h._figure(e)} |" in line for line in main.splitlines())
+        assert f"superseded: **{h._figure(e)}**" in history
+
+
 def test_a_page_the_nav_does_not_name_is_added_under_more(tmp_path):
     for name in ("index.md", "new_guide.md"):
         (tmp_path / name).write_text("# page\n")
