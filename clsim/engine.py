@@ -331,7 +331,7 @@ def checkpoint_fields():
         yield
     except KeyError as exc:
         raise UserError(f"the checkpoint lacks {exc} (it was damaged or edited); start the run again") from None
-    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError) as exc:
+    except (RuntimeError, ValueError, TypeError, IndexError, AttributeError, OverflowError) as exc:
         why = " ".join(str(exc).split())[:200]
         raise UserError(f"the checkpoint does not fit this run ({type(exc).__name__}: {why}); it was damaged "
                         f"or edited: start the run again") from None

@@ -357,6 +357,25 @@ def test_any_damaged_checkpoint_resumes_completely_or_is_one_line_and_loses_noth
     check()
 
 
+@pytest.mark.parametrize("index", [2, 3])
+def test_a_sealed_numpy_rng_field_past_a_c_int_is_one_line(index, finished_run, tmp_path, capsys):
+    """An explore-tier find: numpy's set_state raised OverflowError (not a ValueError) for the
+    position or has_gauss 2147483648.0, a traceback."""
+    partial = tmp_path / f".{finished_run.name}.partial"
+    shutil.copytree(finished_run, partial)
+    (partial / "summary.json").unlink()
+    edited = torch.load(partial / "checkpoint.pt", weights_only=True)
+    edited.pop("digest")
+    edited["rng"]["numpy"][index] = 2147483648.0
+    torch.save({**edited, "digest": rundir.digest(edited)}, partial / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in partial.iterdir()}
+    capsys.readouterr()
+    assert cli.main(["--resume", str(partial)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
+    assert {p.name: p.read_bytes() for p in partial.iterdir()} == before
+
+
 # ------------------------------------------------------------------ summaries
 
 @st.composite
