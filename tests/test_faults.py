@@ -733,6 +733,7 @@ def test_every_number_option_has_a_bound():
     assert tried[int] > 40 and tried[float] > 40
 
 
+@pytest.mark.slow
 def test_a_diverging_gem_step_is_the_engines_one_line_not_a_solver_traceback(tmp_path, capsys):
     """GEM's QP solver was handed the NaN gradients of a diverged step (scipy: 'SVD did not converge')."""
     assert cli.main(["--strategy", "gem", "--gem-margin", "3e38", "--n-tasks", "2", "--epochs", "1", "--hidden", "8",

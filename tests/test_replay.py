@@ -144,6 +144,7 @@ def test_bad_replay_option_is_a_user_error(tmp_path, capsys):
     assert "--replay-size" in capsys.readouterr().err and not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_a_buffer_larger_than_the_stream_keeps_every_example_and_allocates_only_those(tmp_path):
     """--replay-size past the examples a run offers (training examples x epochs) gives the same run as
     a buffer of exactly that many, which is all that is allocated (2^31 - 1 slots were 550 GB)."""

@@ -205,6 +205,7 @@ def test_replay_buffer_fifo_and_reservoir():
     assert min(reservoir.columns["x"][:, 0]) < 97                        # older transitions kept
 
 
+@pytest.mark.slow
 def test_a_buffer_past_the_transitions_a_run_stores_allocates_only_those_and_one_past_memory_is_refused():
     """A FIFO buffer that is never full never drops a transition, nor a reservoir that takes every one:
     the slots past what the run stores (sac_steps a task, or the whole run where one buffer spans

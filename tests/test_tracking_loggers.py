@@ -130,6 +130,7 @@ def test_mlflow_file_store_holds_every_step_loss_and_the_matrix(tmp_path, monkey
     assert not [k for k in metrics if k.startswith("privacy/")]   # no mechanism: no δ
 
 
+@pytest.mark.slow
 def test_an_interrupted_mlflow_run_on_a_tracking_store_fails_then_a_resume_finishes_it(tmp_path, monkeypatch):
     """abort() marks a run on a store outside the run directory FAILED (not RUNNING forever); the
     resumed run logs to the same MLflow run and ends it FINISHED."""
