@@ -72,7 +72,7 @@ def measure(name: str, command: list[str], data_root: str | None, cwd: Path) -> 
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     shown = " ".join("python" if c == PY else "clsim" if c.endswith("/clsim") else "tests" if c == str(REPO / "tests")
                      else "DATA_ROOT" if c == data_root
