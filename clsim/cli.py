@@ -230,8 +230,14 @@ def download_command(argv: list[str]) -> int:
 
 
 # -- the entry point -----------------------------------------------------------------------------
+def one_line(text) -> str:
+    """`text` as one line: characters a terminal would not show as themselves (a newline, a record
+    separator from a damaged file's name) written as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
+
+
 def _warn_in_one_line(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
+    print(f"warning: {one_line(message)}", file=sys.stderr)
 
 
 class _Terminated(KeyboardInterrupt):
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return command(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except rundir.Interrupted as exc:
         print(f"interrupted; continue with: {rundir.RESUME} {exc.partial}", file=sys.stderr)
