@@ -260,9 +260,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {argv[0]!r}{did_you_mean(argv[0], commands)}; use clsim "
               f"run|sweep|report|download (see --help)", file=sys.stderr)
         return 2
-    warnings.showwarning = _warn_in_one_line   # users read the message, not our source lines
     in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = (signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None), threading.excepthook
+    previous = ((signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None), threading.excepthook,
+                warnings.showwarning)
+    warnings.showwarning = _warn_in_one_line   # users read the message, not our source lines
     threading.excepthook = rundir.quiet_thread_errors
     try:
         return command(argv)
@@ -278,4 +279,4 @@ def main(argv: list[str] | None = None) -> int:
     finally:   # main may be called in-process (tests, notebooks): leave the hooks as they were
         if in_main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous[0] is None else previous[0])
-        threading.excepthook = previous[1]
+        threading.excepthook, warnings.showwarning = previous[1], previous[2]

@@ -26,6 +26,8 @@ A new strategy is one file in strategies/ with a subclass registered by name:
 """
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -58,6 +60,9 @@ class Strategy:
     #: forwards of the trained model in one step (replay adds the buffer's): DP-SGD's ghost
     #: clipping needs exactly one
     model_forwards: int = 1
+    #: trains on batches it makes itself (a memory, the union of the tasks seen), not only on the
+    #: mechanism's samples
+    own_batches: bool = False
     #: attributes kept between tasks that a checkpoint saves and restores as they are (a method
     #: whose state needs converting overrides state_dict and load_state_dict instead)
     state_attrs: tuple[str, ...] = ()
@@ -109,10 +114,11 @@ class Strategy:
 
     @property
     def data_terms(self) -> bool:
-        """Whether `loss` changes the learner's per-example losses with terms of its own read from data
-        (LwF's distillation, a replay buffer's, iCaRL's loss): a mechanism that re-evaluates only the
-        learner's loss (dplis) would leave them out, so it refuses such a strategy."""
-        return type(self).loss is not Strategy.loss
+        """Whether what the learner trains on holds data the mechanism did not sample: terms `loss`
+        adds (LwF's distillation, a replay buffer's, iCaRL's loss) or batches the strategy makes
+        itself (`own_batches`). A mechanism that re-evaluates only the learner's loss on its own
+        sample (dplis) would leave them out, so it refuses such a strategy before training."""
+        return self.own_batches or type(self).loss is not Strategy.loss
 
     def penalty(self) -> torch.Tensor | None:
         """A regulariser that does not read training data (e.g. EWC's), or None."""
@@ -147,3 +153,17 @@ class Strategy:
         for name in self.state_attrs:
             setattr(self, name, state[name])
 
+
+
+def check_penalty_curvature(strategy: Strategy, task, stiffest: float, what: str, flag: str, strength: float) -> None:
+    """A quadratic penalty pulls its stiffest weight with curvature `stiffest`; past what the
+    optimiser survives, that weight oscillates ever wider: say so, with the strength that would do
+    (none does when the importance overflowed)."""
+    limit = strategy.learner.max_stable_curvature()
+    if limit is None or task is strategy.scenario.tasks[-1] or stiffest <= limit:   # no more training to diverge
+        return
+    hint = (f"use {flag} below {strength * limit / stiffest:.3g} or a smaller --lr" if math.isfinite(stiffest) else
+            f"the importance holds a non-finite value (it overflowed), so no {flag} helps: use a smaller --lr "
+            f"or check the data")
+    warnings.warn(f"{what} {stiffest:.3g} exceeds 2(1+momentum)/lr = {limit:.3g}, the most SGD survives, so "
+                  f"training will likely diverge; {hint}")

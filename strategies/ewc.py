@@ -26,7 +26,6 @@ What other code does, and the options that select it (the presets name them):
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +34,7 @@ from clsim.config import opt
 from clsim.errors import UserError
 from clsim.learners.supervised import SupervisedLearner
 from clsim.registry import register_strategy
-from clsim.strategy import Strategy
+from clsim.strategy import Strategy, check_penalty_curvature
 
 DEFAULT_LAMBDA = 10.0
 
@@ -126,15 +125,9 @@ class EWC(Strategy):
         """The penalty alone pulls its stiffest weight with curvature λ·max A (2λ·max A under
         --ewc-penalty full); past what the optimiser survives, that weight oscillates ever wider:
         say so, with the λ that would do."""
-        limit = self.learner.max_stable_curvature()
-        if limit is None or task is self.scenario.tasks[-1]:   # no more training to diverge
-            return
         stiffest = 2 * self._scale() * float(self.importance.max())
-        if stiffest > limit:
-            warnings.warn(f"EWC after task {task.index}: the penalty's curvature {stiffest:.3g} exceeds "
-                          f"2(1+momentum)/lr = {limit:.3g}, the most SGD survives, so training will likely "
-                          f"diverge; use --ewc-lambda below {self.ewc_lambda * limit / stiffest:.3g} "
-                          f"or a smaller --lr")
+        check_penalty_curvature(self, task, stiffest, f"EWC after task {task.index}: the penalty's curvature",
+                                "--ewc-lambda", self.ewc_lambda)
 
     def step_metrics(self):
         return {"strategy/ewc_penalty": self._last_penalty} if self.importance is not None else {}

@@ -63,6 +63,7 @@ class GDumb(Strategy):
 
     learners = ("supervised",)
     data_access = "raw: keeps examples in a class-balanced memory"
+    own_batches = True
 
     @dataclass
     class Options:

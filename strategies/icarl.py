@@ -63,6 +63,7 @@ class ICaRL(Strategy):
     settings = ("class_il",)
     learners = ("supervised",)
     data_access = "raw: keeps exemplars"
+    own_batches = True
     state_attrs = ("exemplars", "old", "seen", "means")
 
     @dataclass

@@ -14,6 +14,7 @@ class Joint(Strategy):
 
     learners = ("supervised",)
     data_access = "raw: keeps every example"
+    own_batches = True
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)

@@ -16,7 +16,6 @@ records it as a raw access (that task's ε = ∞).
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +23,7 @@ from torch.func import functional_call, grad, vmap
 
 from clsim.config import opt
 from clsim.registry import register_strategy
-from clsim.strategy import Strategy
+from clsim.strategy import Strategy, check_penalty_curvature
 
 
 class ImportanceAnchor(Strategy):
@@ -67,15 +66,9 @@ class ImportanceAnchor(Strategy):
     def check_stable(self, task):
         """The penalty pulls its stiffest weight with curvature 2λ·max Ω; past what the optimiser
         survives that weight oscillates ever wider (as EWC warns): say so, with a λ that would do."""
-        limit = self.learner.max_stable_curvature()
-        if limit is None or task is self.scenario.tasks[-1]:
-            return
-        stiffest = 2 * self.strength * float(self.importance.max())
-        if stiffest > limit:
-            flag = "--" + self.strength_option.replace("_", "-")
-            warnings.warn(f"after task {task.index}: the penalty's curvature 2·{flag}·max Ω = {stiffest:.3g} exceeds "
-                          f"2(1+momentum)/lr = {limit:.3g}, the most SGD survives, so training will likely diverge; "
-                          f"use {flag} below {self.strength * limit / stiffest:.3g} or a smaller --lr")
+        flag = "--" + self.strength_option.replace("_", "-")
+        check_penalty_curvature(self, task, 2 * self.strength * float(self.importance.max()),
+                                f"after task {task.index}: the penalty's curvature 2·{flag}·max Ω =", flag, self.strength)
 
     def step_metrics(self):
         return {} if self._last_penalty is None else {"strategy/penalty": self._last_penalty}

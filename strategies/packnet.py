@@ -43,6 +43,10 @@ class PackNet(Strategy):
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
+        retrain = self.options.packnet_retrain_epochs
+        if retrain >= max(self.epochs, 2):   # one epoch alone prunes after it, without retraining (see above)
+            raise UserError(f"--packnet-retrain-epochs {retrain} leaves no epoch of --epochs {self.epochs} to train "
+                            f"before pruning; give at most {max(self.epochs - 1, 1)} (or more --epochs)")
         if getattr(learner.model, "shared", False):
             raise UserError("packnet gives every shared weight to one task and trains biases on the first task "
                             "only, so later tasks' rows of a shared output layer would stay untrained: use "

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from clsim import distributed
 from clsim.config import opt
+from clsim.errors import UserError
 from clsim.flops import TrainingFlops
 from clsim.learners import Batch, to_device
 from clsim.metrics import tensor_bytes
@@ -131,6 +132,10 @@ class Replay(Strategy):
 
     def setup(self, learner, scenario, mechanism):
         super().setup(learner, scenario, mechanism)
+        if self.options.replay_from_task >= len(scenario.tasks):
+            raise UserError(f"--replay-from-task {self.options.replay_from_task} is past the last task (this stream "
+                            f"has {len(scenario.tasks)}, counted from 0), so the buffer would never be drawn "
+                            f"from; give a value below {len(scenario.tasks)}")
         self.buffer = ReservoirBuffer(self.buffer_slots(scenario, learner), learner.generator, learner.device)
         self.flops = TrainingFlops(learner.model, scenario.tasks[0].train.x[:1])
         self._pending = None

@@ -764,6 +764,42 @@ def test_the_largest_sizes_options_take_are_one_line_before_anything_is_allocate
     assert rss_now() - before < 2**30 and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["--strategy", "er", "--replay-from-task", "2"], "--replay-from-task 2 is past the last task (this stream has 2"),
+    (["--strategy", "packnet", "--setting", "task_il", "--epochs", "3", "--packnet-retrain-epochs", "3"],
+     "--packnet-retrain-epochs 3 leaves no epoch of --epochs 3 to train before pruning; give at most 2"),
+    (["--strategy", "packnet", "--setting", "task_il", "--epochs", "1", "--packnet-retrain-epochs", "2"],
+     "--packnet-retrain-epochs 2 leaves no epoch of --epochs 1"),
+])
+def test_a_schedule_option_that_could_never_take_effect_is_refused(argv, said, tmp_path, capsys):
+    """Both ran to exit 0 as a different method: ER that never replayed, PackNet that pruned after the
+    task with no retraining epoch at all."""
+    assert cli.main([*argv, "--n-tasks", "2", "--hidden", "8", "--progress", "false", "--out", str(tmp_path / "o")]) == 2
+    one_line_error(capsys.readouterr().err, said)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_main_leaves_the_warning_hook_as_it_found_it(tmp_path, capsys):
+    """main is called in-process (tests, notebooks): its one-line warnings stayed installed after it."""
+    import warnings
+    before = warnings.showwarning
+    assert cli.main(["--epochs", "0", "--out", str(tmp_path / "o")]) == 2
+    assert warnings.showwarning is before
+
+
+def test_a_penalty_whose_importance_overflowed_names_no_strength_that_would_do(recwarn):
+    """An infinite curvature gave 'use --ewc-lambda below 0', a value the option refuses and that
+    would not help: the importance itself is broken."""
+    from clsim.strategy import check_penalty_curvature
+    parts = Experiment(scenario="split_digits", strategy="ewc", n_tasks=2, hidden=8).build()
+    task = parts.scenario.tasks[0]
+    check_penalty_curvature(parts.strategy, task, 1e9, "EWC after task 0: the penalty's curvature", "--ewc-lambda", 1.0)
+    check_penalty_curvature(parts.strategy, task, math.inf, "EWC after task 0: the penalty's curvature", "--ewc-lambda", 1.0)
+    finite, infinite = (str(w.message) for w in recwarn)
+    assert f"use --ewc-lambda below {parts.learner.max_stable_curvature() / 1e9:.3g} or a smaller --lr" in finite
+    assert "below" not in infinite and "non-finite value (it overflowed), so no --ewc-lambda helps" in infinite
+
+
 def rss_now() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 

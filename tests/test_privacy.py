@@ -244,10 +244,11 @@ def test_dplis_with_radius_zero_and_one_copy_is_dpsgd():
     assert max((a[n] - c[n]).abs().max().item() for n in a) > 1e-4
 
 
-@pytest.mark.parametrize("strategy", ["lwf", "icarl"])
+@pytest.mark.parametrize("strategy", ["lwf", "icarl", "joint", "gdumb"])
 def test_dplis_refuses_a_strategy_whose_loss_terms_it_would_leave_out(strategy, tmp_path, capsys):
-    """Its smoothed gradients re-evaluate the learner's own loss: LwF under dplis trained without its
-    distillation (exit 0, a silently different method); iCaRL trained task 0 on cross-entropy."""
+    """Its smoothed gradients re-evaluate the learner's own loss on its sampled batch: LwF under dplis
+    trained without its distillation (exit 0, a silently different method); iCaRL trained task 0 on
+    cross-entropy; joint and GDumb, whose batches are their own, were refused only after task 0."""
     out = tmp_path / "o"
     assert cli.main(["--strategy", strategy, "--privacy", "dplis", "--noise-multiplier", "1", "--n-tasks", "2",
                      "--epochs", "1", "--progress", "false", "--out", str(out)]) == 2

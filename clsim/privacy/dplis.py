@@ -152,10 +152,10 @@ class DPlis(DPSGD):
             raise UserError(f"--dplis-k {self.options.dplis_k} perturbed copies of the model need "
                             f"{copies / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
                             f"{learner.device}; give a smaller --dplis-k")
-        if data_terms:   # its gradients re-evaluate only the learner's loss: those terms would be dropped
-            raise UserError("dplis re-evaluates the learner's own loss at perturbed parameters, so the terms this "
-                            "strategy adds to it (distillation, a buffer's, its own loss) would be left out; "
-                            "use --privacy dpsgd")
+        if data_terms:   # its gradients re-evaluate only the learner's loss on its own sample
+            raise UserError("dplis re-evaluates the learner's own loss on its sampled batch at perturbed "
+                            "parameters, so what this strategy adds (distillation, a buffer's terms, its own "
+                            "loss or batches) would be left out; use --privacy dpsgd")
         super().check(learner, scenario, epochs, fisher_releases, model_forwards)
 
     def make_clipper(self, learner) -> Clipper:
