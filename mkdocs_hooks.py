@@ -67,9 +67,13 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _same_run(a: dict, b: dict) -> bool:
+    return a["figure"] == b["figure"] and str(a["budget"]) == str(b["budget"]) and a["seeds"] == b["seeds"]
+
+
 def reproduction_page() -> str:
-    """Per paper: each preset's published figure beside clsim's (and the authors' code's, where
-    run), with budget, seeds and the gap; then each measurement's command, machine and note."""
+    """Per paper: each preset's published figure beside clsim's and, where run, the authors' code's
+    on the same budget and seeds, with the gap; then each measurement's command, machine and note."""
     from clsim.presets import all_presets
 
     results = load_results()
@@ -79,20 +83,27 @@ def reproduction_page() -> str:
         if preset.paper != paper:
             paper = preset.paper
             out += ["", f"## {paper}", "", f"Source: {preset.source}", "",
-                    "| preset | figure | published | measured | source | budget | seeds | gap |",
+                    "| preset | figure | published | clsim | authors' code | budget | seeds | clsim − published |",
                     "|---|---|---|---|---|---|---|---|"]
         entries = [e for e in results.get(preset.name, []) if not e.get("superseded")]   # history: below
+        ours = [e for e in entries if e["source"] == "clsim"]
+        authors = [e for e in entries if e["source"] == "authors_code"]
         published = {"acc": preset.published, "task_aware_acc": preset.published_task_il}
         if not entries:
             shown = "not read" if preset.published is None else f"{preset.published:.2f}"
             out.append(f"| [`{preset.name}`](#{preset.name}) | acc | {shown} | not measured | | | | |")
-        for e in entries:
-            target = published.get(e["figure"])
-            shown = "—" if e["figure"] not in published else "not read" if target is None else f"{target:.2f}"
-            gap = "" if target is None else f"{e['value'] - target:+.2f}"
-            source = "clsim" if e["source"] == "clsim" else "authors' code"
-            out.append(f"| [`{preset.name}`](#{preset.name}) | {e['figure']} | {shown} | {_figure(e)} | {source} "
-                       f"| {_cell(e['budget'])} | {_seeds(e['seeds'])} | {gap} |")
+        # a row per clsim figure, the authors' code's on the same budget and seeds beside it;
+        # an authors' figure with no such clsim run gets a row of its own
+        rows = [(e, next((a for a in authors if _same_run(a, e)), None)) for e in ours]
+        rows += [(None, a) for a in authors if not any(_same_run(a, e) for e in ours)]
+        for e, a in rows:
+            figure = (e or a)["figure"]
+            target = published.get(figure)
+            shown = "—" if figure not in published else "not read" if target is None else f"{target:.2f}"
+            gap = "" if target is None or e is None else f"{e['value'] - target:+.2f}"
+            out.append(f"| [`{preset.name}`](#{preset.name}) | {figure} | {shown} | {_figure(e) if e else ''} "
+                       f"| {_figure(a) if a else ''} | {_cell((e or a)['budget'])} | {_seeds((e or a)['seeds'])} "
+                       f"| {gap} |")
     out += ["", "## Each preset", ""]
     for preset in presets:
         out += [f"### {preset.name} {{#{preset.name}}}", "", f"{preset.paper}: {preset.table}. Published: "

@@ -134,6 +134,23 @@ def test_a_superseded_row_leaves_the_main_table_and_stays_in_the_presets_history
         assert f"superseded: **{h._figure(e)}**" in history
 
 
+def test_the_authors_codes_figure_stands_beside_clsims_of_the_same_budget_and_seeds():
+    h = hooks()
+    main = h.reproduction_page().split("## Each preset")[0].splitlines()
+    paired = 0
+    for name, entries in h.load_results().items():
+        current = [e for e in entries if not e.get("superseded")]
+        for a in (e for e in current if e["source"] == "authors_code"):
+            rows = [line for line in main if line.startswith(f"| [`{name}`](#{name}) | {a['figure']} |")
+                    and f"| {h._figure(a)} | {h._cell(a['budget'])} |" in line]
+            assert len(rows) == 1, (name, a["value"])
+            ours = [e for e in current if e["source"] == "clsim" and h._same_run(a, e)]
+            if ours:
+                assert f"| {h._figure(ours[0])} | {h._figure(a)} |" in rows[0]
+                paired += 1
+    assert paired >= 3, "docs/results.yaml pairs fewer authors' runs with clsim's than it did"
+
+
 def test_a_page_the_nav_does_not_name_is_added_under_more(tmp_path):
     for name in ("index.md", "new_guide.md"):
         (tmp_path / name).write_text("# page\n")
