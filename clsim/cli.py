@@ -135,17 +135,26 @@ def from_argv(argv: list[str]) -> Experiment:
     return Experiment.made(from_file, values)
 
 
+#: what `--resume` may change: where the run's processes run, not what they compute
+WHERE = ("--workers", "--address")
+
+
 def resume(argv: list[str]) -> tuple[Path, dict]:
-    """`--resume DIR`: continue an interrupted run from its last finished task, with its own options."""
-    if len(argv) != 1:
-        raise UserError("--resume takes exactly one argument, the interrupted run's .partial directory, "
-                        "and no other options")
+    """`--resume DIR [--workers N] [--address A]`: continue an interrupted run from its last finished
+    task, with its own options; only how many worker processes run it, and where, may change."""
+    where = argv[1:]
+    if not argv or argv[0].startswith("-") or len(where) % 2 or not set(where[::2]) <= set(WHERE) or \
+            len(set(where[::2])) < len(where[::2]):
+        raise UserError("--resume takes the interrupted run's .partial directory and, at most, --workers N and "
+                        "--address A (the run's other options are its own)")
     partial = Path(argv[0])
     saved = rundir.RunDirectory.reopen(partial)
     try:
         argv = saved.saved_argv()
     finally:
         saved.close()   # the experiment takes the directory over again, after building everything
+    pairs = [argv[i:i + 2] for i in range(0, len(argv), 2)]   # flags and values, as as_argv writes them
+    argv = [x for pair in pairs if pair[0] not in where[::2] for x in pair] + where
     result = from_argv(argv).run(resume_dir=partial)
     return result.run_dir, result.summary
 

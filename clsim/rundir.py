@@ -414,7 +414,9 @@ def _recorded_config(state: dict, path: Path) -> dict:
 
 #: what config.json records that does not change the figures: how the run was asked for (its
 #: resolved options are compared), where it writes and who watches it
-OBSERVERS = {"argv": None, "run": ("loggers", "progress", "out")}
+# where a run's processes run is not what it computes (data-parallel runs give the one-process
+# figures), so a run stopped on N workers may continue on M, or on another Ray cluster
+OBSERVERS = {"argv": None, "run": ("loggers", "progress", "out", "workers", "address")}
 
 
 def _identity(config: dict) -> dict:

@@ -240,10 +240,30 @@ def test_a_killed_worker_stops_the_run_in_one_line_and_the_run_resumes(tmp_path,
                         rf"{re.escape(str(partial))}; continue with: python run_scenario.py --resume "
                         rf"{re.escape(str(partial))}", lines[0]), lines[0]
     assert stopped < 30, stopped
-    done = subprocess.run([sys.executable, str(REPO / "run_scenario.py"), "--resume", str(partial)], cwd=REPO,
-                          env=ENV, capture_output=True, text=True, timeout=900)
+    # finished on one process: a checkpoint is the same whatever number of workers wrote it
+    done = subprocess.run([sys.executable, str(REPO / "run_scenario.py"), "--resume", str(partial), "--workers", "1"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr
     assert close(read_summary(out)["accuracy_matrix"], one_process["accuracy_matrix"])
+
+
+@pytest.mark.slow
+def test_a_run_started_on_one_process_resumes_on_two_workers(tmp_path, one_process):
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, str(REPO / "run_scenario.py"), *CLI, "--out", str(out)], cwd=REPO,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    partial = out / ".split_digits-ewc-task_il-seed2.partial"
+    while proc.poll() is None and not (partial / "checkpoint.pt").is_file():
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=60)
+    if not partial.exists():
+        pytest.skip("the run ended before the kill on this machine")
+    done = subprocess.run([sys.executable, str(REPO / "run_scenario.py"), "--resume", str(partial), "--workers", "2"],
+                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    summary = read_summary(out)
+    assert close(summary["accuracy_matrix"], one_process["accuracy_matrix"]) and summary["steps"] == one_process["steps"]
 
 
 @pytest.mark.slow

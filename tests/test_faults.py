@@ -628,6 +628,25 @@ def test_an_edited_argv_seed_cannot_relabel_the_figures(partial, capsys):
     refused_resume(partial, capsys, "was changed after the run started (argv:")
 
 
+@pytest.mark.parametrize("extra", [["--epochs", "2"], ["--workers"], ["--workers", "2", "--workers", "1"],
+                                   ["--seed", "5", "--workers", "1"]])
+def test_resume_takes_only_where_the_run_runs(partial, capsys, extra):
+    before = {p.name: p.read_bytes() for p in partial.iterdir()}
+    assert cli.main(["--resume", str(partial), *extra]) == 2
+    one_line_error(capsys.readouterr().err, "--resume takes the interrupted run's .partial directory and, at most, "
+                   "--workers N and --address A")
+    assert {p.name: p.read_bytes() for p in partial.iterdir()} == before
+
+
+def test_resume_with_a_worker_count_replaces_the_runs_own(finished_small, partial):
+    """Where a run runs is no part of what it computes: a worker count given at resume is taken
+    (tests/test_distributed.py changes it between 1 and 2), and the figures are the run's."""
+    assert cli.main(["--resume", str(partial), "--workers", "1"]) == 0
+    resumed = json.loads((partial.parent / SMALL_NAME / "summary.json").read_text())
+    whole = json.loads((finished_small / "summary.json").read_text())
+    assert resumed["accuracy_matrix"] == whole["accuracy_matrix"] and resumed["steps"] == whole["steps"]
+
+
 def rewrite_checkpoint(partial: Path, change, seal: bool = True) -> None:
     """Change a checkpoint's contents; `seal`: with a matching digest, as if clsim had written it so."""
     state = torch.load(partial / "checkpoint.pt", weights_only=True)
