@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -133,13 +134,22 @@ MNIST_HINT = ("put the official MNIST IDX files (train-images-idx3-ubyte, train-
               "or DATA_ROOT and pass --data-root DATA_ROOT")
 
 
+def gunzip(raw: bytes) -> bytes:
+    """A gzip file's content: one zlib call into a buffer of the size its trailer states (GzipFile
+    inflates 8 KiB at a time and joins the pieces, about 1.5x slower on Fashion-MNIST). The trailer
+    states the last member's size, so a file of several members goes gzip's general way."""
+    size = int.from_bytes(raw[-4:], "little")
+    body = zlib.decompress(raw, 31, max(1, min(size, 1032 * len(raw))))   # deflate's ratio is 1032:1 at most
+    return body if len(body) % 2 ** 32 == size else gzip.decompress(raw)
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read one IDX file (gzipped or not) into an array of its declared type and shape."""
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rb") as f:
-            raw = f.read()
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gunzip(raw)
         zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
         if zero != 0 or dtype_code not in IDX_TYPES:
             raise ValueError("bad magic number")
@@ -148,7 +158,7 @@ def read_idx(path: str | Path) -> np.ndarray:
         if body.size != int(np.prod(shape)):
             raise ValueError(f"{body.size} values for shape {shape}")
         return body.reshape(shape)
-    except (OSError, EOFError, struct.error, ValueError) as exc:
+    except (OSError, EOFError, struct.error, ValueError, zlib.error) as exc:
         raise UserError(f"corrupt IDX file {path} ({exc}): {MNIST_HINT}") from None
 
 

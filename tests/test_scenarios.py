@@ -109,6 +109,20 @@ def test_idx_reader_rejects_a_truncated_gzip(tmp_path):
         read_idx(path)
 
 
+def test_idx_reader_reads_every_gzip_member_and_checks_crc_and_length(tmp_path):
+    array = np.arange(3000, dtype=np.uint8).reshape(30, 100)
+    raw = write_idx(tmp_path / "plain", array).read_bytes()
+    # two members, as `cat a.gz b.gz` makes them: the trailer states only the last member's size
+    (tmp_path / "two.gz").write_bytes(gzip.compress(raw[:1000]) + gzip.compress(raw[1000:]))
+    np.testing.assert_array_equal(read_idx(tmp_path / "two.gz"), array)
+    for at, why in ((-8, "incorrect data check"), (-1, "incorrect length check")):   # CRC-32, then size (4 GiB)
+        forged = bytearray(gzip.compress(raw))
+        forged[at] ^= 0xFF
+        (tmp_path / "forged.gz").write_bytes(forged)
+        with pytest.raises(UserError, match=f"forged.gz.*{why}"):
+            read_idx(tmp_path / "forged.gz")
+
+
 # ------------------------------------------------------------------------------ MNIST scenarios
 
 @pytest.mark.slow
