@@ -179,18 +179,24 @@ def idx_found(root: str | Path, folder: str = "MNIST") -> bool:
     return any(_find_idx(Path(root), stem, folder) is not None for stem in IDX_STEMS)
 
 
+def idx_paths(root: str | Path, folder: str = "MNIST", name: str = "MNIST", hint: str = MNIST_HINT) -> list[Path]:
+    """The IDX files of an MNIST-format dataset, in IDX_STEMS order (train images and labels, test
+    images and labels), found as `idx_arrays` reads them; a missing one is named."""
+    root, paths = Path(root), []
+    for stem in IDX_STEMS:
+        paths.append(_find_idx(root, stem, folder))
+        if paths[-1] is None:
+            raise UserError(f"missing {name} file {stem}[.gz] under {root}: {hint}")
+    return paths
+
+
 def idx_arrays(root: str | Path, folder: str = "MNIST", name: str = "MNIST",
                hint: str = MNIST_HINT) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """An MNIST-format dataset (MNIST, Fashion-MNIST) from its official IDX files under `root`,
     `root/folder` or `root/folder/raw`: images N x 28 x 28 uint8 and labels 0..9, train then test."""
-    root = Path(root)
+    files = idx_paths(root, folder, name, hint)
     out = []
-    for prefix in ("train", "t10k"):
-        paths = []
-        for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"):
-            paths.append(_find_idx(root, f"{prefix}-{kind}", folder))
-            if paths[-1] is None:
-                raise UserError(f"missing {name} file {prefix}-{kind}[.gz] under {root}: {hint}")
+    for prefix, paths in (("train", files[:2]), ("t10k", files[2:])):
         images, labels = read_idx(paths[0]), read_idx(paths[1])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(f"{name} {prefix} images {images.shape} and labels {labels.shape} do not match: {hint}")

@@ -248,6 +248,15 @@ def make_backbone(name: str, input_shape: tuple[int, ...], hidden: tuple[int, ..
     raise ValueError(f"unknown backbone {name}")
 
 
+def glorot_uniform(module: nn.Module) -> None:
+    """Mammoth's backbone/__init__.py xavier(), applied with model.apply: every Linear's weights
+    uniform in ±√(6/(fan_in+fan_out)) (std √(2/(fan_in+fan_out))), its biases 0."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
 def make_model(backbone: str, input_shape, setting: str, head_sizes_task_il: list[int],
                n_classes: int, task_heads: str = "separate", standardise: tuple | None = None,
                **kwargs) -> MultiHeadNet:

@@ -15,7 +15,7 @@ from clsim.config import opt
 from clsim.data import cached_mnist, class_order, first_per_class
 from clsim.datasets import mnist_available, mnist_uint8
 from clsim.errors import UserError
-from clsim.models import make_model
+from clsim.models import glorot_uniform, make_model
 from clsim.registry import register_scenario
 from clsim.scenario import Scenario, Source, SupervisedOptions, Task, TaskData, class_split, single_head_width
 
@@ -40,6 +40,9 @@ class MnistOptions(SupervisedOptions):
                               "model/model_dptrain.py in its authors' code)", choices=("mlp", "dplis_cnn"))
     train_per_class: int = opt(0, "training images per class, the first ones in file order (0: all)", low=0)
     test_per_class: int = opt(0, "test images per class, the first ones in file order (0: all)", low=0)
+    mnist_init: str = opt("pytorch", "initial weights: pytorch (PyTorch's defaults) or glorot (Glorot uniform "
+                          "weights and zero biases in every linear layer: Mammoth's xavier())",
+                          choices=("pytorch", "glorot"))
     mnist_standardise: bool = opt(False, "standardise pixels with MNIST's mean 0.1307 and std 0.3081, as "
                                   "BLIP's and Avalanche's loaders do (default: pixels in [0, 1])")
 
@@ -111,12 +114,18 @@ def _hidden(o: MnistOptions) -> tuple[int, ...]:
     return sizes
 
 
+def _initialised(o: MnistOptions, model: torch.nn.Module) -> torch.nn.Module:
+    if o.mnist_init == "glorot":
+        model.apply(glorot_uniform)
+    return model
+
+
 def _scenario(name, o, setting, tasks, n_classes, shape, info, standardise=None) -> Scenario:
     hidden, heads = _hidden(o), [t.n_outputs for t in tasks]
     return Scenario(name, setting, tasks, input_kind="digits",
-                    make_model=lambda: make_model(o.mnist_backbone, shape, setting, heads, n_classes,
-                                                  task_heads=o.task_heads,
-                                                  hidden=hidden, standardise=standardise),
+                    make_model=lambda: _initialised(o, make_model(o.mnist_backbone, shape, setting, heads, n_classes,
+                                                                  task_heads=o.task_heads, hidden=hidden,
+                                                                  standardise=standardise)),
                     defaults=o.run_defaults(),
                     info={**info, "hidden": list(hidden), "protocol": o.mnist_protocol})
 
@@ -158,7 +167,8 @@ def permuted_mnist(o: PermutedMnistOptions, run) -> Scenario:
 class RotatedMnistOptions(MnistOptions):
     SETTING = "domain_il"
     n_rotations: int = opt(10, "number of tasks, each all of MNIST rotated by one fixed angle", low=1)
-    rotation_seed: int = opt(0, "seed of the angles, drawn as --rotation-draw says (independent of --seed)", low=0)
+    rotation_seed: int = opt(0, "seed of the angles, drawn as --rotation-draw says (independent of --seed; "
+                             "-1: the run's --seed, so each seed has its own angles, as Mammoth's rot-mnist)", low=-1)
     rotation_draw: str = opt("stratified", "stratified: task t's angle uniform in [180t/n, 180(t+1)/n) degrees "
                              "(GEM's mnist_rotations.py); uniform: each in [0, 180) (Mammoth's rot-mnist)",
                              choices=("stratified", "uniform"))
@@ -168,14 +178,16 @@ class RotatedMnistOptions(MnistOptions):
                                       "bilinear: smoother, clsim's before 2026-12-07", choices=("nearest", "bilinear"))
 
 
-def _angles(o: RotatedMnistOptions) -> list[float]:
+def _angles(o: RotatedMnistOptions, seed: int) -> list[float]:
+    """The angles in degrees, one per task (`seed`: the run's, used when --rotation-seed is -1)."""
     if o.rotation_angles:
         try:
             return [float(a) for a in o.rotation_angles.split(",")]
         except ValueError:
             raise UserError(f"--rotation-angles {o.rotation_angles!r} must be numbers separated by commas, "
                             f"e.g. 0,45,90") from None
-    u = torch.rand(o.n_rotations, generator=torch.Generator().manual_seed(o.rotation_seed), dtype=torch.float64)
+    seed = seed if o.rotation_seed == -1 else o.rotation_seed
+    u = torch.rand(o.n_rotations, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     if o.rotation_draw == "uniform":
         return [180.0 * float(a) for a in u]
     return [180.0 * (t + float(u[t])) / o.n_rotations for t in range(o.n_rotations)]
@@ -218,7 +230,7 @@ def rotated_mnist(o: RotatedMnistOptions, run) -> Scenario:
     x_train, y_train, x_test, y_test = (torch.from_numpy(a) for a in arrays)
     tr, te = first_per_class(y_train, o.train_per_class), first_per_class(y_test, o.test_per_class)
     x_train, y_train, x_test, y_test = x_train[tr], y_train[tr], x_test[te], y_test[te]
-    setting, angles = o.setting_of(run), _angles(o)
+    setting, angles = o.setting_of(run), _angles(o, run.seed)
     everyone = Source("MNIST training images", torch.arange(len(y_train)))   # the same people in every task
     tasks = []
     for i, angle in enumerate(angles):

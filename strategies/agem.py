@@ -1,8 +1,12 @@
 """GEM (Lopez-Paz & Ranzato, NeurIPS 2017) and A-GEM (Chaudhry et al., ICLR 2019).
 
 Both keep an episodic memory: at the end of each task, `--gem-memory / n_tasks` of its training
-examples drawn at random (as Mammoth does; the authors' code fills it with the task's latest
-examples instead), kept raw on the learner's device. With SAC (Continual World's A-GEM,
+examples drawn at random (as Mammoth's models/agem.py at the DER paper's commit 7ab9db9: the first
+batch of a shuffled loader of that size; since 0d727a7, 2022, Mammoth adds the task's first training
+batch of --batch_size examples through its reservoir buffer instead; the authors' code fills it with
+the task's latest examples), kept raw on the learner's device. The rest is Mammoth's at both
+commits too: the reference gradient of up to --agem-batch (their minibatch_size) memory examples
+drawn without replacement, the projection below, plain SGD. With SAC (Continual World's A-GEM,
 methods/agem.py) the memory holds transitions drawn from the task's replay buffer
 (`learner.memory_sample`) and the gradients are those of SAC's whole update (actor, critics and,
 unlike CW, which leaves it out of the projection, the entropy coefficient α); PPO learns on-policy

@@ -351,7 +351,7 @@ def test_clsim_download_fetches_verifies_once_and_offline_runs_find_the_data(tmp
     assert capsys.readouterr().out.splitlines() == lines
     assert sorted(server.gets) == ["/cifar-10-python.tar.gz", "/cifar-100-python.tar.gz", "/tiny-imagenet-200.zip"]
     assert sorted(p.name for p in (root / "cifar-100-python").iterdir()) == ["meta", "test", "train"]
-    assert (root / "tiny-imagenet-200" / datasets.TINY_CACHE / "train_x.npy").is_file()   # JPEGs decoded there too
+    assert (root / "tiny-imagenet-200" / datasets.DECODED / "train_x.npy").is_file()   # JPEGs decoded there too
     assert not leftovers(root)
     assert cli.main(argv) == 0 and len(server.gets) == 3   # again: nothing fetched
     assert capsys.readouterr().out.splitlines() == lines
@@ -392,12 +392,46 @@ def test_split_fmnist_downloads_the_idx_files(tmp_path, server, monkeypatch):
     root = tmp_path / "data"
     s = run(tmp_path, "--scenario", "split_fmnist", "--data-root", str(root), "--download", "true",
             "--epochs", "1", "--setting", "task_il")
-    assert sorted(p.name for p in (root / "FashionMNIST" / "raw").iterdir()) == sorted(p.name for p in files)
+    raw = root / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted([p.name for p in files] + [datasets.DECODED])
     assert s["scenario_info"]["image_bytes"] == 250 * 784
     assert len(s["accuracy_matrix"]) == 5
     x_train, y_train, _, _ = datasets.fashion_mnist(str(root.resolve()))
     written = np.frombuffer(gzip.decompress(files[0].read_bytes())[16:], np.uint8).reshape(-1, 1, 28, 28)
     assert x_train.dtype == np.uint8 and np.array_equal(x_train, written) and list(y_train[18:22]) == [0, 0, 1, 1]
+
+
+def test_idx_files_are_decoded_once_while_their_contents_match(tmp_path, monkeypatch):
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    files = fmnist_files(raw, per_class=2)
+    decoded = []
+    read_idx = data.read_idx
+    monkeypatch.setattr(data, "read_idx", lambda path: decoded.append(Path(path).name) or read_idx(path))
+
+    def load():
+        datasets.fashion_mnist.cache_clear()
+        return datasets.fashion_mnist(str(tmp_path))
+    first = load()
+    assert len(decoded) == 4 and (raw / datasets.DECODED / "sources.sha256").is_file()
+    again = load()   # from the .npy files: nothing inflated
+    assert len(decoded) == 4 and all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert isinstance(again[0], np.memmap) and again[0].shape == (20, 1, 28, 28)
+    # other images of the same size and time stamp: the SHA-256 differs, so they are decoded
+    stat = files[0].stat()
+    other = np.random.default_rng(9).integers(0, 256, (20, 28, 28))
+    idx_gz(files[0], other)
+    os.utime(files[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert np.array_equal(load()[0][:, 0], other) and len(decoded) == 8
+    assert np.array_equal(load()[0][:, 0], other) and len(decoded) == 8
+    # a pickle where an array belongs, beside a matching key: refused, not unpickled
+    np.save(raw / datasets.DECODED / "train_y.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match="refused .*train_y.npy.*delete .* to decode the IDX files again"):
+        load()
+    # a folder that cannot be written: the same arrays, decoded every run
+    monkeypatch.setattr(datasets, "_write_files", lambda *a: (_ for _ in ()).throw(PermissionError("read-only")))
+    (raw / datasets.DECODED / "sources.sha256").unlink()
+    assert np.array_equal(load()[0][:, 0], other) and np.array_equal(load()[0][:, 0], other) and len(decoded) == 16
 
 
 @pytest.mark.slow
@@ -413,7 +447,7 @@ def test_seq_tinyimagenet_reads_the_official_layout_and_refuses_a_pickled_cache(
     assert x_train.dtype == np.uint8 and x_train.shape == (400, 3, 64, 64) and list(y_train[:4]) == [0, 0, 1, 1]
     assert abs(int(x_test[7].mean()) - 7) <= 2   # val_7.JPEG is class 7's grey
     # a pickle where an array belongs is refused, not loaded
-    cache = root / "tiny-imagenet-200" / datasets.TINY_CACHE
+    cache = root / "tiny-imagenet-200" / datasets.DECODED
     np.save(cache / "train_y.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     datasets.tiny_imagenet.cache_clear()
     with pytest.raises(UserError, match="refused .*train_y.npy.*Python objects"):
@@ -449,10 +483,15 @@ def test_rotation_is_gems_pil_rotation_and_bilinear_is_the_former_matrix_product
     for interpolation in ("nearest", "bilinear"):   # anticlockwise, exact at 90 degrees
         assert torch.equal(rotate(x, 90, interpolation), torch.rot90(x, 1, dims=(2, 3)))
     from clsim.scenarios.mnist import RotatedMnistOptions, _angles
-    stratified = _angles(RotatedMnistOptions(n_rotations=20))   # GEM's: task t's in [9t, 9(t+1))
-    uniform = _angles(RotatedMnistOptions(n_rotations=20, rotation_draw="uniform"))   # Mammoth's: each in [0, 180)
+    stratified = _angles(RotatedMnistOptions(n_rotations=20), seed=5)   # GEM's: task t's in [9t, 9(t+1))
+    uniform = _angles(RotatedMnistOptions(n_rotations=20, rotation_draw="uniform"), seed=5)   # Mammoth's: [0, 180)
     assert [int(a // 9) for a in stratified] == list(range(20)) and all(0 <= a < 180 for a in uniform)
     assert sorted(int(a // 9) for a in uniform) != list(range(20))
+    # --rotation-seed fixes the angles whatever the run's seed; -1 draws them from it, as Mammoth does
+    fixed, per_run = RotatedMnistOptions(rotation_draw="uniform"), RotatedMnistOptions(rotation_draw="uniform",
+                                                                                        rotation_seed=-1)
+    assert _angles(fixed, seed=1) == _angles(fixed, seed=2) == _angles(per_run, seed=0)
+    assert _angles(per_run, seed=1) != _angles(per_run, seed=2) and _angles(per_run, seed=2) == _angles(per_run, seed=2)
 
 
 @pytest.mark.slow
@@ -552,3 +591,22 @@ def test_each_rotated_mnist_preset_runs_end_to_end_at_a_reduced_budget(tmp_path,
             "--data-root", str(mnist_root))
     assert len(s["accuracy_matrix"]) == 3 and s["strategy"] == preset.options["strategy"]
     assert s["setting"] == "domain_il" and all(0 <= a < 180 for a in s["scenario_info"]["angles"])
+
+
+def test_mnist_init_glorot_is_mammoths_xavier(mnist_root):
+    from clsim import config
+    from clsim.config import RunOptions
+    from clsim.scenarios.mnist import RotatedMnistOptions, rotated_mnist
+    run = config.build(RunOptions, {"data_root": str(mnist_root), "download": False})
+
+    def linears(init):
+        torch.manual_seed(0)
+        o = config.build(RotatedMnistOptions, {"n_rotations": 1, "train_per_class": 1, "test_per_class": 1,
+                                               "mnist_hidden": "100,100", "mnist_init": init})
+        return [m for m in rotated_mnist(o, run).make_model().modules() if isinstance(m, torch.nn.Linear)]
+    glorot = linears("glorot")
+    assert [(m.in_features, m.out_features) for m in glorot] == [(784, 100), (100, 100), (100, 10)]
+    for layer in glorot:   # uniform in ±√(6/(fan_in+fan_out)), biases 0 (PyTorch's default: ±1/√fan_in)
+        bound = (6 / (layer.in_features + layer.out_features)) ** 0.5
+        assert torch.count_nonzero(layer.bias) == 0 and 0.95 * bound < layer.weight.abs().max() <= bound
+    assert all(torch.count_nonzero(m.bias) > 0 for m in linears("pytorch"))
