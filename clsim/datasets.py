@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import re
 import tempfile
 from functools import lru_cache
@@ -157,7 +158,7 @@ def _idx_decoded_once(root: str, folder: str, name: str, hint: str) -> Arrays:
     """An MNIST-format dataset from its IDX files, decoded once: inflating the gzip files is most
     of a read (0.2 of 0.25 s for Fashion-MNIST), so the arrays are kept as .npy files beside them
     with the SHA-256 of the files they came from, and loaded from there while it matches (a folder
-    that cannot be written is decoded every run: the cache only saves time)."""
+    that cannot be written, or is marked read-only, is decoded every run: the cache only saves time)."""
     sources = idx_paths(root, folder, name, hint)
     digest = hashlib.sha256()
     for path in sources:
@@ -172,6 +173,8 @@ def _idx_decoded_once(root: str, folder: str, name: str, hint: str) -> Arrays:
                 raise UserError(f"corrupt {name} arrays in {cache} (images {x.dtype} {x.shape}, labels {y.dtype} "
                                 f"{y.shape}; expected uint8 N x H x W and labels 0..9): delete {cache} to decode "
                                 f"the IDX files again")
+    elif not sources[0].parent.stat().st_mode & stat.S_IWUSR:   # marked read-only: left so, even by root
+        x_train, y_train, x_test, y_test = idx_arrays(root, folder, name, hint)
     else:
         x_train, y_train, x_test, y_test = idx_arrays(root, folder, name, hint)
         try:

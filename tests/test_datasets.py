@@ -434,6 +434,20 @@ def test_idx_files_are_decoded_once_while_their_contents_match(tmp_path, monkeyp
     assert np.array_equal(load()[0][:, 0], other) and np.array_equal(load()[0][:, 0], other) and len(decoded) == 16
 
 
+def test_a_dataset_folder_marked_read_only_is_left_as_it_is(tmp_path):
+    """Even by root, whom the permission bits do not stop: shared lab copies are often marked so."""
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    fmnist_files(raw, per_class=2)
+    raw.chmod(0o555)
+    try:
+        datasets.fashion_mnist.cache_clear()
+        assert datasets.fashion_mnist(str(tmp_path))[0].shape == (20, 1, 28, 28)
+        assert not (raw / datasets.DECODED).exists()
+    finally:
+        raw.chmod(0o755)
+
+
 @pytest.mark.slow
 def test_seq_tinyimagenet_reads_the_official_layout_and_refuses_a_pickled_cache(tmp_path, server, monkeypatch):
     serve_as(monkeypatch, datasets.TINY_IMAGENET, server, tiny_imagenet_zip(server.folder))
