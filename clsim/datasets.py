@@ -165,7 +165,7 @@ def _idx_decoded_once(root: str, folder: str, name: str, hint: str) -> Arrays:
         digest.update(path.read_bytes())
     cache, digest = sources[0].parent / DECODED, digest.hexdigest()
     key = cache / "sources.sha256"
-    if key.is_file() and key.read_bytes() == digest.encode():
+    if _describes(key, digest):
         x_train, y_train, x_test, y_test = _load_arrays(cache, f"delete {cache} to decode the IDX files again")
         for x, y in ((x_train, y_train), (x_test, y_test)):
             if x.dtype != np.uint8 or x.ndim != 3 or y.dtype != np.int64 or y.shape != (len(x),) \
@@ -184,6 +184,13 @@ def _idx_decoded_once(root: str, folder: str, name: str, hint: str) -> Arrays:
         except OSError:
             pass   # a read-only dataset folder: decoded again next run
     return x_train[:, None], y_train, x_test[:, None], y_test
+
+
+def _describes(key: Path, digest: str) -> bool:
+    try:
+        return key.read_bytes() == digest.encode()
+    except OSError:   # absent, or another user's that this one cannot read: decode
+        return False
 
 
 def _load_arrays(cache: Path, again: str) -> list[np.ndarray]:
@@ -227,11 +234,15 @@ def tiny_imagenet(root: str) -> Arrays:
 
 def _write_files(folder: Path, contents: dict) -> None:
     """Each array (as .npy) or text to folder/NAME, atomically (two runs preparing at once write the
-    same bytes)."""
+    same bytes), readable as the user's other new files are (mkstemp's are the owner's alone, which
+    other users of a shared dataset folder could not load)."""
     folder.mkdir(exist_ok=True)
+    umask = os.umask(0)
+    os.umask(umask)
     for name, value in contents.items():
         fd, tmp = tempfile.mkstemp(prefix=f".{name}-", dir=folder)
         try:
+            os.fchmod(fd, 0o666 & ~umask)
             with os.fdopen(fd, "wb") as f:
                 if isinstance(value, str):
                     f.write(value.encode())

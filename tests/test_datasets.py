@@ -414,6 +414,9 @@ def test_idx_files_are_decoded_once_while_their_contents_match(tmp_path, monkeyp
         return datasets.fashion_mnist(str(tmp_path))
     first = load()
     assert len(decoded) == 4 and (raw / datasets.DECODED / "sources.sha256").is_file()
+    umask = os.umask(0)
+    os.umask(umask)   # readable as the user's other files (mkstemp's are the owner's alone)
+    assert {p.stat().st_mode & 0o777 for p in (raw / datasets.DECODED).iterdir()} == {0o666 & ~umask}
     again = load()   # from the .npy files: nothing inflated
     assert len(decoded) == 4 and all(np.array_equal(a, b) for a, b in zip(first, again))
     assert isinstance(again[0], np.memmap) and again[0].shape == (20, 1, 28, 28)
