@@ -413,9 +413,9 @@ def _recorded_config(state: dict, path: Path) -> dict:
 
 
 #: what config.json records that does not change the figures: how the run was asked for (its
-#: resolved options are compared), where it writes and who watches it
-# where a run's processes run is not what it computes (data-parallel runs give the one-process
-# figures), so a run stopped on N workers may continue on M, or on another Ray cluster
+#: resolved options are compared), where it writes, who watches it, and how many processes run
+#: it where (data-parallel runs give the one-process figures: a run stopped on N workers may
+#: continue on M, or on another Ray cluster)
 OBSERVERS = {"argv": None, "run": ("loggers", "progress", "out", "workers", "address")}
 
 

@@ -154,7 +154,6 @@ class Strategy:
             setattr(self, name, state[name])
 
 
-
 def check_penalty_curvature(strategy: Strategy, task, stiffest: float, what: str, flag: str, strength: float) -> None:
     """A quadratic penalty pulls its stiffest weight with curvature `stiffest`; past what the
     optimiser survives, that weight oscillates ever wider: say so, with the strength that would do
