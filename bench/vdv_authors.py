@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 from clsim import presets  # noqa: E402
-from clsim.scenarios.mnist import vandeven_order  # noqa: E402
+from clsim.data import vandeven_order  # noqa: E402
 from authors_runs import Results, mean_sd, torchvision_mnist  # noqa: E402
 from reproduce import run_preset  # noqa: E402
 
@@ -97,8 +97,8 @@ def check_order(code: Path, data: Path, seed: int) -> None:
     out = subprocess.run([sys.executable, "-c", CHECK_ORDER, str(data), str(seed)], cwd=code, check=True,
                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
     got = [int(d) for d in out.strip().splitlines()[-1].split(",")]
-    if got != vandeven_order(seed):
-        raise SystemExit(f"seed {seed}: their code pairs digits {got}, clsim's preset {vandeven_order(seed)}")
+    if got != vandeven_order(seed, 10):
+        raise SystemExit(f"seed {seed}: their code pairs digits {got}, clsim's preset {vandeven_order(seed, 10)}")
 
 
 def run_theirs(code: Path, data: Path, seed: int, flags: list[str], log: Path) -> dict:
@@ -168,7 +168,7 @@ def print_table(merged: dict, methods: list[str], seeds: list[int]) -> None:
                 if v is not None:
                     cols[k].append(v)
             cells = ["-" if v is None else f"{v:.2f}" for v in row.values()]
-            print(f"{method:11s} {seed:4d} {''.join(map(str, vandeven_order(seed))):21s} {cells[0]:>13s} "
+            print(f"{method:11s} {seed:4d} {''.join(map(str, vandeven_order(seed, 10))):21s} {cells[0]:>13s} "
                   f"{cells[1]:>13s}")
         print(f"{method:11s} {'mean':>4s} {'':21s} {mean_sd(cols['authors']):>13s} {mean_sd(cols['clsim']):>13s}")
 

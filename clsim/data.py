@@ -234,6 +234,18 @@ def class_order(n_classes: int, seed: int) -> list[int]:
     return torch.randperm(n_classes, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
+def vandeven_order(seed: int, n_classes: int) -> list[int]:
+    """The classes in task order of van de Ven et al.'s code at `seed` (github.com/GMvandeVen/
+    continual-learning: data.py in 2019, data/load.py at the 2022 article tag): seed 0 keeps 0..n-1;
+    any other seed labels class c perm[c], perm = np.random.permutation(n) right after main.py's
+    np.random.seed(seed), and task k holds the next labels in turn (split MNIST's pair: the first is
+    Domain-IL's label 0). numpy's legacy generator keeps that stream fixed across releases, so the
+    same seed gives their very order."""
+    if seed == 0:
+        return list(range(n_classes))
+    return [int(c) for c in np.argsort(np.random.RandomState(seed).permutation(n_classes))]
+
+
 def first_per_class(y: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the first `k` examples of every class, in file order (all when k == 0)."""
     if k == 0:

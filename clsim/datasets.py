@@ -290,10 +290,11 @@ def _decode_tiny(folder: Path) -> Arrays:
 
 def image_class_split(name: str, o, run, arrays: Arrays, n_classes: int, mean: tuple, std: tuple,
                       input_kind: str = "natural_images", augment=None, info: dict | None = None,
-                      model_for=None):
+                      model_for=None, order: list[int] | None = None):
     """A class-split scenario over uint8 images (held once; the model standardises each batch with
     `mean`/`std`): `o` gives n_tasks, class_order_seed, train_per_class, test_per_class, backbone,
-    backbone_width and task_heads. `model_for(setting, heads, n_outputs)` replaces the default model."""
+    backbone_width and task_heads; `order` the classes in task order instead of class_order_seed.
+    `model_for(setting, heads, n_outputs)` replaces the default model."""
     import torch
 
     from clsim.data import class_order, first_per_class
@@ -308,7 +309,7 @@ def image_class_split(name: str, o, run, arrays: Arrays, n_classes: int, mean: t
         x_test, y_test = x_test[keep], y_test[keep]
     setting = o.setting_of(run)
     tasks = class_split(x_train, y_train, x_test, y_test,
-                        class_order(n_classes, o.class_order_seed), o.n_tasks, setting,
+                        order or class_order(n_classes, o.class_order_seed), o.n_tasks, setting,
                         population=f"{name} training images")
     heads, width = [t.n_outputs for t in tasks], single_head_width(tasks, setting, n_classes)
     shape = tuple(x_train.shape[1:])

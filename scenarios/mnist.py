@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from clsim.config import opt
-from clsim.data import cached_mnist, class_order, first_per_class
+from clsim.data import cached_mnist, class_order, first_per_class, vandeven_order
 from clsim.datasets import mnist_available, mnist_uint8
 from clsim.errors import UserError
 from clsim.models import glorot_uniform, make_model
@@ -59,22 +59,11 @@ class SplitMnistOptions(MnistOptions):
                            "(seed 0: 0/1, 2/3, ...; other seeds: a random pairing)")
 
 
-def vandeven_order(seed: int) -> list[int]:
-    """The digits in task order of van de Ven's split MNIST at `seed` (github.com/GMvandeVen/
-    continual-learning, data.py, 2019 and later): seed 0 keeps 0..9; any other seed labels digit d
-    perm[d], perm = np.random.permutation(10) right after main.py's np.random.seed(seed), and task k
-    holds labels 2k, 2k+1 (the first is Domain-IL's label 0). numpy's legacy generator keeps that
-    stream fixed across releases, so the same seed gives their very pairing."""
-    if seed == 0:
-        return list(range(10))
-    return [int(d) for d in np.argsort(np.random.RandomState(seed).permutation(10))]
-
-
 def _digit_order(o: SplitMnistOptions, seed: int) -> list[int]:
     if not o.class_order:
         return class_order(10, o.class_order_seed)
     if o.class_order == "vandeven":
-        return vandeven_order(seed)
+        return vandeven_order(seed, 10)
     try:
         order = [int(d) for d in o.class_order.split(",")]
     except ValueError:

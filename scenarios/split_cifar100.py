@@ -5,8 +5,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clsim.config import opt
-from clsim.data import crop_flip
+from clsim.data import crop_flip, vandeven_order
 from clsim.datasets import cifar100, cifar100_available, image_class_split
+from clsim.errors import UserError
 from clsim.pretrain import pretrained_features
 from clsim.registry import register_scenario
 from clsim.scenario import class_split_options
@@ -38,6 +39,9 @@ class SplitCifar100Options(class_split_options(100, 10, "natural order 0..99", 5
     pretrain_epochs: int = opt(100, "pretrain: epochs on CIFAR-10 (theirs: 100, Adam lr 1e-4, batch 256, "
                                "crops and flips)", low=1)
     pretrain_per_class: int = opt(0, "pretrain: CIFAR-10 training images per class (0: all 5000)", low=0)
+    class_order: str = opt("", "vandeven: the class order van de Ven et al.'s code draws from --seed (seed 0 "
+                           "natural, any other a numpy permutation; their Table 3 averages seeds 2-11); "
+                           "empty: --class-order-seed's", choices=("", "vandeven"))
 
     def run_defaults(self) -> dict:
         return dict(self.BACKBONE_DEFAULTS[self.backbone])
@@ -48,9 +52,12 @@ def split_cifar100(o: SplitCifar100Options, run):
     """CIFAR-100, 10 tasks x 10 classes (or 20 x 5; class_il, task_il or domain_il), downloaded on first use."""
     cifar100_available(run)
     arrays = cifar100(str(Path(run.data_root).expanduser().resolve()))
+    if o.class_order and o.class_order_seed >= 0:
+        raise UserError(f"--class-order {o.class_order} and --class-order-seed both set the class order; give one")
+    order = vandeven_order(run.seed, 100) if o.class_order == "vandeven" else None
     if o.pretrain == "none":
         return image_class_split("split_cifar100", o, run, arrays, 100, MEAN, STD,
-                                 augment=crop_flip if o.augment else None)
+                                 augment=crop_flip if o.augment else None, order=order)
     features, model_for, info = pretrained_features(o, run, arrays, MEAN, STD)
     return image_class_split("split_cifar100", o, run, features, 100, MEAN, STD, model_for=model_for,
-                             info=info, input_kind=None)
+                             info=info, input_kind=None, order=order)

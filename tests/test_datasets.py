@@ -193,6 +193,28 @@ def test_split_cifar100_downloads_verifies_and_extracts_on_first_use(tmp_path, s
     assert server.gets == ["/cifar-100-python.tar.gz"]
 
 
+def test_split_cifar100_vandeven_order_is_the_permutation_their_code_draws_at_each_seed(tmp_path):
+    """van de Ven et al. 2022 (data/load.py at the article tag) label class c perm[c], perm =
+    np.random.permutation(100) right after np.random.seed(seed), except at seed 0; their Table 3
+    averages seeds 2-11, so a preset on natural order for every seed runs another protocol."""
+    from clsim import Experiment
+    with tarfile.open(cifar100_archive(tmp_path, per_class=1)) as tar:
+        tar.extractall(tmp_path / "data", filter="data")
+
+    def tasks(seed, **options):
+        parts = Experiment(scenario="split_cifar100", data_root=str(tmp_path / "data"), download=False,
+                           backbone="cnn", backbone_width=4, seed=seed, **options).build()
+        return [list(t.classes) for t in parts.scenario.tasks]
+    assert tasks(0, class_order="vandeven") == tasks(0) == [list(range(10 * k, 10 * k + 10)) for k in range(10)]
+    for seed in (2, 11):
+        np.random.seed(seed)   # their main.py, then their load.py's first draw
+        perm = np.random.permutation(list(range(100)))
+        got = tasks(seed, class_order="vandeven")
+        assert [[int(perm[c]) for c in task] for task in got] == [list(range(10 * k, 10 * k + 10)) for k in range(10)]
+    with pytest.raises(UserError, match="--class-order vandeven and --class-order-seed both set the class order"):
+        tasks(2, class_order="vandeven", class_order_seed=1)
+
+
 def test_mirror_is_checked_against_the_official_checksum(tmp_path, server, monkeypatch):
     official = cifar100_archive(tmp_path)
     serve_as(monkeypatch, datasets.CIFAR100, server, official)
