@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 import re
+import stat
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -173,16 +173,15 @@ def _idx_decoded_once(root: str, folder: str, name: str, hint: str) -> Arrays:
                 raise UserError(f"corrupt {name} arrays in {cache} (images {x.dtype} {x.shape}, labels {y.dtype} "
                                 f"{y.shape}; expected uint8 N x H x W and labels 0..9): delete {cache} to decode "
                                 f"the IDX files again")
-    elif not sources[0].parent.stat().st_mode & stat.S_IWUSR:   # marked read-only: left so, even by root
-        x_train, y_train, x_test, y_test = idx_arrays(root, folder, name, hint)
     else:
         x_train, y_train, x_test, y_test = idx_arrays(root, folder, name, hint)
-        try:
-            key.unlink(missing_ok=True)   # never a key beside arrays it does not describe
-            _write_files(cache, {f"{n}.npy": a for n, a in zip(ARRAY_NAMES, (x_train, y_train, x_test, y_test))})
-            _write_files(cache, {key.name: digest})
-        except OSError:
-            pass   # a read-only dataset folder: decoded again next run
+        if sources[0].parent.stat().st_mode & stat.S_IWUSR:   # one marked read-only is left so, even by root
+            try:
+                key.unlink(missing_ok=True)   # never a key beside arrays it does not describe
+                _write_files(cache, {f"{n}.npy": a for n, a in zip(ARRAY_NAMES, (x_train, y_train, x_test, y_test))})
+                _write_files(cache, {key.name: digest})
+            except OSError:
+                pass   # a folder that cannot be written: decoded again next run
     return x_train[:, None], y_train, x_test[:, None], y_test
 
 
