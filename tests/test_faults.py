@@ -638,7 +638,7 @@ def test_resume_takes_only_where_the_run_runs(partial, capsys, extra):
     assert {p.name: p.read_bytes() for p in partial.iterdir()} == before
 
 
-def test_resume_with_a_worker_count_replaces_the_runs_own(finished_small, partial):
+def test_resume_takes_a_worker_count_and_gives_the_runs_figures(finished_small, partial):
     """Where a run runs is no part of what it computes: a worker count given at resume is taken
     (tests/test_distributed.py changes it between 1 and 2), and the figures are the run's."""
     assert cli.main(["--resume", str(partial), "--workers", "1"]) == 0
